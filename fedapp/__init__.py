@@ -1,0 +1,1 @@
+"""fedapp: the Flower glue (apps, config, results, launchers)."""

@@ -1,0 +1,109 @@
+"""fedapp ClientApp: load this node's data, train or evaluate the received model, reply.
+
+The reply schema is the same on every path, so the server can always aggregate. Errors raise
+and reach the server as Flower error replies (the run continues without this client).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from fedapp.config import compose, resolve_data_dir
+from tasks import ClientData, DataError, Task, get_task
+from tasks.training import TrainSettings
+
+app = ClientApp()
+
+
+@lru_cache(maxsize=4)
+def _cfg(overrides: str) -> DictConfig:
+    return compose(overrides)
+
+
+@lru_cache(maxsize=256)
+def _data(task: Task, partition_id: int, data_path: str) -> ClientData:
+    if data_path:
+        return task.load_node_data(Path(data_path))
+    return task.load_partition(partition_id)
+
+
+def _setup(context: Context) -> tuple[DictConfig, Task, ClientData, int]:
+    cfg = _cfg(str(context.run_config.get("overrides", "")))
+    torch.set_num_threads(max(int(cfg.simulation.client_num_cpus), 1))
+    task = get_task(cfg, resolve_data_dir(cfg, context.run_config))
+    node = context.node_config
+    data_path = str(node.get("data-path", ""))
+    if "partition-id" not in node and not data_path:
+        raise DataError("node_config needs 'partition-id' (simulation) or 'data-path' (deployment)")
+    pid = int(node.get("partition-id", -1))
+    if not data_path:
+        expected, have = task.num_partitions(), int(node.get("num-partitions", -1))
+        if have != expected:
+            raise DataError(
+                f"the federation has num-partitions={have} but partition={cfg.partition.name} of task "
+                f"{cfg.task.name} makes {expected} clients; run with "
+                f"--federation-config 'num-supernodes={expected}' (fedapp-run sets it for you)"
+            )
+    return cfg, task, _data(task, pid, data_path), pid
+
+
+def _client_seed(msg: Message, pid: int) -> int:
+    cfg = msg.content["config"]
+    return int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) * 10_007 + pid
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random in Flower)."""
+    node = context.node_config
+    return Message(
+        RecordDict({"metrics": MetricRecord({
+            "partition-id": int(node.get("partition-id", -1)),
+            "num-partitions": int(node.get("num-partitions", -1)),
+        })}),
+        reply_to=msg,
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    _, task, data, pid = _setup(context)
+    model = task.make_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    seed = _client_seed(msg, pid)
+    torch.manual_seed(seed)
+    settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
+    metrics = task.train(model, data, settings)
+    reply = MetricRecord({
+        "num-examples": data.num_train,
+        "train_loss": float(metrics["train_loss"]),
+        "train_steps": float(metrics["train_steps"]),
+        "train_time_s": float(metrics["train_time_s"]),
+        "label-counts": [int(c) for c in data.label_counts],
+    })
+    return Message(
+        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": reply}), reply_to=msg
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    _, task, data, _ = _setup(context)
+    model = task.make_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    if len(data.val) == 0:
+        metrics = {"loss": 0.0, "accuracy": 0.0}
+    else:
+        metrics = task.evaluate(model, data.val)
+    reply = MetricRecord({
+        "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
+        "eval_loss": float(metrics["loss"]),
+        "eval_accuracy": float(metrics["accuracy"]),
+    })
+    return Message(RecordDict({"metrics": reply}), reply_to=msg)

@@ -1,0 +1,148 @@
+"""Compose the one Hydra configuration that drives every way of running fedapp.
+
+`flwr run` carries a single run-config key, `overrides`, with Hydra overrides; the ServerApp
+and ClientApp both call :func:`compose` on it, so simulation, deployment and sweeps see the
+same resolved config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+# The repository root when fedapp runs from a checkout (editable install) or from a Flower FAB.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR_ENV = "FEDAPP_DATA_DIR"
+OUTPUT_ROOT_ENV = "FEDAPP_OUTPUT_ROOT"
+CONF_DIR_ENV = "FEDAPP_CONF_DIR"
+
+_compose_lock = threading.Lock()  # Hydra's global state is not thread-safe
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message says what to change."""
+
+
+def conf_dir() -> Path:
+    """Return the directory holding `config.yaml` and the config groups."""
+    candidates = [os.environ.get(CONF_DIR_ENV), PROJECT_ROOT / "conf", Path.cwd() / "conf"]
+    for cand in candidates:
+        if cand and (Path(cand) / "config.yaml").is_file():
+            return Path(cand).resolve()
+    raise ConfigError(
+        f"Cannot find the Hydra configs (conf/config.yaml) next to {PROJECT_ROOT} or in the "
+        f"current directory. Run from the repository root or set {CONF_DIR_ENV}."
+    )
+
+
+def parse_overrides(overrides: str | Sequence[str] | None) -> list[str]:
+    """Split an overrides string the way a shell would ("a=1 b='x y'" -> ["a=1", "b=x y"])."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return shlex.split(overrides)
+    return [str(o) for o in overrides]
+
+
+def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides and return the resolved config."""
+    ovr = parse_overrides(overrides)
+    with _compose_lock:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=ovr)
+        except Exception as exc:  # Hydra's own errors are precise; add where they came from
+            raise ConfigError(f"Invalid overrides {ovr!r}: {exc}") from exc
+        finally:
+            GlobalHydra.instance().clear()
+    cfg = strip_hydra(cfg)
+    validate(cfg)
+    return cfg
+
+
+def strip_hydra(cfg: DictConfig) -> DictConfig:
+    """Return a resolved copy of `cfg` without the `hydra` node (runtime-only settings)."""
+    data = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(data, dict)
+    data.pop("hydra", None)
+    out = OmegaConf.create(data)
+    OmegaConf.resolve(out)
+    return out
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject settings that would silently produce a meaningless run."""
+    if int(cfg.rounds) < 1:
+        raise ConfigError(f"rounds must be >= 1, got {cfg.rounds}")
+    if int(cfg.clients_per_round) < 1:
+        raise ConfigError(f"clients_per_round must be >= 1, got {cfg.clients_per_round}")
+    if int(cfg.eval_clients_per_round) < 0:
+        raise ConfigError("eval_clients_per_round must be >= 0")
+    if int(cfg.min_replies) < 1:
+        raise ConfigError("min_replies must be >= 1")
+    if float(cfg.train.lr) <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if int(cfg.train.local_epochs) < 1 and int(cfg.train.max_steps) < 1:
+        raise ConfigError("set train.local_epochs >= 1 or train.max_steps >= 1")
+
+
+def to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Plain-dict copy of a config (for JSON)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    return data
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short stable hash of a resolved config (used as a cache key)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:
+    """Where local datasets live: run-config `data-dir`, cfg.data_dir, $FEDAPP_DATA_DIR, ../shared/data."""
+    candidates: list[tuple[str, str | Path | None]] = [
+        ("run-config data-dir", (run_config or {}).get("data-dir") or None),
+        ("data_dir", cfg.get("data_dir")),
+        (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV)),
+    ]
+    for origin, value in candidates:
+        if value:
+            path = Path(str(value)).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"{origin} points to {path}, which is not a directory.")
+            return path.resolve()
+    for default in (PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if default.is_dir():
+            return default.resolve()
+    raise ConfigError(
+        "No data directory found. Set FEDAPP_DATA_DIR=/path/to/data (the folder holding femnist/, "
+        "heart_disease_uci/, ...), or pass data_dir=/path as an override."
+    )
+
+
+def resolve_output_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:
+    """Absolute output directory of a run (created)."""
+    explicit = (run_config or {}).get("output-dir") or cfg.get("output_dir")
+    if explicit:
+        out = Path(str(explicit)).expanduser()
+    else:
+        root = Path(os.environ.get(OUTPUT_ROOT_ENV) or Path.cwd() / "outputs")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = root / f"{stamp}-{cfg.task.name}-{cfg.strategy.name}-s{cfg.seed}"
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return out

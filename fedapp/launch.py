@@ -1,0 +1,243 @@
+"""Run one Flower simulation end to end: `fedapp-run [hydra overrides...]`.
+
+Starts a private SuperLink (own FLWR_HOME, free port, no runtime dependency installation, no
+telemetry), submits the app with `flwr run --stream`, sizes the federation to the configured
+partitioning, checks the run's final status and stops every process it started. This is what
+the README quick start, `fedapp-sweep` and the tests use; plain `flwr run .` works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+
+from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir, resolve_output_dir
+
+CONNECTION = "fedapp"
+
+
+@dataclass
+class RunOutcome:
+    status: str  # "completed", "failed", ...
+    output_dir: Path
+    returncode: int
+    run_id: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed" and self.returncode == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, data_dir: Path | None = None, offline: bool = True) -> dict[str, str]:
+    """Environment for Flower processes: private FLWR_HOME, offline, no telemetry."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_DEDUP_LOGS": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if offline:
+        env.setdefault("HF_DATASETS_OFFLINE", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    if data_dir is not None:
+        env["FEDAPP_DATA_DIR"] = str(data_dir)
+    # Make the Flower binaries of this interpreter's environment win on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def bin_path(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else (shutil.which(name) or name)
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0, log_file: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"SuperLink exited with code {proc.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"SuperLink did not become healthy within {timeout:.0f}s; see {log_file}")
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group started with start_new_session=True, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+def write_connection(flwr_home: Path, name: str, port: int) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+
+
+@contextmanager
+def superlink(flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True) -> Iterator[int]:
+    """Start a SuperLink on free loopback ports; yield its HTTP port; stop it afterwards."""
+    port, control = free_port(), free_port()
+    cmd = [
+        bin_path("flower-superlink"), "--insecure", "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
+        "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation",
+        "--log-file", str(log_file),
+    ]
+    if simulation:
+        cmd.append("--simulation")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file.with_suffix(".stdout"), "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(port, proc, log_file=log_file)
+        write_connection(flwr_home, CONNECTION, port)
+        yield port
+    finally:
+        stop_process_group(proc)
+
+
+def write_run_config(path: Path, values: dict[str, str]) -> Path:
+    # JSON string escapes are valid TOML basic-string escapes.
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def submit(
+    app_dir: Path, run_config: Path, env: dict[str, str], federation_config: str | None,
+    timeout: float | None, log_path: Path,
+) -> tuple[int, str | None]:
+    """`flwr run --stream`, echoing its output and keeping a copy in `log_path`."""
+    cmd = [bin_path("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--stream"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    run_id = None
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout if timeout else None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            logf.write(line)
+            if run_id is None and (m := re.search(r"run (\d+)", line)):
+                run_id = m.group(1)
+            if deadline and time.monotonic() > deadline:
+                proc.kill()
+                break
+        rc = proc.wait()
+    return rc, run_id
+
+
+def run_status(env: dict[str, str], run_id: str | None) -> str:
+    """Final status of a run as the SuperLink reports it ("completed", "failed", ...)."""
+    if run_id is None:
+        return "unknown"
+    out = subprocess.run(
+        [bin_path("flwr"), "list", CONNECTION, "--run-id", run_id, "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        runs = json.loads(out.stdout).get("runs", [])
+        status = str(runs[0].get("status", "unknown"))
+    except (json.JSONDecodeError, IndexError, AttributeError):
+        return "unknown"
+    return status.split(":")[-1]  # "finished:completed" -> "completed"
+
+
+def run_simulation(
+    overrides: str | Sequence[str] | None = None,
+    output_dir: Path | str | None = None,
+    *,
+    app_dir: Path = PROJECT_ROOT,
+    timeout: float | None = None,
+    keep_flwr_home: bool = False,
+) -> RunOutcome:
+    """Run one simulation of the composed config; return its final status and output folder."""
+    ovr = parse_overrides(overrides)
+    cfg = compose(ovr)  # fail fast on a bad config, before any process starts
+    data_dir = resolve_data_dir(cfg)
+    from tasks import get_task
+
+    num_clients = get_task(cfg, data_dir).num_partitions()
+    out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
+    print(f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}", flush=True)
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
+    env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
+    run_cfg = write_run_config(
+        out / "run_config.toml",
+        {"overrides": " ".join(_quote(o) for o in ovr), "output-dir": str(out), "data-dir": str(data_dir)},
+    )
+    fed = f"num-supernodes={num_clients} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
+    try:
+        with superlink(flwr_home, out / "superlink.log", env):
+            rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log")
+            status = run_status(env, run_id)
+    finally:
+        if not keep_flwr_home:
+            shutil.rmtree(flwr_home, ignore_errors=True)
+    if status != "completed":
+        print(f"[fedapp] run {run_id} ended with status '{status}' (exit code {rc}); logs: {out}/flwr_run.log, {out}/superlink.log", flush=True)
+    else:
+        print(f"[fedapp] done: results in {out}", flush=True)
+    return RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
+
+
+def _quote(o: str) -> str:
+    import shlex
+
+    return shlex.quote(o)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedapp-run",
+        description="Run one fedapp simulation. Arguments are Hydra overrides, e.g. "
+        "`fedapp-run strategy=fedprox rounds=10 partition=dirichlet partition.alpha=0.1`.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
+    parser.add_argument("--output-dir", default=None, help="where results go (default: outputs/<time>-...)")
+    parser.add_argument("--timeout", type=float, default=None, help="stop streaming after this many seconds")
+    args = parser.parse_args(argv)
+    outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
+    return 0 if outcome.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

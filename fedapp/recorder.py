@@ -1,0 +1,211 @@
+"""Per-round results of a run: results.json, rounds.csv, clients.csv, plots and checkpoints.
+
+`results.json` is the contract that benchmarks and later features read (documented in the
+README): keys are added over time, never renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+from logging import INFO
+
+from omegaconf import DictConfig
+
+from fedapp.config import to_dict
+
+SCHEMA_VERSION = 1
+# Columns of rounds.csv, in order (also the required keys of every results.json round).
+ROUND_KEYS = (
+    "round", "test_accuracy", "test_loss", "client_accuracy", "client_loss", "train_loss",
+    "num_sampled", "num_replies", "num_failures", "aggregated", "bytes_up", "bytes_down",
+    "wall_s", "elapsed_s",
+)
+CLIENT_KEYS = (
+    "round", "phase", "partition_id", "node_id", "status", "num-examples", "train_loss",
+    "train_steps", "train_time_s", "eval_loss", "eval_accuracy",
+)
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/Inf (not valid JSON) by None and NumPy scalars by Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+class Recorder:
+    """Collects round metrics from the strategy and the server-side evaluation."""
+
+    def __init__(self, out_dir: Path, cfg: DictConfig, task: Any, strategy: Any, meta: dict[str, Any]) -> None:
+        self.out_dir = Path(out_dir)
+        self.cfg = cfg
+        self.task = task
+        self.strategy = strategy
+        self.meta = dict(meta)
+        self.rounds: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.t_start = time.perf_counter()
+        self.t_last = self.t_start
+        self.test_set = task.load_central_test()
+        (self.out_dir / "config.yaml").write_text(_yaml(cfg))
+
+    # Flower calls this after every round (and once before round 1 with round 0).
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = self.task.make_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        test = self.task.evaluate(model, self.test_set)
+        now = time.perf_counter()
+        rlog = self.strategy.rounds.get(server_round) if server_round > 0 else None
+        row: dict[str, Any] = {
+            "round": server_round,
+            **{f"test_{k}": v for k, v in test.items() if k != "num_examples"},
+            "client_accuracy": (rlog.eval_metrics.get("eval_accuracy") if rlog else None),
+            "client_loss": (rlog.eval_metrics.get("eval_loss") if rlog else None),
+            "train_loss": (rlog.train_metrics.get("train_loss") if rlog else None),
+            "num_sampled": len(rlog.sampled_train) if rlog else 0,
+            "num_replies": rlog.num_replies if rlog else 0,
+            "num_failures": rlog.num_failures if rlog else 0,
+            "aggregated": rlog.aggregated if rlog else False,
+            "bytes_up": rlog.bytes_up if rlog else 0,
+            "bytes_down": rlog.bytes_down if rlog else 0,
+            "wall_s": now - self.t_last,
+            "elapsed_s": now - self.t_start,
+            "clients": [dict(c) for c in rlog.clients] if rlog else [],
+        }
+        self.t_last = now
+        self.rounds.append(row)
+        self._checkpoint(server_round, arrays, row)
+        self._write()
+        log(
+            INFO,
+            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  client_acc=%s  replies=%d/%d  %.1fs",
+            server_round, int(self.cfg.rounds), row["test_accuracy"], row["test_loss"],
+            _fmt(row["client_accuracy"]), row["num_replies"], row["num_sampled"], row["wall_s"],
+        )
+        return MetricRecord({k: float(v) for k, v in test.items()})
+
+    def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+        acc = row.get("test_accuracy")
+        if acc is None or not math.isfinite(acc):
+            return
+        if self.best is None or acc > self.best["test_accuracy"]:
+            self.best = {"round": server_round, "test_accuracy": acc, "test_loss": row.get("test_loss")}
+            if bool(self.cfg.get("checkpoint", True)):
+                torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
+
+    def finish(self, final_arrays: ArrayRecord | None, status: str = "completed") -> dict[str, Any]:
+        """Write the final model, plots and the `final` section; return the results dict."""
+        if final_arrays is not None and bool(self.cfg.get("checkpoint", True)):
+            torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
+        self.meta["status"] = status
+        results = self._write(final=True)
+        try:
+            plot_rounds(self.rounds, self.out_dir, title=f"{self.cfg.task.name} / {self.cfg.strategy.name}")
+        except Exception as exc:  # a plotting problem must never lose the numbers
+            log(INFO, "[fedapp] plotting failed: %s", exc)
+        return results
+
+    def final_summary(self) -> dict[str, Any]:
+        last = {k: v for k, v in (self.rounds[-1] if self.rounds else {}).items() if k != "clients"}
+        fed = [r for r in self.rounds if r["round"] > 0]
+        return {
+            **last,
+            "best_round": self.best["round"] if self.best else None,
+            "best_test_accuracy": self.best["test_accuracy"] if self.best else None,
+            "total_bytes_up": sum(r["bytes_up"] for r in fed),
+            "total_bytes_down": sum(r["bytes_down"] for r in fed),
+            "total_wall_s": time.perf_counter() - self.t_start,
+            "mean_round_s": float(np.mean([r["wall_s"] for r in fed])) if fed else None,
+            "rounds_completed": len(fed),
+            "rounds_aggregated": sum(bool(r["aggregated"]) for r in fed),
+        }
+
+    def _write(self, final: bool = False) -> dict[str, Any]:
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "meta": self.meta,
+            "config": to_dict(self.cfg),
+            "rounds": self.rounds,
+            "final": self.final_summary() if final else None,
+        }
+        write_json_atomic(self.out_dir / "results.json", results)
+        _write_csv(self.out_dir / "rounds.csv", ROUND_KEYS, self.rounds)
+        client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
+        _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
+        return results
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-"
+
+
+def _yaml(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def _write_csv(path: Path, keys: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    extra = sorted({k for r in rows for k in r} - set(keys) - {"clients"})
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*keys, *extra], extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json_safe(v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:
+    """accuracy.png and loss.png against round (server test set and client validation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in ((f"test_{metric}", "global model, server test set"),
+                           (f"client_{metric}", "global model, client validation")):
+            pts = [(r["round"], r[key]) for r in rounds if isinstance(r.get(key), float) and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+        if metric == "loss":
+            pts = [(r["round"], r["train_loss"]) for r in rounds if isinstance(r.get("train_loss"), float)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", ms=3, label="clients' local train loss")
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

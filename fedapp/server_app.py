@@ -1,0 +1,115 @@
+"""fedapp ServerApp: compose the config, find the clients, run the strategy, record results."""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from logging import INFO, WARNING
+
+import flwr
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
+from fedapp.recorder import Recorder
+from strategies import build_strategy
+from tasks import get_task
+from tasks.training import TrainSettings
+
+app = ServerApp()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def discover_nodes(grid: Grid, min_nodes: int, wait_s: float) -> dict[int, int]:
+    """Map node id -> partition id by asking every connected node (one QUERY message each)."""
+    deadline = time.monotonic() + wait_s
+    while len(node_ids := list(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {len(node_ids)} SuperNodes connected after {wait_s:.0f}s, need {min_nodes}. "
+                "Start more SuperNodes or lower clients_per_round."
+            )
+        time.sleep(1.0)
+    msgs = [
+        Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
+    ]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=wait_s):
+        src = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "node %d did not answer the discovery query: %s", src, reply.error.reason)
+            continue
+        mapping[src] = int(reply.content["metrics"]["partition-id"])
+    seen: dict[int, int] = {}
+    for nid, pid in mapping.items():
+        if pid >= 0 and pid in seen:
+            raise ConfigError(f"nodes {seen[pid]} and {nid} both claim partition-id {pid}")
+        seen[pid] = nid
+    # Deployment nodes holding their own files without a partition-id get stable ids.
+    free = sorted(n for n, p in mapping.items() if p < 0)
+    next_id = max([p for p in mapping.values() if p >= 0], default=-1) + 1
+    for i, nid in enumerate(free):
+        mapping[nid] = next_id + i
+    return mapping
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    cfg = compose(str(run_config.get("overrides", "")))
+    out_dir = resolve_output_dir(cfg, run_config)
+    log(INFO, "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
+        cfg.task.name, cfg.strategy.name, cfg.partition.name, cfg.rounds, cfg.seed)
+    log(INFO, "[fedapp] results will be written to %s", out_dir)
+    seed_everything(int(cfg.seed))
+    task = get_task(cfg, resolve_data_dir(cfg, run_config))
+
+    node_partitions = discover_nodes(grid, int(cfg.clients_per_round), float(cfg.round_timeout_s))
+    log(INFO, "[fedapp] %d clients connected", len(node_partitions))
+    strategy = build_strategy(cfg, num_nodes=len(node_partitions))
+    strategy.bind(node_partitions, seed=int(cfg.seed), min_replies=int(cfg.min_replies))
+
+    torch.manual_seed(int(cfg.seed))
+    initial = ArrayRecord(task.make_model().state_dict())
+    meta = {
+        "run_id": context.run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "flwr_version": flwr.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "num_clients": len(node_partitions),
+        "model_parameters": int(sum(a.numpy().size for a in initial.values())),
+        "model_bytes": initial.count_bytes(),
+        "output_dir": str(out_dir),
+    }
+    recorder = Recorder(out_dir, cfg, task, strategy, meta)
+    settings = TrainSettings(
+        local_epochs=int(cfg.train.local_epochs), max_steps=int(cfg.train.max_steps),
+        batch_size=int(cfg.train.batch_size), lr=float(cfg.train.lr),
+        momentum=float(cfg.train.momentum), weight_decay=float(cfg.train.weight_decay),
+        seed=int(cfg.seed),
+    )
+    status, final = "failed", None
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=int(cfg.rounds),
+            timeout=float(cfg.round_timeout_s),
+            train_config=ConfigRecord(settings.to_config()),
+            evaluate_config=ConfigRecord({"seed": int(cfg.seed)}),
+            evaluate_fn=recorder.evaluate_fn,
+        )
+        status, final = "completed", result.arrays
+    finally:
+        recorder.finish(final, status=status)
+        log(INFO, "[fedapp] %s: results in %s", status, out_dir)

@@ -1,0 +1,31 @@
+"""Baselines users compare against: Flower's FedAvg, FedProx and q-FedAvg with fedapp's plumbing.
+
+The math is Flower's own (`flwr.serverapp.strategy`); the mixin adds seeded sampling, reply
+screening and per-round logs. FedProx only sends `proximal-mu`: the ClientApp adds the
+proximal term (`tasks.training.train_classifier`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp import strategy as flwr_strategy
+from omegaconf import DictConfig
+
+from strategies.base import FedappStrategyMixin
+
+
+class FedAvg(FedappStrategyMixin, flwr_strategy.FedAvg):
+    """FedAvg (McMahan et al., AISTATS 2017, arXiv:1602.05629)."""
+
+
+class FedProx(FedappStrategyMixin, flwr_strategy.FedProx):
+    """FedProx (Li et al., MLSys 2020, arXiv:1812.06127); clients minimise loss + mu/2 ||w - w_t||^2."""
+
+
+class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
+    """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 / train.lr."""
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
+        return cls(client_learning_rate=float(cfg.train.lr), **common, **params)

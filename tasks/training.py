@@ -1,0 +1,162 @@
+"""Local training and evaluation loops shared by every task (PyTorch, CPU or GPU)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a client needs to run one round of local training (sent in the round's ConfigRecord)."""
+
+    local_epochs: int = 1
+    max_steps: int = 0  # 0 = no cap
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0  # FedProx: add (mu/2)||w - w_global||^2 to the loss
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
+        """Build from a flat mapping (a Flower ConfigRecord); unknown keys are ignored."""
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in config:
+                kwargs[f.name] = type(f.default)(config[key])
+        # Flower's FedProx strategy injects the key "proximal-mu" itself.
+        return cls(**kwargs)
+
+    def to_config(self) -> dict[str, Any]:
+        """Flat dict with dash-separated keys, ready for a ConfigRecord."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def proximal_term(model: nn.Module, global_params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Return ||w - w_global||^2 over the model's trainable parameters."""
+    terms = [
+        (p - g).pow(2).sum()
+        for p, g in zip(model.parameters(), global_params, strict=True)
+        if p.requires_grad
+    ]
+    return torch.stack(terms).sum()
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(int(seed) % (2**63))
+    return gen
+
+
+def train_classifier(
+    model: nn.Module,
+    dataset: Dataset,
+    settings: TrainSettings,
+    loss_fn: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Run local SGD on `dataset`; return train loss (data term only), steps and seconds.
+
+    With ``settings.proximal_mu > 0`` the objective is FedProx's
+    ``loss + mu/2 * ||w - w_global||^2`` where ``w_global`` is the model as received.
+    Raises ``FloatingPointError`` if the loss diverges, so the client reports a failure
+    instead of sending NaN weights.
+    """
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    model.to(device)
+    model.train()
+    global_params = [p.detach().clone() for p in model.parameters()]
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        generator=seeded_generator(settings.seed),
+        drop_last=False,
+    )
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    t0 = time.perf_counter()
+    steps, seen, loss_sum = 0, 0, 0.0
+    epochs = max(settings.local_epochs, 1)
+    done = False
+    for _ in range(epochs):
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            opt.zero_grad(set_to_none=True)
+            data_loss = loss_fn(model(xb), yb)
+            loss = data_loss
+            if settings.proximal_mu > 0:
+                loss = loss + 0.5 * settings.proximal_mu * proximal_term(model, global_params)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"local training diverged at step {steps} (loss={loss.item()}); "
+                    "lower train.lr or check the data"
+                )
+            loss.backward()
+            opt.step()
+            steps += 1
+            seen += len(yb)
+            loss_sum += float(data_loss.detach()) * len(yb)
+            if settings.max_steps and steps >= settings.max_steps:
+                done = True
+                break
+        if done:
+            break
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_steps": float(steps),
+        "train_samples_seen": float(seen),
+        "train_time_s": time.perf_counter() - t0,
+    }
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (logits, labels) for a whole dataset."""
+    model.to(device)
+    model.eval()
+    outs, labels = [], []
+    for xb, yb in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        outs.append(model(xb.to(device)).float().cpu())
+        labels.append(yb)
+    if not outs:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
+    return torch.cat(outs).numpy(), torch.cat(labels).numpy()
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Cross-entropy loss and accuracy from logits (multi-class)."""
+    if len(labels) == 0:
+        return {"loss": math.nan, "accuracy": math.nan}
+    t_logits = torch.from_numpy(logits)
+    t_labels = torch.from_numpy(labels).long()
+    loss = float(nn.functional.cross_entropy(t_logits, t_labels))
+    acc = float((t_logits.argmax(1) == t_labels).float().mean())
+    return {"loss": loss, "accuracy": acc}
+
+
+def evaluate_classifier(
+    model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Loss and accuracy of `model` on `dataset`."""
+    logits, labels = predict_logits(model, dataset, batch_size, device)
+    out = classification_metrics(logits, labels)
+    out["num_examples"] = float(len(labels))
+    return out
