@@ -1,0 +1,63 @@
+"""Shared fixtures: the real local data folder and small helpers to build Flower messages."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedapp.config import PROJECT_ROOT
+
+DATA_DIR = Path(os.environ.get("FEDAPP_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "femnist").is_dir():
+        pytest.fail(f"real data not found at {DATA_DIR}; set FEDAPP_DATA_DIR")
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    # One cache per test session, never the user's ~/.cache.
+    monkeypatch.setenv("FEDAPP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Flower messages need a run/task identity, which a ServerApp process would have.
+    _identity()
+
+
+def _identity() -> None:
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+
+
+def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
+    _identity()
+    return Message(RecordDict(), dst_node_id=node_id, message_type=message_type)
+
+
+def reply(node_id: int, arrays: list[np.ndarray] | None, metrics: dict, message_type: str = MessageType.TRAIN) -> Message:
+    """A reply from `node_id` as the server would receive it."""
+    msg = instruction(node_id, message_type)
+    TaskIdentity.node_id = node_id
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = ArrayRecord(arrays)
+    return Message(content, reply_to=msg)
+
+
+def error_reply(node_id: int, reason: str = "boom") -> Message:
+    from flwr.app import Error
+
+    msg = instruction(node_id)
+    TaskIdentity.node_id = node_id
+    return Message(Error(code=2, reason=reason), reply_to=msg)
