@@ -21,7 +21,9 @@ from tasks import get_task
 from tasks.training import TrainSettings
 
 
-def train_centralized(overrides: str | Sequence[str] | None = None, output_dir: Path | str | None = None) -> dict[str, Any]:
+def train_centralized(
+    overrides: str | Sequence[str] | None = None, output_dir: Path | str | None = None
+) -> dict[str, Any]:
     cfg = compose(overrides)
     task = get_task(cfg, resolve_data_dir(cfg))
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
@@ -36,25 +38,39 @@ def train_centralized(overrides: str | Sequence[str] | None = None, output_dir: 
     for epoch in range(1, int(c.epochs) + 1):
         t = time.perf_counter()
         settings = TrainSettings(
-            local_epochs=1, batch_size=int(c.batch_size), lr=float(c.lr),
-            momentum=float(cfg.train.momentum), weight_decay=float(cfg.train.weight_decay),
+            local_epochs=1,
+            batch_size=int(c.batch_size),
+            lr=float(c.lr),
+            momentum=float(cfg.train.momentum),
+            weight_decay=float(cfg.train.weight_decay),
             seed=int(cfg.seed) * 1_000_003 + epoch,
         )
         fit = task.train(model, _as_client_data(task, train), settings)
         test_metrics = task.evaluate(model, test)
-        row = {"epoch": epoch, "train_loss": fit["train_loss"],
-               **{f"test_{k}": v for k, v in test_metrics.items()}, "wall_s": time.perf_counter() - t}
+        row = {
+            "epoch": epoch,
+            "train_loss": fit["train_loss"],
+            **{f"test_{k}": v for k, v in test_metrics.items()},
+            "wall_s": time.perf_counter() - t,
+        }
         epochs.append(row)
-        print(f"[centralized] epoch {epoch}/{c.epochs}  test_acc={row['test_accuracy']:.4f}  "
-              f"test_loss={row['test_loss']:.4f}  {row['wall_s']:.1f}s", flush=True)
+        print(
+            f"[centralized] epoch {epoch}/{c.epochs}  test_acc={row['test_accuracy']:.4f}  "
+            f"test_loss={row['test_loss']:.4f}  {row['wall_s']:.1f}s",
+            flush=True,
+        )
     best = max(epochs[1:], key=lambda r: r["test_accuracy"]) if len(epochs) > 1 else epochs[0]
     results = {
         "schema_version": 1,
         "meta": {"kind": "centralized", "train_examples": len(train), "test_examples": len(test)},
         "config": to_dict(cfg),
         "epochs": epochs,
-        "final": {**epochs[-1], "best_epoch": best["epoch"], "best_test_accuracy": best["test_accuracy"],
-                  "total_wall_s": time.perf_counter() - t0},
+        "final": {
+            **epochs[-1],
+            "best_epoch": best["epoch"],
+            "best_test_accuracy": best["test_accuracy"],
+            "total_wall_s": time.perf_counter() - t0,
+        },
     }
     write_json_atomic(out / "results.json", results)
     print(f"[centralized] results in {out}", flush=True)
@@ -68,7 +84,9 @@ def _as_client_data(task, train):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedapp-centralized", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fedapp-centralized", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. centralized.epochs=5")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)

@@ -63,10 +63,17 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random in Flower)."""
     node = context.node_config
     return Message(
-        RecordDict({"metrics": MetricRecord({
-            "partition-id": int(node.get("partition-id", -1)),
-            "num-partitions": int(node.get("num-partitions", -1)),
-        })}),
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "partition-id": int(node.get("partition-id", -1)),
+                        "num-partitions": int(node.get("num-partitions", -1)),
+                        "has-data-path": int(bool(node.get("data-path"))),
+                    }
+                )
+            }
+        ),
         reply_to=msg,
     )
 
@@ -80,13 +87,15 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
     metrics = task.train(model, data, settings)
-    reply = MetricRecord({
-        "num-examples": data.num_train,
-        "train_loss": float(metrics["train_loss"]),
-        "train_steps": float(metrics["train_steps"]),
-        "train_time_s": float(metrics["train_time_s"]),
-        "label-counts": [int(c) for c in data.label_counts],
-    })
+    reply = MetricRecord(
+        {
+            "num-examples": data.num_train,
+            "train_loss": float(metrics["train_loss"]),
+            "train_steps": float(metrics["train_steps"]),
+            "train_time_s": float(metrics["train_time_s"]),
+            "label-counts": [int(c) for c in data.label_counts],
+        }
+    )
     return Message(
         RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": reply}), reply_to=msg
     )
@@ -101,9 +110,11 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = {"loss": 0.0, "accuracy": 0.0}
     else:
         metrics = task.evaluate(model, data.val)
-    reply = MetricRecord({
-        "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
-        "eval_loss": float(metrics["loss"]),
-        "eval_accuracy": float(metrics["accuracy"]),
-    })
+    reply = MetricRecord(
+        {
+            "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
+            "eval_loss": float(metrics["loss"]),
+            "eval_accuracy": float(metrics["accuracy"]),
+        }
+    )
     return Message(RecordDict({"metrics": reply}), reply_to=msg)

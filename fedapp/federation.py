@@ -22,9 +22,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir, resolve_output_dir
+from fedapp.config import (
+    PROJECT_ROOT,
+    compose,
+    parse_overrides,
+    resolve_data_dir,
+    resolve_output_dir,
+)
 from fedapp.launch import (
     RunOutcome,
+    _quote,
     bin_path,
     flower_env,
     free_port,
@@ -33,7 +40,6 @@ from fedapp.launch import (
     submit,
     superlink,
     write_run_config,
-    _quote,
 )
 
 
@@ -47,7 +53,9 @@ def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Pa
     task = get_task(cfg, resolve_data_dir(cfg))
     n = task.num_partitions()
     if nodes > n:
-        raise ValueError(f"--nodes {nodes} is more than the {n} partitions of partition={cfg.partition.name}")
+        raise ValueError(
+            f"--nodes {nodes} is more than the {n} partitions of partition={cfg.partition.name}"
+        )
     paths = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(nodes):
@@ -64,8 +72,12 @@ def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Pa
 
 
 def run_federation(
-    nodes: int, overrides: str | Sequence[str] | None = None, output_dir: Path | str | None = None,
-    *, app_dir: Path = PROJECT_ROOT, timeout: float | None = None,
+    nodes: int,
+    overrides: str | Sequence[str] | None = None,
+    output_dir: Path | str | None = None,
+    *,
+    app_dir: Path = PROJECT_ROOT,
+    timeout: float | None = None,
 ) -> RunOutcome:
     ovr = parse_overrides(overrides)
     cfg = compose(ovr)
@@ -82,7 +94,11 @@ def run_federation(
     env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
     run_cfg = write_run_config(
         out / "run_config.toml",
-        {"overrides": " ".join(_quote(o) for o in ovr), "output-dir": str(out), "data-dir": str(data_dir)},
+        {
+            "overrides": " ".join(_quote(o) for o in ovr),
+            "output-dir": str(out),
+            "data-dir": str(data_dir),
+        },
     )
     supernodes: list[subprocess.Popen] = []
     try:
@@ -92,17 +108,33 @@ def run_federation(
                 node_home.mkdir()
                 node_env = {**env, "FLWR_HOME": str(node_home)}
                 cmd = [
-                    bin_path("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                    "--port", str(free_port()), "--isolation", "subprocess",
-                    "--node-config", f'partition-id={i} num-partitions={nodes} data-path="{path}"',
+                    bin_path("flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--port",
+                    str(free_port()),
+                    "--isolation",
+                    "subprocess",
+                    "--node-config",
+                    f'partition-id={i} num-partitions={nodes} data-path="{path}"',
                 ]
                 log = open(out / "nodes" / f"node-{i}" / "supernode.log", "wb")  # noqa: SIM115
-                supernodes.append(subprocess.Popen(cmd, env=node_env, stdout=log, stderr=subprocess.STDOUT,
-                                                   start_new_session=True))
+                supernodes.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=node_env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             time.sleep(1.0)
             for i, p in enumerate(supernodes):
                 if p.poll() is not None:
-                    raise RuntimeError(f"SuperNode {i} exited with code {p.returncode}; see {out}/nodes/node-{i}/supernode.log")
+                    raise RuntimeError(
+                        f"SuperNode {i} exited with code {p.returncode}; see {out}/nodes/node-{i}/supernode.log"
+                    )
             rc, run_id = submit(app_dir, run_cfg, env, None, timeout, out / "flwr_run.log")
             status = run_status(env, run_id)
     finally:

@@ -9,6 +9,7 @@ the README quick start, `fedapp-sweep` and the tests use; plain `flwr run .` wor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -20,12 +21,18 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 
-from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir, resolve_output_dir
+from fedapp.config import (
+    PROJECT_ROOT,
+    compose,
+    parse_overrides,
+    resolve_data_dir,
+    resolve_output_dir,
+)
 
 CONNECTION = "fedapp"
 
@@ -48,17 +55,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flower_env(flwr_home: Path, data_dir: Path | None = None, offline: bool = True) -> dict[str, str]:
+def flower_env(
+    flwr_home: Path, data_dir: Path | None = None, offline: bool = True
+) -> dict[str, str]:
     """Environment for Flower processes: private FLWR_HOME, offline, no telemetry."""
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_DEDUP_LOGS": "0",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_DEDUP_LOGS": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if offline:
         env.setdefault("HF_DATASETS_OFFLINE", "1")
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +85,9 @@ def bin_path(name: str) -> str:
     return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0, log_file: Path | None = None) -> None:
+def wait_healthy(
+    port: int, proc: subprocess.Popen, timeout: float = 60.0, log_file: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -97,10 +110,8 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace_s)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=5)
 
 
@@ -112,20 +123,35 @@ def write_connection(flwr_home: Path, name: str, port: int) -> None:
 
 
 @contextmanager
-def superlink(flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True) -> Iterator[int]:
+def superlink(
+    flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True
+) -> Iterator[int]:
     """Start a SuperLink on free loopback ports; yield its HTTP port; stop it afterwards."""
     port, control = free_port(), free_port()
     cmd = [
-        bin_path("flower-superlink"), "--insecure", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
-        "--database", str(flwr_home / "state.db"), "--disable-runtime-dependency-installation",
-        "--log-file", str(log_file),
+        bin_path("flower-superlink"),
+        "--insecure",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--control-api-address",
+        f"127.0.0.1:{control}",
+        "--database",
+        str(flwr_home / "state.db"),
+        "--disable-runtime-dependency-installation",
+        "--log-file",
+        str(log_file),
     ]
     if simulation:
         cmd.append("--simulation")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file.with_suffix(".stdout"), "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_healthy(port, proc, log_file=log_file)
         write_connection(flwr_home, CONNECTION, port)
@@ -141,16 +167,30 @@ def write_run_config(path: Path, values: dict[str, str]) -> Path:
 
 
 def submit(
-    app_dir: Path, run_config: Path, env: dict[str, str], federation_config: str | None,
-    timeout: float | None, log_path: Path,
+    app_dir: Path,
+    run_config: Path,
+    env: dict[str, str],
+    federation_config: str | None,
+    timeout: float | None,
+    log_path: Path,
 ) -> tuple[int, str | None]:
     """`flwr run --stream`, echoing its output and keeping a copy in `log_path`."""
-    cmd = [bin_path("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--stream"]
+    cmd = [
+        bin_path("flwr"),
+        "run",
+        str(app_dir),
+        CONNECTION,
+        "--run-config",
+        str(run_config),
+        "--stream",
+    ]
     if federation_config:
         cmd += ["--federation-config", federation_config]
     run_id = None
     with open(log_path, "w") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout if timeout else None
         for line in proc.stdout:
@@ -171,7 +211,10 @@ def run_status(env: dict[str, str], run_id: str | None) -> str:
         return "unknown"
     out = subprocess.run(
         [bin_path("flwr"), "list", CONNECTION, "--run-id", run_id, "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     try:
         runs = json.loads(out.stdout).get("runs", [])
@@ -197,12 +240,19 @@ def run_simulation(
 
     num_clients = get_task(cfg, data_dir).num_partitions()
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
-    print(f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}", flush=True)
+    print(
+        f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}",
+        flush=True,
+    )
     flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
     env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
     run_cfg = write_run_config(
         out / "run_config.toml",
-        {"overrides": " ".join(_quote(o) for o in ovr), "output-dir": str(out), "data-dir": str(data_dir)},
+        {
+            "overrides": " ".join(_quote(o) for o in ovr),
+            "output-dir": str(out),
+            "data-dir": str(data_dir),
+        },
     )
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
     try:
@@ -213,7 +263,10 @@ def run_simulation(
         if not keep_flwr_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     if status != "completed":
-        print(f"[fedapp] run {run_id} ended with status '{status}' (exit code {rc}); logs: {out}/flwr_run.log, {out}/superlink.log", flush=True)
+        print(
+            f"[fedapp] run {run_id} ended with status '{status}' (exit code {rc}); logs: {out}/flwr_run.log, {out}/superlink.log",
+            flush=True,
+        )
     else:
         print(f"[fedapp] done: results in {out}", flush=True)
     return RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
@@ -232,8 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "`fedapp-run strategy=fedprox rounds=10 partition=dirichlet partition.alpha=0.1`.",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
-    parser.add_argument("--output-dir", default=None, help="where results go (default: outputs/<time>-...)")
-    parser.add_argument("--timeout", type=float, default=None, help="stop streaming after this many seconds")
+    parser.add_argument(
+        "--output-dir", default=None, help="where results go (default: outputs/<time>-...)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="stop streaming after this many seconds"
+    )
     args = parser.parse_args(argv)
     outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
     return 0 if outcome.ok else 1

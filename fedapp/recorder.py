@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
-from logging import INFO
-
 from omegaconf import DictConfig
 
 from fedapp.config import to_dict
@@ -27,13 +26,33 @@ from fedapp.config import to_dict
 SCHEMA_VERSION = 1
 # Columns of rounds.csv, in order (also the required keys of every results.json round).
 ROUND_KEYS = (
-    "round", "test_accuracy", "test_loss", "client_accuracy", "client_loss", "train_loss",
-    "num_sampled", "num_replies", "num_failures", "aggregated", "bytes_up", "bytes_down",
-    "wall_s", "elapsed_s",
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "client_accuracy",
+    "client_loss",
+    "train_loss",
+    "num_sampled",
+    "num_replies",
+    "num_failures",
+    "aggregated",
+    "bytes_up",
+    "bytes_down",
+    "wall_s",
+    "elapsed_s",
 )
 CLIENT_KEYS = (
-    "round", "phase", "partition_id", "node_id", "status", "num-examples", "train_loss",
-    "train_steps", "train_time_s", "eval_loss", "eval_accuracy",
+    "round",
+    "phase",
+    "partition_id",
+    "node_id",
+    "status",
+    "num-examples",
+    "train_loss",
+    "train_steps",
+    "train_time_s",
+    "eval_loss",
+    "eval_accuracy",
 )
 
 
@@ -59,7 +78,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class Recorder:
     """Collects round metrics from the strategy and the server-side evaluation."""
 
-    def __init__(self, out_dir: Path, cfg: DictConfig, task: Any, strategy: Any, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, out_dir: Path, cfg: DictConfig, task: Any, strategy: Any, meta: dict[str, Any]
+    ) -> None:
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -102,8 +123,14 @@ class Recorder:
         log(
             INFO,
             "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  client_acc=%s  replies=%d/%d  %.1fs",
-            server_round, int(self.cfg.rounds), row["test_accuracy"], row["test_loss"],
-            _fmt(row["client_accuracy"]), row["num_replies"], row["num_sampled"], row["wall_s"],
+            server_round,
+            int(self.cfg.rounds),
+            row["test_accuracy"],
+            row["test_loss"],
+            _fmt(row["client_accuracy"]),
+            row["num_replies"],
+            row["num_sampled"],
+            row["wall_s"],
         )
         return MetricRecord({k: float(v) for k, v in test.items()})
 
@@ -112,7 +139,11 @@ class Recorder:
         if acc is None or not math.isfinite(acc):
             return
         if self.best is None or acc > self.best["test_accuracy"]:
-            self.best = {"round": server_round, "test_accuracy": acc, "test_loss": row.get("test_loss")}
+            self.best = {
+                "round": server_round,
+                "test_accuracy": acc,
+                "test_loss": row.get("test_loss"),
+            }
             if bool(self.cfg.get("checkpoint", True)):
                 torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
 
@@ -123,7 +154,9 @@ class Recorder:
         self.meta["status"] = status
         results = self._write(final=True)
         try:
-            plot_rounds(self.rounds, self.out_dir, title=f"{self.cfg.task.name} / {self.cfg.strategy.name}")
+            plot_rounds(
+                self.rounds, self.out_dir, title=f"{self.cfg.task.name} / {self.cfg.strategy.name}"
+            )
         except Exception as exc:  # a plotting problem must never lose the numbers
             log(INFO, "[fedapp] plotting failed: %s", exc)
         return results
@@ -189,15 +222,27 @@ def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") ->
     paths = []
     for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in ((f"test_{metric}", "global model, server test set"),
-                           (f"client_{metric}", "global model, client validation")):
-            pts = [(r["round"], r[key]) for r in rounds if isinstance(r.get(key), float) and math.isfinite(r[key])]
+        for key, label in (
+            (f"test_{metric}", "global model, server test set"),
+            (f"client_{metric}", "global model, client validation"),
+        ):
+            pts = [
+                (r["round"], r[key])
+                for r in rounds
+                if isinstance(r.get(key), float) and math.isfinite(r[key])
+            ]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
         if metric == "loss":
-            pts = [(r["round"], r["train_loss"]) for r in rounds if isinstance(r.get("train_loss"), float)]
+            pts = [
+                (r["round"], r["train_loss"])
+                for r in rounds
+                if isinstance(r.get("train_loss"), float)
+            ]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", ms=3, label="clients' local train loss")
+                ax.plot(
+                    *zip(*pts, strict=True), marker=".", ms=3, label="clients' local train loss"
+                )
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.set_title(title)

@@ -29,26 +29,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def discover_nodes(grid: Grid, min_nodes: int, wait_s: float) -> dict[int, int]:
-    """Map node id -> partition id by asking every connected node (one QUERY message each)."""
-    deadline = time.monotonic() + wait_s
-    while len(node_ids := list(grid.get_node_ids())) < min_nodes:
-        if time.monotonic() > deadline:
-            raise ConfigError(
-                f"only {len(node_ids)} SuperNodes connected after {wait_s:.0f}s, need {min_nodes}. "
-                "Start more SuperNodes or lower clients_per_round."
-            )
-        time.sleep(1.0)
+def _query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, dict[str, int]]:
+    """Ask nodes for their partition id, the federation size they know, and own-data flag."""
     msgs = [
         Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
     ]
-    mapping: dict[int, int] = {}
+    info: dict[int, dict[str, int]] = {}
     for reply in grid.send_and_receive(msgs, timeout=wait_s):
         src = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "node %d did not answer the discovery query: %s", src, reply.error.reason)
             continue
-        mapping[src] = int(reply.content["metrics"]["partition-id"])
+        info[src] = {k: int(v) for k, v in reply.content["metrics"].items()}
+    return info
+
+
+def discover_nodes(
+    grid: Grid, min_nodes: int, wait_s: float, num_partitions: int | None = None
+) -> dict[int, int]:
+    """Map node id -> partition id by asking every connected node (one QUERY message each).
+
+    Waits until `min_nodes` nodes answered, or all the nodes the federation says it has (the
+    `num-partitions` in their node config). Nodes without their own data files (simulation)
+    load partition `partition-id` of the configured partitioner, so the federation size must
+    equal its number of partitions: otherwise every client would fail in every round, and
+    the run stops here instead.
+    """
+    deadline = time.monotonic() + wait_s
+    info: dict[int, dict[str, int]] = {}
+    while True:
+        new = [nid for nid in grid.get_node_ids() if nid not in info]
+        if new:
+            info.update(_query_nodes(grid, new, wait_s))
+        for i in info.values():
+            if (
+                num_partitions is not None
+                and not i.get("has-data-path")
+                and i["num-partitions"] != num_partitions
+            ):
+                raise ConfigError(
+                    f"the federation has {i['num-partitions']} SuperNodes but the configured "
+                    f"partitioning makes {num_partitions} clients: run with --federation-config "
+                    f"'num-supernodes={num_partitions}' (fedapp-run sets it for you), or choose e.g. "
+                    f"partition=iid partition.num_partitions={i['num-partitions']}"
+                )
+        size = max((i["num-partitions"] for i in info.values()), default=-1)
+        if info and len(info) >= (min(min_nodes, size) if size > 0 else min_nodes):
+            break
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {len(info)} SuperNodes answered within {wait_s:.0f}s, need {min_nodes}. "
+                "Start more SuperNodes or lower clients_per_round."
+            )
+        time.sleep(1.0)
+    mapping = {nid: i["partition-id"] for nid, i in info.items()}
     seen: dict[int, int] = {}
     for nid, pid in mapping.items():
         if pid >= 0 and pid in seen:
@@ -67,13 +101,22 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     cfg = compose(str(run_config.get("overrides", "")))
     out_dir = resolve_output_dir(cfg, run_config)
-    log(INFO, "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
-        cfg.task.name, cfg.strategy.name, cfg.partition.name, cfg.rounds, cfg.seed)
+    log(
+        INFO,
+        "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
+        cfg.task.name,
+        cfg.strategy.name,
+        cfg.partition.name,
+        cfg.rounds,
+        cfg.seed,
+    )
     log(INFO, "[fedapp] results will be written to %s", out_dir)
     seed_everything(int(cfg.seed))
     task = get_task(cfg, resolve_data_dir(cfg, run_config))
 
-    node_partitions = discover_nodes(grid, int(cfg.clients_per_round), float(cfg.round_timeout_s))
+    node_partitions = discover_nodes(
+        grid, int(cfg.clients_per_round), float(cfg.round_timeout_s), task.num_partitions()
+    )
     log(INFO, "[fedapp] %d clients connected", len(node_partitions))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.bind(node_partitions, seed=int(cfg.seed), min_replies=int(cfg.min_replies))
@@ -93,9 +136,12 @@ def main(grid: Grid, context: Context) -> None:
     }
     recorder = Recorder(out_dir, cfg, task, strategy, meta)
     settings = TrainSettings(
-        local_epochs=int(cfg.train.local_epochs), max_steps=int(cfg.train.max_steps),
-        batch_size=int(cfg.train.batch_size), lr=float(cfg.train.lr),
-        momentum=float(cfg.train.momentum), weight_decay=float(cfg.train.weight_decay),
+        local_epochs=int(cfg.train.local_epochs),
+        max_steps=int(cfg.train.max_steps),
+        batch_size=int(cfg.train.batch_size),
+        lr=float(cfg.train.lr),
+        momentum=float(cfg.train.momentum),
+        weight_decay=float(cfg.train.weight_decay),
         seed=int(cfg.seed),
     )
     status, final = "failed", None

@@ -20,7 +20,15 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -47,7 +55,17 @@ def aggregate_scalar_metrics(records: list[RecordDict], weighted_by_key: str) ->
     averaging them across clients means nothing, so they are left out.
     """
     scalar_only = [
-        RecordDict({"metrics": MetricRecord({k: v for k, v in next(iter(r.metric_records.values())).items() if not isinstance(v, list)})})
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        k: v
+                        for k, v in next(iter(r.metric_records.values())).items()
+                        if not isinstance(v, list)
+                    }
+                )
+            }
+        )
         for r in records
     ]
     return aggregate_metricrecords(scalar_only, weighted_by_key)
@@ -63,6 +81,13 @@ def metrics_are_finite(metrics: Mapping[str, Any]) -> bool:
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             return False
     return True
+
+
+def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Return `arrays` with each array cast to the dtype of the same key in `reference`."""
+    return ArrayRecord(
+        {k: Array(np.asarray(arrays[k].numpy(), dtype=reference[k].numpy().dtype)) for k in arrays}
+    )
 
 
 def same_layout(a: ArrayRecord, b: ArrayRecord) -> bool:
@@ -95,7 +120,12 @@ class FedappStrategyMixin:
     min_replies: int = 1
     # Keys of the client MetricRecord copied into the per-client log.
     logged_metrics: tuple[str, ...] = (
-        NUM_EXAMPLES, "train_loss", "train_steps", "train_time_s", "eval_loss", "eval_accuracy",
+        NUM_EXAMPLES,
+        "train_loss",
+        "train_steps",
+        "train_time_s",
+        "eval_loss",
+        "eval_accuracy",
     )
 
     @classmethod
@@ -139,7 +169,9 @@ class FedappStrategyMixin:
         stream = 0 if message_type == MessageType.TRAIN else 1
         connected = [n for n in self._grid.get_node_ids() if n in self.node_partitions]
         available = [self.node_partitions[n] for n in connected]
-        chosen = sample_partitions(available, min(len(node_ids), len(available)), self.seed, self._round, stream)
+        chosen = sample_partitions(
+            available, min(len(node_ids), len(available)), self.seed, self._round, stream
+        )
         rlog = self.round_log(self._round)
         if message_type == MessageType.TRAIN:
             rlog.sampled_train = chosen
@@ -201,16 +233,28 @@ class FedappStrategyMixin:
             candidates.append((msg, entry))
         # Flower aborts the whole run on replies with different metric keys; drop the odd ones.
         if candidates:
-            key_sets = Counter(tuple(sorted(next(iter(m.content.metric_records.values())).keys())) for m, _ in candidates)
+            key_sets = Counter(
+                tuple(sorted(next(iter(m.content.metric_records.values())).keys()))
+                for m, _ in candidates
+            )
             majority = key_sets.most_common(1)[0][0]
             for msg, entry in candidates:
                 keys = tuple(sorted(next(iter(msg.content.metric_records.values())).keys()))
                 if keys != majority:
-                    entry["status"] = f"rejected: metric keys {list(keys)} differ from {list(majority)}"
+                    entry["status"] = (
+                        f"rejected: metric keys {list(keys)} differ from {list(majority)}"
+                    )
         accepted = [m for m, e in candidates if e["status"] == "ok"]
         for entry in rlog.clients:
             if entry["phase"] == phase and entry["status"] != "ok":
-                log(WARNING, "round %d %s: client %s %s", server_round, phase, entry["partition_id"], entry["status"])
+                log(
+                    WARNING,
+                    "round %d %s: client %s %s",
+                    server_round,
+                    phase,
+                    entry["partition_id"],
+                    entry["status"],
+                )
         return accepted
 
     # -- aggregation -------------------------------------------------------------------------
@@ -226,7 +270,9 @@ class FedappStrategyMixin:
             log(
                 WARNING,
                 "round %d: %d valid replies < min_replies=%d; keeping the previous global model",
-                server_round, len(accepted), self.min_replies,
+                server_round,
+                len(accepted),
+                self.min_replies,
             )
             return None, None
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
@@ -234,7 +280,9 @@ class FedappStrategyMixin:
         rlog.train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         accepted = self.screen_replies(server_round, replies, "evaluate")
         if not accepted:
             return None

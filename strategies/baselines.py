@@ -12,7 +12,7 @@ from typing import Any
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig
 
-from strategies.base import FedappStrategyMixin
+from strategies.base import FedappStrategyMixin, cast_like
 
 
 class FedAvg(FedappStrategyMixin, flwr_strategy.FedAvg):
@@ -25,6 +25,14 @@ class FedProx(FedappStrategyMixin, flwr_strategy.FedProx):
 
 class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
     """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 / train.lr."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        # Flower 1.41's q-FedAvg computes in float64 and returns a float64 model; keep the
+        # model's own dtypes so clients' float32 updates still match the global layout.
+        if arrays is not None and self._global_arrays is not None:
+            arrays = cast_like(arrays, self._global_arrays)
+        return arrays, metrics
 
     @classmethod
     def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):

@@ -85,7 +85,9 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """Loss, accuracy (and task-specific metrics) of `model` on `dataset`."""
         return evaluate_classifier(
-            model, dataset, batch_size=int(self.task_cfg.get("eval_batch_size", 512)),
+            model,
+            dataset,
+            batch_size=int(self.task_cfg.get("eval_batch_size", 512)),
             device=self.device,
         )
 

@@ -26,7 +26,9 @@ from torch.utils.data import TensorDataset
 from tasks.base import ClientData, DataError, Task
 from tasks.partitioning import make_partitioner
 
-CLASSES = [str(d) for d in range(10)] + [chr(c) for c in range(65, 91)] + [chr(c) for c in range(97, 123)]
+CLASSES = (
+    [str(d) for d in range(10)] + [chr(c) for c in range(65, 91)] + [chr(c) for c in range(97, 123)]
+)
 FEATURES = Features(
     {
         "image": Image(),
@@ -96,7 +98,9 @@ def _write_parquet_atomic(ds: Dataset, out: Path) -> None:
     os.replace(tmp, out)  # atomic: concurrent clients never read a half-written file
 
 
-def _table_to_dataset(x: np.ndarray, y: np.ndarray, writer: np.ndarray, split: np.ndarray) -> Dataset:
+def _table_to_dataset(
+    x: np.ndarray, y: np.ndarray, writer: np.ndarray, split: np.ndarray
+) -> Dataset:
     if x.ndim != 3 or x.shape[1:] != (28, 28):
         raise DataError(f"FEMNIST images must be 28x28, got array of shape {x.shape}")
     if len({len(x), len(y), len(writer), len(split)}) != 1:
@@ -129,7 +133,9 @@ def leaf_npz_to_parquet(npz_path: Path) -> Path:
     except (OSError, ValueError) as exc:
         raise DataError(f"{npz_path}: not a readable .npz file ({exc})") from exc
     if missing:
-        raise DataError(f"{npz_path}: missing arrays {sorted(missing)}; expected x, y, writer, split")
+        raise DataError(
+            f"{npz_path}: missing arrays {sorted(missing)}; expected x, y, writer, split"
+        )
     _write_parquet_atomic(_table_to_dataset(d["x"], d["y"], d["writer"], d["split"]), out)
     return out
 
@@ -145,9 +151,14 @@ def _read_json(path: Path) -> dict:
 
 def leaf_json_to_parquet(root: Path) -> Path:
     """Convert a LEAF FEMNIST folder (`train/*.json[.gz]`, `test/*.json[.gz]`) to parquet."""
-    files = {s: sorted((root / s).glob("*.json")) + sorted((root / s).glob("*.json.gz")) for s in ("train", "test")}
+    files = {
+        s: sorted((root / s).glob("*.json")) + sorted((root / s).glob("*.json.gz"))
+        for s in ("train", "test")
+    }
     if not files["train"]:
-        raise DataError(f"{root}: no LEAF shards in {root / 'train'} (expected *.json or *.json.gz)")
+        raise DataError(
+            f"{root}: no LEAF shards in {root / 'train'} (expected *.json or *.json.gz)"
+        )
     out = cache_dir() / f"leaf-{_fingerprint(files['train'] + files['test'])}.parquet"
     if out.exists():
         return out
@@ -272,7 +283,9 @@ class FemnistTask(Task):
             return leaf_npz_to_parquet(path)
         if path.suffix == ".parquet":
             return path
-        raise DataError(f"{path}: unsupported FEMNIST file type (use .npz, .parquet or a LEAF folder)")
+        raise DataError(
+            f"{path}: unsupported FEMNIST file type (use .npz, .parquet or a LEAF folder)"
+        )
 
     @property
     def fds(self) -> FederatedDataset:
@@ -319,7 +332,9 @@ class FemnistTask(Task):
     def load_partition(self, partition_id: int) -> ClientData:
         n = self.num_partitions()
         if not 0 <= partition_id < n:
-            raise DataError(f"partition-id {partition_id} is out of range: partition={self.cfg.partition.name} has {n} clients")
+            raise DataError(
+                f"partition-id {partition_id} is out of range: partition={self.cfg.partition.name} has {n} clients"
+            )
         return self._client_data(self.fds.load_partition(partition_id, "train"))
 
     def load_node_data(self, path: Path) -> ClientData:

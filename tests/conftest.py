@@ -45,7 +45,12 @@ def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
     return Message(RecordDict(), dst_node_id=node_id, message_type=message_type)
 
 
-def reply(node_id: int, arrays: list[np.ndarray] | None, metrics: dict, message_type: str = MessageType.TRAIN) -> Message:
+def reply(
+    node_id: int,
+    arrays: list[np.ndarray] | None,
+    metrics: dict,
+    message_type: str = MessageType.TRAIN,
+) -> Message:
     """A reply from `node_id` as the server would receive it."""
     msg = instruction(node_id, message_type)
     TaskIdentity.node_id = node_id

@@ -39,7 +39,9 @@ def _global(shape=(3,)):
 # --- sampling ---------------------------------------------------------------------------------
 @given(
     available=st.sets(st.integers(0, 500), min_size=1, max_size=60),
-    seed=st.integers(0, 2**31), rnd=st.integers(1, 1000), data=st.data(),
+    seed=st.integers(0, 2**31),
+    rnd=st.integers(1, 1000),
+    data=st.data(),
 )
 def test_sample_partitions_is_a_deterministic_subset(available, seed, rnd, data):
     k = data.draw(st.integers(1, len(available)))
@@ -84,8 +86,11 @@ def test_fedprox_sends_proximal_mu():
 
 # --- screening and aggregation ------------------------------------------------------------------
 def _ok(node, value, n):
-    return reply(node, [np.full(3, value, np.float32), np.full(2, value, np.float32)],
-                 {"num-examples": n, "train_loss": 1.0})
+    return reply(
+        node,
+        [np.full(3, value, np.float32), np.full(2, value, np.float32)],
+        {"num-examples": n, "train_loss": 1.0},
+    )
 
 
 def test_fedavg_weighted_mean_and_bad_replies_are_dropped():
@@ -94,11 +99,27 @@ def test_fedavg_weighted_mean_and_bad_replies_are_dropped():
     replies = [
         _ok(nodes[0], 1.0, 10),
         _ok(nodes[1], 4.0, 30),
-        reply(nodes[2], [np.full(3, np.nan, np.float32), np.zeros(2, np.float32)], {"num-examples": 10, "train_loss": 1.0}),
-        reply(nodes[3], [np.zeros(4, np.float32), np.zeros(2, np.float32)], {"num-examples": 10, "train_loss": 1.0}),
+        reply(
+            nodes[2],
+            [np.full(3, np.nan, np.float32), np.zeros(2, np.float32)],
+            {"num-examples": 10, "train_loss": 1.0},
+        ),
+        reply(
+            nodes[3],
+            [np.zeros(4, np.float32), np.zeros(2, np.float32)],
+            {"num-examples": 10, "train_loss": 1.0},
+        ),
         error_reply(nodes[4], "client crashed"),
-        reply(nodes[5], [np.zeros(3, np.float32), np.zeros(2, np.float32)], {"num-examples": 10, "other": 1.0}),
-        reply(nodes[6], [np.zeros(3, np.float32), np.zeros(2, np.float32)], {"num-examples": 0, "train_loss": 1.0}),
+        reply(
+            nodes[5],
+            [np.zeros(3, np.float32), np.zeros(2, np.float32)],
+            {"num-examples": 10, "other": 1.0},
+        ),
+        reply(
+            nodes[6],
+            [np.zeros(3, np.float32), np.zeros(2, np.float32)],
+            {"num-examples": 0, "train_loss": 1.0},
+        ),
     ]
     arrays, metrics = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, (10 * 1 + 30 * 4) / 40))
@@ -129,24 +150,43 @@ def test_identical_clients_give_their_model(params):
     list(s.configure_train(1, _global(), ConfigRecord({}), grid))
     value = params[0][0]
     arrays, _ = s.aggregate_train(1, [_ok(nodes[i], value, n) for i, (_, n) in enumerate(params)])
-    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, value, np.float32), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        arrays.to_numpy_ndarrays()[0], np.full(3, value, np.float32), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_evaluate_aggregation_skips_empty_validation_sets():
     s, grid, nodes = _strategy()
     list(s.configure_evaluate(1, _global(), ConfigRecord({}), grid))
     reps = [
-        reply(nodes[0], None, {"num-examples": 10, "eval_loss": 1.0, "eval_accuracy": 0.5}, MessageType.EVALUATE),
-        reply(nodes[1], None, {"num-examples": 30, "eval_loss": 2.0, "eval_accuracy": 0.9}, MessageType.EVALUATE),
-        reply(nodes[2], None, {"num-examples": 0, "eval_loss": 0.0, "eval_accuracy": 0.0}, MessageType.EVALUATE),
+        reply(
+            nodes[0],
+            None,
+            {"num-examples": 10, "eval_loss": 1.0, "eval_accuracy": 0.5},
+            MessageType.EVALUATE,
+        ),
+        reply(
+            nodes[1],
+            None,
+            {"num-examples": 30, "eval_loss": 2.0, "eval_accuracy": 0.9},
+            MessageType.EVALUATE,
+        ),
+        reply(
+            nodes[2],
+            None,
+            {"num-examples": 0, "eval_loss": 0.0, "eval_accuracy": 0.0},
+            MessageType.EVALUATE,
+        ),
     ]
     metrics = s.aggregate_evaluate(1, reps)
     assert metrics["eval_accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
 
 
 def test_scalar_metric_aggregation_drops_histograms():
-    recs = [RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 1.0, "label-counts": [1, 0]})}),
-            RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 3.0, "label-counts": [0, 3]})})]
+    recs = [
+        RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 1.0, "label-counts": [1, 0]})}),
+        RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 3.0, "label-counts": [0, 3]})}),
+    ]
     out = aggregate_scalar_metrics(recs, "num-examples")
     assert "label-counts" not in out
     assert out["loss"] == pytest.approx(2.5)
@@ -158,6 +198,7 @@ def test_qfedavg_with_q_zero_matches_fedavg_direction():
     list(s.configure_train(1, _global(), ConfigRecord({}), grid))
     arrays, _ = s.aggregate_train(1, [_ok(nodes[0], 1.0, 10), _ok(nodes[1], 3.0, 30)])
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, 2.0), rtol=1e-6)
+    assert all(a.numpy().dtype == np.float32 for a in arrays.values())  # same dtype as the model
 
 
 def test_build_strategy_caps_sampling_to_available_clients():

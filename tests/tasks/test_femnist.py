@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def test_leaf_json_shards_load_through_the_same_path(data_dir, tmp_path):
         shutil.copy(src / split / name, tmp_path / split / name)
     task = _task(data_dir, f"task.local_path={tmp_path}")
     n_train = len(task.load_centralized_train())
-    raw = __import__("json").load(gzip.open(next((tmp_path / "train").iterdir()), "rt"))
+    with gzip.open(next((tmp_path / "train").iterdir()), "rt") as fh:
+        raw = json.load(fh)
     assert n_train == sum(raw["num_samples"])
     assert task.num_partitions() == len(raw["users"])
     assert task.load_central_test().tensors[0].max() <= 1.0
@@ -135,8 +137,13 @@ def test_bad_sources_raise_clear_errors(data_dir, tmp_path):
     with pytest.raises(DataError, match="missing arrays"):
         leaf_npz_to_parquet(bad)
     bad_labels = tmp_path / "labels.npz"
-    np.savez(bad_labels, x=np.zeros((2, 28, 28), np.uint8), y=np.array([0, 99]),
-             writer=np.array(["a", "a"]), split=np.array(["train", "test"]))
+    np.savez(
+        bad_labels,
+        x=np.zeros((2, 28, 28), np.uint8),
+        y=np.array([0, 99]),
+        writer=np.array(["a", "a"]),
+        split=np.array(["train", "test"]),
+    )
     with pytest.raises(DataError, match="0..61"):
         leaf_npz_to_parquet(bad_labels)
     (tmp_path / "leaf" / "train").mkdir(parents=True)

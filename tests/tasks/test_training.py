@@ -23,13 +23,17 @@ def _model(seed=0):
 
 
 def _distance(a: nn.Module, b: nn.Module) -> float:
-    return float(sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters(), strict=True)))
+    return float(
+        sum((p - q).pow(2).sum() for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    )
 
 
 def test_proximal_term_is_squared_distance():
     m, g = _model(0), _model(1)
     expected = _distance(m, g)
-    assert float(proximal_term(m, [p.detach() for p in g.parameters()])) == pytest.approx(expected, rel=1e-5)
+    assert float(proximal_term(m, [p.detach() for p in g.parameters()])) == pytest.approx(
+        expected, rel=1e-5
+    )
     assert float(proximal_term(m, [p.detach() for p in m.parameters()])) == 0.0
 
 
@@ -47,7 +51,9 @@ def test_proximal_gradient_is_added():
     data = TensorDataset(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))
     mu, lr = 0.7, 0.05
     model = _model()
-    train_classifier(model, data, TrainSettings(local_epochs=2, batch_size=4, lr=lr, proximal_mu=mu))
+    train_classifier(
+        model, data, TrainSettings(local_epochs=2, batch_size=4, lr=lr, proximal_mu=mu)
+    )
     ref = _model()
     w0 = [p.detach().clone() for p in ref.parameters()]
     loss_fn = nn.CrossEntropyLoss()
@@ -72,7 +78,9 @@ def test_settings_roundtrip_through_config_record_keys():
 
 
 def test_max_steps_caps_local_work():
-    out = train_classifier(_model(), _data(), TrainSettings(local_epochs=10, batch_size=8, max_steps=3))
+    out = train_classifier(
+        _model(), _data(), TrainSettings(local_epochs=10, batch_size=8, max_steps=3)
+    )
     assert out["train_steps"] == 3 and out["train_samples_seen"] == 24
 
 

@@ -1,0 +1,182 @@
+"""FEMNIST baselines side by side: FedAvg, FedProx, q-FedAvg vs centralized and majority class.
+
+Same data (the 201-writer LEAF subset, natural split), same seeds, same client sampling for every
+strategy. Each (strategy, seed) is one run of `--rounds` rounds; the accuracy after the default
+number of rounds (conf/config.yaml `rounds`) is read from the same trajectory, since a run with
+the same seed samples the same clients in its first rounds.
+
+    .venv/bin/python bench/femnist_baselines.py --seeds 0 1 2 --rounds 60
+    .venv/bin/python bench/femnist_baselines.py --seeds 0 --rounds 5 --centralized-epochs 1   # smoke
+
+Writes bench/results/femnist_baselines.{json,md} and femnist_baselines.png; the individual runs
+stay under bench/results/runs/ (not committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedapp.centralized import train_centralized  # noqa: E402
+from fedapp.config import compose, resolve_data_dir  # noqa: E402
+from fedapp.launch import run_simulation  # noqa: E402
+from tasks import get_task  # noqa: E402
+
+
+def majority_accuracy(overrides: list[str]) -> float:
+    """Accuracy of always predicting the most frequent training label."""
+    cfg = compose(overrides)
+    task = get_task(cfg, resolve_data_dir(cfg))
+    train_y = task.load_centralized_train().tensors[1].numpy()
+    test_y = task.load_central_test().tensors[1].numpy()
+    return float(np.mean(test_y == np.bincount(train_y).argmax()))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+def fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    m, s = mean_sd(values)
+    return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if s is not None else "")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox", "qfedavg"])
+    p.add_argument("--rounds", type=int, default=60, help="length of the longer run")
+    p.add_argument("--centralized-epochs", type=int, default=7)
+    p.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for every run")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    default_rounds = int(compose(args.extra).rounds)
+    runs: dict[str, dict[int, dict]] = {}
+    for strategy in args.strategies:
+        for seed in args.seeds:
+            ovr = [*args.extra, f"strategy={strategy}", f"seed={seed}", f"rounds={args.rounds}"]
+            outcome = run_simulation(ovr, args.out / "runs" / f"{strategy}-s{seed}")
+            res = json.loads((outcome.output_dir / "results.json").read_text())
+            if not outcome.ok:
+                print(
+                    f"[bench] {strategy} seed {seed} did not complete ({outcome.status})",
+                    flush=True,
+                )
+                continue
+            runs.setdefault(strategy, {})[seed] = res
+
+    central = {}
+    for seed in args.seeds:
+        c = train_centralized(
+            [*args.extra, f"seed={seed}", f"centralized.epochs={args.centralized_epochs}"],
+            args.out / "runs" / f"centralized-s{seed}",
+        )
+        central[seed] = c
+    majority = majority_accuracy(args.extra)
+    central_acc = [c["final"]["test_accuracy"] for c in central.values()]
+
+    rows = []
+    for strategy, by_seed in runs.items():
+
+        def acc_at(res: dict, r: int) -> float:
+            return next(x["test_accuracy"] for x in res["rounds"] if x["round"] == r)
+
+        at_default = [acc_at(r, min(default_rounds, args.rounds)) for r in by_seed.values()]
+        at_end = [acc_at(r, args.rounds) for r in by_seed.values()]
+        fed_rounds = [x for r in by_seed.values() for x in r["rounds"] if x["round"] > 0]
+        rows.append(
+            {
+                "strategy": strategy,
+                "seeds": sorted(by_seed),
+                f"acc_round_{default_rounds}": at_default,
+                f"acc_round_{args.rounds}": at_end,
+                "ratio_to_centralized_end": float(np.mean(at_end) / np.mean(central_acc)),
+                "s_per_round_mean": float(np.mean([x["wall_s"] for x in fed_rounds])),
+                "s_per_round_median": float(np.median([x["wall_s"] for x in fed_rounds])),
+                "bytes_up_per_round": float(np.mean([x["bytes_up"] for x in fed_rounds])),
+                "bytes_down_per_round": float(np.mean([x["bytes_down"] for x in fed_rounds])),
+                "failures": int(sum(x["num_failures"] for x in fed_rounds)),
+            }
+        )
+
+    summary = {
+        "setup": {
+            "seeds": args.seeds,
+            "rounds_default": default_rounds,
+            "rounds_long": args.rounds,
+            "extra_overrides": args.extra,
+            "config": json.loads(
+                json.dumps(dict(next(iter(next(iter(runs.values())).values()))["config"]))
+            )
+            if runs
+            else None,
+        },
+        "centralized": {"epochs": args.centralized_epochs, "test_accuracy": central_acc},
+        "majority_class_accuracy": majority,
+        "strategies": rows,
+    }
+    (args.out / "femnist_baselines.json").write_text(json.dumps(summary, indent=2))
+
+    lines = [
+        f"# FEMNIST (201 writers, natural split): baselines, seeds {args.seeds}",
+        "",
+        f"Test accuracy (%) of the global model on all writers' held-out test data, mean ± sd over seeds. "
+        f"Centralized: same model trained {args.centralized_epochs} epochs on the pooled training data. "
+        f"Generated by `bench/femnist_baselines.py --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}`.",
+        "",
+        f"| strategy | acc @ round {default_rounds} | acc @ round {args.rounds} | / centralized | s / round (mean, median) | MB up / round | MB down / round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['strategy']} | {fmt(r[f'acc_round_{default_rounds}'])} | {fmt(r[f'acc_round_{args.rounds}'])} | "
+            f"{r['ratio_to_centralized_end']:.3f} | {r['s_per_round_mean']:.2f}, {r['s_per_round_median']:.2f} | "
+            f"{r['bytes_up_per_round'] / 1e6:.1f} | {r['bytes_down_per_round'] / 1e6:.1f} |"
+        )
+    lines += [
+        f"| centralized ({args.centralized_epochs} epochs) | | {fmt(central_acc)} | 1.000 | | | |",
+        f"| majority class | | {majority * 100:.1f} | | | | |",
+        "",
+    ]
+    (args.out / "femnist_baselines.md").write_text("\n".join(lines))
+    plot(runs, central_acc, majority, args.out / "femnist_baselines.png")
+    print("\n".join(lines))
+    return 0
+
+
+def plot(runs: dict, central_acc: list[float], majority: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, by_seed in runs.items():
+        curves = np.array([[x["test_accuracy"] for x in r["rounds"]] for r in by_seed.values()])
+        rounds = np.arange(curves.shape[1])
+        ax.plot(rounds, curves.mean(0), label=f"{strategy} (mean of {len(curves)} seeds)")
+        ax.fill_between(rounds, curves.min(0), curves.max(0), alpha=0.2)
+    ax.axhline(np.mean(central_acc), color="k", ls="--", label="centralized")
+    ax.axhline(majority, color="grey", ls=":", label="majority class")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("FEMNIST, 201 writers, natural split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

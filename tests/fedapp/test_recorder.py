@@ -1,0 +1,86 @@
+"""The results contract: results.json, rounds.csv, clients.csv and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fedapp.config import compose
+from fedapp.recorder import ROUND_KEYS, Recorder, json_safe
+from strategies.base import RoundLog
+
+
+class TinyTask:
+    def __init__(self):
+        self.accs = iter([0.1, 0.5, 0.4])
+
+    def load_central_test(self):
+        return None
+
+    def make_model(self):
+        return nn.Linear(2, 2)
+
+    def evaluate(self, model, dataset):
+        return {"loss": 1.0, "accuracy": next(self.accs), "num_examples": 10.0}
+
+
+class TinyStrategy:
+    def __init__(self):
+        self.rounds = {}
+
+
+def test_results_contract(tmp_path):
+    cfg = compose("rounds=2")
+    strat = TinyStrategy()
+    rec = Recorder(tmp_path, cfg, TinyTask(), strat, {"run_id": 1})
+    arrays = ArrayRecord(nn.Linear(2, 2).state_dict())
+    rec.evaluate_fn(0, arrays)
+    for r in (1, 2):
+        strat.rounds[r] = RoundLog(
+            sampled_train=[0, 1],
+            num_replies=2,
+            aggregated=True,
+            bytes_up=100,
+            bytes_down=200,
+            train_metrics={"train_loss": 0.5},
+            eval_metrics={"eval_accuracy": 0.3, "eval_loss": float("nan")},
+            clients=[
+                {
+                    "phase": "train",
+                    "partition_id": 0,
+                    "node_id": 9,
+                    "status": "ok",
+                    "num-examples": 5,
+                }
+            ],
+        )
+        rec.evaluate_fn(r, arrays)
+    results = rec.finish(arrays)
+    data = json.loads((tmp_path / "results.json").read_text())  # strict JSON: NaN became null
+    assert set(data) >= {"config", "rounds", "final", "meta"}
+    assert [r["round"] for r in data["rounds"]] == [0, 1, 2]
+    assert set(ROUND_KEYS) <= set(data["rounds"][1])
+    assert data["rounds"][1]["client_loss"] is None
+    assert data["final"]["best_round"] == 1 and data["final"]["best_test_accuracy"] == 0.5
+    assert data["final"]["total_bytes_up"] == 200 and data["final"]["rounds_completed"] == 2
+    assert data["config"]["rounds"] == 2 and results["meta"]["status"] == "completed"
+    rows = list(csv.DictReader((tmp_path / "rounds.csv").open()))
+    assert len(rows) == 3 and list(rows[0])[: len(ROUND_KEYS)] == list(ROUND_KEYS)
+    assert len(list(csv.DictReader((tmp_path / "clients.csv").open()))) == 2
+    for name in ("accuracy.png", "loss.png", "best_model.pt", "final_model.pt", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0
+    best = torch.load(tmp_path / "best_model.pt")
+    assert set(best) == {"weight", "bias"}
+
+
+def test_json_safe():
+    assert json_safe({"a": [float("inf"), np.float32(1.5)], "b": math.nan}) == {
+        "a": [None, 1.5],
+        "b": None,
+    }
