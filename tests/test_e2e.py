@@ -85,13 +85,14 @@ def test_local_federation_with_supernodes(tmp_path, data_dir):
 
     out = run_federation(
         3,
-        "partition=iid partition.num_partitions=6 rounds=2 train.max_steps=20 train.lr=0.1",
+        "partition=iid partition.num_partitions=6 rounds=1 train.max_steps=30 train.lr=0.1",
         tmp_path / "fed",
     )
     res = _results(out)
     assert res["meta"]["num_clients"] == 3
-    assert res["rounds"][-1]["num_replies"] == 3
-    assert res["rounds"][-1]["test_accuracy"] > res["rounds"][0]["test_accuracy"]
+    last = res["rounds"][-1]
+    assert last["num_replies"] == 3 and last["client_accuracy"] is not None  # train and evaluate
+    assert last["test_accuracy"] > res["rounds"][0]["test_accuracy"] + 0.02
     # each SuperNode trained on its own file only
     assert sorted(p.name for p in (out.output_dir / "nodes").iterdir()) == [
         "node-0",
