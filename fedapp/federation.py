@@ -31,15 +31,13 @@ from fedapp.config import (
 )
 from fedapp.launch import (
     RunOutcome,
-    _quote,
     bin_path,
-    flower_env,
     free_port,
+    prepare_run,
     run_status,
     stop_process_group,
     submit,
     superlink,
-    write_run_config,
 )
 
 
@@ -90,16 +88,7 @@ def run_federation(
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
     print(f"[fedapp] local federation: 1 SuperLink + {nodes} SuperNodes -> {out}", flush=True)
     node_files = export_node_data(ovr, nodes, out)
-    flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
-    env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
-    run_cfg = write_run_config(
-        out / "run_config.toml",
-        {
-            "overrides": " ".join(_quote(o) for o in ovr),
-            "output-dir": str(out),
-            "data-dir": str(data_dir),
-        },
-    )
+    flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     supernodes: list[subprocess.Popen] = []
     try:
         with superlink(flwr_home, out / "superlink.log", env, simulation=False) as port:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -224,6 +225,23 @@ def run_status(env: dict[str, str], run_id: str | None) -> str:
     return status.split(":")[-1]  # "finished:completed" -> "completed"
 
 
+def prepare_run(
+    cfg, overrides: list[str], data_dir: Path, out: Path
+) -> tuple[Path, dict[str, str], Path]:
+    """Private FLWR_HOME, the Flower processes' environment, and the run-config file."""
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
+    env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
+    run_cfg = write_run_config(
+        out / "run_config.toml",
+        {
+            "overrides": " ".join(shlex.quote(o) for o in overrides),
+            "output-dir": str(out),
+            "data-dir": str(data_dir),
+        },
+    )
+    return flwr_home, env, run_cfg
+
+
 def run_simulation(
     overrides: str | Sequence[str] | None = None,
     output_dir: Path | str | None = None,
@@ -244,16 +262,7 @@ def run_simulation(
         f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}",
         flush=True,
     )
-    flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
-    env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
-    run_cfg = write_run_config(
-        out / "run_config.toml",
-        {
-            "overrides": " ".join(_quote(o) for o in ovr),
-            "output-dir": str(out),
-            "data-dir": str(data_dir),
-        },
-    )
+    flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
     try:
         with superlink(flwr_home, out / "superlink.log", env):
@@ -270,12 +279,6 @@ def run_simulation(
     else:
         print(f"[fedapp] done: results in {out}", flush=True)
     return RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
-
-
-def _quote(o: str) -> str:
-    import shlex
-
-    return shlex.quote(o)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
