@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedapp.config import compose, resolve_data_dir, resolve_output_dir, to_dict
 from fedapp.recorder import write_json_atomic
-from tasks import get_task
+from tasks import ClientData, get_task
 from tasks.training import TrainSettings
 
 
@@ -30,10 +31,13 @@ def train_centralized(
     torch.manual_seed(int(cfg.seed))
     model = task.make_model()
     train, test = task.load_centralized_train(), task.load_central_test()
+    pooled = ClientData(train=train, val=train, label_counts=np.zeros(0))
+    # Centralized: the "federated" statistics are simply those of the pooled training rows.
+    prep = task.aggregate_stats([task.client_stats(pooled)]) if task.needs_stats else {}
     c = cfg.centralized
     epochs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    test_metrics = task.evaluate(model, test)
+    test_metrics = _scalars(task.evaluate(model, test, prep))
     epochs.append({"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()}, "wall_s": 0.0})
     for epoch in range(1, int(c.epochs) + 1):
         t = time.perf_counter()
@@ -45,8 +49,8 @@ def train_centralized(
             weight_decay=float(cfg.train.weight_decay),
             seed=int(cfg.seed) * 1_000_003 + epoch,
         )
-        fit = task.train(model, _as_client_data(task, train), settings)
-        test_metrics = task.evaluate(model, test)
+        fit = task.train(model, pooled, settings, prep)
+        test_metrics = _scalars(task.evaluate(model, test, prep))
         row = {
             "epoch": epoch,
             "train_loss": fit["train_loss"],
@@ -62,7 +66,12 @@ def train_centralized(
     best = max(epochs[1:], key=lambda r: r["test_accuracy"]) if len(epochs) > 1 else epochs[0]
     results = {
         "schema_version": 1,
-        "meta": {"kind": "centralized", "train_examples": len(train), "test_examples": len(test)},
+        "meta": {
+            "kind": "centralized",
+            "train_examples": len(train),
+            "test_examples": len(test),
+            "majority_accuracy": task.majority_accuracy(prep),
+        },
         "config": to_dict(cfg),
         "epochs": epochs,
         "final": {
@@ -77,10 +86,8 @@ def train_centralized(
     return results
 
 
-def _as_client_data(task, train):
-    from tasks.base import ClientData
-
-    return ClientData(train=train, val=train, label_counts=torch.zeros(0).numpy())
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "confusion"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

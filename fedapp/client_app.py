@@ -58,9 +58,20 @@ def _client_seed(msg: Message, pid: int) -> int:
     return int(cfg.get("seed", 0)) * 1_000_003 + int(cfg.get("server-round", 0)) * 10_007 + pid
 
 
+def _prep(msg: Message) -> dict[str, list[float]]:
+    """Federated preprocessing parameters (global means, class weights...) sent by the server."""
+    config = msg.content.config_records.get("config")
+    return {k: list(v) for k, v in (config or {}).items() if k.startswith("prep.")}
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random in Flower)."""
+    """Discovery (which partition this node holds; node ids are random in Flower) or,
+    with config `fedapp-action=stats`, the sufficient statistics of its training rows."""
+    config = msg.content.config_records.get("config")
+    if config is not None and config.get("fedapp-action") == "stats":
+        _, task, data, _ = _setup(context)
+        return Message(RecordDict({"metrics": MetricRecord(task.client_stats(data))}), reply_to=msg)
     node = context.node_config
     return Message(
         RecordDict(
@@ -86,7 +97,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = _client_seed(msg, pid)
     torch.manual_seed(seed)
     settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
-    metrics = task.train(model, data, settings)
+    metrics = task.train(model, data, settings, _prep(msg))
     reply = MetricRecord(
         {
             "num-examples": data.num_train,
@@ -106,15 +117,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, task, data, _ = _setup(context)
     model = task.make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    if len(data.val) == 0:
-        metrics = {"loss": 0.0, "accuracy": 0.0}
-    else:
-        metrics = task.evaluate(model, data.val)
-    reply = MetricRecord(
-        {
-            "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
-            "eval_loss": float(metrics["loss"]),
-            "eval_accuracy": float(metrics["accuracy"]),
-        }
-    )
-    return Message(RecordDict({"metrics": reply}), reply_to=msg)
+    metrics = task.evaluate(model, data.val, _prep(msg))
+    reply = {
+        "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
+        "eval_loss": float(metrics["loss"]) if len(data.val) else 0.0,
+        "eval_accuracy": float(metrics["accuracy"]) if len(data.val) else 0.0,
+    }
+    if "confusion" in metrics:  # pooled into precision/recall/F1 over clients by the server
+        reply["eval-confusion"] = [int(c) for c in metrics["confusion"]]
+    return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)

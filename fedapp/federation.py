@@ -17,7 +17,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,9 +41,7 @@ from fedapp.launch import (
 
 
 def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Path]:
-    """Write one parquet file per node; node i gets partitions {j : j % nodes == i}."""
-    from datasets import concatenate_datasets, load_dataset
-
+    """Write one data file per node; node i gets partitions {j : j % nodes == i}."""
     from tasks import get_task
 
     cfg = compose(overrides)
@@ -55,17 +52,10 @@ def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Pa
             f"--nodes {nodes} is more than the {n} partitions of partition={cfg.partition.name}"
         )
     paths = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(nodes):
-            parts = []
-            for j in range(i, n, nodes):
-                p = Path(tmp) / f"p{j}.parquet"
-                task.export_partition(j, p)
-                parts.append(load_dataset("parquet", data_files=str(p), split="train"))
-            target = out_dir / "nodes" / f"node-{i}" / "data.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            concatenate_datasets(parts).to_parquet(str(target))
-            paths.append(target)
+    for i in range(nodes):
+        target = out_dir / "nodes" / f"node-{i}" / f"data{task.node_file_suffix}"
+        task.export_partitions(list(range(i, n, nodes)), target)
+        paths.append(target)
     return paths
 
 

@@ -29,8 +29,19 @@ ROUND_KEYS = (
     "round",
     "test_accuracy",
     "test_loss",
+    "test_balanced_accuracy",
+    "test_roc_auc",
+    "test_pr_auc",
+    "test_precision",
+    "test_recall",
+    "test_f1",
+    "majority_accuracy",
     "client_accuracy",
     "client_loss",
+    "client_balanced_accuracy",
+    "client_precision",
+    "client_recall",
+    "client_f1",
     "train_loss",
     "num_sampled",
     "num_replies",
@@ -41,6 +52,8 @@ ROUND_KEYS = (
     "wall_s",
     "elapsed_s",
 )
+# Federated evaluation metrics (pooled over the evaluated clients) recorded as client_<name>.
+CLIENT_METRICS = ("accuracy", "loss", "balanced_accuracy", "precision", "recall", "f1")
 CLIENT_KEYS = (
     "round",
     "phase",
@@ -79,8 +92,15 @@ class Recorder:
     """Collects round metrics from the strategy and the server-side evaluation."""
 
     def __init__(
-        self, out_dir: Path, cfg: DictConfig, task: Any, strategy: Any, meta: dict[str, Any]
+        self,
+        out_dir: Path,
+        cfg: DictConfig,
+        task: Any,
+        strategy: Any,
+        meta: dict[str, Any],
+        prep: dict[str, list[float]] | None = None,
     ) -> None:
+        self.prep = prep or {}
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -91,20 +111,22 @@ class Recorder:
         self.t_start = time.perf_counter()
         self.t_last = self.t_start
         self.test_set = task.load_central_test()
+        self.majority_accuracy = task.majority_accuracy(self.prep)
         (self.out_dir / "config.yaml").write_text(_yaml(cfg))
 
     # Flower calls this after every round (and once before round 1 with round 0).
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = self.task.make_model()
         model.load_state_dict(arrays.to_torch_state_dict())
-        test = self.task.evaluate(model, self.test_set)
+        test = self.task.evaluate(model, self.test_set, self.prep)
         now = time.perf_counter()
         rlog = self.strategy.rounds.get(server_round) if server_round > 0 else None
+        ev = rlog.eval_metrics if rlog else {}
         row: dict[str, Any] = {
             "round": server_round,
-            **{f"test_{k}": v for k, v in test.items() if k != "num_examples"},
-            "client_accuracy": (rlog.eval_metrics.get("eval_accuracy") if rlog else None),
-            "client_loss": (rlog.eval_metrics.get("eval_loss") if rlog else None),
+            **{f"test_{k}": v for k, v in test.items() if k not in ("num_examples", "confusion")},
+            "majority_accuracy": self.majority_accuracy,
+            **{f"client_{k}": ev.get(f"eval_{k}") for k in CLIENT_METRICS},
             "train_loss": (rlog.train_metrics.get("train_loss") if rlog else None),
             "num_sampled": len(rlog.sampled_train) if rlog else 0,
             "num_replies": rlog.num_replies if rlog else 0,
@@ -116,23 +138,26 @@ class Recorder:
             "elapsed_s": now - self.t_start,
             "clients": [dict(c) for c in rlog.clients] if rlog else [],
         }
+        if "confusion" in test:
+            row["test_confusion"] = test["confusion"]
         self.t_last = now
         self.rounds.append(row)
         self._checkpoint(server_round, arrays, row)
         self._write()
         log(
             INFO,
-            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  client_acc=%s  replies=%d/%d  %.1fs",
+            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  %sclient_acc=%s  replies=%d/%d  %.1fs",
             server_round,
             int(self.cfg.rounds),
             row["test_accuracy"],
             row["test_loss"],
+            _extra(row),
             _fmt(row["client_accuracy"]),
             row["num_replies"],
             row["num_sampled"],
             row["wall_s"],
         )
-        return MetricRecord({k: float(v) for k, v in test.items()})
+        return MetricRecord({k: float(v) for k, v in test.items() if isinstance(v, int | float)})
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
         acc = row.get("test_accuracy")
@@ -189,6 +214,14 @@ class Recorder:
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
         _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
         return results
+
+
+def _extra(row: dict[str, Any]) -> str:
+    """ROC-AUC / PR-AUC / F1 in the progress line where they mean something (binary tasks)."""
+    if "test_confusion" not in row or len(row["test_confusion"]) != 4:
+        return ""
+    auc, pr_auc, f1 = (_fmt(row.get(f"test_{k}")) for k in ("roc_auc", "pr_auc", "f1"))
+    return f"auc={auc}  pr_auc={pr_auc}  f1={f1}  "
 
 
 def _fmt(v: Any) -> str:

@@ -96,6 +96,33 @@ def discover_nodes(
     return mapping
 
 
+def collect_stats(grid: Grid, node_ids: list[int], timeout: float) -> list[dict[str, list[float]]]:
+    """One QUERY to every client for the sufficient statistics of its training rows.
+
+    Only sums, sums of squares, counts and label histograms leave a client (never rows); the
+    server adds them up (`task.aggregate_stats`) for feature scaling, imputation and class
+    weights. A client that fails here is reported and left out of the statistics.
+    """
+    config = ConfigRecord({"fedapp-action": "stats"})
+    msgs = [
+        Message(RecordDict({"config": config}), dst_node_id=nid, message_type=MessageType.QUERY)
+        for nid in node_ids
+    ]
+    stats = []
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            log(
+                WARNING,
+                "node %d sent no statistics: %s",
+                reply.metadata.src_node_id,
+                reply.error.reason,
+            )
+            continue
+        stats.append({k: list(v) for k, v in reply.content["metrics"].items()})
+    log(INFO, "[fedapp] preprocessing statistics from %d of %d clients", len(stats), len(node_ids))
+    return stats
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -121,6 +148,12 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.bind(node_partitions, seed=int(cfg.seed), min_replies=int(cfg.min_replies))
 
+    prep: dict[str, list[float]] = {}
+    if task.needs_stats:
+        prep = task.aggregate_stats(
+            collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s))
+        )
+
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
     meta = {
@@ -134,7 +167,11 @@ def main(grid: Grid, context: Context) -> None:
         "model_bytes": initial.count_bytes(),
         "output_dir": str(out_dir),
     }
-    recorder = Recorder(out_dir, cfg, task, strategy, meta)
+    if prep:
+        meta["preprocessing"] = {
+            k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
+        }
+    recorder = Recorder(out_dir, cfg, task, strategy, meta, prep=prep)
     settings = TrainSettings(
         local_epochs=int(cfg.train.local_epochs),
         max_steps=int(cfg.train.max_steps),
@@ -151,8 +188,8 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=initial,
             num_rounds=int(cfg.rounds),
             timeout=float(cfg.round_timeout_s),
-            train_config=ConfigRecord(settings.to_config()),
-            evaluate_config=ConfigRecord({"seed": int(cfg.seed)}),
+            train_config=ConfigRecord({**settings.to_config(), **prep}),
+            evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
         )
         status, final = "completed", result.arrays

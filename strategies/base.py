@@ -34,6 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from omegaconf import DictConfig
 
+from tasks.metrics import confusion_metrics
+
 NUM_EXAMPLES = "num-examples"
 
 
@@ -69,6 +71,24 @@ def aggregate_scalar_metrics(records: list[RecordDict], weighted_by_key: str) ->
         for r in records
     ]
     return aggregate_metricrecords(scalar_only, weighted_by_key)
+
+
+def pooled_confusion_metrics(replies: list[Message]) -> dict[str, float]:
+    """Sum clients' confusion matrices (`eval-confusion`) and compute pooled metrics.
+
+    Precision, recall and F1 do not average over clients; pooled counts give the metric of
+    the global model on the union of the evaluated clients' validation rows.
+    """
+    mats = [
+        np.asarray(m["eval-confusion"], dtype=np.int64)
+        for m in (next(iter(r.content.metric_records.values())) for r in replies)
+        if "eval-confusion" in m
+    ]
+    if not mats or len({len(x) for x in mats}) != 1:
+        return {}
+    total = np.sum(mats, axis=0)
+    k = math.isqrt(len(total))
+    return {f"eval_{name}": v for name, v in confusion_metrics(total.reshape(k, k)).items()}
 
 
 def arrays_are_finite(arrays: ArrayRecord) -> bool:
@@ -287,7 +307,9 @@ class FedappStrategyMixin:
         if not accepted:
             return None
         metrics = super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc]
-        self.round_log(server_round).eval_metrics = dict(metrics) if metrics is not None else {}
-        if metrics is not None:
-            log(INFO, "round %d federated evaluation: %s", server_round, dict(metrics))
+        pooled = dict(metrics) if metrics is not None else {}
+        pooled.update(pooled_confusion_metrics(accepted))
+        self.round_log(server_round).eval_metrics = pooled
+        if pooled:
+            log(INFO, "round %d federated evaluation: %s", server_round, pooled)
         return metrics

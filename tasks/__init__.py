@@ -18,18 +18,27 @@ def _femnist():
     return FemnistTask
 
 
-TASKS = {"femnist": _femnist}
+def _tabular():
+    from tasks.tabular import TabularTask
+
+    return TabularTask
+
+
+# task.kind -> task class (imported lazily: torchvision or pandas only when needed)
+TASKS = {"femnist": _femnist, "tabular": _tabular}
 
 
 @lru_cache(maxsize=4)
 def _cached(cfg_yaml: str, data_dir: str) -> Task:
     cfg = OmegaConf.create(cfg_yaml)
-    return TASKS[cfg.task.name]()(cfg, Path(data_dir))
+    return TASKS[str(cfg.task.kind)]()(cfg, Path(data_dir))
 
 
 def get_task(cfg: DictConfig, data_dir: Path) -> Task:
-    """Return the task named by `cfg.task.name` (cached per config, so a Ray actor reuses it)."""
-    name = str(cfg.task.name)
-    if name not in TASKS:
-        raise DataError(f"unknown task '{name}'; available: {', '.join(sorted(TASKS))}")
+    """Return the task of kind `cfg.task.kind` (cached per config, so a Ray actor reuses it)."""
+    kind = str(cfg.task.get("kind", cfg.task.name))
+    if kind not in TASKS:
+        raise DataError(
+            f"unknown task kind '{kind}' (task={cfg.task.name}); available: {', '.join(sorted(TASKS))}"
+        )
     return _cached(OmegaConf.to_yaml(cfg, resolve=True), str(data_dir))

@@ -5,14 +5,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from tasks.training import TrainSettings, evaluate_classifier, train_classifier
+from tasks.metrics import classification_report, majority_accuracy
+from tasks.training import TrainSettings, predict_logits, train_classifier
 
 
 class DataError(ValueError):
@@ -21,10 +23,14 @@ class DataError(ValueError):
 
 @dataclass
 class ClientData:
-    """One client's local data: a training set and a held-out validation set."""
+    """One client's local data: a training set and a held-out validation set.
 
-    train: TensorDataset
-    val: TensorDataset
+    `train` and `val` are whatever the task's `train`/`evaluate` take (a TensorDataset for
+    images, raw rows for tables whose features depend on federated statistics).
+    """
+
+    train: Any
+    val: Any
     label_counts: np.ndarray  # histogram of training labels (length = num_classes)
 
     @property
@@ -36,6 +42,10 @@ class Task(ABC):
     """A learning problem: how its data is partitioned and loaded, its model, its metrics."""
 
     name: str = ""
+    num_classes: int = 2
+    # True when the task needs federated preprocessing statistics (one round of sums and
+    # counts before training, see `client_stats` / `aggregate_stats`).
+    needs_stats: bool = False
 
     def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
         self.cfg = cfg
@@ -55,11 +65,13 @@ class Task(ABC):
     def load_node_data(self, path: Path) -> ClientData:
         """Data of a deployed SuperNode that holds its own files at `path`."""
 
-    @abstractmethod
-    def export_partition(self, partition_id: int, path: Path) -> int:
-        """Write partition `partition_id` to `path` in the format `load_node_data` reads.
+    node_file_suffix: str = ".parquet"  # format of a SuperNode's own data file
 
-        Returns the number of rows written. Used to give each local SuperNode its own files.
+    @abstractmethod
+    def export_partitions(self, partition_ids: list[int], path: Path) -> int:
+        """Write the union of these partitions to `path` in the format `load_node_data` reads.
+
+        Returns the number of rows written. Used to give each local SuperNode its own file.
         """
 
     @abstractmethod
@@ -75,21 +87,36 @@ class Task(ABC):
     def make_model(self) -> nn.Module:
         """A freshly initialised model (seed torch before calling for reproducible init)."""
 
+    # --- federated preprocessing (tasks whose features need global statistics) ----------------
+    def client_stats(self, data: ClientData) -> dict[str, list[float]]:
+        """Sufficient statistics of one client's training rows (never the rows themselves)."""
+        return {}
+
+    def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+        """Combine clients' statistics into the preprocessing parameters (`prep.*` keys)."""
+        return {}
+
+    def majority_accuracy(self, prep: dict[str, list[float]] | None) -> float:
+        """Test accuracy of always predicting the most frequent training class."""
+        labels = self.load_central_test().tensors[1].numpy()
+        train = self.load_centralized_train().tensors[1].numpy()
+        return majority_accuracy(np.bincount(train, minlength=self.num_classes), labels)
+
     # --- training / metrics (classification defaults) ---------------------------------------
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings
+        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None
     ) -> dict[str, float]:
         """Train `model` in place on the client's data; return scalar metrics."""
         return train_classifier(model, data.train, settings, device=self.device)
 
-    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Loss, accuracy (and task-specific metrics) of `model` on `dataset`."""
-        return evaluate_classifier(
-            model,
-            dataset,
-            batch_size=int(self.task_cfg.get("eval_batch_size", 512)),
-            device=self.device,
+    def evaluate(self, model: nn.Module, dataset: Dataset, prep=None) -> dict[str, float]:
+        """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC-AUC, PR-AUC."""
+        logits, labels = predict_logits(
+            model, dataset, int(self.task_cfg.get("eval_batch_size", 512)), self.device
         )
+        out = classification_report(logits, labels, self.num_classes)
+        out["num_examples"] = float(len(labels))
+        return out
 
     @property
     def device(self) -> torch.device:

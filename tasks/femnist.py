@@ -17,7 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+)
 from flwr_datasets import FederatedDataset
 from omegaconf import DictConfig
 from torch import nn
@@ -344,8 +353,8 @@ class FemnistTask(Task):
         part = load_dataset("parquet", data_files={"train": str(path)})["train"]
         return self._client_data(part)
 
-    def export_partition(self, partition_id: int, path: Path) -> int:
-        part = self.fds.load_partition(partition_id, "train")
+    def export_partitions(self, partition_ids: list[int], path: Path) -> int:
+        part = concatenate_datasets([self.fds.load_partition(j, "train") for j in partition_ids])
         path.parent.mkdir(parents=True, exist_ok=True)
         part.to_parquet(str(path))
         return len(part)

@@ -125,3 +125,35 @@ def test_sweep_runs_jobs_and_writes_a_summary(tmp_path, data_dir):
     assert len(summary["settings"]) == 2
     assert all(j["status"] == "completed" for j in summary["jobs"])
     assert (tmp_path / "sweep" / "summary.md").exists()
+
+
+@pytest.mark.parametrize(
+    "task, extra",
+    [
+        ("credit_lending", "clients_per_round=7 eval_clients_per_round=7"),
+        ("insurance", "clients_per_round=6 eval_clients_per_round=6"),
+        ("bankruptcy", "clients_per_round=2 eval_clients_per_round=2"),
+        ("medical", "clients_per_round=4 eval_clients_per_round=4"),
+    ],
+)
+def test_tabular_tasks_end_to_end(task, extra, tmp_path, data_dir):
+    out = run_simulation(
+        f"task={task} {extra} rounds=3 train.batch_size=64 train.lr=0.05", tmp_path / task
+    )
+    res = _results(out)
+    last, first = res["rounds"][-1], res["rounds"][0]
+    for key in (
+        "test_balanced_accuracy",
+        "test_roc_auc",
+        "test_pr_auc",
+        "test_precision",
+        "test_recall",
+        "test_f1",
+        "majority_accuracy",
+        "client_f1",
+        "client_balanced_accuracy",
+    ):
+        assert last[key] is not None, key
+    assert last["test_roc_auc"] > max(0.6, first["test_roc_auc"])
+    assert last["test_balanced_accuracy"] > 0.55  # the majority class scores exactly 0.5
+    assert res["meta"]["preprocessing"]["prep.label_counts"]  # federated statistics were used

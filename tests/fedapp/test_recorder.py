@@ -26,8 +26,20 @@ class TinyTask:
     def make_model(self):
         return nn.Linear(2, 2)
 
-    def evaluate(self, model, dataset):
-        return {"loss": 1.0, "accuracy": next(self.accs), "num_examples": 10.0}
+    def majority_accuracy(self, prep):
+        return 0.25
+
+    def evaluate(self, model, dataset, prep=None):
+        metrics = dict.fromkeys(
+            ("balanced_accuracy", "roc_auc", "pr_auc", "precision", "recall", "f1"), 0.5
+        )
+        return {
+            "loss": 1.0,
+            "accuracy": next(self.accs),
+            **metrics,
+            "num_examples": 10.0,
+            "confusion": [3, 1, 2, 4],
+        }
 
 
 class TinyStrategy:
@@ -67,6 +79,8 @@ def test_results_contract(tmp_path):
     assert [r["round"] for r in data["rounds"]] == [0, 1, 2]
     assert set(ROUND_KEYS) <= set(data["rounds"][1])
     assert data["rounds"][1]["client_loss"] is None
+    assert data["rounds"][1]["majority_accuracy"] == 0.25
+    assert data["rounds"][1]["test_confusion"] == [3, 1, 2, 4]
     assert data["final"]["best_round"] == 1 and data["final"]["best_test_accuracy"] == 0.5
     assert data["final"]["total_bytes_up"] == 200 and data["final"]["rounds_completed"] == 2
     assert data["config"]["rounds"] == 2 and results["meta"]["status"] == "completed"

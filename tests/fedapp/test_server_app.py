@@ -36,23 +36,33 @@ class QueryGrid:
 
 def test_maps_node_ids_to_partition_ids():
     grid = QueryGrid({900 + p: {"partition-id": p, "num-partitions": 5} for p in range(5)})
-    assert discover_nodes(grid, min_nodes=3, wait_s=5, num_partitions=5) == {900 + p: p for p in range(5)}
+    assert discover_nodes(grid, min_nodes=3, wait_s=5, num_partitions=5) == {
+        900 + p: p for p in range(5)
+    }
 
 
 def test_flower_default_two_supernodes_fail_fast_with_the_fix():
-    grid = QueryGrid({1: {"partition-id": 0, "num-partitions": 2}, 2: {"partition-id": 1, "num-partitions": 2}})
+    grid = QueryGrid(
+        {1: {"partition-id": 0, "num-partitions": 2}, 2: {"partition-id": 1, "num-partitions": 2}}
+    )
     with pytest.raises(ConfigError, match="num-supernodes=201"):
         discover_nodes(grid, min_nodes=20, wait_s=600, num_partitions=201)
 
 
 def test_deployment_nodes_with_own_data_are_not_checked_against_the_partitioner():
-    grid = QueryGrid({7: {"data-path": "/x", "partition-id": 0, "num-partitions": 2},
-                      8: {"data-path": "/y", "partition-id": 1, "num-partitions": 2}})
+    grid = QueryGrid(
+        {
+            7: {"data-path": "/x", "partition-id": 0, "num-partitions": 2},
+            8: {"data-path": "/y", "partition-id": 1, "num-partitions": 2},
+        }
+    )
     assert discover_nodes(grid, min_nodes=20, wait_s=5, num_partitions=201) == {7: 0, 8: 1}
 
 
 def test_duplicate_partition_ids_are_rejected():
-    grid = QueryGrid({1: {"partition-id": 0, "num-partitions": 2}, 2: {"partition-id": 0, "num-partitions": 2}})
+    grid = QueryGrid(
+        {1: {"partition-id": 0, "num-partitions": 2}, 2: {"partition-id": 0, "num-partitions": 2}}
+    )
     with pytest.raises(ConfigError, match="both claim"):
         discover_nodes(grid, min_nodes=2, wait_s=5, num_partitions=2)
 

@@ -157,7 +157,10 @@ def test_bad_sources_raise_clear_errors(data_dir, tmp_path):
 
 def test_node_data_roundtrip(natural, tmp_path):
     path = tmp_path / "node.parquet"
-    n = natural.export_partition(3, path)
+    n = natural.export_partitions([3, 5], path)
+    assert n == len(natural.fds.load_partition(3, "train")) + len(
+        natural.fds.load_partition(5, "train")
+    )
     cd = natural.load_node_data(path)
     assert len(cd.train) + len(cd.val) == n
 

@@ -1,0 +1,544 @@
+"""Tabular tasks (credit, insurance claims, bankruptcy, medical) behind one schema-driven task.
+
+Each task's YAML declares its files and a schema: the label and which values are positive, the
+numeric and categorical columns (with their vocabularies), columns to drop and why (ids,
+post-outcome fields), how missing values are written, and the natural-id column that defines
+the federated clients. Loading validates the files against the schema and names the file and
+column of any problem.
+
+Preprocessing is federated-safe: no statistic is computed on pooled rows. Before training,
+every client sends the sums, sums of squares and counts of its own training rows' numeric
+features and its label histogram (one message, no rows); the server adds them up and sends
+back the global means/standard deviations (used for scaling and mean imputation) and class
+weights. Categorical vocabularies come from the schema, so no client has to reveal its values;
+a value outside the vocabulary goes to an explicit "unknown" slot and is counted in the log.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from datasets import Dataset
+from flwr.common.logger import log
+from omegaconf import DictConfig, OmegaConf
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import TensorDataset
+
+from tasks.base import ClientData, DataError, Task
+from tasks.metrics import classification_report, majority_accuracy
+from tasks.partitioning import make_partitioner
+from tasks.training import TrainSettings, predict_logits, train_classifier
+
+LABEL, ROW = "label", "row"
+
+
+# ------------------------------------------------------------------------------------------
+# Schema and loading
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Schema:
+    """What the columns of a table mean (from the task's YAML)."""
+
+    label: str
+    positive: list[Any]  # label values of the positive class (binary tasks)
+    numeric: list[str]
+    categorical: dict[str, list[str]]
+    drop: dict[str, str]  # column -> why it is dropped
+    natural_id: str | None
+    missing_tokens: list[str]
+    zero_is_missing: list[str]
+    missing_indicators: bool
+    numeric_transform: str  # "none" | "signed_log"
+
+    @classmethod
+    def from_config(cls, scfg: DictConfig) -> Schema:
+        c = OmegaConf.to_container(scfg, resolve=True)
+        assert isinstance(c, dict)
+        return cls(
+            label=str(c["label"]),
+            positive=[canonical(p) for p in c.get("positive") or [1]],
+            numeric=["all"]
+            if c.get("numeric") == "all"
+            else [str(x) for x in c.get("numeric") or []],
+            categorical={
+                str(k): [canonical(v) for v in vs] for k, vs in (c.get("categorical") or {}).items()
+            },
+            drop={str(k): str(v) for k, v in (c.get("drop") or {}).items()},
+            natural_id=c.get("natural_id"),
+            missing_tokens=[str(t) for t in c.get("missing_tokens") or ["?", ""]],
+            zero_is_missing=[str(x) for x in c.get("zero_is_missing") or []],
+            missing_indicators=bool(c.get("missing_indicators", False)),
+            numeric_transform=str(c.get("numeric_transform") or "none"),
+        )
+
+    def resolve_all_numeric(self, columns: list[str]) -> None:
+        """`numeric: all` = every column that is not the label, categorical, dropped or the id."""
+        if self.numeric == ["all"]:
+            taken = {self.label, *self.categorical, *self.drop, self.natural_id}
+            self.numeric = [c for c in columns if c not in taken]
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.numeric, *self.categorical]
+
+
+def canonical(value: Any) -> str:
+    """Category text as compared with the vocabulary: '1.0', '1' and 1 are all '1'."""
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+def read_file(path: Path, missing_tokens: list[str]) -> pd.DataFrame:
+    """Read a CSV (any line ending) or an ARFF file (optionally gzipped) as strings."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (set FEDAPP_DATA_DIR or task.files[...].path)")
+    name = path.name.lower().removesuffix(".gz")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    text = raw.decode("utf-8-sig", errors="replace")
+    try:
+        if name.endswith(".arff"):
+            return _read_arff(text, path)
+        return pd.read_csv(
+            io.StringIO(text), dtype=str, keep_default_na=False, na_values=missing_tokens
+        )
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot parse as {'ARFF' if name.endswith('.arff') else 'CSV'}: {exc}"
+        ) from exc
+
+
+_ARFF_ATTRIBUTE = re.compile(r"""@attribute\s+(?:'([^']*)'|"([^"]*)"|(\S+))\s+""", re.IGNORECASE)
+
+
+def _read_arff(text: str, path: Path) -> pd.DataFrame:
+    """Minimal ARFF reader (numeric and nominal attributes, '?' missing): what UCI ships."""
+    names: list[str] = []
+    data_start = None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s.lower().startswith("@attribute"):
+            m = _ARFF_ATTRIBUTE.match(s)
+            if not m:
+                raise DataError(
+                    f"{path}: line {i + 1}: cannot read attribute declaration {s[:80]!r}"
+                )
+            name = next(g for g in m.groups() if g is not None)
+            # UCI's Polish file repeats some ratio names: keep them apart.
+            names.append(name if name not in names else f"{name} #{names.count(name) + 1}")
+        elif s.lower().startswith("@data"):
+            data_start = i + 1
+            break
+    if data_start is None or not names:
+        raise DataError(f"{path}: no @attribute/@data section; is this an ARFF file?")
+    body = "\n".join(ln for ln in lines[data_start:] if ln.strip() and not ln.startswith("%"))
+    df = pd.read_csv(
+        io.StringIO(body),
+        header=None,
+        names=names,
+        dtype=str,
+        na_values=["?"],
+        keep_default_na=False,
+    )
+    return df
+
+
+def load_frame(
+    files: list[dict[str, Any]], schema: Schema, data_dir: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read, stack and validate the task's files.
+
+    Returns the typed frame (schema columns + label) and the raw rows as read (strings), which
+    is what a node's own file holds when a partition is exported for a SuperNode.
+    """
+    frames, raws = [], []
+    for spec in files:
+        path = Path(str(spec["path"])).expanduser()
+        path = path if path.is_absolute() else data_dir / path
+        df = read_file(path, schema.missing_tokens)
+        for col, value in (spec.get("constants") or {}).items():
+            df[col] = str(value)
+        schema.resolve_all_numeric(list(df.columns))
+        _validate_columns(df, schema, path)
+        frames.append(_typed(df, schema, path))
+        raws.append(df)
+    frame = pd.concat(frames, ignore_index=True)
+    if frame.empty:
+        raise DataError(f"{[f['path'] for f in files]}: no rows")
+    return frame, pd.concat(raws, ignore_index=True)
+
+
+def _validate_columns(df: pd.DataFrame, schema: Schema, path: Path) -> None:
+    if schema.label not in df.columns:
+        raise DataError(
+            f"{path}: label column '{schema.label}' not found; columns are {list(df.columns)[:30]}"
+        )
+    needed = [*schema.features] + ([schema.natural_id] if schema.natural_id else [])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: columns {missing} declared in the schema are missing")
+    if df.empty:
+        raise DataError(f"{path}: the file has a header but no rows")
+
+
+def _typed(df: pd.DataFrame, schema: Schema, path: Path) -> pd.DataFrame:
+    out = pd.DataFrame(index=df.index)
+    for col in schema.numeric:
+        raw = df[col]
+        num = pd.to_numeric(raw, errors="coerce")
+        bad = raw.notna() & num.isna()
+        if bad.any():
+            examples = sorted(set(raw[bad].astype(str)))[:5]
+            raise DataError(
+                f"{path}: column '{col}' must be numeric, found {int(bad.sum())} values like {examples}; "
+                "declare it categorical or add the token to schema.missing_tokens"
+            )
+        if col in schema.zero_is_missing:
+            num = num.mask(num == 0)
+        if schema.numeric_transform == "signed_log":
+            num = np.sign(num) * np.log1p(num.abs())
+        elif schema.numeric_transform != "none":
+            raise DataError(
+                f"schema.numeric_transform={schema.numeric_transform}: use none or signed_log"
+            )
+        out[col] = num.astype(np.float64)
+    for col in schema.categorical:
+        out[col] = [canonical(v) if isinstance(v, str) else "" for v in df[col]]
+    labels = df[schema.label]
+    if labels.isna().any():
+        raise DataError(
+            f"{path}: {int(labels.isna().sum())} rows have no label in '{schema.label}'"
+        )
+    out[LABEL] = [canonical(v) for v in labels]
+    if schema.natural_id:
+        out[schema.natural_id] = df[schema.natural_id].astype(str)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Encoding and features
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Rows:
+    """A client's rows before preprocessing: numerics (NaN = missing), category codes, labels."""
+
+    numeric: np.ndarray  # float64 (n, num_numeric)
+    codes: np.ndarray  # int64 (n, num_categorical); code len(vocab) = unknown
+    y: np.ndarray  # int64 (n,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> Rows:
+        return Rows(self.numeric[idx], self.codes[idx], self.y[idx])
+
+
+def encode(frame: pd.DataFrame, schema: Schema, num_classes: int) -> tuple[Rows, dict[str, int]]:
+    """Frame -> Rows; also returns how many values fell outside each vocabulary.
+
+    Category codes: 0..K-1 = the schema's vocabulary, K = a value outside it ("unknown"),
+    K+1 = missing. Unknown values are counted and logged; missing ones are expected.
+    """
+    numeric = (
+        frame[schema.numeric].to_numpy(dtype=np.float64)
+        if schema.numeric
+        else np.zeros((len(frame), 0))
+    )
+    codes = np.zeros((len(frame), len(schema.categorical)), dtype=np.int64)
+    unknown: dict[str, int] = {}
+    for j, (col, vocab) in enumerate(schema.categorical.items()):
+        index = {v: i for i, v in enumerate(vocab)}
+        index[""] = len(vocab) + 1  # missing
+        c = np.array([index.get(v, len(vocab)) for v in frame[col]], dtype=np.int64)
+        if n_unknown := int((c == len(vocab)).sum()):
+            unknown[col] = n_unknown
+        codes[:, j] = c
+    if num_classes != 2:
+        raise DataError(
+            "tabular tasks are binary; list the positive label values in schema.positive"
+        )
+    positive = set(schema.positive)
+    y = np.array([v in positive for v in frame[LABEL]], dtype=np.int64)
+    return Rows(numeric, codes, y), unknown
+
+
+def numeric_stats(rows: Rows, num_classes: int) -> dict[str, list[float]]:
+    """Per-client sufficient statistics (no rows): counts, sums, sums of squares, labels."""
+    x = rows.numeric
+    present = ~np.isnan(x)
+    xz = np.where(present, x, 0.0)
+    return {
+        "stats.count": present.sum(axis=0).astype(float).tolist(),
+        "stats.sum": xz.sum(axis=0).tolist(),
+        "stats.sumsq": (xz**2).sum(axis=0).tolist(),
+        "stats.labels": np.bincount(rows.y, minlength=num_classes).astype(float).tolist(),
+    }
+
+
+def combine_stats(stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Sum clients' statistics into global means, standard deviations and class weights."""
+    if not stats:
+        raise DataError("no client sent preprocessing statistics; cannot scale features")
+    total = {
+        k: np.sum([np.asarray(s[k], dtype=np.float64) for s in stats], axis=0) for k in stats[0]
+    }
+    count = total["stats.count"]
+    mean = np.divide(total["stats.sum"], count, out=np.zeros_like(count), where=count > 0)
+    var = np.divide(total["stats.sumsq"], count, out=np.ones_like(count), where=count > 0) - mean**2
+    std = np.sqrt(np.clip(var, 0.0, None))
+    std = np.where(std > 1e-12, std, 1.0)
+    labels = total["stats.labels"]
+    n, k = labels.sum(), len(labels)
+    weights = np.where(labels > 0, n / (k * np.maximum(labels, 1)), 0.0)  # "balanced" weights
+    return {
+        "prep.mean": mean.tolist(),
+        "prep.std": std.tolist(),
+        "prep.class_weights": weights.tolist(),
+        "prep.label_counts": labels.tolist(),
+    }
+
+
+def featurize(rows: Rows, schema: Schema, prep: dict[str, list[float]]) -> TensorDataset:
+    """Scale (global mean/std), mean-impute, add missing indicators, one-hot categoricals."""
+    mean = np.asarray(prep["prep.mean"], dtype=np.float64)
+    std = np.asarray(prep["prep.std"], dtype=np.float64)
+    missing = np.isnan(rows.numeric)
+    z = np.where(missing, 0.0, (np.nan_to_num(rows.numeric) - mean) / std)
+    parts = [z]
+    if schema.missing_indicators:
+        parts.append(missing.astype(np.float64))
+    for j, vocab in enumerate(schema.categorical.values()):
+        onehot = np.zeros((len(rows), len(vocab) + 2))  # vocabulary, unknown, missing
+        onehot[np.arange(len(rows)), rows.codes[:, j]] = 1.0
+        parts.append(onehot)
+    x = np.concatenate(parts, axis=1) if parts else np.zeros((len(rows), 0))
+    return TensorDataset(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(rows.y))
+
+
+def feature_dim(schema: Schema) -> int:
+    n = len(schema.numeric)
+    return n * (2 if schema.missing_indicators else 1) + sum(
+        len(v) + 2 for v in schema.categorical.values()
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Models and losses
+# ------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: list[int], num_classes: int, dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(dim, h), nn.ReLU(), nn.Dropout(dropout)]
+            dim = h
+        layers.append(nn.Linear(dim, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., 2017): down-weights easy examples; `weight` as in CrossEntropy."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=1)
+        logp_t = logp.gather(1, target[:, None]).squeeze(1)
+        loss = -((1 - logp_t.exp()) ** self.gamma) * logp_t
+        if self.weight is not None:
+            w = self.weight[target]
+            return (loss * w).sum() / w.sum().clamp_min(1e-12)
+        return loss.mean()
+
+
+# ------------------------------------------------------------------------------------------
+# Task
+# ------------------------------------------------------------------------------------------
+class TabularTask(Task):
+    """A binary classification table behind the common task interface."""
+
+    needs_stats = True
+
+    def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
+        super().__init__(cfg, data_dir)
+        self.name = str(self.task_cfg.name)
+        self.seed = int(cfg.seed)
+        self.num_classes = 2
+        self.schema = Schema.from_config(self.task_cfg.schema)
+        files = OmegaConf.to_container(self.task_cfg.files, resolve=True)
+        assert isinstance(files, list)
+        self.frame, self.raw = load_frame(files, self.schema, self.data_dir)
+        self.rows, unknown = encode(self.frame, self.schema, self.num_classes)
+        for col, n in unknown.items():
+            log(
+                WARNING,
+                "[%s] %d values of '%s' are outside the schema vocabulary (-> unknown)",
+                self.name,
+                n,
+                col,
+            )
+        if len(np.unique(self.rows.y)) < 2:
+            raise DataError(
+                f"task {self.name}: the label has one class only; check schema.positive"
+            )
+        idx = np.arange(len(self.rows))
+        self.train_idx, self.test_idx = train_test_split(
+            idx,
+            test_size=float(self.task_cfg.test_fraction),
+            random_state=self.seed,
+            stratify=self.rows.y,
+        )
+        self._partitioner = None
+
+    # -- partitioning through flwr-datasets -----------------------------------------------------
+    @property
+    def partitioner(self):
+        if self._partitioner is None:
+            if self.cfg.partition.name == "natural" and not self.schema.natural_id:
+                raise DataError(
+                    f"task {self.name} declares no natural_id; use partition=iid or dirichlet"
+                )
+            cols = {ROW: self.train_idx.tolist(), LABEL: self.rows.y[self.train_idx].tolist()}
+            if self.schema.natural_id:
+                cols[self.schema.natural_id] = (
+                    self.frame[self.schema.natural_id].to_numpy()[self.train_idx].tolist()
+                )
+            p = make_partitioner(
+                self.cfg.partition,
+                natural_id=self.schema.natural_id or ROW,
+                label=LABEL,
+                seed=self.seed,
+            )
+            p.dataset = Dataset.from_dict(cols).shuffle(seed=self.seed)
+            self._partitioner = p
+        return self._partitioner
+
+    def num_partitions(self) -> int:
+        return int(self.partitioner.num_partitions)
+
+    def partition_rows(self, partition_id: int) -> np.ndarray:
+        n = self.num_partitions()
+        if not 0 <= partition_id < n:
+            raise DataError(f"partition-id {partition_id} is out of range: {n} clients")
+        return np.asarray(self.partitioner.load_partition(partition_id)[ROW], dtype=np.int64)
+
+    def _client_data(self, rows: Rows) -> ClientData:
+        if len(rows) == 0:
+            raise DataError("client partition is empty; use fewer partitions or a larger alpha")
+        frac = float(self.task_cfg.client_val_fraction)
+        idx = np.arange(len(rows))
+        if frac > 0 and len(rows) >= 5:
+            counts = np.bincount(rows.y, minlength=self.num_classes)
+            strat = rows.y if counts.min() >= 2 else None
+            tr, va = train_test_split(idx, test_size=frac, random_state=self.seed, stratify=strat)
+        else:
+            tr, va = idx, idx[:0]
+        train, val = rows.take(tr), rows.take(va)
+        return ClientData(
+            train=train, val=val, label_counts=np.bincount(train.y, minlength=self.num_classes)
+        )
+
+    def load_partition(self, partition_id: int) -> ClientData:
+        return self._client_data(self.rows.take(self.partition_rows(partition_id)))
+
+    def load_node_data(self, path: Path) -> ClientData:
+        files = [{"path": str(path)}]
+        frame, _ = load_frame(files, self.schema, self.data_dir)
+        rows, _ = encode(frame, self.schema, self.num_classes)
+        return self._client_data(rows)
+
+    node_file_suffix = ".csv"
+
+    def export_partitions(self, partition_ids: list[int], path: Path) -> int:
+        idx = np.concatenate([self.partition_rows(j) for j in partition_ids])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.raw.iloc[idx].to_csv(path, index=False)
+        return len(idx)
+
+    def load_central_test(self) -> Rows:
+        return self.rows.take(self.test_idx)
+
+    def load_centralized_train(self) -> Rows:
+        return self.rows.take(self.train_idx)
+
+    # -- federated preprocessing --------------------------------------------------------------
+    def client_stats(self, data: ClientData) -> dict[str, list[float]]:
+        return numeric_stats(data.train, self.num_classes)
+
+    def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+        return combine_stats(stats)
+
+    def majority_accuracy(self, prep: dict[str, list[float]] | None) -> float:
+        counts = np.asarray(
+            (prep or {}).get("prep.label_counts") or np.bincount(self.rows.y[self.train_idx])
+        )
+        return majority_accuracy(counts, self.rows.y[self.test_idx])
+
+    # -- model, training, evaluation -----------------------------------------------------------
+    def make_model(self) -> nn.Module:
+        dim = feature_dim(self.schema)
+        kind = str(self.task_cfg.model)
+        if kind == "logreg":
+            return MLP(dim, [], self.num_classes, 0.0)
+        if kind == "mlp":
+            return MLP(
+                dim,
+                [int(h) for h in self.task_cfg.hidden],
+                self.num_classes,
+                float(self.task_cfg.dropout),
+            )
+        raise DataError(f"task.model={kind}: use mlp or logreg")
+
+    def loss_fn(self, prep: dict[str, list[float]] | None) -> nn.Module:
+        kind = str(self.task_cfg.loss)
+        weights = None
+        if kind in ("weighted_ce", "focal") and prep and "prep.class_weights" in prep:
+            weights = torch.tensor(prep["prep.class_weights"], dtype=torch.float32)
+        if kind == "focal":
+            return FocalLoss(float(self.task_cfg.focal_gamma), weights)
+        if kind in ("ce", "weighted_ce"):
+            return nn.CrossEntropyLoss(weight=weights)
+        raise DataError(f"task.loss={kind}: use ce, weighted_ce or focal")
+
+    def _prep(self, prep: dict[str, list[float]] | None) -> dict[str, list[float]]:
+        if not prep or "prep.mean" not in prep:
+            raise DataError(
+                f"task {self.name} needs the federated preprocessing statistics (prep.*)"
+            )
+        return prep
+
+    def train(
+        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None
+    ) -> dict[str, float]:
+        ds = featurize(data.train, self.schema, self._prep(prep))
+        return train_classifier(model, ds, settings, loss_fn=self.loss_fn(prep), device=self.device)
+
+    def evaluate(self, model: nn.Module, dataset: TorchDataset, prep=None) -> dict[str, float]:
+        ds = featurize(dataset, self.schema, self._prep(prep))
+        logits, labels = predict_logits(
+            model, ds, int(self.task_cfg.get("eval_batch_size", 2048)), self.device
+        )
+        out = classification_report(logits, labels, self.num_classes)
+        out["num_examples"] = float(len(labels))
+        return out

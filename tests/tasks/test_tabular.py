@@ -1,0 +1,174 @@
+"""Tabular tasks on the real local files: counts, label balance, schema errors, federated-safe stats."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from fedapp.config import compose
+from tasks import DataError, get_task
+from tasks.tabular import TabularTask, combine_stats, numeric_stats
+from tasks.training import TrainSettings
+
+# task -> (rows, positives, natural clients) from each folder's PROVENANCE.md
+EXPECTED = {
+    "credit": (30000, 6636, 7),
+    "credit_lending": (9578, 1533, 7),
+    "credit_states": (9857, 517, 50),
+    "insurance": (15420, 923, None),  # makes with a single claim may land only in the test set
+    "bankruptcy": (7027 + 5910, 271 + 410, 2),
+    "medical": (920, 509, 4),
+}
+
+
+def _read(path) -> str:
+    with open(path, newline="") as fh:  # keep the file's own (old-Mac CR) line ends
+        return fh.read()
+
+
+def _task(data_dir, overrides: str) -> TabularTask:
+    return get_task(compose(overrides), data_dir)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_real_files_load_with_declared_schema(name, data_dir):
+    rows, positives, clients = EXPECTED[name]
+    task = _task(data_dir, f"task={name}")
+    assert len(task.rows) == rows
+    assert int(task.rows.y.sum()) == positives
+    if clients:
+        assert task.num_partitions() == clients
+    test = task.load_central_test()
+    assert len(test) == pytest.approx(0.2 * rows, abs=1)
+    assert test.y.mean() == pytest.approx(positives / rows, abs=0.01)  # stratified
+    # train partitions + test = all rows, no row in two places
+    parts = [task.partition_rows(i) for i in range(task.num_partitions())]
+    seen = np.concatenate([*parts, task.test_idx])
+    assert len(seen) == len(set(seen.tolist())) == rows
+
+
+def test_medical_maps_every_site_into_one_feature_space(data_dir):
+    task = _task(data_dir, "task=medical")
+    sites = task.frame["site"].to_numpy()
+    prep = task.aggregate_stats([task.client_stats(task.load_partition(i)) for i in range(4)])
+    from tasks.tabular import featurize
+
+    x = featurize(task.rows, task.schema, prep).tensors[0].numpy()
+    assert x.shape[1] == len(task.schema.numeric) * 2 + sum(
+        len(v) + 2 for v in task.schema.categorical.values()
+    )
+    chol = task.schema.numeric.index("chol")
+    indicator = len(task.schema.numeric) + chol
+    # Switzerland never measured cholesterol (0 in the file): imputed, flagged, not dropped
+    assert (x[sites == "switzerland", indicator] == 1).all()
+    assert (x[sites == "cleveland", indicator] == 0).all()
+    assert np.isfinite(x).all()
+
+
+def test_client_statistics_use_only_the_clients_rows(data_dir):
+    task = _task(data_dir, "task=credit_lending")
+    a, b = task.load_partition(0), task.load_partition(1)
+    before = numeric_stats(a.train, 2)
+    b.train.numeric[:] = 1e9  # another client's rows change ...
+    assert numeric_stats(a.train, 2) == before  # ... this client's statistics do not
+    # the combined statistics equal those of the pooled rows
+    parts = [task.load_partition(i) for i in range(task.num_partitions())]
+    prep = combine_stats([numeric_stats(p.train, 2) for p in parts])
+    pooled = np.concatenate([p.train.numeric for p in parts])
+    np.testing.assert_allclose(prep["prep.mean"], np.nanmean(pooled, axis=0), rtol=1e-9)
+    np.testing.assert_allclose(prep["prep.std"], np.nanstd(pooled, axis=0), rtol=1e-6)
+
+
+def test_training_beats_the_majority_class_on_roc_auc(data_dir):
+    task = _task(data_dir, "task=credit_lending partition=iid partition.num_partitions=2")
+    prep = task.aggregate_stats([task.client_stats(task.load_partition(i)) for i in range(2)])
+    model = task.make_model()
+    for _ in range(3):
+        for i in range(2):
+            task.train(model, task.load_partition(i), TrainSettings(batch_size=64, lr=0.05), prep)
+    m = task.evaluate(model, task.load_central_test(), prep)
+    assert m["roc_auc"] > 0.6 and m["recall"] > 0.2  # the majority class has recall 0
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.replace("not.fully.paid", "label_renamed"),
+            "label column 'not.fully.paid' not found",
+        ),
+        (
+            lambda t: t.replace("fico", "fico_x", 1),
+            r"columns \['fico'\] declared in the schema are missing",
+        ),
+        (lambda t: t.replace(",737,", ",seven hundred,", 1), "column 'fico' must be numeric"),
+        (lambda t: t.split("\r")[0] + "\r", "no rows"),
+    ],
+)
+def test_corrupted_copies_fail_with_file_and_column(edit, message, data_dir, tmp_path):
+    src = data_dir / "lending_club_loan_data" / "loan_data.csv"
+    dst = tmp_path / "lending_club_loan_data" / "loan_data.csv"
+    dst.parent.mkdir()
+    dst.write_text(edit(_read(src)), newline="")
+    with pytest.raises(DataError, match=message) as err:
+        TabularTask(compose("task=credit_lending"), tmp_path)
+    assert "loan_data.csv" in str(err.value) or "no rows" in message
+
+
+def test_missing_file_and_unknown_categories(data_dir, tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        TabularTask(compose("task=bankruptcy_taiwan"), tmp_path)
+    src = data_dir / "lending_club_loan_data" / "loan_data.csv"
+    dst = tmp_path / "lending_club_loan_data" / "loan_data.csv"
+    dst.parent.mkdir()
+    shutil.copy(src, dst)
+    dst.write_text(_read(dst).replace("credit_card", "crypto", 5), newline="")
+    task = TabularTask(compose("task=credit_lending"), tmp_path)
+    vocab = task.schema.categorical["purpose"]
+    assert int((task.rows.codes[:, 0] == len(vocab)).sum()) == 5  # explicit "unknown" slot
+
+
+def test_taiwan_bankruptcy_by_path(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 200
+    import pandas as pd
+
+    df = pd.DataFrame(rng.normal(size=(n, 5)), columns=[f" Ratio {i}" for i in range(5)])
+    df.insert(0, "Bankrupt?", (rng.random(n) < 0.1).astype(int))
+    (tmp_path / "taiwan_bankruptcy").mkdir()
+    df.to_csv(tmp_path / "taiwan_bankruptcy" / "data.csv", index=False)
+    task = TabularTask(
+        compose("task=bankruptcy_taiwan partition=iid partition.num_partitions=3"), tmp_path
+    )
+    assert len(task.schema.numeric) == 5 and task.num_partitions() == 3
+    with pytest.raises(DataError, match="natural_id"):
+        TabularTask(compose("task=bankruptcy_taiwan partition=natural"), tmp_path).num_partitions()
+
+
+def test_focal_and_weighted_losses(data_dir):
+    import torch
+
+    from tasks.tabular import FocalLoss
+
+    logits = torch.tensor([[2.0, -1.0], [0.1, 0.0]])
+    target = torch.tensor([0, 1])
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert float(FocalLoss(gamma=0.0)(logits, target)) == pytest.approx(float(ce), rel=1e-6)
+    assert float(FocalLoss(gamma=2.0)(logits, target)) < float(ce)
+    task = _task(data_dir, "task=medical task.loss=focal")
+    assert isinstance(task.loss_fn({"prep.class_weights": [0.5, 2.0]}), FocalLoss)
+
+
+def test_exported_node_file_reloads_to_the_same_rows(data_dir, tmp_path):
+    task = _task(data_dir, "task=bankruptcy")  # ARFF in, signed-log transform: must not apply twice
+    path = tmp_path / "node.csv"
+    n = task.export_partitions([0, 1], path)
+    assert n == len(task.train_idx)
+    node = task.load_node_data(path)
+    own = np.concatenate([task.partition_rows(0), task.partition_rows(1)])
+    np.testing.assert_allclose(
+        np.sort(np.nan_to_num(np.concatenate([node.train.numeric, node.val.numeric])), axis=0),
+        np.sort(np.nan_to_num(task.rows.numeric[own]), axis=0),
+    )
