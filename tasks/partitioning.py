@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
+    ExponentialPartitioner,
     IidPartitioner,
+    LinearPartitioner,
     NaturalIdPartitioner,
     Partitioner,
+    SquarePartitioner,
 )
 from omegaconf import DictConfig
 
 from tasks.base import DataError
 
-PARTITIONERS = ("natural", "iid", "dirichlet")
+PARTITIONERS = ("natural", "iid", "dirichlet", "size_skew")
+SIZE_SKEW = {
+    "linear": LinearPartitioner,
+    "square": SquarePartitioner,
+    "exponential": ExponentialPartitioner,
+}
 
 
 def make_partitioner(pcfg: DictConfig, *, natural_id: str, label: str, seed: int) -> Partitioner:
@@ -39,4 +47,9 @@ def make_partitioner(pcfg: DictConfig, *, natural_id: str, label: str, seed: int
             shuffle=True,
             seed=seed,
         )
+    if name == "size_skew":
+        kind = str(pcfg.get("kind", "exponential"))
+        if kind not in SIZE_SKEW:
+            raise DataError(f"partition.kind={kind}: use one of {', '.join(SIZE_SKEW)}")
+        return SIZE_SKEW[kind](num_partitions=int(n))
     raise DataError(f"unknown partition '{name}'; choose one of {', '.join(PARTITIONERS)}")

@@ -172,3 +172,10 @@ def test_exported_node_file_reloads_to_the_same_rows(data_dir, tmp_path):
         np.sort(np.nan_to_num(np.concatenate([node.train.numeric, node.val.numeric])), axis=0),
         np.sort(np.nan_to_num(task.rows.numeric[own]), axis=0),
     )
+
+
+def test_size_skew_partitions(data_dir):
+    task = _task(data_dir, "task=credit_lending partition=size_skew partition.num_partitions=5")
+    sizes = [len(task.partition_rows(i)) for i in range(5)]
+    assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[0]
+    assert sum(sizes) == len(task.train_idx)
