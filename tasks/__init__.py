@@ -24,8 +24,14 @@ def _tabular():
     return TabularTask
 
 
+def _damage_images():
+    from tasks.damage_images import DamageImagesTask
+
+    return DamageImagesTask
+
+
 # task.kind -> task class (imported lazily: torchvision or pandas only when needed)
-TASKS = {"femnist": _femnist, "tabular": _tabular}
+TASKS = {"femnist": _femnist, "tabular": _tabular, "damage_images": _damage_images}
 
 
 @lru_cache(maxsize=4)
