@@ -147,3 +147,16 @@ def test_tabular_tasks_end_to_end(task, tmp_path, data_dir):
     assert last["test_roc_auc"] > max(0.6, first["test_roc_auc"])
     assert last["test_balanced_accuracy"] > 0.55  # the majority class scores exactly 0.5
     assert res["meta"]["preprocessing"]["prep.label_counts"]  # federated statistics were used
+
+
+def test_insurance_image_end_to_end(tmp_path, data_dir):
+    out = run_simulation(
+        "task=insurance_image partition=iid partition.num_partitions=4 rounds=3 clients_per_round=4 "
+        "eval_clients_per_round=4 train.max_steps=25",
+        tmp_path / "images",
+    )
+    res = _results(out)
+    last = res["rounds"][-1]
+    assert len(last["test_confusion"]) == 9 and sum(last["test_confusion"]) == 457
+    assert last["test_roc_auc"] > 0.55  # one-vs-rest macro; chance is 0.5
+    assert last["client_f1"] is not None
