@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -123,11 +124,18 @@ def write_connection(flwr_home: Path, name: str, port: int) -> None:
     )
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks stop the processes we started."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def superlink(
     flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True
 ) -> Iterator[int]:
     """Start a SuperLink on free loopback ports; yield its HTTP port; stop it afterwards."""
+    exit_cleanly_on_sigterm()
     port, control = free_port(), free_port()
     cmd = [
         bin_path("flower-superlink"),

@@ -25,7 +25,8 @@ def _results(outcome):
     return json.loads((outcome.output_dir / "results.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "qfedavg"])
+# FedProx runs end to end in the sweep test below (with FedAvg); its client term is unit-tested.
+@pytest.mark.parametrize("strategy", ["fedavg", "qfedavg"])
 def test_simulation_learns_and_writes_the_results_contract(strategy, tmp_path, data_dir):
     out = run_simulation(f"{SMALL} strategy={strategy}", tmp_path / strategy)
     res = _results(out)
