@@ -264,7 +264,12 @@ class FedappStrategyMixin:
                     entry["status"] = (
                         f"rejected: metric keys {list(keys)} differ from {list(majority)}"
                     )
-        accepted = [m for m, e in candidates if e["status"] == "ok"]
+        # Replies arrive in whatever order clients finish; floating-point sums depend on order,
+        # so aggregate in partition order to make runs with the same seed bit-for-bit equal.
+        accepted = sorted(
+            (m for m, e in candidates if e["status"] == "ok"),
+            key=lambda m: self.partition_of(m.metadata.src_node_id),
+        )
         for entry in rlog.clients:
             if entry["phase"] == phase and entry["status"] != "ok":
                 log(

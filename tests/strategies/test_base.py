@@ -205,3 +205,23 @@ def test_build_strategy_caps_sampling_to_available_clients():
     cfg = compose("clients_per_round=50 eval_clients_per_round=50")
     s = build_strategy(cfg, num_nodes=5)
     assert s.min_train_nodes == 5 and s.min_evaluate_nodes == 5
+
+
+def test_aggregation_does_not_depend_on_reply_order():
+    rng = np.random.default_rng(0)
+    values = [(rng.normal(size=3) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
+    results = []
+    for order in (range(8), reversed(range(8)), [3, 1, 7, 0, 5, 2, 6, 4]):
+        s, grid, nodes = _strategy(nodes=10, cpr=8)
+        list(s.configure_train(1, _global(), ConfigRecord({}), grid))
+        reps = [
+            reply(
+                nodes[i],
+                [values[i], np.zeros(2, np.float32)],
+                {"num-examples": 7 + i, "train_loss": 1.0},
+            )
+            for i in order
+        ]
+        arrays, _ = s.aggregate_train(1, reps)
+        results.append(arrays.to_numpy_ndarrays()[0])
+    assert all(np.array_equal(results[0], r) for r in results[1:])
