@@ -96,11 +96,16 @@ class Task(ABC):
         """Combine clients' statistics into the preprocessing parameters (`prep.*` keys)."""
         return {}
 
+    def train_labels(self) -> np.ndarray:
+        """Labels of all clients' training data (for the majority-class baseline)."""
+        return self.load_centralized_train().tensors[1].numpy()
+
     def majority_accuracy(self, prep: dict[str, list[float]] | None) -> float:
         """Test accuracy of always predicting the most frequent training class."""
         labels = self.load_central_test().tensors[1].numpy()
-        train = self.load_centralized_train().tensors[1].numpy()
-        return majority_accuracy(np.bincount(train, minlength=self.num_classes), labels)
+        return majority_accuracy(
+            np.bincount(self.train_labels(), minlength=self.num_classes), labels
+        )
 
     # --- training / metrics (classification defaults) ---------------------------------------
     def train(

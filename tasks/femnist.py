@@ -367,5 +367,9 @@ class FemnistTask(Task):
     def load_centralized_train(self) -> TensorDataset:
         return to_tensor_dataset(self.fds.load_split("train"))
 
+    def train_labels(self) -> np.ndarray:
+        # The label column only: decoding every training image just to count classes costs seconds.
+        return np.asarray(self.fds.load_split("train")["character"])
+
     def make_model(self) -> nn.Module:
         return MODELS[str(self.task_cfg.model)](self.num_classes)
