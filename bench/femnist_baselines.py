@@ -5,7 +5,7 @@ strategy. Each (strategy, seed) is one run of `--rounds` rounds; the accuracy af
 number of rounds (conf/config.yaml `rounds`) is read from the same trajectory, since a run with
 the same seed samples the same clients in its first rounds.
 
-    .venv/bin/python bench/femnist_baselines.py --seeds 0 1 2 --rounds 60
+    .venv/bin/python bench/femnist_baselines.py --seeds 0 1 2 --rounds 50 [--reuse]
     .venv/bin/python bench/femnist_baselines.py --seeds 0 --rounds 5 --centralized-epochs 1   # smoke
 
 Writes bench/results/femnist_baselines.{json,md} and femnist_baselines.png; the individual runs
@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import completed  # noqa: E402
 from fedapp.centralized import train_centralized  # noqa: E402
 from fedapp.config import compose, resolve_data_dir  # noqa: E402
 from fedapp.launch import run_simulation  # noqa: E402
@@ -57,6 +58,11 @@ def main() -> int:
     p.add_argument("--centralized-epochs", type=int, default=7)
     p.add_argument("--extra", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse completed runs found under <out>/runs instead of running them again",
+    )
     args = p.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +71,11 @@ def main() -> int:
     for strategy in args.strategies:
         for seed in args.seeds:
             ovr = [*args.extra, f"strategy={strategy}", f"seed={seed}", f"rounds={args.rounds}"]
-            outcome = run_simulation(ovr, args.out / "runs" / f"{strategy}-s{seed}")
+            run_dir = args.out / "runs" / f"{strategy}-s{seed}"
+            if args.reuse and (res := completed(run_dir / "results.json", args.rounds)):
+                runs.setdefault(strategy, {})[seed] = res
+                continue
+            outcome = run_simulation(ovr, run_dir)
             res = json.loads((outcome.output_dir / "results.json").read_text())
             if not outcome.ok:
                 print(
@@ -77,9 +87,15 @@ def main() -> int:
 
     central = {}
     for seed in args.seeds:
+        run_dir = args.out / "runs" / f"centralized-s{seed}"
+        if args.reuse and (
+            c := completed(run_dir / "results.json", args.centralized_epochs, "epoch")
+        ):
+            central[seed] = c
+            continue
         c = train_centralized(
             [*args.extra, f"seed={seed}", f"centralized.epochs={args.centralized_epochs}"],
-            args.out / "runs" / f"centralized-s{seed}",
+            run_dir,
         )
         central[seed] = c
     majority = majority_accuracy(args.extra)

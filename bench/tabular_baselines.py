@@ -21,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import completed  # noqa: E402
 from fedapp.centralized import train_centralized  # noqa: E402
 from fedapp.launch import run_simulation  # noqa: E402
 
@@ -59,6 +60,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=20, help="same as the tasks' default")
     p.add_argument("--centralized-epochs", type=int, default=20)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--reuse", action="store_true", help="reuse completed runs under <out>/runs")
     args = p.parse_args()
 
     common: list[str] = []  # each task's own training defaults (conf/task/_tabular_train.yaml)
@@ -67,13 +69,18 @@ def main() -> int:
         majority = None
         central: list[dict] = []
         for seed in args.seeds:
-            c = train_centralized(
-                [
-                    f"task={task}",
-                    f"seed={seed}",
-                    f"centralized.epochs={args.centralized_epochs}",
-                ],
-                args.out / "runs" / f"{task}-centralized-s{seed}",
+            run_dir = args.out / "runs" / f"{task}-centralized-s{seed}"
+            c = (
+                args.reuse and completed(run_dir / "results.json", args.centralized_epochs, "epoch")
+            ) or (
+                train_centralized(
+                    [
+                        f"task={task}",
+                        f"seed={seed}",
+                        f"centralized.epochs={args.centralized_epochs}",
+                    ],
+                    run_dir,
+                )
             )
             central.append(c["final"])
             majority = c["meta"]["majority_accuracy"]
@@ -98,9 +105,11 @@ def main() -> int:
                         *PARTITIONS[part],
                         *common,
                     ]
-                    outcome = run_simulation(
-                        ovr, args.out / "runs" / f"{task}-{part}-{strategy}-s{seed}"
-                    )
+                    run_dir = args.out / "runs" / f"{task}-{part}-{strategy}-s{seed}"
+                    if args.reuse and (res := completed(run_dir / "results.json", args.rounds)):
+                        finals.append(res["final"])
+                        continue
+                    outcome = run_simulation(ovr, run_dir)
                     if outcome.ok:
                         res = json.loads((outcome.output_dir / "results.json").read_text())
                         finals.append(res["final"])

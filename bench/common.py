@@ -1,0 +1,19 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def completed(path: Path, length: int, key: str = "round") -> dict | None:
+    """results.json of a finished run of exactly `length` rounds (or epochs), else None."""
+    if not path.exists():
+        return None
+    res = json.loads(path.read_text())
+    steps = res.get("rounds") or res.get("epochs") or []
+    done = (
+        res.get("final") is not None
+        and (res.get("meta") or {}).get("status", "completed") == "completed"
+    )
+    return res if done and steps and steps[-1][key] == length else None
