@@ -253,12 +253,25 @@ def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     paths = []
+    # Tasks with few classes (imbalanced tables): accuracy alone misleads, show the honest metrics.
+    few_classes = any("test_confusion" in r for r in rounds)
     for metric, ylabel in (("accuracy", "accuracy"), ("loss", "loss")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in (
+        series = [
             (f"test_{metric}", "global model, server test set"),
             (f"client_{metric}", "global model, client validation"),
-        ):
+        ]
+        if metric == "accuracy" and few_classes:
+            ylabel = "score"
+            series = [
+                ("test_accuracy", "accuracy, server test set"),
+                ("client_accuracy", "accuracy, client validation (pooled)"),
+                ("test_balanced_accuracy", "balanced accuracy, server test set"),
+                ("test_roc_auc", "ROC-AUC, server test set"),
+                ("test_f1", "F1, server test set"),
+                ("majority_accuracy", "majority class accuracy"),
+            ]
+        for key, label in series:
             pts = [
                 (r["round"], r[key])
                 for r in rounds
