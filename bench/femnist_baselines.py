@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import completed  # noqa: E402
 from fedapp.centralized import train_centralized  # noqa: E402
 from fedapp.config import compose, resolve_data_dir  # noqa: E402
-from fedapp.launch import run_simulation  # noqa: E402
+from fedapp.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 
@@ -64,6 +64,7 @@ def main() -> int:
         help="reuse completed runs found under <out>/runs instead of running them again",
     )
     args = p.parse_args()
+    exit_cleanly_on_sigterm()
 
     args.out.mkdir(parents=True, exist_ok=True)
     default_rounds = int(compose(args.extra).rounds)

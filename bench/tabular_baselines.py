@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import completed  # noqa: E402
 from fedapp.centralized import train_centralized  # noqa: E402
-from fedapp.launch import run_simulation  # noqa: E402
+from fedapp.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
 
 METRICS = (
     "test_accuracy",
@@ -62,6 +62,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--reuse", action="store_true", help="reuse completed runs under <out>/runs")
     args = p.parse_args()
+    exit_cleanly_on_sigterm()
 
     common: list[str] = []  # each task's own training defaults (conf/task/_tabular_train.yaml)
     rows = []

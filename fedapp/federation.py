@@ -31,6 +31,7 @@ from fedapp.config import (
 from fedapp.launch import (
     RunOutcome,
     bin_path,
+    exit_cleanly_on_sigterm,
     free_port,
     prepare_run,
     run_status,
@@ -131,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args(argv)
+    exit_cleanly_on_sigterm()
     outcome = run_federation(args.nodes, args.overrides, args.output_dir, timeout=args.timeout)
     return 0 if outcome.ok else 1
 

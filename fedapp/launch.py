@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from fedapp.config import (
     PROJECT_ROOT,
     compose,
@@ -105,16 +107,27 @@ def wait_healthy(
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group started with start_new_session=True, then SIGKILL."""
-    if proc.poll() is not None:
-        return
+    """Stop `proc` and every process it started, SIGTERM first, then SIGKILL.
+
+    The whole tree, not just the process group: the SuperLink's SuperExec starts
+    `flwr-simulation` (and Ray's daemons) in sessions of their own, which would survive a
+    killed SuperLink when a run is interrupted.
+    """
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace_s)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+        root = psutil.Process(proc.pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=1)
 
 
 def write_connection(flwr_home: Path, name: str, port: int) -> None:
@@ -135,7 +148,6 @@ def superlink(
     flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True
 ) -> Iterator[int]:
     """Start a SuperLink on free loopback ports; yield its HTTP port; stop it afterwards."""
-    exit_cleanly_on_sigterm()
     port, control = free_port(), free_port()
     cmd = [
         bin_path("flower-superlink"),
@@ -303,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout", type=float, default=None, help="stop streaming after this many seconds"
     )
     args = parser.parse_args(argv)
+    exit_cleanly_on_sigterm()
     outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
     return 0 if outcome.ok else 1
 

@@ -144,6 +144,9 @@ def _job(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    from fedapp.launch import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()
     _job()
 
 

@@ -209,7 +209,9 @@ def test_build_strategy_caps_sampling_to_available_clients():
 
 def test_aggregation_does_not_depend_on_reply_order():
     rng = np.random.default_rng(0)
-    values = [(rng.normal(size=3) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)]
+    values = [
+        (rng.normal(size=3) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(8)
+    ]
     results = []
     for order in (range(8), reversed(range(8)), [3, 1, 7, 0, 5, 2, 6, 4]):
         s, grid, nodes = _strategy(nodes=10, cpr=8)

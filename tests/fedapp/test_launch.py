@@ -1,0 +1,32 @@
+"""Launcher plumbing: run-config files and stopping every process a run started."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import tomllib
+
+import psutil
+
+from fedapp.launch import stop_process_group, write_run_config
+
+
+def test_run_config_survives_quotes_and_spaces(tmp_path):
+    values = {"overrides": "task.local_path='/data/my dir/x.npz' rounds=3", "output-dir": 'C:\\out "x"'}
+    path = write_run_config(tmp_path / "rc.toml", values)
+    assert tomllib.loads(path.read_text()) == values
+
+
+def test_stop_process_group_stops_the_whole_tree_even_other_sessions():
+    # the child puts a grandchild in a session of its own, as SuperExec does with flwr-simulation
+    proc = subprocess.Popen(
+        ["bash", "-c", "sleep 300 & setsid sleep 301 & wait"], start_new_session=True
+    )
+    deadline = time.monotonic() + 10
+    while len(psutil.Process(proc.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert len(tree) == 2
+    stop_process_group(proc, grace_s=5)
+    assert proc.poll() is not None
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
