@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, concatenate_datasets
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from flwr_datasets import FederatedDataset
-from omegaconf import DictConfig
 from PIL import Image as PILImage
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks.base import ClientData, DataError, Task
+from tasks.base import ClientData, DataError
 from tasks.femnist import _fingerprint, _write_parquet_atomic, cache_dir
+from tasks.hf_images import HFImageTask
 from tasks.partitioning import make_partitioner
 from tasks.training import TrainSettings, train_classifier
 
@@ -147,85 +147,37 @@ class FlipDataset(torch.utils.data.Dataset):
         return x, y
 
 
-class DamageImagesTask(Task):
+class DamageImagesTask(HFImageTask):
     name = "insurance_image"
     num_classes = 3
-
-    def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
-        super().__init__(cfg, data_dir)
-        self.seed = int(cfg.seed)
-        self._fds: FederatedDataset | None = None
-        self._test: TensorDataset | None = None
+    label_column = "label"
+    min_rows_for_val = 5
 
     def _path(self, key: str) -> Path:
         p = Path(str(self.task_cfg[key])).expanduser()
         return p if p.is_absolute() else self.data_dir / p
 
-    @property
-    def fds(self) -> FederatedDataset:
-        if self._fds is None:
-            if self.cfg.partition.name == "natural":
-                raise DataError(
-                    "insurance_image has no natural client id: use partition=dirichlet or iid"
-                )
-            table = build_table(
-                self._path("tar_path"), self._path("labels_path"), int(self.task_cfg.image_size)
-            )
-            partitioner = make_partitioner(
-                self.cfg.partition, natural_id="label", label="label", seed=self.seed
-            )
-            self._fds = FederatedDataset(
-                dataset="parquet",
-                data_files={"train": str(table)},
-                partitioners={"train": partitioner},
-                preprocessor=_split,
-                seed=self.seed,
-            )
-        return self._fds
-
-    def num_partitions(self) -> int:
-        return int(self.fds.partitioners["train"].num_partitions)
-
-    def _client_data(self, part: Dataset) -> ClientData:
-        frac = float(self.task_cfg.client_val_fraction)
-        if frac > 0 and len(part) >= 5:
-            split = part.train_test_split(test_size=frac, seed=self.seed)
-            train, val = to_tensors(split["train"]), to_tensors(split["test"])
-        else:
-            train, val = to_tensors(part), to_tensors(part.select([]))
-        if len(train) == 0:
-            raise DataError("client partition is empty; use fewer partitions or a larger alpha")
-        return ClientData(train, val, np.bincount(train.tensors[1].numpy(), minlength=3))
-
-    def load_partition(self, partition_id: int) -> ClientData:
-        if not 0 <= partition_id < self.num_partitions():
+    def build_fds(self) -> FederatedDataset:
+        if self.cfg.partition.name == "natural":
             raise DataError(
-                f"partition-id {partition_id} is out of range: {self.num_partitions()} clients"
+                "insurance_image has no natural client id: use partition=dirichlet or iid"
             )
-        return self._client_data(self.fds.load_partition(partition_id, "train"))
+        table = build_table(
+            self._path("tar_path"), self._path("labels_path"), int(self.task_cfg.image_size)
+        )
+        partitioner = make_partitioner(
+            self.cfg.partition, natural_id="label", label="label", seed=self.seed
+        )
+        return FederatedDataset(
+            dataset="parquet",
+            data_files={"train": str(table)},
+            partitioners={"train": partitioner},
+            preprocessor=_split,
+            seed=self.seed,
+        )
 
-    def load_node_data(self, path: Path) -> ClientData:
-        from datasets import load_dataset
-
-        return self._client_data(load_dataset("parquet", data_files={"train": str(path)})["train"])
-
-    def export_partitions(self, partition_ids: list[int], path: Path) -> int:
-        part = concatenate_datasets([self.fds.load_partition(j, "train") for j in partition_ids])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.to_parquet(str(path))
-        return len(part)
-
-    def load_central_test(self) -> TensorDataset:
-        if self._test is None:
-            self._test = to_tensors(self.fds.load_split("test"))
-        return self._test
-
-    def load_centralized_train(self) -> TensorDataset:
-        return to_tensors(self.fds.load_split("train"))
-
-    def train_labels(self) -> np.ndarray:
-        # The label column only: decoding every training image just to count classes costs seconds.
-        return np.asarray(self.fds.load_split("train")["label"])
+    def to_tensors(self, ds: Dataset) -> TensorDataset:
+        return to_tensors(ds)
 
     def make_model(self) -> nn.Module:
         return DamageCNN(self.num_classes, int(self.task_cfg.width))

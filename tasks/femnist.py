@@ -24,15 +24,14 @@ from datasets import (
     Features,
     Image,
     Value,
-    concatenate_datasets,
-    load_dataset,
 )
 from flwr_datasets import FederatedDataset
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks.base import ClientData, DataError, Task
+from tasks.base import DataError
+from tasks.hf_images import HFImageTask
 from tasks.partitioning import make_partitioner
 
 CLASSES = (
@@ -257,19 +256,17 @@ def to_tensor_dataset(ds: Dataset) -> TensorDataset:
 # ------------------------------------------------------------------------------------------
 # Task
 # ------------------------------------------------------------------------------------------
-class FemnistTask(Task):
+class FemnistTask(HFImageTask):
     """FEMNIST behind the common task interface."""
 
     name = "femnist"
+    label_column = "character"
 
     def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
         super().__init__(cfg, data_dir)
-        self.seed = int(cfg.seed)
         self.num_classes = int(self.task_cfg.num_classes)
         if str(self.task_cfg.model) not in MODELS:
             raise DataError(f"task.model={self.task_cfg.model} unknown; choose {sorted(MODELS)}")
-        self._fds: FederatedDataset | None = None
-        self._test: TensorDataset | None = None
 
     # -- source ---------------------------------------------------------------------------
     def local_source(self) -> Path:
@@ -296,80 +293,30 @@ class FemnistTask(Task):
             f"{path}: unsupported FEMNIST file type (use .npz, .parquet or a LEAF folder)"
         )
 
-    @property
-    def fds(self) -> FederatedDataset:
-        if self._fds is None:
-            partitioner = make_partitioner(
-                self.cfg.partition, natural_id="writer_id", label="character", seed=self.seed
+    def build_fds(self) -> FederatedDataset:
+        partitioner = make_partitioner(
+            self.cfg.partition, natural_id="writer_id", label="character", seed=self.seed
+        )
+        splitter = make_splitter(float(self.task_cfg.hf_test_fraction), self.seed)
+        if self.task_cfg.source == "huggingface":
+            return FederatedDataset(
+                dataset=str(self.task_cfg.hf_dataset),
+                partitioners={"train": partitioner},
+                preprocessor=splitter,
+                seed=self.seed,
             )
-            splitter = make_splitter(float(self.task_cfg.hf_test_fraction), self.seed)
-            if self.task_cfg.source == "huggingface":
-                self._fds = FederatedDataset(
-                    dataset=str(self.task_cfg.hf_dataset),
-                    partitioners={"train": partitioner},
-                    preprocessor=splitter,
-                    seed=self.seed,
-                )
-            elif self.task_cfg.source == "local":
-                self._fds = FederatedDataset(
-                    dataset="parquet",
-                    data_files={"train": str(self.local_parquet())},
-                    partitioners={"train": partitioner},
-                    preprocessor=splitter,
-                    seed=self.seed,
-                )
-            else:
-                raise DataError(f"task.source={self.task_cfg.source}: use 'local' or 'huggingface'")
-        return self._fds
-
-    # -- interface ------------------------------------------------------------------------
-    def num_partitions(self) -> int:
-        return int(self.fds.partitioners["train"].num_partitions)
-
-    def _client_data(self, part: Dataset) -> ClientData:
-        frac = float(self.task_cfg.client_val_fraction)
-        if frac > 0 and len(part) >= 2:
-            split = part.train_test_split(test_size=frac, seed=self.seed)
-            train, val = to_tensor_dataset(split["train"]), to_tensor_dataset(split["test"])
-        else:
-            train, val = to_tensor_dataset(part), to_tensor_dataset(part.select([]))
-        if len(train) == 0:
-            raise DataError("client partition is empty; use fewer partitions or a larger alpha")
-        counts = np.bincount(train.tensors[1].numpy(), minlength=self.num_classes)
-        return ClientData(train=train, val=val, label_counts=counts)
-
-    def load_partition(self, partition_id: int) -> ClientData:
-        n = self.num_partitions()
-        if not 0 <= partition_id < n:
-            raise DataError(
-                f"partition-id {partition_id} is out of range: partition={self.cfg.partition.name} has {n} clients"
+        if self.task_cfg.source == "local":
+            return FederatedDataset(
+                dataset="parquet",
+                data_files={"train": str(self.local_parquet())},
+                partitioners={"train": partitioner},
+                preprocessor=splitter,
+                seed=self.seed,
             )
-        return self._client_data(self.fds.load_partition(partition_id, "train"))
+        raise DataError(f"task.source={self.task_cfg.source}: use 'local' or 'huggingface'")
 
-    def load_node_data(self, path: Path) -> ClientData:
-        path = Path(path)
-        if not path.exists():
-            raise DataError(f"node data-path {path} does not exist")
-        part = load_dataset("parquet", data_files={"train": str(path)})["train"]
-        return self._client_data(part)
-
-    def export_partitions(self, partition_ids: list[int], path: Path) -> int:
-        part = concatenate_datasets([self.fds.load_partition(j, "train") for j in partition_ids])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part.to_parquet(str(path))
-        return len(part)
-
-    def load_central_test(self) -> TensorDataset:
-        if self._test is None:
-            self._test = to_tensor_dataset(self.fds.load_split("test"))
-        return self._test
-
-    def load_centralized_train(self) -> TensorDataset:
-        return to_tensor_dataset(self.fds.load_split("train"))
-
-    def train_labels(self) -> np.ndarray:
-        # The label column only: decoding every training image just to count classes costs seconds.
-        return np.asarray(self.fds.load_split("train")["character"])
+    def to_tensors(self, ds: Dataset) -> TensorDataset:
+        return to_tensor_dataset(ds)
 
     def make_model(self) -> nn.Module:
         return MODELS[str(self.task_cfg.model)](self.num_classes)
