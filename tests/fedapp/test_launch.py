@@ -12,7 +12,10 @@ from fedapp.launch import stop_process_group, write_run_config
 
 
 def test_run_config_survives_quotes_and_spaces(tmp_path):
-    values = {"overrides": "task.local_path='/data/my dir/x.npz' rounds=3", "output-dir": 'C:\\out "x"'}
+    values = {
+        "overrides": "task.local_path='/data/my dir/x.npz' rounds=3",
+        "output-dir": 'C:\\out "x"',
+    }
     path = write_run_config(tmp_path / "rc.toml", values)
     assert tomllib.loads(path.read_text()) == values
 
@@ -23,7 +26,9 @@ def test_stop_process_group_stops_the_whole_tree_even_other_sessions():
         ["bash", "-c", "sleep 300 & setsid sleep 301 & wait"], start_new_session=True
     )
     deadline = time.monotonic() + 10
-    while len(psutil.Process(proc.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+    while (
+        len(psutil.Process(proc.pid).children(recursive=True)) < 2 and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     tree = psutil.Process(proc.pid).children(recursive=True)
     assert len(tree) == 2
