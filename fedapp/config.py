@@ -7,8 +7,6 @@ same resolved config.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shlex
 import threading
@@ -104,12 +102,6 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
     return data
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """Short stable hash of a resolved config (used as a cache key)."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:

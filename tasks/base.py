@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset
 
-from tasks.metrics import classification_report, majority_accuracy
-from tasks.training import TrainSettings, predict_logits, train_classifier
+from tasks.metrics import majority_accuracy
+from tasks.training import TrainSettings, evaluate_classifier, train_classifier
 
 
 class DataError(ValueError):
@@ -116,12 +116,8 @@ class Task(ABC):
 
     def evaluate(self, model: nn.Module, dataset: Dataset, prep=None) -> dict[str, float]:
         """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC-AUC, PR-AUC."""
-        logits, labels = predict_logits(
-            model, dataset, int(self.task_cfg.get("eval_batch_size", 512)), self.device
-        )
-        out = classification_report(logits, labels, self.num_classes)
-        out["num_examples"] = float(len(labels))
-        return out
+        batch_size = int(self.task_cfg.get("eval_batch_size", 512))
+        return evaluate_classifier(model, dataset, self.num_classes, batch_size, self.device)
 
     @property
     def device(self) -> torch.device:

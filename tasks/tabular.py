@@ -36,9 +36,9 @@ from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
 from tasks.base import ClientData, DataError, Task
-from tasks.metrics import classification_report, majority_accuracy
+from tasks.metrics import majority_accuracy
 from tasks.partitioning import make_partitioner
-from tasks.training import TrainSettings, predict_logits, train_classifier
+from tasks.training import TrainSettings, evaluate_classifier, train_classifier
 
 LABEL, ROW = "label", "row"
 
@@ -536,9 +536,5 @@ class TabularTask(Task):
 
     def evaluate(self, model: nn.Module, dataset: TorchDataset, prep=None) -> dict[str, float]:
         ds = featurize(dataset, self.schema, self._prep(prep))
-        logits, labels = predict_logits(
-            model, ds, int(self.task_cfg.get("eval_batch_size", 2048)), self.device
-        )
-        out = classification_report(logits, labels, self.num_classes)
-        out["num_examples"] = float(len(labels))
-        return out
+        batch_size = int(self.task_cfg.get("eval_batch_size", 2048))
+        return evaluate_classifier(model, ds, self.num_classes, batch_size, self.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -12,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from tasks.metrics import classification_report
 
 
 @dataclass(frozen=True)
@@ -141,22 +142,15 @@ def predict_logits(
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Cross-entropy loss and accuracy from logits (multi-class)."""
-    if len(labels) == 0:
-        return {"loss": math.nan, "accuracy": math.nan}
-    t_logits = torch.from_numpy(logits)
-    t_labels = torch.from_numpy(labels).long()
-    loss = float(nn.functional.cross_entropy(t_logits, t_labels))
-    acc = float((t_logits.argmax(1) == t_labels).float().mean())
-    return {"loss": loss, "accuracy": acc}
-
-
 def evaluate_classifier(
-    model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
-) -> dict[str, float]:
-    """Loss and accuracy of `model` on `dataset`."""
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Every metric of `tasks.metrics.classification_report` plus `num_examples`."""
     logits, labels = predict_logits(model, dataset, batch_size, device)
-    out = classification_metrics(logits, labels)
+    out = classification_report(logits, labels, num_classes)
     out["num_examples"] = float(len(labels))
     return out
