@@ -9,11 +9,13 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
+from fedapp import attacks
 from fedapp.config import compose, resolve_data_dir
 from tasks import ClientData, DataError, Task, get_task
 from tasks.training import TrainSettings
@@ -89,15 +91,65 @@ def query(msg: Message, context: Context) -> Message:
     )
 
 
+@lru_cache(maxsize=64)
+def _attackers(spec: attacks.AttackSpec, num_partitions: int, seed: int) -> frozenset[int]:
+    return frozenset(attacks.attacker_partitions(num_partitions, spec.fraction, seed))
+
+
+def _attack_of(cfg: DictConfig, task: Task, pid: int) -> attacks.AttackSpec | None:
+    """This client's attack (the harness in fedapp.attacks), or None for an honest client."""
+    spec = attacks.AttackSpec.from_config(cfg.get("attack"))
+    if not spec.active or pid < 0:
+        return None
+    return spec if pid in _attackers(spec, task.num_partitions(), int(cfg.seed)) else None
+
+
+def _plausible_metrics(task: Task, model, data: ClientData, settings: TrainSettings, prep) -> dict:
+    """What an attacker that skips training reports: its data's loss under the received model
+    and the step count an honest client would have run, so screening cannot spot it by form."""
+    steps = -(-data.num_train // settings.batch_size) * max(settings.local_epochs, 1)
+    if settings.max_steps:
+        steps = min(steps, settings.max_steps)
+    loss = float(task.evaluate(model, data.train, prep)["loss"])
+    return {"train_loss": loss, "train_steps": float(steps), "train_time_s": 0.0}
+
+
+STALE_KEY = "fedapp.previous-global"  # free riders in stale mode keep the last global model here
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    _, task, data, pid = _setup(context)
+    cfg, task, data, pid = _setup(context)
+    received = msg.content["arrays"]
     model = task.make_model()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(received.to_torch_state_dict())
     seed = _client_seed(msg, pid)
     torch.manual_seed(seed)
     settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
-    metrics = task.train(model, data, settings, _prep(msg))
+    attack = _attack_of(cfg, task, pid)
+    if attack is not None and attacks.crashes_now(attack, seed) and attack.mode == "exception":
+        raise attacks.InjectedCrash(f"client {pid}: injected crash (attack=crash)")
+    if attack is not None and attack.name == "label_flip":
+        mapping = attacks.flipped_labels(np.arange(task.num_classes), task.num_classes)
+        data = task.with_labels(data, mapping)
+    if attack is None or attacks.trains_locally(attack):
+        metrics = task.train(model, data, settings, _prep(msg))
+    else:  # made-up weights; the reply still looks honest (loss of the received model)
+        metrics = _plausible_metrics(task, model, data, settings, _prep(msg))
+    if attack is not None and attack.name not in ("label_flip",):
+        stale = None
+        if STALE_KEY in context.state.array_records:
+            stale = context.state.array_records[STALE_KEY].to_torch_state_dict()
+        if attack.name == "crash" and not attacks.crashes_now(attack, seed):
+            poisoned = None  # this round the crasher behaves
+        else:
+            poisoned = attacks.poisoned_state(
+                attack, received.to_torch_state_dict(), model.state_dict(), seed, stale
+            )
+        if poisoned is not None:
+            model.load_state_dict(poisoned)
+        if attack.name == "free_rider" and attack.mode == "stale":
+            context.state.array_records[STALE_KEY] = received
     reply = MetricRecord(
         {
             "num-examples": data.num_train,

@@ -49,6 +49,7 @@ ROUND_KEYS = (
     "aggregated",
     "bytes_up",
     "bytes_down",
+    "attacker_weight",
     "wall_s",
     "elapsed_s",
 )
@@ -66,6 +67,7 @@ CLIENT_KEYS = (
     "train_time_s",
     "eval_loss",
     "eval_accuracy",
+    "weight",
 )
 
 
@@ -134,6 +136,7 @@ class Recorder:
             "aggregated": rlog.aggregated if rlog else False,
             "bytes_up": rlog.bytes_up if rlog else 0,
             "bytes_down": rlog.bytes_down if rlog else 0,
+            "attacker_weight": attacker_weight(rlog, self.strategy) if rlog else 0.0,
             "wall_s": now - self.t_last,
             "elapsed_s": now - self.t_start,
             "clients": [dict(c) for c in rlog.clients] if rlog else [],
@@ -214,6 +217,23 @@ class Recorder:
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
         _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
         return results
+
+
+def attacker_weight(rlog: Any, strategy: Any) -> float | None:
+    """Total aggregation weight the attack harness's clients got this round.
+
+    0 when there are no attackers (or none of them got into the aggregate); None when the
+    strategy has no per-client share to report (q-FedAvg) or did not aggregate.
+    """
+    attackers = getattr(strategy, "attackers", frozenset())
+    if not attackers:
+        return 0.0
+    entries = [c for c in rlog.clients if c["phase"] == "train" and c["status"] == "ok"]
+    if not rlog.aggregated:
+        return 0.0
+    if entries and any("weight" not in c for c in entries):
+        return None
+    return float(sum(c["weight"] for c in entries if c["partition_id"] in attackers))
 
 
 def _extra(row: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
 from fedapp.recorder import Recorder
 from strategies import build_strategy
@@ -146,7 +147,20 @@ def main(grid: Grid, context: Context) -> None:
     )
     log(INFO, "[fedapp] %d clients connected", len(node_partitions))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
-    strategy.bind(node_partitions, seed=int(cfg.seed), min_replies=int(cfg.min_replies))
+    attack = AttackSpec.from_config(cfg.get("attack"))
+    attackers = (
+        attacker_partitions(task.num_partitions(), attack.fraction, int(cfg.seed))
+        if attack.active
+        else []
+    )
+    if attackers:
+        log(INFO, "[fedapp] attack=%s on %d clients: %s", attack.name, len(attackers), attackers)
+    strategy.bind(
+        node_partitions,
+        seed=int(cfg.seed),
+        min_replies=int(cfg.min_replies),
+        attackers=attackers,
+    )
 
     prep: dict[str, list[float]] = {}
     if task.needs_stats:
@@ -166,6 +180,7 @@ def main(grid: Grid, context: Context) -> None:
         "model_parameters": int(sum(a.numpy().size for a in initial.values())),
         "model_bytes": initial.count_bytes(),
         "output_dir": str(out_dir),
+        "attackers": attackers,
     }
     if prep:
         meta["preprocessing"] = {

@@ -153,8 +153,19 @@ class FedappStrategyMixin:
         """Build from the Hydra config; subclasses add arguments Flower needs (e.g. q-FedAvg's lr)."""
         return cls(**common, **params)
 
-    def bind(self, node_partitions: Mapping[int, int], seed: int, min_replies: int = 1) -> None:
-        """Attach the node-id -> partition-id map (from the discovery QUERY) and the seed."""
+    def bind(
+        self,
+        node_partitions: Mapping[int, int],
+        seed: int,
+        min_replies: int = 1,
+        attackers: Iterable[int] = (),
+    ) -> None:
+        """Attach the node-id -> partition-id map (from the discovery QUERY) and the seed.
+
+        `attackers` are the partition ids the attack harness corrupts (known to the server
+        only to *report* how much weight they got; no strategy may read it to decide).
+        """
+        self.attackers = frozenset(int(a) for a in attackers)
         self.node_partitions = dict(node_partitions)
         self.partition_nodes = {p: n for n, p in self.node_partitions.items()}
         self.seed = int(seed)
@@ -300,10 +311,51 @@ class FedappStrategyMixin:
                 self.min_replies,
             )
             return None, None
+        self._log_weights(rlog, accepted)
         arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        arrays = self.finite_or_none(server_round, arrays)
         rlog.aggregated = arrays is not None
         rlog.train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def finite_or_none(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Refuse an aggregate with NaN/Inf (finite updates can still overflow when summed, e.g.
+        under boosted model poisoning): the previous global model is kept and the round logged."""
+        if arrays is not None and not arrays_are_finite(arrays):
+            log(
+                WARNING,
+                "round %d: the aggregate has non-finite values; keeping the previous global model",
+                server_round,
+            )
+            return None
+        return arrays
+
+    # -- influence ---------------------------------------------------------------------------
+    def client_weights(self, accepted: list[Message]) -> list[float] | None:
+        """Share of the aggregate each accepted reply gets (sums to 1), or None if undefined.
+
+        FedAvg family: n_k / sum n. Robust aggregators override this with their effective
+        share (see strategies.robust); it is logged per client as `weight` and summed over
+        the attack harness's clients into the round's `attacker_weight`.
+        """
+        n = np.array(
+            [float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in accepted]
+        )
+        return (n / n.sum()).tolist() if n.sum() > 0 else None
+
+    def _log_weights(self, rlog: RoundLog, accepted: list[Message]) -> None:
+        weights = self.client_weights(accepted)
+        if weights is None:
+            return
+        by_pid = {
+            e["partition_id"]: e
+            for e in rlog.clients
+            if e["phase"] == "train" and e["status"] == "ok"
+        }
+        for msg, w in zip(accepted, weights, strict=True):
+            entry = by_pid.get(self.partition_of(msg.metadata.src_node_id))
+            if entry is not None:
+                entry["weight"] = float(w)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

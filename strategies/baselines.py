@@ -26,6 +26,9 @@ class FedProx(FedappStrategyMixin, flwr_strategy.FedProx):
 class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
     """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 / train.lr."""
 
+    def client_weights(self, accepted):
+        return None  # q-FedAvg scales updates by loss^q / h_k; no per-client share to report
+
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
         # Flower 1.41's q-FedAvg computes in float64 and returns a float64 model; keep the

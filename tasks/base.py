@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from tasks.metrics import majority_accuracy
 from tasks.training import TrainSettings, evaluate_classifier, train_classifier
@@ -95,6 +95,18 @@ class Task(ABC):
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
         """Combine clients' statistics into the preprocessing parameters (`prep.*` keys)."""
         return {}
+
+    def with_labels(self, data: ClientData, mapping: np.ndarray) -> ClientData:
+        """A copy of `data` whose training labels y become mapping[y] (the label-flip attack).
+
+        The default handles TensorDataset(x, y); tasks with another row type override it.
+        Validation labels are left alone: they are what the client reports metrics on.
+        """
+        x, y = data.train.tensors
+        new_y = torch.as_tensor(np.asarray(mapping)[y.numpy()], dtype=y.dtype)
+        train = TensorDataset(x, new_y)
+        counts = np.bincount(new_y.numpy(), minlength=self.num_classes)
+        return ClientData(train=train, val=data.val, label_counts=counts)
 
     def train_labels(self) -> np.ndarray:
         """Labels of all clients' training data (for the majority-class baseline)."""

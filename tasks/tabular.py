@@ -459,6 +459,15 @@ class TabularTask(Task):
             train=train, val=val, label_counts=np.bincount(train.y, minlength=self.num_classes)
         )
 
+    def with_labels(self, data: ClientData, mapping: np.ndarray) -> ClientData:
+        rows = data.train
+        y = np.asarray(mapping)[rows.y].astype(rows.y.dtype)
+        return ClientData(
+            train=Rows(rows.numeric, rows.codes, y),
+            val=data.val,
+            label_counts=np.bincount(y, minlength=self.num_classes),
+        )
+
     def load_partition(self, partition_id: int) -> ClientData:
         return self._client_data(self.rows.take(self.partition_rows(partition_id)))
 

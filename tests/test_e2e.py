@@ -74,6 +74,36 @@ def test_same_seed_same_run(tmp_path, data_dir):
         )
 
 
+def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
+    """fedapp.inline (one process, no Ray) gives the same models as a real Flower simulation,
+    here with the trust strategy and stale free riders, whose state lives in Context.state."""
+    import torch
+
+    from fedapp.inline import run_inline
+
+    overrides = f"{SMALL} strategy=trust attack=free_rider attack.mode=stale attack.fraction=0.25"
+    flower = _results(run_simulation(overrides, tmp_path / "flower"))
+    inline_dir = run_inline(overrides, tmp_path / "inline")
+    inline = json.loads((inline_dir / "results.json").read_text())
+    attackers = flower["meta"]["attackers"]
+    assert attackers == inline["meta"]["attackers"] and len(attackers) == 1
+    for rf, ri in zip(flower["rounds"], inline["rounds"], strict=True):
+        assert rf["test_accuracy"] == ri["test_accuracy"]
+        assert rf["attacker_weight"] == ri["attacker_weight"]
+        trust = lambda r: {c["partition_id"]: c.get("trust") for c in r["clients"]}  # noqa: E731
+        assert trust(rf) == trust(ri)
+    # the stale free riders' Context.state carried a previous global model into rounds 2 and 3
+    for r in flower["rounds"][2:]:
+        (rider,) = [
+            c for c in r["clients"] if c["partition_id"] in attackers and c["phase"] == "train"
+        ]
+        assert rider["trust_cosine"] < 0  # it sent last round's model: a step backwards
+        assert r["attacker_weight"] < 0.01
+    a = torch.load(tmp_path / "flower" / "final_model.pt")
+    b = torch.load(inline_dir / "final_model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_bad_override_fails_before_starting_flower(tmp_path):
     from fedapp.config import ConfigError
 

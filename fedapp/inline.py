@@ -1,0 +1,153 @@
+"""Run the fedapp ServerApp and ClientApp in one process, without SuperLink or Ray.
+
+Why this exists: a Flower simulation (`fedapp-run`, `flwr run`) starts a SuperLink, a
+simulation process and a Ray cluster, about 30-40 s per run on two cores before the first
+round. Benchmarks that compare many strategies x attacks x seeds would spend most of their
+time starting up. Flower has no lightweight in-process engine, so this module provides the
+smallest one that keeps every line of *our* code identical: the same `ServerApp` main, the
+same strategies, the same `ClientApp` handlers, called through a `Grid` implementation that
+delivers each message to the ClientApp in this process (a copy of it, as a real transport
+would) and turns a raised exception into an error reply, as Flower does. Same seed, same
+config -> the same global models as `fedapp-run` (tested in tests/test_e2e.py).
+
+What it does not model: process isolation, timeouts and concurrency between clients. Use
+`fedapp-run` (simulation) or `fedapp-federation` (SuperLink + SuperNodes) for those.
+
+    fedapp-inline strategy=trust attack=label_flip attack.fraction=0.3 rounds=5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from logging import WARNING
+from pathlib import Path
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedapp.config import compose, parse_overrides, resolve_data_dir, resolve_output_dir
+
+RUN_ID = 1
+
+
+class InlineGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process (one Context per node)."""
+
+    def __init__(self, client_app, contexts: dict[int, Context]) -> None:
+        self.client_app = client_app
+        self.contexts = contexts
+        self._replies: dict[str, Message] = {}
+        self._next = 0
+
+    # -- Grid API ---------------------------------------------------------------------------
+    def set_run(self, run) -> None:  # the run is fixed at construction
+        pass
+
+    @property
+    def run(self):
+        raise NotImplementedError("InlineGrid has no SuperLink run object")
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            self._next += 1
+            msg_id = f"inline-{self._next}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._replies[msg_id] = self._deliver(msg)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        return list(self.pull_messages(self.push_messages(messages)))
+
+    # -- delivery ----------------------------------------------------------------------------
+    def _deliver(self, msg: Message) -> Message:
+        dst = msg.metadata.dst_node_id
+        context = self.contexts.get(dst)
+        if context is None:
+            return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no node {dst}"), reply_to=msg)
+        incoming = copy.deepcopy(msg)  # the client gets its own copy, as over a real transport
+        TaskIdentity.node_id = dst
+        try:
+            reply = self.client_app(incoming, context)
+            return Message(reply.content, reply_to=msg)
+        except Exception as exc:  # what Flower's runtime does with a raising ClientApp
+            log(WARNING, "node %d raised %s: %s", dst, type(exc).__name__, exc)
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+        finally:
+            TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def run_inline(
+    overrides: str | Sequence[str] | None = None, output_dir: Path | str | None = None
+) -> Path:
+    """Run one job of the composed config in this process; return its output folder."""
+    from fedapp.client_app import app as client_app
+    from fedapp.server_app import app as server_app
+    from tasks import get_task
+
+    ovr = parse_overrides(overrides)
+    cfg = compose(ovr)
+    data_dir = resolve_data_dir(cfg)
+    out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
+    run_config = {
+        "overrides": " ".join(shlex.quote(o) for o in ovr),
+        "output-dir": str(out),
+        "data-dir": str(data_dir),
+    }
+    n = get_task(cfg, data_dir).num_partitions()
+    contexts = {
+        # Node ids that are not partition ids, as in Flower, so nothing can confuse the two.
+        10_000 + 7 * p: Context(
+            run_id=RUN_ID,
+            node_id=10_000 + 7 * p,
+            node_config={"partition-id": p, "num-partitions": n},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for p in range(n)
+    }
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server_context = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
+    t0 = time.perf_counter()
+    server_app(InlineGrid(client_app, contexts), server_context)
+    print(
+        f"[fedapp] inline run done in {time.perf_counter() - t0:.0f}s: results in {out}", flush=True
+    )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedapp-inline",
+        description="Run one fedapp job in this process (no SuperLink/Ray; for fast sweeps). "
+        "Arguments are Hydra overrides.",
+    )
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--output-dir", default=None)
+    args = parser.parse_args(argv)
+    run_inline(args.overrides, args.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,345 @@
+"""Adaptive trust weighting: clients whose updates look inconsistent, insane or low-quality lose
+aggregation weight, and keep losing it while they misbehave.
+
+Aggregation weight of client k in round t is proportional to ``n_k * alpha_k(t)``:
+
+- **consistency** ``c_k``: cosine of the client's update to a robust reference direction (the
+  coordinate-wise median of this round's updates, weighted by each client's earlier trust so
+  that caught attackers cannot take over the median in a round where they happen to be many;
+  or a trimmed mean), divided by the median
+  positive cosine of the round and clipped to [0, 1]. Dividing by the round's median keeps
+  honest clients near 1 on non-IID data, where even honest cosines are small; an update that
+  points away from the reference (sign-flipped, stale) or is random noise scores about 0.
+- **sanity** ``s_k``: the update norm relative to the round's (trust-weighted) median norm, r_k. Inside
+  [norm_low, norm_high] the score is 1; below it falls linearly to 0 at r = 0 (free riders that
+  send the model back unchanged); above it decays as norm_high / r. Updates longer than
+  norm_high * median are also clipped to that length before averaging, so a trusted client
+  cannot be used to boost a single large update. NaN/Inf updates never get here: the
+  strategy mixin rejects them outright.
+- **quality** ``q_k`` from what the client reports (untrusted, so it can only lower weight, by
+  at most `quality_weight`): a training loss far above the round's (robust z-score over
+  `loss_z`) and a label histogram that does not add up to the claimed number of examples.
+- **history**: ``alpha_k(t) = ema * alpha_k(t-1) + (1 - ema) * c_k s_k q_k``, starting at the
+  first round's score. One bad round halves (ema = 0.5) a good record instead of erasing it; a
+  client that turns bad is down to 1/8 of its weight after three rounds.
+- optionally ``n_k`` is capped at `max_examples_ratio` times the round's median, since the
+  number of examples is also reported by the client.
+
+Identical clients get ``alpha = 1`` and the aggregate is FedAvg's, bit for bit (tested). The
+math is pure NumPy over flattened updates (`trust_weights`, `aggregate`); `TrustWeighted` is the
+Flower strategy around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp import strategy as flwr_strategy
+from omegaconf import DictConfig
+
+from strategies.base import NUM_EXAMPLES, FedappStrategyMixin, aggregate_scalar_metrics
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class TrustParams:
+    reference: str = "median"  # robust reference direction: median | trimmed_mean
+    trim_fraction: float = 0.2  # for reference = trimmed_mean
+    ema: float = 0.5  # weight of the history in the trust update
+    norm_low: float = 0.1  # relative update norms in [norm_low, norm_high] are normal
+    norm_high: float = 3.0
+    clip: bool = True  # clip updates longer than norm_high * median norm
+    quality_weight: float = 0.5  # most that client-reported quality can take away (0..1)
+    loss_z: float = 3.0  # robust z-score of the reported loss where down-weighting starts
+    max_examples_ratio: float = 0.0  # cap n_k at this times the median n (0 = no cap)
+    new_client_prior: float = 0.5  # vote of a never-seen client in the reference median
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("median", "trimmed_mean"):
+            raise ValueError(f"reference={self.reference!r}; use 'median' or 'trimmed_mean'")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema={self.ema} must be in [0, 1)")
+        if not 0.0 <= self.norm_low <= 1.0 <= self.norm_high:
+            raise ValueError("need 0 <= norm_low <= 1 <= norm_high")
+        if not 0.0 <= self.quality_weight <= 1.0:
+            raise ValueError(f"quality_weight={self.quality_weight} must be in [0, 1]")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction={self.trim_fraction} must be in [0, 0.5)")
+
+
+@dataclass
+class TrustResult:
+    weights: np.ndarray  # aggregation weights, sum 1 (all zero when nobody is trusted)
+    trust: np.ndarray  # alpha_k(t), the new history
+    score: np.ndarray  # this round's c * s * q
+    consistency: np.ndarray
+    sanity: np.ndarray
+    quality: np.ndarray
+    cosine: np.ndarray
+    norm_ratio: np.ndarray
+    clip_factor: np.ndarray  # multiplier applied to each update (1 = not clipped)
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Lower weighted median along axis 0: per column, the smallest value whose cumulative
+    weight reaches half the total. Equal weights give the lower median."""
+    values = np.asarray(values, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if values.ndim == 1:
+        return weighted_median(values[:, None], w)[0]
+    order = np.argsort(values, axis=0, kind="stable")
+    cum = np.cumsum(w[order], axis=0)
+    idx = np.argmax(cum >= 0.5 * cum[-1:], axis=0)
+    cols = np.arange(values.shape[1])
+    return values[order[idx, cols], cols]
+
+
+def reference_direction(
+    updates: np.ndarray,
+    method: str = "median",
+    trim: float = 0.2,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """Coordinate-wise (weighted) median or trimmed mean of the rows of `updates` (K, d)."""
+    if method == "median":
+        if weights is None:
+            return np.median(updates, axis=0)
+        return weighted_median(updates, weights)
+    k = updates.shape[0]
+    cut = int(trim * k)
+    part = np.sort(updates, axis=0)[cut : k - cut] if cut else updates
+    return part.mean(axis=0)
+
+
+def cosines(updates: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine of each row to `ref`; 0 where either vector is zero."""
+    norms = np.linalg.norm(updates, axis=1)
+    rnorm = float(np.linalg.norm(ref))
+    dots = updates @ ref
+    out = np.zeros(len(updates))
+    ok = (norms > EPS) & (rnorm > EPS)
+    out[ok] = dots[ok] / (norms[ok] * rnorm)
+    return np.clip(out, -1.0, 1.0)
+
+
+def consistency_scores(cos: np.ndarray) -> np.ndarray:
+    """Cosines relative to the round's median positive cosine, clipped to [0, 1]."""
+    pos = cos[cos > 0]
+    if pos.size == 0:
+        return np.zeros_like(cos)
+    return np.clip(cos / float(np.median(pos)), 0.0, 1.0)
+
+
+def sanity_scores(ratio: np.ndarray, low: float, high: float) -> np.ndarray:
+    """1 inside [low, high]; ratio/low below (0 for a zero update); high/ratio above."""
+    out = np.ones_like(ratio, dtype=np.float64)
+    if low > 0:
+        below = ratio < low
+        out[below] = ratio[below] / low
+    above = ratio > high
+    out[above] = high / ratio[above]
+    return out
+
+
+def quality_scores(
+    losses: np.ndarray,
+    counts_consistent: np.ndarray,
+    weight: float,
+    z0: float,
+) -> np.ndarray:
+    """From reported (untrusted) facts, a factor in [1 - weight, 1].
+
+    Loss: robust z = (loss - median) / (1.4826 MAD); no penalty up to z0, full penalty at 2 z0.
+    A label histogram that does not add up to the claimed examples gets the full penalty.
+    NaN losses (not reported) carry no information and no penalty.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    penalty = np.zeros(len(losses))
+    known = np.isfinite(losses)
+    if known.sum() >= 3:
+        med = float(np.median(losses[known]))
+        mad = 1.4826 * float(np.median(np.abs(losses[known] - med)))
+        z = np.zeros(len(losses))
+        z[known] = (losses[known] - med) / max(mad, 1e-6 * max(abs(med), 1.0))
+        penalty = np.clip((z - z0) / z0, 0.0, 1.0) if z0 > 0 else (z > 0).astype(float)
+        penalty[~known] = 0.0
+    penalty = np.where(np.asarray(counts_consistent, dtype=bool), penalty, 1.0)
+    return 1.0 - weight * penalty
+
+
+def trust_weights(
+    updates: np.ndarray,
+    num_examples: np.ndarray,
+    losses: np.ndarray,
+    counts_consistent: np.ndarray,
+    previous: Sequence[float | None],
+    params: TrustParams,
+) -> TrustResult:
+    """All of this round's trust arithmetic for K clients' flattened updates (K, d).
+
+    `previous[k]` is client k's trust from earlier rounds, or None the first time it is seen.
+    """
+    updates = np.asarray(updates, dtype=np.float64)
+    k = updates.shape[0]
+    n = np.asarray(num_examples, dtype=np.float64)
+    # History votes on the reference: each client counts with its earlier trust (new clients
+    # with `new_client_prior`), so attackers that were already caught cannot take over the
+    # median in a round where they happen to be many. All zero -> equal votes.
+    votes = np.array([params.new_client_prior if p is None else float(p) for p in previous])
+    if votes.sum() <= 0:
+        votes = np.ones(k)
+    ref = reference_direction(updates, params.reference, params.trim_fraction, votes)
+    cos = cosines(updates, ref)
+    # A zero reference (no consensus direction, e.g. every update is zero) says nothing.
+    cons = consistency_scores(cos) if np.linalg.norm(ref) > EPS else np.ones(k)
+    norms = np.linalg.norm(updates, axis=1)
+    med_norm = float(weighted_median(norms, votes))
+    ratio = norms / med_norm if med_norm > EPS else np.ones(k)
+    sane = sanity_scores(ratio, params.norm_low, params.norm_high)
+    qual = quality_scores(losses, counts_consistent, params.quality_weight, params.loss_z)
+    score = cons * sane * qual
+    trust = np.array(
+        [
+            s if prev is None else params.ema * float(prev) + (1.0 - params.ema) * s
+            for s, prev in zip(score, previous, strict=True)
+        ]
+    )
+    if params.max_examples_ratio > 0:
+        n = np.minimum(n, params.max_examples_ratio * float(np.median(n)))
+    raw = n * trust
+    total = float(raw.sum())
+    weights = raw / total if total > 0 else np.zeros(k)
+    clip = np.ones(k)
+    if params.clip and med_norm > EPS:
+        too_long = norms > params.norm_high * med_norm
+        clip[too_long] = params.norm_high * med_norm / norms[too_long]
+    return TrustResult(weights, trust, score, cons, sane, qual, cos, ratio, clip)
+
+
+def aggregate(
+    global_arrays: Sequence[np.ndarray],
+    client_arrays: Sequence[Sequence[np.ndarray]],
+    weights: np.ndarray,
+    clip: np.ndarray,
+) -> list[np.ndarray]:
+    """sum_k weights_k * (w + clip_k (w_k - w)), layer by layer, in each layer's dtype.
+
+    Unclipped clients enter with their own arrays (no w + (w_k - w) round trip) and the sum is
+    accumulated as Flower's FedAvg does, so equal trust reproduces FedAvg exactly.
+    """
+    out: list[np.ndarray] = []
+    for i, g in enumerate(global_arrays):
+        acc = None
+        for w_k, p, c in zip(client_arrays, weights, clip, strict=True):
+            layer = w_k[i]
+            if c < 1.0 and np.issubdtype(layer.dtype, np.floating):
+                layer = (g + c * (layer - g)).astype(layer.dtype)
+            term = layer * float(p)
+            acc = term if acc is None else acc + term
+        out.append(np.asarray(acc).astype(g.dtype) if acc is not None else g.copy())
+    return out
+
+
+def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Floating-point layers concatenated into one float64 vector (integer buffers skipped)."""
+    parts = [a.ravel() for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
+
+
+# -- Flower strategy -------------------------------------------------------------------------------
+class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
+    """FedAvg whose weights n_k are multiplied by a learned per-client trust (see module doc)."""
+
+    def __init__(self, *, trust: TrustParams | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.params = trust or TrustParams()
+        self.history: dict[int, float] = {}  # partition id -> trust
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
+        return cls(trust=TrustParams(**params), **common)
+
+    def aggregate_train(
+        self, server_round: int, replies
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.screen_replies(server_round, list(replies), "train")
+        rlog = self.round_log(server_round)
+        rlog.num_replies = len(accepted)
+        rlog.num_failures = len(rlog.sampled_train) - len(accepted)
+        if len(accepted) < max(self.min_replies, 1) or self._global_arrays is None:
+            return None, None
+        keys = list(self._global_arrays.keys())
+        g = [self._global_arrays[k].numpy() for k in keys]
+        clients = [[_arrays(m)[k].numpy() for k in keys] for m in accepted]
+        g_flat = flatten(g)
+        updates = np.stack([flatten(c) - g_flat for c in clients])
+        metrics = [_metrics(m) for m in accepted]
+        pids = [self.partition_of(m.metadata.src_node_id) for m in accepted]
+        result = trust_weights(
+            updates,
+            np.array([float(m[NUM_EXAMPLES]) for m in metrics]),
+            np.array([float(m.get("train_loss", np.nan)) for m in metrics]),
+            np.array([_counts_consistent(m) for m in metrics]),
+            [self.history.get(p) for p in pids],
+            self.params,
+        )
+        for p, t in zip(pids, result.trust, strict=True):
+            self.history[p] = float(t)
+        self._log_clients(rlog, pids, result)
+        if float(result.weights.sum()) <= 0:
+            rlog.aggregated = False
+            return None, None
+        merged = aggregate(g, clients, result.weights, result.clip_factor)
+        arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, merged, strict=True)})
+        if self.finite_or_none(server_round, arrays) is None:
+            return None, None
+        train_metrics = aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
+        rlog.aggregated = True
+        rlog.train_metrics = dict(train_metrics)
+        return arrays, train_metrics
+
+    def _log_clients(self, rlog, pids: list[int], r: TrustResult) -> None:
+        by_pid = {
+            e["partition_id"]: e
+            for e in rlog.clients
+            if e["phase"] == "train" and e["status"] == "ok"
+        }
+        for i, pid in enumerate(pids):
+            entry = by_pid.get(pid)
+            if entry is None:
+                continue
+            entry.update(
+                {
+                    "weight": float(r.weights[i]),
+                    "trust": float(r.trust[i]),
+                    "trust_score": float(r.score[i]),
+                    "trust_consistency": float(r.consistency[i]),
+                    "trust_cosine": float(r.cosine[i]),
+                    "trust_sanity": float(r.sanity[i]),
+                    "trust_norm_ratio": float(r.norm_ratio[i]),
+                    "trust_quality": float(r.quality[i]),
+                    "trust_clip": float(r.clip_factor[i]),
+                }
+            )
+
+
+def _arrays(msg: Message) -> ArrayRecord:
+    return next(iter(msg.content.array_records.values()))
+
+
+def _metrics(msg: Message) -> Mapping[str, Any]:
+    return next(iter(msg.content.metric_records.values()))
+
+
+def _counts_consistent(metrics: Mapping[str, Any]) -> bool:
+    """A reported label histogram must add up to the claimed number of examples."""
+    counts = metrics.get("label-counts")
+    if counts is None:
+        return True
+    return abs(float(sum(counts)) - float(metrics[NUM_EXAMPLES])) < 0.5

@@ -1,0 +1,253 @@
+"""Trust weighting: the pure math (property tests) and the Flower strategy around it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedapp.config import compose
+from strategies import build_strategy
+from strategies.trust import (
+    TrustParams,
+    aggregate,
+    consistency_scores,
+    cosines,
+    quality_scores,
+    sanity_scores,
+    trust_weights,
+)
+from tests.conftest import reply
+
+P = TrustParams()
+
+
+def _inputs(k, d, seed):
+    rng = np.random.default_rng(seed)
+    updates = rng.normal(size=(k, d))
+    n = rng.integers(1, 500, size=k).astype(float)
+    losses = rng.uniform(0.1, 3.0, size=k)
+    return updates, n, losses
+
+
+finite = st.floats(-10, 10, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 12),
+    d=st.integers(1, 40),
+    seed=st.integers(0, 2**32 - 1),
+    prev=st.lists(st.one_of(st.none(), st.floats(0, 1)), min_size=12, max_size=12),
+)
+def test_weights_are_a_distribution_and_trust_in_unit_interval(k, d, seed, prev):
+    updates, n, losses = _inputs(k, d, seed)
+    r = trust_weights(updates, n, losses, np.ones(k, bool), prev[:k], P)
+    assert np.all(r.weights >= 0)
+    assert r.weights.sum() == pytest.approx(1.0) or r.weights.sum() == 0
+    for arr in (r.trust, r.score, r.consistency, r.sanity, r.quality):
+        assert np.all((arr >= 0) & (arr <= 1 + 1e-12))
+    assert np.all((r.clip_factor > 0) & (r.clip_factor <= 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(2, 10), d=st.integers(1, 30), seed=st.integers(0, 2**32 - 1))
+def test_permuting_clients_permutes_weights(k, d, seed):
+    updates, n, losses = _inputs(k, d, seed)
+    prev = [None if i % 3 == 0 else 0.1 * i % 1 for i in range(k)]
+    perm = np.random.default_rng(seed).permutation(k)
+    a = trust_weights(updates, n, losses, np.ones(k, bool), prev, P)
+    b = trust_weights(
+        updates[perm], n[perm], losses[perm], np.ones(k, bool), [prev[i] for i in perm], P
+    )
+    np.testing.assert_allclose(b.weights, a.weights[perm], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b.trust, a.trust[perm], rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    layer=hnp.arrays(np.float32, st.integers(1, 20), elements=finite),
+    delta=hnp.arrays(np.float32, 20, elements=st.floats(-1, 1, width=32)),
+    n=st.lists(st.integers(1, 10_000), min_size=1, max_size=10),
+)
+def test_identical_clients_give_fedavg_exactly(layer, delta, n):
+    """Equal, identical clients: trust 1 each and the aggregate is Flower's FedAvg, bit for bit."""
+    g = [layer]
+    w = [(layer + delta[: layer.size]).astype(np.float32)]
+    k = len(n)
+    updates = np.stack([w[0].astype(np.float64) - layer.astype(np.float64)] * k)
+    r = trust_weights(updates, np.array(n, float), np.ones(k), np.ones(k, bool), [None] * k, P)
+    if np.linalg.norm(updates[0]) > 0:
+        np.testing.assert_array_equal(r.trust, np.ones(k))
+    np.testing.assert_allclose(r.weights, np.array(n) / sum(n), rtol=1e-15)
+    ours = aggregate(g, [w] * k, r.weights, r.clip_factor)[0]
+    records = [{"arrays": ArrayRecord([w[0]]), "metrics": {"num-examples": m}} for m in n]
+    from flwr.app import MetricRecord, RecordDict
+
+    flower = aggregate_arrayrecords(
+        [RecordDict({"arrays": r_["arrays"], "m": MetricRecord(r_["metrics"])}) for r_ in records],
+        "num-examples",
+    )
+    np.testing.assert_array_equal(ours, flower.to_numpy_ndarrays()[0])
+
+
+def test_component_scores():
+    ref = np.array([1.0, 0.0])
+    u = np.array([[2.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_allclose(cosines(u, ref), [1, -1, 0, np.sqrt(0.5)])
+    np.testing.assert_allclose(
+        consistency_scores(np.array([0.2, 0.4, -0.5, 0.0])), [2 / 3, 1, 0, 0]
+    )
+    np.testing.assert_allclose(
+        sanity_scores(np.array([0.0, 0.05, 1.0, 3.0, 6.0]), 0.1, 3.0), [0, 0.5, 1, 1, 0.5]
+    )
+    q = quality_scores(np.array([1.0, 1.1, 0.9, 1.0, 50.0, np.nan]), np.ones(6, bool), 0.5, 3.0)
+    assert q[:4].tolist() == [1, 1, 1, 1] and q[4] == 0.5 and q[5] == 1.0
+    q = quality_scores(np.ones(3), np.array([True, False, True]), 0.5, 3.0)
+    assert q.tolist() == [1.0, 0.5, 1.0]
+
+
+def test_attackers_lose_weight_and_history_decays():
+    rng = np.random.default_rng(0)
+    d, honest = 500, 14
+    direction = rng.normal(size=d)
+    good = direction + 0.8 * rng.normal(size=(honest, d))
+    flipped = -4.0 * (direction + 0.8 * rng.normal(size=(3, d)))  # sign-flipped, boosted
+    noise = 20 * rng.normal(size=(3, d))  # random Gaussian updates
+    zero = np.zeros((2, d))  # free riders
+    updates = np.vstack([good, flipped, noise, zero])
+    k = len(updates)
+    n = np.full(k, 100.0)
+    r = trust_weights(updates, n, np.ones(k), np.ones(k, bool), [None] * k, P)
+    assert r.weights[honest:].sum() < 0.02
+    assert r.weights[:honest].min() > 0.5 / honest
+    # Aggregated update points along the honest direction despite 8 of 22 attackers.
+    agg = (r.weights[:, None] * updates * r.clip_factor[:, None]).sum(0)
+    assert cosines(agg[None], direction)[0] > 0.9
+    # A trusted client that turns bad keeps half of its trust after one bad round, an eighth
+    # after three.
+    prev = [1.0] * k
+    trust = []
+    for _ in range(3):
+        bad = updates.copy()
+        bad[0] = -bad[0]
+        r = trust_weights(bad, n, np.ones(k), np.ones(k, bool), prev, P)
+        prev = list(r.trust)
+        trust.append(r.trust[0])
+    assert trust[0] == pytest.approx(0.5, abs=0.01)
+    assert trust[2] == pytest.approx(0.125, abs=0.01)
+
+
+def test_clipping_bounds_a_boosted_update():
+    updates = np.vstack([np.ones((4, 3)), 100 * np.ones((1, 3))])
+    r = trust_weights(updates, np.ones(5), np.ones(5), np.ones(5, bool), [1.0] * 5, P)
+    assert r.clip_factor[4] == pytest.approx(3 / 100)
+    assert np.all(r.clip_factor[:4] == 1)
+
+
+def test_claimed_examples_can_be_capped():
+    updates = np.ones((4, 3))
+    n = np.array([100.0, 100, 100, 1e6])
+    free = trust_weights(updates, n, np.ones(4), np.ones(4, bool), [None] * 4, P)
+    capped = trust_weights(
+        updates, n, np.ones(4), np.ones(4, bool), [None] * 4, TrustParams(max_examples_ratio=2)
+    )
+    assert free.weights[3] > 0.99
+    assert capped.weights[3] == pytest.approx(2 / 5)
+
+
+def test_invalid_params_are_reported():
+    with pytest.raises(ValueError, match="reference"):
+        TrustParams(reference="mean")
+    with pytest.raises(ValueError, match="ema"):
+        TrustParams(ema=1.0)
+
+
+# --- the Flower strategy ------------------------------------------------------------------------
+class FakeGrid:
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
+def _setup(nodes=8, cpr=8):
+    cfg = compose(f"strategy=trust clients_per_round={cpr} eval_clients_per_round={cpr}")
+    s = build_strategy(cfg, num_nodes=nodes)
+    node_ids = [2000 + 3 * p for p in range(nodes)]
+    s.bind({n: p for p, n in enumerate(node_ids)}, seed=0, attackers=[6, 7])
+    return s, FakeGrid(node_ids), node_ids
+
+
+def test_strategy_downweights_attackers_and_logs_why():
+    s, grid, nodes = _setup()
+    g = ArrayRecord([np.zeros(50, np.float32)])
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=50).astype(np.float32)
+    for rnd in (1, 2):
+        list(s.configure_train(rnd, g, ConfigRecord({}), grid))
+        replies = []
+        for p, nid in enumerate(nodes):
+            update = direction + 0.3 * rng.normal(size=50).astype(np.float32)
+            if p >= 6:
+                update = -5 * update  # sign-flipping attackers
+            w = g.to_numpy_ndarrays()[0] + update
+            counts = [60, 40]
+            replies.append(
+                reply(
+                    nid,
+                    [w.astype(np.float32)],
+                    {"num-examples": 100, "train_loss": 1.0, "label-counts": counts},
+                )
+            )
+        arrays, metrics = s.aggregate_train(rnd, replies)
+        assert arrays is not None
+        got = arrays.to_numpy_ndarrays()[0]
+        assert np.dot(got, direction) > 0
+        entries = {c["partition_id"]: c for c in s.rounds[rnd].clients}
+        assert sum(entries[p]["weight"] for p in (6, 7)) < 0.01
+        assert entries[0]["trust_cosine"] > 0 > entries[6]["trust_cosine"]
+        assert {"trust", "trust_sanity", "trust_quality", "trust_clip"} <= set(entries[0])
+        g = arrays
+    assert s.history[6] < 0.01 and s.history[0] > 0.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    values=hnp.arrays(np.float64, st.tuples(st.integers(1, 9), st.integers(1, 5)), elements=finite),
+    data=st.data(),
+)
+def test_weighted_median(values, data):
+    from strategies.trust import weighted_median
+
+    k = values.shape[0]
+    w = np.array(data.draw(st.lists(st.integers(1, 5), min_size=k, max_size=k)), float)
+    med = weighted_median(values, w)
+    for j in range(values.shape[1]):
+        col = values[:, j]
+        below = w[col < med[j]].sum()
+        at_or_below = w[col <= med[j]].sum()
+        assert below < w.sum() / 2 <= at_or_below
+    assert np.allclose(weighted_median(values, np.ones(k)), np.sort(values, 0)[(k - 1) // 2])
+
+
+def test_caught_attackers_cannot_take_over_the_reference():
+    """Most of the round attacks; those already caught (trust 0) do not get to set the median."""
+    rng = np.random.default_rng(3)
+    d = 400
+    direction = rng.normal(size=d)
+    honest = direction + 0.5 * rng.normal(size=(8, d))
+    attackers = 50 * rng.normal(size=(12, d))
+    updates = np.vstack([honest, attackers])
+    prev = [1.0] * 8 + [0.0] * 8 + [None] * 4  # 8 attackers seen before, 4 new
+    r = trust_weights(updates, np.full(20, 100.0), np.ones(20), np.ones(20, bool), prev, P)
+    assert r.weights[8:].sum() < 0.01
+    blind = trust_weights(
+        updates, np.full(20, 100.0), np.ones(20), np.ones(20, bool), [None] * 20, P
+    )
+    assert blind.weights[8:].sum() > 0.5  # without history the median belongs to the attackers
