@@ -1,7 +1,9 @@
-"""Server-side aggregation time per round for each baseline strategy (no Flower run needed).
+"""Server-side aggregation time per round for each strategy (no Flower run needed).
 
 Builds `--clients` replies carrying a model of the chosen task (default: FEMNIST cnn_small,
 1.18 M parameters) and times `strategy.aggregate_train`, including fedapp's reply screening.
+With `--attackers K` the first K clients are declared attackers, so the robust aggregators also
+compute the per-client shares they report as `attacker_weight` (what a robustness run pays).
 
     .venv/bin/python bench/aggregation_speed.py --clients 20 --repeats 3
 
@@ -45,7 +47,9 @@ class _Grid:
         return list(self.nodes)
 
 
-def time_strategy(name: str, clients: int, model: str, repeats: int) -> list[float]:
+def time_strategy(
+    name: str, clients: int, model: str, repeats: int, attackers: int = 0
+) -> list[float]:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     state = MODELS[model](62).state_dict()
     global_arrays = ArrayRecord(state)
@@ -54,7 +58,7 @@ def time_strategy(name: str, clients: int, model: str, repeats: int) -> list[flo
     times = []
     for _ in range(repeats):
         strategy = build_strategy(compose(f"strategy={name} clients_per_round={clients}"), clients)
-        strategy.bind({n: i for i, n in enumerate(nodes)}, seed=0)
+        strategy.bind({n: i for i, n in enumerate(nodes)}, seed=0, attackers=range(attackers))
         msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), _Grid(nodes)))
         replies = []
         for msg in msgs:
@@ -81,23 +85,40 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--model", default="cnn_small")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox", "qfedavg"])
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[
+            "fedavg",
+            "fedprox",
+            "qfedavg",
+            "fedmedian",
+            "fedtrimmedavg",
+            "krum",
+            "multikrum",
+            "bulyan",
+            "trust",
+        ],
+    )
+    p.add_argument("--attackers", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
     results = {}
     for name in args.strategies:
-        t = time_strategy(name, args.clients, args.model, args.repeats)
+        t = time_strategy(name, args.clients, args.model, args.repeats, args.attackers)
         results[name] = {"median_s": float(np.median(t)), "all_s": t}
         print(
             f"{name:8s} aggregate_train, {args.clients} clients x {args.model}: median {np.median(t):.3f} s"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "aggregation_speed.json").write_text(
+    suffix = f"_attackers{args.attackers}" if args.attackers else ""
+    (args.out / f"aggregation_speed{suffix}.json").write_text(
         json.dumps(
             {
                 "clients": args.clients,
                 "model": args.model,
                 "repeats": args.repeats,
+                "attackers": args.attackers,
                 "strategies": results,
             },
             indent=2,

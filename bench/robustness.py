@@ -187,7 +187,7 @@ def write_report(args, summary: dict) -> None:
         "",
         f"`bench/robustness.py`, in-process engine, {summary['rounds']} rounds, CPU. "
         "Final metric of the global model on the server test set after the last round "
-        "(mean ± sd over seeds); `attacker weight` = total aggregation weight given to the "
+        "(mean ± sd over seeds; [n seeds] where fewer runs finished); `w` = total aggregation weight given to the "
         "attack harness's clients, averaged over rounds (0 means they were shut out).",
         "",
     ]
@@ -226,6 +226,8 @@ def write_report(args, summary: dict) -> None:
                     row.append("")
                     continue
                 cell = _fmt(c["final"][metric])
+                if len(c["seeds"]) < len(args.seeds):
+                    cell += f" [{len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}]"
                 w = _mean(c["mean_attacker_weight"])
                 if attack != "none" and w is not None:
                     cell += f" (w {w:.2f})"

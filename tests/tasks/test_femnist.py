@@ -171,3 +171,13 @@ def test_models_have_the_documented_sizes(data_dir):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert 1.1e6 < count(small) < 1.3e6
     assert 6.5e6 < count(leaf) < 6.7e6
+
+
+def test_label_flip_on_images(natural):
+    data = natural.load_partition(3)
+    flipped = natural.with_labels(data, np.arange(62)[::-1].copy())
+    x0, y0 = data.train.tensors
+    x1, y1 = flipped.train.tensors
+    assert (y1.numpy() == 61 - y0.numpy()).all() and x1 is x0
+    assert flipped.label_counts.sum() == data.label_counts.sum()
+    assert flipped.label_counts[61 - int(y0[0])] > 0

@@ -179,3 +179,16 @@ def test_size_skew_partitions(data_dir):
     sizes = [len(task.partition_rows(i)) for i in range(5)]
     assert sizes == sorted(sizes) and sizes[-1] > 4 * sizes[0]
     assert sum(sizes) == len(task.train_idx)
+
+
+def test_label_flip_changes_only_training_labels(data_dir):
+    task = _task(data_dir, "task=medical")
+    data = task.load_partition(0)
+    flipped = task.with_labels(data, np.array([1, 0]))
+    assert (flipped.train.y == 1 - data.train.y).all()
+    assert (
+        flipped.train.numeric[~np.isnan(flipped.train.numeric)]
+        == data.train.numeric[~np.isnan(data.train.numeric)]
+    ).all()
+    assert flipped.val is data.val
+    assert flipped.label_counts.tolist() == data.label_counts[::-1].tolist()

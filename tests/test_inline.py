@@ -1,0 +1,84 @@
+"""The attack harness end to end, through the in-process engine (same ServerApp, strategies and
+ClientApp as a Flower simulation; equality with one is tested in test_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedapp.inline import run_inline
+
+MEDICAL = "task=medical rounds=2 clients_per_round=4 eval_clients_per_round=4 checkpoint=false"
+
+
+def _run(tmp_path, extra: str) -> dict:
+    out = run_inline(f"{MEDICAL} {extra}", tmp_path / extra.replace(" ", "_").replace("=", "-"))
+    return json.loads((out / "results.json").read_text())
+
+
+def _train(round_: dict) -> dict[int, dict]:
+    return {c["partition_id"]: c for c in round_["clients"] if c["phase"] == "train"}
+
+
+@pytest.mark.parametrize("mode", ["exception", "nan"])
+def test_crashing_clients_are_reported_and_the_run_goes_on(tmp_path, data_dir, mode):
+    res = _run(tmp_path, f"attack=crash attack.fraction=0.5 attack.mode={mode}")
+    attackers = res["meta"]["attackers"]
+    assert len(attackers) == 2
+    for r in res["rounds"][1:]:
+        assert r["num_replies"] == 2 and r["num_failures"] == 2 and r["aggregated"]
+        assert r["attacker_weight"] == 0.0
+        for p in attackers:
+            status = _train(r)[p]["status"]
+            assert ("InjectedCrash" in status) if mode == "exception" else ("non-finite" in status)
+    assert res["final"]["rounds_completed"] == 2
+
+
+CREDIT = (
+    "task=credit partition=iid partition.num_partitions=8 rounds=3 clients_per_round=8 "
+    "eval_clients_per_round=0 checkpoint=false attack=scaled attack.fraction=0.25 attack.scale=-10"
+)
+
+
+def test_fedavg_gives_attackers_their_share_and_trust_takes_it_away(tmp_path, data_dir):
+    fedavg = json.loads(
+        (run_inline(f"{CREDIT} strategy=fedavg", tmp_path / "a") / "results.json").read_text()
+    )
+    attackers = fedavg["meta"]["attackers"]
+    assert len(attackers) == 2
+    r1 = _train(fedavg["rounds"][1])
+    share = sum(r1[p]["num-examples"] for p in attackers) / sum(
+        c["num-examples"] for c in r1.values()
+    )
+    assert fedavg["rounds"][1]["attacker_weight"] == pytest.approx(share)
+    trust = json.loads(
+        (run_inline(f"{CREDIT} strategy=trust", tmp_path / "b") / "results.json").read_text()
+    )
+    for r in trust["rounds"][1:]:
+        assert r["attacker_weight"] < 0.01
+        assert all(_train(r)[p]["trust_cosine"] < 0 for p in attackers)
+    assert trust["rounds"][-1]["test_roc_auc"] > fedavg["rounds"][-1]["test_roc_auc"] + 0.05
+    # same seed, same config: the same run, number for number
+    again = json.loads(
+        (run_inline(f"{CREDIT} strategy=trust", tmp_path / "c") / "results.json").read_text()
+    )
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("wall_s", "elapsed_s", "clients")}  # noqa: E731
+    assert [strip(r) for r in again["rounds"]] == [strip(r) for r in trust["rounds"]]
+
+    def clients(res):
+        return [
+            [{k: v for k, v in c.items() if k != "train_time_s"} for c in r["clients"]]
+            for r in res["rounds"]
+        ]
+
+    assert clients(again) == clients(trust)
+
+
+def test_free_riders_and_gaussian_updates_report_plausible_losses(tmp_path, data_dir):
+    for attack in ("free_rider attack.mode=unchanged", "gaussian attack.std=0.5"):
+        res = _run(tmp_path, f"strategy=fedmedian attack={attack} attack.fraction=0.25")
+        (attacker,) = res["meta"]["attackers"]
+        entry = _train(res["rounds"][1])[attacker]
+        assert entry["status"] == "ok" and entry["train_loss"] > 0 and entry["train_steps"] > 0
+        assert "weight" in entry  # robust aggregators report effective shares under attack
