@@ -64,7 +64,9 @@ def ranking_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """ROC-AUC and PR-AUC (average precision); NaN where a class is absent."""
     num_classes = probs.shape[1]
     labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2:
+    # A single class has no ranking; a model whose outputs overflowed (e.g. after poisoning) has
+    # none either: report NaN instead of letting scikit-learn abort the evaluation.
+    if len(np.unique(labels)) < 2 or not np.isfinite(probs).all():
         return {"roc_auc": math.nan, "pr_auc": math.nan}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -91,3 +91,14 @@ def test_single_class_sets_give_nan_auc_not_an_error():
     assert math.isnan(r["roc_auc"]) and math.isnan(r["pr_auc"])
     empty = classification_report(np.zeros((0, 2)), np.zeros(0, dtype=int), 2)
     assert math.isnan(empty["loss"]) and empty["confusion"] == [0, 0, 0, 0]
+
+
+def test_overflowing_model_outputs_give_nan_ranking_metrics_not_a_crash():
+    import math
+
+    from tasks.metrics import classification_report
+
+    logits = np.array([[np.inf, 1.0], [np.nan, 0.0], [1.0, 2.0]], dtype=np.float32)
+    out = classification_report(logits, np.array([0, 1, 1]), 2)
+    assert math.isnan(out["roc_auc"]) and math.isnan(out["pr_auc"])
+    assert 0.0 <= out["accuracy"] <= 1.0 and sum(out["confusion"]) == 3
