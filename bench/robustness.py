@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed  # noqa: E402
+from bench.common import completed, fmt_mean_sd  # noqa: E402
 
 STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "trust"]
 ATTACKS = ["label_flip", "gaussian", "scaled", "free_rider", "crash"]
@@ -125,15 +125,6 @@ def execute(args, jobs) -> None:
             )
 
 
-def _fmt(vals: list[float], digits: int = 3) -> str:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return "-"
-    m = float(np.mean(vals))
-    sd = f" ± {float(np.std(vals, ddof=1)):.{digits}f}" if len(vals) > 1 else ""
-    return f"{m:.{digits}f}{sd}"
-
-
 def summarize(args, jobs) -> dict:
     runs = args.out / "runs_robustness"
     cells: dict[tuple, dict] = {}
@@ -150,7 +141,6 @@ def summarize(args, jobs) -> dict:
         for m in EXTRA:
             cell["final"].setdefault(m, []).append(last.get(m))
         cell["attacker_weight"].append([r.get("attacker_weight") for r in res["rounds"][1:]])
-        cell.setdefault("failures", []).append(sum(r.get("num_failures", 0) for r in res["rounds"]))
     out = []
     for (task, attack, frac, strategy), c in sorted(cells.items()):
         aw = [
@@ -166,7 +156,7 @@ def summarize(args, jobs) -> dict:
                 "fraction": frac,
                 "strategy": strategy,
                 "seeds": c["seeds"],
-                "final": {m: v for m, v in c["final"].items()},
+                "final": c["final"],
                 "mean_attacker_weight": aw,
                 "attacker_weight_by_round": c["attacker_weight"],
             }
@@ -225,7 +215,7 @@ def write_report(args, summary: dict) -> None:
                 if c is None:
                     row.append("")
                     continue
-                cell = _fmt(c["final"][metric])
+                cell = fmt_mean_sd(c["final"][metric])
                 if len(c["seeds"]) < len(args.seeds):
                     cell += f" [{len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}]"
                 w = _mean(c["mean_attacker_weight"])

@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import completed  # noqa: E402
+from bench.common import fmt_mean_sd as fmt  # noqa: E402
 from fedapp.centralized import train_centralized  # noqa: E402
 from fedapp.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
 
@@ -39,14 +38,6 @@ PARTITIONS = {
     "natural": ["partition=natural"],
     "dirichlet0.5": ["partition=dirichlet", "partition.alpha=0.5", "partition.num_partitions=10"],
 }
-
-
-def fmt(values: list[float]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    m = float(np.mean(vals))
-    return f"{m:.3f}" + (f" ± {float(np.std(vals, ddof=1)):.3f}" if len(vals) > 1 else "")
 
 
 def main() -> int:

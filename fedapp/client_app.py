@@ -121,13 +121,15 @@ STALE_KEY = "fedapp.previous-global"  # free riders in stale mode keep the last 
 def train(msg: Message, context: Context) -> Message:
     cfg, task, data, pid = _setup(context)
     received = msg.content["arrays"]
+    global_state = received.to_torch_state_dict()
     model = task.make_model()
-    model.load_state_dict(received.to_torch_state_dict())
+    model.load_state_dict(global_state)
     seed = _client_seed(msg, pid)
     torch.manual_seed(seed)
     settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
     attack = _attack_of(cfg, task, pid)
-    if attack is not None and attacks.crashes_now(attack, seed) and attack.mode == "exception":
+    crashes = attack is not None and attacks.crashes_now(attack, seed)
+    if crashes and attack.mode == "exception":
         raise attacks.InjectedCrash(f"client {pid}: injected crash (attack=crash)")
     if attack is not None and attack.name == "label_flip":
         mapping = attacks.flipped_labels(np.arange(task.num_classes), task.num_classes)
@@ -136,18 +138,14 @@ def train(msg: Message, context: Context) -> Message:
         metrics = task.train(model, data, settings, _prep(msg))
     else:  # made-up weights; the reply still looks honest (loss of the received model)
         metrics = _plausible_metrics(task, model, data, settings, _prep(msg))
-    if attack is not None and attack.name not in ("label_flip",):
+    # Model poisoning replaces the weights sent back; a crasher does so only in rounds it crashes.
+    if attack is not None and attack.name != "label_flip" and (attack.name != "crash" or crashes):
         stale = None
         if STALE_KEY in context.state.array_records:
             stale = context.state.array_records[STALE_KEY].to_torch_state_dict()
-        if attack.name == "crash" and not attacks.crashes_now(attack, seed):
-            poisoned = None  # this round the crasher behaves
-        else:
-            poisoned = attacks.poisoned_state(
-                attack, received.to_torch_state_dict(), model.state_dict(), seed, stale
-            )
-        if poisoned is not None:
-            model.load_state_dict(poisoned)
+        model.load_state_dict(
+            attacks.poisoned_state(attack, global_state, model.state_dict(), seed, stale)
+        )
         if attack.name == "free_rider" and attack.mode == "stale":
             context.state.array_records[STALE_KEY] = received
     reply = MetricRecord(

@@ -104,6 +104,15 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
+def run_config_values(overrides: Sequence[str], output_dir: Path, data_dir: Path) -> dict[str, str]:
+    """The Flower run-config keys (`[tool.flwr.app.config]`) of one job, for any engine."""
+    return {
+        "overrides": " ".join(shlex.quote(o) for o in overrides),
+        "output-dir": str(output_dir),
+        "data-dir": str(data_dir),
+    }
+
+
 def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:
     """Where local datasets live: run-config `data-dir`, cfg.data_dir, $FEDAPP_DATA_DIR, ../shared/data."""
     candidates: list[tuple[str, str | Path | None]] = [

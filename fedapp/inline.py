@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -33,7 +32,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedapp.config import compose, parse_overrides, resolve_data_dir, resolve_output_dir
+from fedapp.config import (
+    compose,
+    parse_overrides,
+    resolve_data_dir,
+    resolve_output_dir,
+    run_config_values,
+)
 
 RUN_ID = 1
 
@@ -108,11 +113,7 @@ def run_inline(
     cfg = compose(ovr)
     data_dir = resolve_data_dir(cfg)
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
-    run_config = {
-        "overrides": " ".join(shlex.quote(o) for o in ovr),
-        "output-dir": str(out),
-        "data-dir": str(data_dir),
-    }
+    run_config = run_config_values(ovr, out, data_dir)
     n = get_task(cfg, data_dir).num_partitions()
     contexts = {
         # Node ids that are not partition ids, as in Flower, so nothing can confuse the two.

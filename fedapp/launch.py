@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -36,6 +35,7 @@ from fedapp.config import (
     parse_overrides,
     resolve_data_dir,
     resolve_output_dir,
+    run_config_values,
 )
 
 CONNECTION = "fedapp"
@@ -251,14 +251,7 @@ def prepare_run(
     """Private FLWR_HOME, the Flower processes' environment, and the run-config file."""
     flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
     env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
-    run_cfg = write_run_config(
-        out / "run_config.toml",
-        {
-            "overrides": " ".join(shlex.quote(o) for o in overrides),
-            "output-dir": str(out),
-            "data-dir": str(data_dir),
-        },
-    )
+    run_cfg = write_run_config(out / "run_config.toml", run_config_values(overrides, out, data_dir))
     return flwr_home, env, run_cfg
 
 

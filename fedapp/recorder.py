@@ -228,9 +228,9 @@ def attacker_weight(rlog: Any, strategy: Any) -> float | None:
     attackers = getattr(strategy, "attackers", frozenset())
     if not attackers:
         return 0.0
-    entries = [c for c in rlog.clients if c["phase"] == "train" and c["status"] == "ok"]
     if not rlog.aggregated:
         return 0.0
+    entries = list(rlog.accepted_entries("train").values())
     if entries and any("weight" not in c for c in entries):
         return None
     return float(sum(c["weight"] for c in entries if c["partition_id"] in attackers))

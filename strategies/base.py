@@ -39,6 +39,21 @@ from tasks.metrics import confusion_metrics
 NUM_EXAMPLES = "num-examples"
 
 
+def reply_metrics(msg: Message) -> MetricRecord | None:
+    """The (single) MetricRecord of a reply, or None if it has none."""
+    return next(iter(msg.content.metric_records.values()), None)
+
+
+def reply_arrays(msg: Message) -> ArrayRecord | None:
+    """The (single) ArrayRecord of a reply, or None if it has none."""
+    return next(iter(msg.content.array_records.values()), None)
+
+
+def num_examples(msg: Message) -> float:
+    """The `num-examples` a (screened) reply claims."""
+    return float(reply_metrics(msg)[NUM_EXAMPLES])
+
+
 def sample_partitions(
     available: Iterable[int], k: int, seed: int, server_round: int, stream: int = 0
 ) -> list[int]:
@@ -81,7 +96,7 @@ def pooled_confusion_metrics(replies: list[Message]) -> dict[str, float]:
     """
     mats = [
         np.asarray(m["eval-confusion"], dtype=np.int64)
-        for m in (next(iter(r.content.metric_records.values())) for r in replies)
+        for m in map(reply_metrics, replies)
         if "eval-confusion" in m
     ]
     if not mats or len({len(x) for x in mats}) != 1:
@@ -131,6 +146,14 @@ class RoundLog:
     train_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
+
+    def accepted_entries(self, phase: str = "train") -> dict[int, dict[str, Any]]:
+        """Per-client log entries of the replies accepted in `phase`, by partition id."""
+        return {
+            e["partition_id"]: e
+            for e in self.clients
+            if e["phase"] == phase and e["status"] == "ok"
+        }
 
 
 class FedappStrategyMixin:
@@ -236,7 +259,7 @@ class FedappStrategyMixin:
                 continue
             content = msg.content
             if phase == "train":
-                arrays = next(iter(content.array_records.values()), None)
+                arrays = reply_arrays(msg)
                 if arrays is not None:
                     rlog.bytes_up += arrays.count_bytes()
                 if arrays is None or len(content.array_records) != 1:
@@ -248,7 +271,7 @@ class FedappStrategyMixin:
                 if not arrays_are_finite(arrays):
                     entry["status"] = "rejected: non-finite values in arrays"
                     continue
-            metrics = next(iter(content.metric_records.values()), None)
+            metrics = reply_metrics(msg)
             if metrics is None or len(content.metric_records) != 1:
                 entry["status"] = "rejected: reply must carry exactly one MetricRecord"
                 continue
@@ -264,13 +287,10 @@ class FedappStrategyMixin:
             candidates.append((msg, entry))
         # Flower aborts the whole run on replies with different metric keys; drop the odd ones.
         if candidates:
-            key_sets = Counter(
-                tuple(sorted(next(iter(m.content.metric_records.values())).keys()))
-                for m, _ in candidates
-            )
+            key_sets = Counter(tuple(sorted(reply_metrics(m).keys())) for m, _ in candidates)
             majority = key_sets.most_common(1)[0][0]
             for msg, entry in candidates:
-                keys = tuple(sorted(next(iter(msg.content.metric_records.values())).keys()))
+                keys = tuple(sorted(reply_metrics(msg).keys()))
                 if keys != majority:
                     entry["status"] = (
                         f"rejected: metric keys {list(keys)} differ from {list(majority)}"
@@ -312,11 +332,21 @@ class FedappStrategyMixin:
             )
             return None, None
         self._log_weights(rlog, accepted)
-        arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        arrays, metrics = self.aggregate_accepted(server_round, accepted)
         arrays = self.finite_or_none(server_round, arrays)
         rlog.aggregated = arrays is not None
         rlog.train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
+
+    def aggregate_accepted(
+        self, server_round: int, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregation rule proper, over screened replies in partition order.
+
+        Flower's own rule by default; strategies with their own math (trust) override this
+        and keep the screening, `min_replies`, NaN guard and round log above.
+        """
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
     def finite_or_none(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Refuse an aggregate with NaN/Inf (finite updates can still overflow when summed, e.g.
@@ -338,20 +368,14 @@ class FedappStrategyMixin:
         share (see strategies.robust); it is logged per client as `weight` and summed over
         the attack harness's clients into the round's `attacker_weight`.
         """
-        n = np.array(
-            [float(next(iter(m.content.metric_records.values()))[NUM_EXAMPLES]) for m in accepted]
-        )
+        n = np.array([num_examples(m) for m in accepted])
         return (n / n.sum()).tolist() if n.sum() > 0 else None
 
     def _log_weights(self, rlog: RoundLog, accepted: list[Message]) -> None:
         weights = self.client_weights(accepted)
         if weights is None:
             return
-        by_pid = {
-            e["partition_id"]: e
-            for e in rlog.clients
-            if e["phase"] == "train" and e["status"] == "ok"
-        }
+        by_pid = rlog.accepted_entries("train")
         for msg, w in zip(accepted, weights, strict=True):
             entry = by_pid.get(self.partition_of(msg.metadata.src_node_id))
             if entry is not None:

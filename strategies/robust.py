@@ -32,15 +32,11 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from omegaconf import DictConfig
 
-from strategies.base import NUM_EXAMPLES, FedappStrategyMixin
+from strategies.base import FedappStrategyMixin, num_examples, reply_arrays
 
 
 def _layers(msg: Message) -> list[np.ndarray]:
-    return next(iter(msg.content.array_records.values())).to_numpy_ndarrays()
-
-
-def _num_examples(msg: Message) -> float:
-    return float(next(iter(msg.content.metric_records.values()))[NUM_EXAMPLES])
+    return reply_arrays(msg).to_numpy_ndarrays()
 
 
 def coordinate_shares(stacked: np.ndarray, keep_lo: int, keep_hi: int) -> np.ndarray:
@@ -101,7 +97,7 @@ class FedTrimmedAvg(FedappStrategyMixin, flwr_strategy.FedTrimmedAvg):
 
 def _selection_shares(accepted: list[Message], selected: list) -> list[float]:
     ids = {id(c) for c in selected}
-    n = np.array([_num_examples(m) if id(m.content) in ids else 0.0 for m in accepted])
+    n = np.array([num_examples(m) if id(m.content) in ids else 0.0 for m in accepted])
     return (n / n.sum()).tolist() if n.sum() > 0 else [0.0] * len(accepted)
 
 

@@ -41,7 +41,13 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 from omegaconf import DictConfig
 
-from strategies.base import NUM_EXAMPLES, FedappStrategyMixin, aggregate_scalar_metrics
+from strategies.base import (
+    NUM_EXAMPLES,
+    FedappStrategyMixin,
+    aggregate_scalar_metrics,
+    reply_arrays,
+    reply_metrics,
+)
 
 EPS = 1e-12
 
@@ -265,21 +271,20 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
     def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
         return cls(trust=TrustParams(**params), **common)
 
-    def aggregate_train(
-        self, server_round: int, replies
+    def client_weights(self, accepted: list[Message]) -> None:
+        return None  # weights come out of the trust math; `_log_clients` logs them
+
+    def aggregate_accepted(
+        self, server_round: int, accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.screen_replies(server_round, list(replies), "train")
-        rlog = self.round_log(server_round)
-        rlog.num_replies = len(accepted)
-        rlog.num_failures = len(rlog.sampled_train) - len(accepted)
-        if len(accepted) < max(self.min_replies, 1) or self._global_arrays is None:
+        if not accepted or self._global_arrays is None:
             return None, None
         keys = list(self._global_arrays.keys())
         g = [self._global_arrays[k].numpy() for k in keys]
-        clients = [[_arrays(m)[k].numpy() for k in keys] for m in accepted]
+        clients = [[reply_arrays(m)[k].numpy() for k in keys] for m in accepted]
         g_flat = flatten(g)
         updates = np.stack([flatten(c) - g_flat for c in clients])
-        metrics = [_metrics(m) for m in accepted]
+        metrics = [reply_metrics(m) for m in accepted]
         pids = [self.partition_of(m.metadata.src_node_id) for m in accepted]
         result = trust_weights(
             updates,
@@ -291,25 +296,15 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
         )
         for p, t in zip(pids, result.trust, strict=True):
             self.history[p] = float(t)
-        self._log_clients(rlog, pids, result)
+        self._log_clients(self.round_log(server_round), pids, result)
         if float(result.weights.sum()) <= 0:
-            rlog.aggregated = False
             return None, None
         merged = aggregate(g, clients, result.weights, result.clip_factor)
         arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, merged, strict=True)})
-        if self.finite_or_none(server_round, arrays) is None:
-            return None, None
-        train_metrics = aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
-        rlog.aggregated = True
-        rlog.train_metrics = dict(train_metrics)
-        return arrays, train_metrics
+        return arrays, aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
 
     def _log_clients(self, rlog, pids: list[int], r: TrustResult) -> None:
-        by_pid = {
-            e["partition_id"]: e
-            for e in rlog.clients
-            if e["phase"] == "train" and e["status"] == "ok"
-        }
+        by_pid = rlog.accepted_entries("train")
         for i, pid in enumerate(pids):
             entry = by_pid.get(pid)
             if entry is None:
@@ -327,14 +322,6 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
                     "trust_clip": float(r.clip_factor[i]),
                 }
             )
-
-
-def _arrays(msg: Message) -> ArrayRecord:
-    return next(iter(msg.content.array_records.values()))
-
-
-def _metrics(msg: Message) -> Mapping[str, Any]:
-    return next(iter(msg.content.metric_records.values()))
 
 
 def _counts_consistent(metrics: Mapping[str, Any]) -> bool:
