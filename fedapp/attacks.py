@@ -160,5 +160,6 @@ def poisoned_state(
 
 
 def trains_locally(spec: AttackSpec) -> bool:
-    """Whether an attacker of this kind runs local training at all."""
-    return spec.name in ("none", "label_flip", "scaled")
+    """Whether an attacker of this kind runs local training at all (a crasher trains like an
+    honest client in the rounds it does not crash)."""
+    return spec.name in ("none", "label_flip", "scaled", "crash")

@@ -82,3 +82,18 @@ def test_free_riders_and_gaussian_updates_report_plausible_losses(tmp_path, data
         entry = _train(res["rounds"][1])[attacker]
         assert entry["status"] == "ok" and entry["train_loss"] > 0 and entry["train_steps"] > 0
         assert "weight" in entry  # robust aggregators report effective shares under attack
+
+
+def test_crashers_train_honestly_in_rounds_they_do_not_crash(tmp_path, data_dir):
+    res = _run(
+        tmp_path,
+        "rounds=4 attack=crash attack.fraction=0.5 attack.mode=exception attack.probability=0.5",
+    )
+    attackers = res["meta"]["attackers"]
+    statuses = [_train(r)[p]["status"] for r in res["rounds"][1:] for p in attackers]
+    assert "ok" in statuses and any("InjectedCrash" in s for s in statuses)
+    for r in res["rounds"][1:]:
+        for p in attackers:
+            entry = _train(r)[p]
+            if entry["status"] == "ok":  # it trained: real time spent, not a made-up reply
+                assert entry["train_time_s"] > 0
