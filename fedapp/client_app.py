@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from fedapp import attacks
+from fedapp import attacks, hetero
 from fedapp.config import compose, resolve_data_dir
 from tasks import ClientData, DataError, Task, get_task
 from tasks.training import TrainSettings
@@ -66,14 +66,77 @@ def _prep(msg: Message) -> dict[str, list[float]]:
     return {k: list(v) for k, v in (config or {}).items() if k.startswith("prep.")}
 
 
+@lru_cache(maxsize=64)
+def _profiles(spec: hetero.HeteroSpec, num_partitions: int, seed: int) -> tuple:
+    return tuple(hetero.assign_profiles(spec, num_partitions, seed))
+
+
+def _real_clock_profile(
+    cfg: DictConfig, task: Task, pid: int, node_config
+) -> hetero.DeviceProfile | None:
+    """This node's device profile when it must emulate it itself (real clock), else None.
+
+    Simulation draws it from `hetero` with the run's seed (the server draws the same one);
+    a deployed SuperNode may state its own in its node config (`speed=0.3 up-mbps=5 ...`).
+    """
+    spec = hetero.HeteroSpec.from_config(cfg.get("hetero"))
+    stated = any(k in node_config for k in hetero.NODE_CONFIG_KEYS)
+    if spec.virtual or not (spec.active or stated):
+        return None
+    base = hetero.DeviceProfile()
+    if spec.active and 0 <= pid < task.num_partitions():
+        base = _profiles(spec, task.num_partitions(), int(cfg.seed))[pid]
+    return hetero.profile_from_node_config(node_config, base)
+
+
+def _probe(msg: Message, context: Context) -> Message:
+    """Profiling: run `probe-steps` local steps on the received model (a scheduler's speed
+    measurement; the result is discarded) and send the model back (its link measurement)."""
+    cfg, task, data, pid = _setup(context)
+    config = msg.content["config"]
+    received = msg.content["arrays"]
+    model = task.make_model()
+    model.load_state_dict(received.to_torch_state_dict())
+    steps = int(config.get("probe-steps", 5))
+    settings = TrainSettings.from_config({**dict(config), "max-steps": steps, "local-epochs": 1})
+    profile = _real_clock_profile(cfg, task, pid, context.node_config)
+    rnd = int(config.get("server-round", 0))
+    if profile is not None:
+        hetero.emulate_before_training(profile, int(cfg.seed), pid, rnd, received.count_bytes())
+    metrics = task.train(model, data, settings, _prep(msg))
+    if profile is not None:
+        hetero.emulate_after_training(
+            profile, int(cfg.seed), pid, rnd, float(metrics["train_time_s"]), received.count_bytes()
+        )
+    reply = MetricRecord(
+        {
+            "num-examples": data.num_train,
+            "train_steps": float(metrics["train_steps"]),
+            "train_time_s": float(metrics["train_time_s"]),
+        }
+    )
+    return Message(RecordDict({"arrays": received, "metrics": reply}), reply_to=msg)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Discovery (which partition this node holds; node ids are random in Flower) or,
-    with config `fedapp-action=stats`, the sufficient statistics of its training rows."""
+    """Discovery (which partition this node holds; node ids are random in Flower), or by
+    config `fedapp-action`: `stats` (sufficient statistics of its training rows), `probe`
+    (a timed few steps, for schedulers) or `heartbeat` (an empty answer: alive)."""
     config = msg.content.config_records.get("config")
-    if config is not None and config.get("fedapp-action") == "stats":
+    action = config.get("fedapp-action") if config is not None else None
+    if action == "stats":
         _, task, data, _ = _setup(context)
         return Message(RecordDict({"metrics": MetricRecord(task.client_stats(data))}), reply_to=msg)
+    if action == "probe":
+        return _probe(msg, context)
+    if action == "heartbeat":
+        cfg, task, _, pid = _setup(context)
+        profile = _real_clock_profile(cfg, task, pid, context.node_config)
+        rnd = int(config.get("server-round", 0))
+        if profile is not None and hetero.is_unavailable(profile, int(cfg.seed), pid, rnd):
+            raise hetero.NodeUnavailable(f"client {pid} is offline this round (hetero profile)")
+        return Message(RecordDict({"metrics": MetricRecord({"alive": 1})}), reply_to=msg)
     node = context.node_config
     return Message(
         RecordDict(
@@ -128,6 +191,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     settings = TrainSettings.from_config({**dict(msg.content["config"]), "seed": seed})
     attack = _attack_of(cfg, task, pid)
+    profile = _real_clock_profile(cfg, task, pid, context.node_config)
+    rnd = int(msg.content["config"].get("server-round", 0))
+    if profile is not None:  # real clock: be offline, or wait for the download
+        hetero.emulate_before_training(profile, int(cfg.seed), pid, rnd, received.count_bytes())
     crashes = attack is not None and attacks.crashes_now(attack, seed)
     if crashes and attack.mode == "exception":
         raise attacks.InjectedCrash(f"client {pid}: injected crash (attack=crash)")
@@ -148,6 +215,10 @@ def train(msg: Message, context: Context) -> Message:
         )
         if attack.name == "free_rider" and attack.mode == "stale":
             context.state.array_records[STALE_KEY] = received
+    if profile is not None:  # real clock: compute at the profile's speed, maybe crash, upload
+        hetero.emulate_after_training(
+            profile, int(cfg.seed), pid, rnd, float(metrics["train_time_s"]), received.count_bytes()
+        )
     reply = MetricRecord(
         {
             "num-examples": data.num_train,

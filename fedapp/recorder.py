@@ -50,6 +50,8 @@ ROUND_KEYS = (
     "bytes_up",
     "bytes_down",
     "attacker_weight",
+    "sim_time_s",
+    "aggregation_success",
     "wall_s",
     "elapsed_s",
 )
@@ -101,8 +103,10 @@ class Recorder:
         strategy: Any,
         meta: dict[str, Any],
         prep: dict[str, list[float]] | None = None,
+        clock: Any = None,
     ) -> None:
         self.prep = prep or {}
+        self.clock = clock  # fedapp.hetero.ClockGrid: simulated (or wall) seconds since the start
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -137,19 +141,24 @@ class Recorder:
             "bytes_up": rlog.bytes_up if rlog else 0,
             "bytes_down": rlog.bytes_down if rlog else 0,
             "attacker_weight": attacker_weight(rlog, self.strategy) if rlog else 0.0,
+            "sim_time_s": self.clock.now if self.clock is not None else now - self.t_start,
+            "aggregation_success": aggregation_success(rlog, float(self.cfg.get("quorum", 0.0))),
             "wall_s": now - self.t_last,
             "elapsed_s": now - self.t_start,
             "clients": [dict(c) for c in rlog.clients] if rlog else [],
         }
         if "confusion" in test:
             row["test_confusion"] = test["confusion"]
+        if rlog is not None and rlog.schedule:
+            row["schedule"] = rlog.schedule
         self.t_last = now
         self.rounds.append(row)
         self._checkpoint(server_round, arrays, row)
         self._write()
         log(
             INFO,
-            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  %sclient_acc=%s  replies=%d/%d  %.1fs",
+            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  %sclient_acc=%s  replies=%d/%d  "
+            "sim_t=%.0fs  %.1fs",
             server_round,
             int(self.cfg.rounds),
             row["test_accuracy"],
@@ -158,6 +167,7 @@ class Recorder:
             _fmt(row["client_accuracy"]),
             row["num_replies"],
             row["num_sampled"],
+            row["sim_time_s"],
             row["wall_s"],
         )
         return MetricRecord({k: float(v) for k, v in test.items() if isinstance(v, int | float)})
@@ -202,6 +212,14 @@ class Recorder:
             "mean_round_s": float(np.mean([r["wall_s"] for r in fed])) if fed else None,
             "rounds_completed": len(fed),
             "rounds_aggregated": sum(bool(r["aggregated"]) for r in fed),
+            "aggregation_success_rate": (
+                float(np.mean([bool(r["aggregation_success"]) for r in fed])) if fed else None
+            ),
+            "total_sim_time_s": fed[-1]["sim_time_s"] if fed else 0.0,
+            # Everything the clock carried (training, probes, heartbeats, replies that came
+            # too late to count), which the per-round byte counts leave out.
+            "clock_bytes_down": getattr(self.clock, "bytes_down", None),
+            "clock_bytes_up": getattr(self.clock, "bytes_up", None),
         }
 
     def _write(self, final: bool = False) -> dict[str, Any]:
@@ -234,6 +252,14 @@ def attacker_weight(rlog: Any, strategy: Any) -> float | None:
     if entries and any("weight" not in c for c in entries):
         return None
     return float(sum(c["weight"] for c in entries if c["partition_id"] in attackers))
+
+
+def aggregation_success(rlog: Any, quorum: float) -> bool:
+    """The round made a new global model from at least `quorum` x the clients it started with
+    (the sampled ones; a replacement or late update counts as a reply). Round 0 is False."""
+    if rlog is None or not rlog.aggregated:
+        return False
+    return rlog.num_replies >= max(1, math.ceil(quorum * len(rlog.sampled_train) - 1e-9))
 
 
 def _extra(row: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
+from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.recorder import Recorder
 from strategies import build_strategy
 from tasks import get_task
@@ -160,12 +161,30 @@ def main(grid: Grid, context: Context) -> None:
         seed=int(cfg.seed),
         min_replies=int(cfg.min_replies),
         attackers=attackers,
+        sim_time_budget_s=float(cfg.get("sim_time_budget_s") or 0.0),
     )
 
     prep: dict[str, list[float]] = {}
     if task.needs_stats:
         prep = task.aggregate_stats(
             collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s))
+        )
+
+    # Every strategy talks to the clients through one clock (fedapp.hetero): simulated seconds
+    # under a virtual hetero profile, wall seconds otherwise. Discovery and the statistics
+    # query above happen before the clock starts.
+    hetero = HeteroSpec.from_config(cfg.get("hetero"))
+    profiles = dict(enumerate(assign_profiles(hetero, task.num_partitions(), int(cfg.seed))))
+    clock = ClockGrid(
+        grid, hetero, profiles, node_partitions, int(cfg.seed), float(cfg.round_timeout_s)
+    )
+    if hetero.active:
+        log(
+            INFO,
+            "[fedapp] hetero=%s (%s clock): %s",
+            hetero.name,
+            hetero.clock,
+            {c: sum(p.tier_class == c for p in profiles.values()) for c, _, _ in hetero.classes},
         )
 
     torch.manual_seed(int(cfg.seed))
@@ -181,12 +200,16 @@ def main(grid: Grid, context: Context) -> None:
         "model_bytes": initial.count_bytes(),
         "output_dir": str(out_dir),
         "attackers": attackers,
+        "hetero": hetero.name,
+        "clock": hetero.clock,
     }
+    if hetero.active:
+        meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}
     if prep:
         meta["preprocessing"] = {
             k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
         }
-    recorder = Recorder(out_dir, cfg, task, strategy, meta, prep=prep)
+    recorder = Recorder(out_dir, cfg, task, strategy, meta, prep=prep, clock=clock)
     settings = TrainSettings(
         local_epochs=int(cfg.train.local_epochs),
         max_steps=int(cfg.train.max_steps),
@@ -199,10 +222,12 @@ def main(grid: Grid, context: Context) -> None:
     status, final = "failed", None
     try:
         result = strategy.start(
-            grid=grid,
+            grid=clock,
             initial_arrays=initial,
             num_rounds=int(cfg.rounds),
-            timeout=float(cfg.round_timeout_s),
+            # Synchronous strategies wait this long for a round's replies (simulated seconds on
+            # the virtual clock); `strategy.deadline_s` makes e.g. FedAvg drop stragglers.
+            timeout=float(cfg.strategy.get("deadline_s") or cfg.round_timeout_s),
             train_config=ConfigRecord({**settings.to_config(), **prep}),
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,

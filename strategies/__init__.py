@@ -19,6 +19,7 @@ def build_strategy(cfg: DictConfig, num_nodes: int) -> FedappStrategyMixin:
     assert isinstance(scfg, dict)
     target = scfg.pop("_target_", None)
     scfg.pop("name", None)
+    scfg.pop("deadline_s", None)  # read by the ServerApp: the round timeout it passes to start()
     if not target:
         raise ValueError(f"strategy config '{cfg.strategy.get('name')}' has no _target_")
     cls = get_class(target)

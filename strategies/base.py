@@ -146,6 +146,9 @@ class RoundLog:
     train_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     clients: list[dict[str, Any]] = field(default_factory=list)
+    schedule: dict[str, Any] = field(
+        default_factory=dict
+    )  # scheduling strategies: tiers, deadlines...
 
     def accepted_entries(self, phase: str = "train") -> dict[int, dict[str, Any]]:
         """Per-client log entries of the replies accepted in `phase`, by partition id."""
@@ -156,11 +159,16 @@ class RoundLog:
         }
 
 
+class BudgetExhausted(Exception):
+    """Raised inside Flower's round loop when the run's simulated-time budget is spent."""
+
+
 class FedappStrategyMixin:
     """Mixin for Flower `FedAvg`-family strategies; list it first among the bases."""
 
     seed: int = 0
     min_replies: int = 1
+    sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
     # Keys of the client MetricRecord copied into the per-client log.
     logged_metrics: tuple[str, ...] = (
         NUM_EXAMPLES,
@@ -182,6 +190,7 @@ class FedappStrategyMixin:
         seed: int,
         min_replies: int = 1,
         attackers: Iterable[int] = (),
+        sim_time_budget_s: float = 0.0,
     ) -> None:
         """Attach the node-id -> partition-id map (from the discovery QUERY) and the seed.
 
@@ -193,8 +202,32 @@ class FedappStrategyMixin:
         self.partition_nodes = {p: n for n, p in self.node_partitions.items()}
         self.seed = int(seed)
         self.min_replies = int(min_replies)
+        self.sim_time_budget_s = float(sim_time_budget_s)
         self.rounds: dict[int, RoundLog] = {}
         self._global_arrays: ArrayRecord | None = None
+
+    # -- time budget -------------------------------------------------------------------------
+    def over_budget(self, grid: Grid) -> bool:
+        """True once the clock (fedapp.hetero.ClockGrid) has passed `sim_time_budget_s`."""
+        now = getattr(grid, "now", None)
+        return bool(self.sim_time_budget_s) and now is not None and now >= self.sim_time_budget_s
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any):
+        """Flower's round loop, ended early (keeping the last global model) when the
+        simulated-time budget runs out, so strategies can be compared at equal time."""
+        try:
+            return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
+        except BudgetExhausted:
+            from flwr.serverapp.strategy import Result
+
+            log(
+                INFO,
+                "[fedapp] simulated-time budget of %.0fs spent; stopping",
+                self.sim_time_budget_s,
+            )
+            result = Result()
+            result.arrays = self._global_arrays
+            return result
 
     # -- bookkeeping -------------------------------------------------------------------------
     def round_log(self, server_round: int) -> RoundLog:
@@ -207,6 +240,8 @@ class FedappStrategyMixin:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.over_budget(grid):
+            raise BudgetExhausted
         self._grid, self._round, self._global_arrays = grid, server_round, arrays
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
