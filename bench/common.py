@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +31,23 @@ def fmt_mean_sd(values: list[float | None], digits: int = 3) -> str:
         return "-"
     sd = f" ± {float(np.std(vals, ddof=1)):.{digits}f}" if len(vals) > 1 else ""
     return f"{float(np.mean(vals)):.{digits}f}{sd}"
+
+
+def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -> bool:
+    """One `fedapp.inline` run in a single-threaded CPU subprocess (so a run's numbers do not
+    depend on how many run beside it); its log goes to `log_path`. True when it succeeded."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",  # CPU: identical numbers wherever the bench runs
+    }
+    with log_path.open("w") as fh:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedapp.inline", *overrides, "--output-dir", str(out)],
+            cwd=cwd,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    return proc.returncode == 0

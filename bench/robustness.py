@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed, fmt_mean_sd  # noqa: E402
+from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
 
 STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "trust"]
 ATTACKS = ["label_flip", "gaussian", "scaled", "free_rider", "crash"]
@@ -77,21 +75,7 @@ def plan(args) -> list[tuple[str, list[str], str]]:
 
 
 def run_one(ovr: list[str], out: Path, log_path: Path) -> bool:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "CUDA_VISIBLE_DEVICES": "",  # CPU: identical numbers wherever the bench runs
-    }
-    with log_path.open("w") as fh:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedapp.inline", *ovr, "--output-dir", str(out)],
-            cwd=ROOT,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    return proc.returncode == 0
+    return run_inline_job(ovr, out, log_path, ROOT)
 
 
 def execute(args, jobs) -> None:

@@ -381,7 +381,7 @@ class ClockGrid(Grid):
                 flight.msg_id = f"offline-{self._synthetic}"
                 flight.reply = Message(
                     Error(ErrorCode.NODE_UNAVAILABLE, f"node of client {pid} is offline"),
-                    reply_to=msg,
+                    reply_to=_stub(flight),
                 )
                 flight.arrival = now + self.spec.detect_s
                 self.flights[flight.msg_id] = flight

@@ -96,6 +96,9 @@ def test_offline_nodes_and_crashes_fail_when_the_superlink_would_notice():
     by_pid = {e.flight.partition_id: e for e in events}
     assert by_pid[0].reply.error.code == ErrorCode.NODE_UNAVAILABLE
     assert by_pid[0].time == pytest.approx(30.0)
+    assert by_pid[0].reply.metadata.src_node_id == 100  # reported as the node's own failure
+    assert clock.timing(by_pid[0].reply) == pytest.approx((0.0, 30.0))
+    assert clock.timing(by_pid[1].reply)[0] == 0.0
     assert by_pid[1].reply.error.code == ErrorCode.CLIENT_APP_CRASHED
     at = crash_point(crash, 0, 1, 0)
     assert by_pid[1].time == pytest.approx(0.5 + at * STEPS * 0.1 / 0.5 + 30.0)
