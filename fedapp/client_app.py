@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from fedapp import attacks, hetero
 from fedapp.config import compose, resolve_data_dir
+from strategies import scaffold
 from tasks import ClientData, DataError, Task, get_task
 from tasks.training import TrainSettings
 
@@ -201,8 +202,9 @@ def train(msg: Message, context: Context) -> Message:
     if attack is not None and attack.name == "label_flip":
         mapping = attacks.flipped_labels(np.arange(task.num_classes), task.num_classes)
         data = task.with_labels(data, mapping)
+    correction = _scaffold_correction(msg, context, model)
     if attack is None or attacks.trains_locally(attack):
-        metrics = task.train(model, data, settings, _prep(msg))
+        metrics = task.train(model, data, settings, _prep(msg), correction=correction)
     else:  # made-up weights; the reply still looks honest (loss of the received model)
         metrics = _plausible_metrics(task, model, data, settings, _prep(msg))
     # Model poisoning replaces the weights sent back; a crasher does so only in rounds it crashes.
@@ -228,9 +230,45 @@ def train(msg: Message, context: Context) -> Message:
             "label-counts": [int(c) for c in data.label_counts],
         }
     )
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": reply}), reply_to=msg
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": reply})
+    if correction is not None:
+        content[scaffold.CONTROL_DELTA] = _scaffold_update(
+            msg, context, model, global_state, float(metrics["train_steps"]), settings.lr
+        )
+    return Message(content, reply_to=msg)
+
+
+def _named_controls(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()} if record is not None else {}
+
+
+def _scaffold_correction(msg: Message, context: Context, model) -> list[torch.Tensor] | None:
+    """SCAFFOLD: c - c_i per trainable parameter when the server sent its control c."""
+    if scaffold.SERVER_CONTROL not in msg.content.array_records:
+        return None
+    params = dict(model.named_parameters())
+    names = [n for n, p in params.items() if p.requires_grad]
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    c = _named_controls(msg.content[scaffold.SERVER_CONTROL])
+    ci = _named_controls(context.state.array_records.get(scaffold.CLIENT_CONTROL_STATE))
+    return [torch.from_numpy(a) for a in scaffold.client_correction(names, shapes, c, ci)]
+
+
+def _scaffold_update(msg, context, model, global_state, steps: float, lr: float) -> ArrayRecord:
+    """SCAFFOLD: store c_i+ in this node's state and return delta_c for the server."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    c = _named_controls(msg.content[scaffold.SERVER_CONTROL])
+    ci = _named_controls(context.state.array_records.get(scaffold.CLIENT_CONTROL_STATE))
+    if steps <= 0:  # no local training (an attack harness free rider): controls unchanged
+        zero = {n: np.zeros(tuple(p.shape), np.float32) for n, p in model.named_parameters()}
+        return ArrayRecord({n: Array(zero[n]) for n in names})
+    x = {n: global_state[n].detach().cpu().numpy() for n in names}
+    y = {n: p.detach().cpu().numpy() for n, p in model.named_parameters() if n in x}
+    new, delta = scaffold.client_control_update(names, c, ci, x, y, steps, lr)
+    context.state.array_records[scaffold.CLIENT_CONTROL_STATE] = ArrayRecord(
+        {n: Array(v) for n, v in new.items()}
     )
+    return ArrayRecord({n: Array(v) for n, v in delta.items()})
 
 
 @app.evaluate()

@@ -45,8 +45,11 @@ def reply_metrics(msg: Message) -> MetricRecord | None:
 
 
 def reply_arrays(msg: Message) -> ArrayRecord | None:
-    """The (single) ArrayRecord of a reply, or None if it has none."""
-    return next(iter(msg.content.array_records.values()), None)
+    """The model a reply carries: its ArrayRecord "arrays", else its only one, else None."""
+    records = msg.content.array_records
+    if "arrays" in records:
+        return records["arrays"]
+    return next(iter(records.values()), None) if len(records) == 1 else None
 
 
 def num_examples(msg: Message) -> float:
@@ -169,6 +172,8 @@ class FedappStrategyMixin:
     seed: int = 0
     min_replies: int = 1
     sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
+    # ArrayRecords besides the model that replies must carry (SCAFFOLD's control-variate change)
+    extra_array_records: tuple[str, ...] = ()
     # Keys of the client MetricRecord copied into the per-client log.
     logged_metrics: tuple[str, ...] = (
         NUM_EXAMPLES,
@@ -297,8 +302,20 @@ class FedappStrategyMixin:
                 arrays = reply_arrays(msg)
                 if arrays is not None:
                     rlog.bytes_up += arrays.count_bytes()
-                if arrays is None or len(content.array_records) != 1:
-                    entry["status"] = "rejected: reply must carry exactly one ArrayRecord"
+                extra = set(content.array_records) - {"arrays", *self.extra_array_records}
+                if arrays is None or (len(content.array_records) > 1 and extra):
+                    entry["status"] = "rejected: reply must carry exactly one model ArrayRecord"
+                    continue
+                missing = set(self.extra_array_records) - set(content.array_records)
+                if missing:
+                    entry["status"] = f"rejected: reply lacks the ArrayRecord(s) {sorted(missing)}"
+                    continue
+                for name in self.extra_array_records:
+                    if not arrays_are_finite(content.array_records[name]):
+                        entry["status"] = f"rejected: non-finite values in {name}"
+                        break
+                    rlog.bytes_up += content.array_records[name].count_bytes()
+                if entry.get("status"):
                     continue
                 if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):
                     entry["status"] = "rejected: arrays do not match the global model's layout"

@@ -121,10 +121,13 @@ class Task(ABC):
 
     # --- training / metrics (classification defaults) ---------------------------------------
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None
+        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
     ) -> dict[str, float]:
-        """Train `model` in place on the client's data; return scalar metrics."""
-        return train_classifier(model, data.train, settings, device=self.device)
+        """Train `model` in place on the client's data; return scalar metrics.
+        `correction`: per-parameter gradient offsets (SCAFFOLD), see `train_classifier`."""
+        return train_classifier(
+            model, data.train, settings, device=self.device, correction=correction
+        )
 
     def evaluate(self, model: nn.Module, dataset: Dataset, prep=None) -> dict[str, float]:
         """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC-AUC, PR-AUC."""

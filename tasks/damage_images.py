@@ -183,8 +183,12 @@ class DamageImagesTask(HFImageTask):
         return DamageCNN(self.num_classes, int(self.task_cfg.width))
 
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None
+        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
     ) -> dict[str, float]:
         return train_classifier(
-            model, FlipDataset(data.train, settings.seed), settings, device=self.device
+            model,
+            FlipDataset(data.train, settings.seed),
+            settings,
+            device=self.device,
+            correction=correction,
         )

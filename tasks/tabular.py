@@ -538,10 +538,17 @@ class TabularTask(Task):
         return prep
 
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None
+        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
     ) -> dict[str, float]:
         ds = featurize(data.train, self.schema, self._prep(prep))
-        return train_classifier(model, ds, settings, loss_fn=self.loss_fn(prep), device=self.device)
+        return train_classifier(
+            model,
+            ds,
+            settings,
+            loss_fn=self.loss_fn(prep),
+            device=self.device,
+            correction=correction,
+        )
 
     def evaluate(self, model: nn.Module, dataset: TorchDataset, prep=None) -> dict[str, float]:
         ds = featurize(dataset, self.schema, self._prep(prep))

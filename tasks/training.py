@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -66,11 +66,14 @@ def train_classifier(
     settings: TrainSettings,
     loss_fn: nn.Module | None = None,
     device: str | torch.device = "cpu",
+    correction: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run local SGD on `dataset`; return train loss (data term only), steps and seconds.
 
     With ``settings.proximal_mu > 0`` the objective is FedProx's
     ``loss + mu/2 * ||w - w_global||^2`` where ``w_global`` is the model as received.
+    With ``correction`` (one tensor per trainable parameter, in ``model.parameters()`` order)
+    every step follows ``g + correction``: SCAFFOLD's ``g - c_i + c``.
     Raises ``FloatingPointError`` if the loss diverges, so the client reports a failure
     instead of sending NaN weights.
     """
@@ -109,6 +112,11 @@ def train_classifier(
                     "lower train.lr or check the data"
                 )
             loss.backward()
+            if correction is not None:
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                for p, corr in zip(trainable, correction, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(corr.to(p.grad.device, p.grad.dtype))
             opt.step()
             steps += 1
             seen += len(yb)
