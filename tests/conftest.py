@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import settings
 
 from fedapp.config import PROJECT_ROOT
+
+# Property tests draw the same examples on every run (CI must not flake on a new draw);
+# HYPOTHESIS_PROFILE=explore searches afresh each time, for local bug hunting.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DATA_DIR = Path(os.environ.get("FEDAPP_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
 
