@@ -203,6 +203,8 @@ def train(msg: Message, context: Context) -> Message:
         mapping = attacks.flipped_labels(np.arange(task.num_classes), task.num_classes)
         data = task.with_labels(data, mapping)
     correction = _scaffold_correction(msg, context, model)
+    report_gain = bool(msg.content["config"].get("report-val-gain", 0))
+    before = _val_loss(task, model, data, _prep(msg)) if report_gain else 0.0
     if attack is None or attacks.trains_locally(attack):
         metrics = task.train(model, data, settings, _prep(msg), correction=correction)
     else:  # made-up weights; the reply still looks honest (loss of the received model)
@@ -230,12 +232,23 @@ def train(msg: Message, context: Context) -> Message:
             "label-counts": [int(c) for c in data.label_counts],
         }
     )
+    if report_gain:  # contribution-aware strategies: local validation loss before/after
+        reply["val_loss_before"] = before
+        reply["val_loss_after"] = _val_loss(task, model, data, _prep(msg))
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": reply})
     if correction is not None:
         content[scaffold.CONTROL_DELTA] = _scaffold_update(
             msg, context, model, global_state, float(metrics["train_steps"]), settings.lr
         )
     return Message(content, reply_to=msg)
+
+
+def _val_loss(task: Task, model, data: ClientData, prep) -> float:
+    """Loss on this client's validation rows (0.0 when it has none: 'unknown' to the server)."""
+    if not len(data.val):
+        return 0.0
+    loss = float(task.evaluate(model, data.val, prep)["loss"])
+    return loss if np.isfinite(loss) else 0.0
 
 
 def _named_controls(record: ArrayRecord | None) -> dict[str, np.ndarray]:

@@ -191,6 +191,11 @@ class Recorder:
             torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
         self.meta["status"] = status
         results = self._write(final=True)
+        if hasattr(self.strategy, "write_reports"):  # e.g. the contribution ledger
+            try:
+                self.strategy.write_reports(self.out_dir)
+            except Exception as exc:  # a report problem must never lose the numbers
+                log(INFO, "[fedapp] strategy reports failed: %s", exc)
         try:
             plot_rounds(
                 self.rounds, self.out_dir, title=f"{self.cfg.task.name} / {self.cfg.strategy.name}"

@@ -121,7 +121,12 @@ class Task(ABC):
 
     # --- training / metrics (classification defaults) ---------------------------------------
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
+        self,
+        model: nn.Module,
+        data: ClientData,
+        settings: TrainSettings,
+        prep=None,
+        correction=None,
     ) -> dict[str, float]:
         """Train `model` in place on the client's data; return scalar metrics.
         `correction`: per-parameter gradient offsets (SCAFFOLD), see `train_classifier`."""

@@ -183,7 +183,12 @@ class DamageImagesTask(HFImageTask):
         return DamageCNN(self.num_classes, int(self.task_cfg.width))
 
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
+        self,
+        model: nn.Module,
+        data: ClientData,
+        settings: TrainSettings,
+        prep=None,
+        correction=None,
     ) -> dict[str, float]:
         return train_classifier(
             model,

@@ -538,7 +538,12 @@ class TabularTask(Task):
         return prep
 
     def train(
-        self, model: nn.Module, data: ClientData, settings: TrainSettings, prep=None, correction=None
+        self,
+        model: nn.Module,
+        data: ClientData,
+        settings: TrainSettings,
+        prep=None,
+        correction=None,
     ) -> dict[str, float]:
         ds = featurize(data.train, self.schema, self._prep(prep))
         return train_classifier(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -26,6 +27,8 @@ class TrainSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: add (mu/2)||w - w_global||^2 to the loss
+    distill_weight: float = 0.0  # add weight * T^2 * KL(global model's predictions || local)
+    distill_temperature: float = 2.0
     seed: int = 0
 
     @classmethod
@@ -52,6 +55,16 @@ def proximal_term(model: nn.Module, global_params: Iterable[torch.Tensor]) -> to
         if p.requires_grad
     ]
     return torch.stack(terms).sum()
+
+
+def distillation_term(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher/T) || softmax(student/T)), batch mean (Hinton et al., 2015)."""
+    return (t * t) * nn.functional.kl_div(
+        nn.functional.log_softmax(student / t, dim=1),
+        nn.functional.log_softmax(teacher / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -81,6 +94,11 @@ def train_classifier(
     model.to(device)
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()]
+    teacher = None
+    if settings.distill_weight > 0:  # the received global model, frozen
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -102,10 +120,15 @@ def train_classifier(
         for xb, yb in loader:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
-            data_loss = loss_fn(model(xb), yb)
+            logits = model(xb)
+            data_loss = loss_fn(logits, yb)
             loss = data_loss
             if settings.proximal_mu > 0:
                 loss = loss + 0.5 * settings.proximal_mu * proximal_term(model, global_params)
+            if teacher is not None:
+                loss = loss + settings.distill_weight * distillation_term(
+                    logits, teacher(xb), settings.distill_temperature
+                )
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"local training diverged at step {steps} (loss={loss.item()}); "

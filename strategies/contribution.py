@@ -1,0 +1,303 @@
+"""Contribution-aware aggregation: every round each client's contribution is scored along
+several dimensions, the scores set the aggregation weights, and a ledger accumulates who
+contributed how much over the run.
+
+Dimensions (pure functions below, each in [0, 1], higher = more useful):
+- `volume`: log(1 + n_k) / log(1 + max n), so size counts, with diminishing returns;
+- `diversity`: half the normalised entropy of the client's label histogram, half its
+  agreement with the round's pooled histogram (1 - Jensen-Shannon divergence, base 2);
+  histograms are what clients report (`label-counts`), untrusted but checked for shape;
+- `gain`: the relative drop of the client's local validation loss during its local training
+  ((before - after) / before, clipped to [-1, 1] and mapped to [0, 1]); 0.5 (neutral) when a
+  client has no validation rows;
+- `norm`: update norm relative to the round's median (1 inside [norm_low, norm_high], decaying
+  outside; a zero update scores 0), as in the trust strategy;
+- `direction`: agreement of the update with the round's sample-weighted mean update,
+  max(cosine, 0).
+Each dimension is min-max normalised over the round's clients (a dimension on which all
+clients are equal carries no information and becomes 1 for all), mixed with `mix` weights,
+and turned into aggregation weights
+
+    w_k  proportional to  n_k * exp((s_k - max s) / temperature)
+
+so a large temperature gives FedAvg, equal scores give FedAvg, and weights are positive and
+sum to 1. Not implemented: a marginal contribution measured on a server-side validation set
+(leave-one-out or Shapley estimates); the operator-side validation data it needs does not
+exist in the tasks yet.
+
+Local continual learning (client side, `strategy.local.*`, off for the baselines): a proximal
+term mu/2 ||w - w_global||^2 and a distillation term toward the received global model's
+predictions (`tasks.training.train_classifier`) keep clients from drifting to their local
+label mix.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from omegaconf import DictConfig
+
+from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from strategies.trust import aggregate as weighted_aggregate
+from strategies.trust import sanity_scores
+
+DIMENSIONS = ("volume", "diversity", "gain", "norm", "direction")
+
+
+# -- dimensions -----------------------------------------------------------------------------------
+def volume_scores(n: np.ndarray) -> np.ndarray:
+    n = np.asarray(n, dtype=np.float64)
+    top = math.log1p(float(n.max())) if len(n) else 1.0
+    return np.log1p(n) / top if top > 0 else np.ones_like(n)
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits (0 = same distribution, 1 = disjoint supports)."""
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    return max(0.0, _entropy(m) - 0.5 * _entropy(p) - 0.5 * _entropy(q))
+
+
+def diversity_scores(histograms: np.ndarray) -> np.ndarray:
+    """0.5 x normalised entropy + 0.5 x (1 - JS divergence to the pooled histogram)."""
+    h = np.asarray(histograms, dtype=np.float64)
+    if h.ndim != 2 or h.shape[1] < 2:
+        return np.ones(len(h))
+    pooled = h.sum(axis=0)
+    out = np.full(len(h), 0.5)
+    if pooled.sum() <= 0:
+        return out
+    for i, row in enumerate(h):
+        if row.sum() <= 0:
+            continue
+        ent = _entropy(row / row.sum()) / math.log2(h.shape[1])
+        out[i] = 0.5 * ent + 0.5 * (1.0 - js_divergence(row, pooled))
+    return out
+
+
+def gain_scores(loss_before: np.ndarray, loss_after: np.ndarray) -> np.ndarray:
+    """(clip((before - after) / before, -1, 1) + 1) / 2; 0.5 where unknown (NaN)."""
+    b, a = np.asarray(loss_before, np.float64), np.asarray(loss_after, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(b > 0, (b - a) / b, np.nan)
+    out = (np.clip(rel, -1.0, 1.0) + 1.0) / 2.0
+    return np.where(np.isfinite(out), out, 0.5)
+
+
+def direction_scores(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """max(cosine(update_k, weighted mean update), 0); 1 for all when the mean is zero."""
+    mean = np.asarray(weights, np.float64) @ updates / max(float(np.sum(weights)), 1e-300)
+    mn = np.linalg.norm(mean)
+    if mn == 0:
+        return np.ones(len(updates))
+    norms = np.linalg.norm(updates, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = updates @ mean / (norms * mn)
+    return np.clip(np.nan_to_num(cos, nan=0.0), 0.0, 1.0)
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    """Scale to [0, 1] over clients; a constant dimension becomes all ones (no information)."""
+    x = np.asarray(x, np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return np.ones_like(x) if hi - lo <= 1e-12 else (x - lo) / (hi - lo)
+
+
+def combine(
+    scores: dict[str, np.ndarray], mix: dict[str, float], n: np.ndarray, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(combined score s_k, weights w_k ~ n_k exp((s_k - max s) / temperature))."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    total = sum(max(float(v), 0.0) for v in mix.values())
+    if total <= 0:
+        raise ValueError("the contribution mix needs at least one positive weight")
+    k = len(n)
+    s = np.zeros(k)
+    for dim, m in mix.items():
+        if m > 0:
+            s += (m / total) * minmax(scores[dim])
+    logits = (s - s.max()) / temperature
+    w = np.asarray(n, np.float64) * np.exp(logits)
+    return s, w / w.sum()
+
+
+def contribution_scores(
+    n: np.ndarray,
+    histograms: np.ndarray,
+    loss_before: np.ndarray,
+    loss_after: np.ndarray,
+    updates: np.ndarray,
+    norm_low: float = 0.1,
+    norm_high: float = 3.0,
+) -> dict[str, np.ndarray]:
+    """Every dimension of the module docstring for one round's clients."""
+    norms = np.linalg.norm(updates, axis=1)
+    med = float(np.median(norms))
+    ratio = norms / med if med > 0 else np.ones_like(norms)
+    return {
+        "volume": volume_scores(n),
+        "diversity": diversity_scores(histograms),
+        "gain": gain_scores(loss_before, loss_after),
+        "norm": sanity_scores(ratio, norm_low, norm_high),
+        "direction": direction_scores(updates, n),
+    }
+
+
+# -- ledger ---------------------------------------------------------------------------------------
+@dataclass
+class Ledger:
+    """Cumulative contribution per client over the run."""
+
+    rows: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, pid: int, weight: float, scores: dict[str, float]) -> None:
+        row = self.rows.setdefault(
+            pid, {"rounds": 0, "total_weight": 0.0, **{d: 0.0 for d in DIMENSIONS}}
+        )
+        row["rounds"] += 1
+        row["total_weight"] += weight
+        for d in DIMENSIONS:
+            row[d] += scores[d]
+
+    def table(self) -> list[dict[str, Any]]:
+        total = sum(r["total_weight"] for r in self.rows.values()) or 1.0
+        out = []
+        for pid, r in sorted(self.rows.items()):
+            out.append(
+                {
+                    "partition_id": pid,
+                    "rounds": int(r["rounds"]),
+                    "total_weight": r["total_weight"],
+                    "share": r["total_weight"] / total,
+                    **{f"mean_{d}": r[d] / r["rounds"] for d in DIMENSIONS},
+                }
+            )
+        return out
+
+    def write(self, out_dir: Path) -> None:
+        rows = self.table()
+        if not rows:
+            return
+        with (out_dir / "contribution_ledger.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        top = sorted(rows, key=lambda r: -r["share"])[:40]
+        fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(top)), 3.5))
+        ax.bar([str(r["partition_id"]) for r in top], [r["share"] for r in top])
+        ax.set_xlabel("client (partition id)")
+        ax.set_ylabel("share of total aggregation weight")
+        ax.set_title("contribution ledger" + (" (top 40)" if len(rows) > 40 else ""))
+        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "contribution_ledger.png", dpi=110)
+        plt.close(fig)
+
+
+def _flat(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+
+class ContributionAware(FedappStrategyMixin, FedAvg):
+    """See the module docstring; `conf/strategy/contribution.yaml`."""
+
+    def __init__(
+        self,
+        *,
+        mix: dict[str, float] | None = None,
+        temperature: float = 0.25,
+        norm_low: float = 0.1,
+        norm_high: float = 3.0,
+        local: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.mix = {d: float((mix or {}).get(d, 1.0)) for d in DIMENSIONS}
+        unknown = set(mix or {}) - set(DIMENSIONS)
+        if unknown:
+            raise ValueError(f"unknown contribution dimensions {sorted(unknown)}; use {DIMENSIONS}")
+        combine(
+            {d: np.zeros(1) for d in DIMENSIONS}, self.mix, np.ones(1), temperature
+        )  # validates
+        self.temperature = float(temperature)
+        self.norm_low, self.norm_high = float(norm_low), float(norm_high)
+        self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
+        self.ledger = Ledger()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
+        return cls(**common, **params)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ):
+        # ask clients for their validation loss before and after training, and send the
+        # local continual-learning terms
+        config = ConfigRecord({**dict(config), "report-val-gain": 1, **self.local})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def client_weights(self, accepted: list[Message]) -> None:
+        return None  # logged by aggregate_accepted with the scores behind them
+
+    def aggregate_accepted(
+        self, server_round: int, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        keys = list(self._global_arrays.keys())
+        g = [self._global_arrays[k].numpy() for k in keys]
+        clients = [[reply_arrays(m)[k].numpy() for k in keys] for m in accepted]
+        n = np.array([num_examples(m) for m in accepted])
+        metrics = [reply_metrics(m) for m in accepted]
+        width = max((len(m.get("label-counts", [])) for m in metrics), default=0)
+        hist = np.array(
+            [
+                list(m["label-counts"]) if len(m.get("label-counts", [])) == width else [0] * width
+                for m in metrics
+            ],
+            dtype=np.float64,
+        )
+        before = np.array([float(m.get("val_loss_before", np.nan)) for m in metrics])
+        after = np.array([float(m.get("val_loss_after", np.nan)) for m in metrics])
+        g_flat = _flat(g)
+        updates = np.stack([_flat(c) - g_flat for c in clients])
+        scores = contribution_scores(n, hist, before, after, updates, self.norm_low, self.norm_high)
+        combined, weights = combine(scores, self.mix, n, self.temperature)
+        new = weighted_aggregate(g, clients, weights, np.ones(len(clients)))
+        from flwr.app import Array
+
+        arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})
+        by_pid = self.round_log(server_round).accepted_entries("train")
+        for i, m in enumerate(accepted):
+            pid = self.partition_of(m.metadata.src_node_id)
+            per = {d: float(scores[d][i]) for d in DIMENSIONS}
+            self.ledger.add(pid, float(weights[i]), per)
+            entry = by_pid.get(pid)
+            if entry is not None:
+                entry.update({f"contrib_{d}": v for d, v in per.items()})
+                entry["contrib_score"] = float(combined[i])
+                entry["weight"] = float(weights[i])
+        agg = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
+        return arrays, agg
+
+    def write_reports(self, out_dir: Path) -> None:
+        """Called by the recorder at the end of the run: the contribution ledger."""
+        self.ledger.write(Path(out_dir))

@@ -1,0 +1,112 @@
+"""Contribution-aware aggregation: each dimension, the weights, the ledger, and a run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedapp.inline import run_inline
+from strategies.contribution import (
+    DIMENSIONS,
+    Ledger,
+    combine,
+    contribution_scores,
+    direction_scores,
+    diversity_scores,
+    gain_scores,
+    js_divergence,
+    volume_scores,
+)
+from tasks.training import distillation_term
+
+MIX = {d: 1.0 for d in DIMENSIONS}
+
+
+def test_dimensions_rank_what_they_should():
+    assert volume_scores(np.array([10, 1000]))[1] == 1.0
+    assert volume_scores(np.array([10, 1000]))[0] < 0.5
+    balanced, one_class, mixed = [50, 50, 50], [150, 0, 0], [80, 50, 20]
+    d = diversity_scores(np.array([balanced, one_class, mixed], float))
+    assert d[0] > d[2] > d[1]
+    assert js_divergence(np.array([1.0, 0]), np.array([0, 1.0])) == pytest.approx(1.0)
+    assert js_divergence(np.array([1.0, 2]), np.array([2.0, 4])) == pytest.approx(0.0)
+    g = gain_scores(np.array([1.0, 1.0, 1.0, 0.0]), np.array([0.5, 1.0, 3.0, 0.0]))
+    np.testing.assert_allclose(g, [0.75, 0.5, 0.0, 0.5])  # helped, nothing, hurt, unknown
+    u = np.array([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])
+    dirs = direction_scores(u, np.array([1.0, 1.0, 0.2]))
+    assert dirs[0] > 0.9 and dirs[2] == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 10_000), st.floats(0.05, 5.0))
+def test_weights_are_a_distribution_and_follow_the_clients(k, seed, temperature):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, 500, k).astype(float)
+    scores = contribution_scores(
+        n,
+        rng.integers(0, 30, (k, 4)).astype(float),
+        rng.uniform(0.5, 1.0, k),
+        rng.uniform(0.2, 1.2, k),
+        rng.normal(size=(k, 6)),
+    )
+    s, w = combine(scores, MIX, n, temperature)
+    assert np.all(w > 0) and w.sum() == pytest.approx(1.0)
+    perm = rng.permutation(k)
+    _, wp = combine({d: v[perm] for d, v in scores.items()}, MIX, n[perm], temperature)
+    np.testing.assert_allclose(wp, w[perm], rtol=1e-12)
+    # a higher combined score never gets a smaller weight per example
+    per_example = w / n
+    order = np.argsort(s)
+    assert np.all(np.diff(per_example[order]) >= -1e-12)
+
+
+def test_equal_scores_or_a_huge_temperature_give_fedavg():
+    n = np.array([10.0, 30.0, 60.0])
+    same = {d: np.full(3, 0.4) for d in DIMENSIONS}
+    np.testing.assert_allclose(combine(same, MIX, n, 0.1)[1], n / n.sum())
+    varied = {d: np.array([0.1, 0.9, 0.5]) for d in DIMENSIONS}
+    np.testing.assert_allclose(combine(varied, MIX, n, 1e9)[1], n / n.sum(), rtol=1e-6)
+    with pytest.raises(ValueError):
+        combine(varied, {d: 0.0 for d in DIMENSIONS}, n, 1.0)
+
+
+def test_ledger_accumulates_shares(tmp_path):
+    ledger = Ledger()
+    for w in (0.25, 0.75):
+        ledger.add(1, w, {d: 1.0 for d in DIMENSIONS})
+    ledger.add(2, 1.0, {d: 0.0 for d in DIMENSIONS})
+    rows = {r["partition_id"]: r for r in ledger.table()}
+    assert rows[1]["share"] == pytest.approx(0.5) and rows[1]["rounds"] == 2
+    assert rows[2]["mean_gain"] == 0.0
+    ledger.write(tmp_path)
+    assert (tmp_path / "contribution_ledger.csv").read_text().count("\n") == 3
+    assert (tmp_path / "contribution_ledger.png").stat().st_size > 0
+
+
+def test_distillation_term_is_zero_for_the_teacher_itself():
+    logits = torch.randn(5, 4)
+    assert distillation_term(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_term(logits, torch.randn(5, 4), 2.0).item() > 0
+
+
+def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
+    out = run_inline(
+        "task=credit partition=dirichlet partition.alpha=0.3 partition.num_partitions=6 "
+        "clients_per_round=6 rounds=2 eval_clients_per_round=0 checkpoint=false "
+        "strategy=contribution strategy.local.distill_weight=0.5",
+        tmp_path / "run",
+    )
+    res = json.loads((out / "results.json").read_text())
+    for r in res["rounds"][1:]:
+        ok = [c for c in r["clients"] if c["status"] == "ok"]
+        assert sum(c["weight"] for c in ok) == pytest.approx(1.0)
+        for c in ok:
+            assert all(0.0 <= c[f"contrib_{d}"] <= 1.0 for d in DIMENSIONS)
+    assert res["rounds"][-1]["test_roc_auc"] > 0.6
+    ledger = (out / "contribution_ledger.csv").read_text().splitlines()
+    assert len(ledger) == 7 and ledger[0].startswith("partition_id,rounds,total_weight,share")
