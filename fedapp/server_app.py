@@ -125,6 +125,20 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float) -> list[dict[
     return stats
 
 
+def server_loss_fn(task, dataset, prep: dict[str, list[float]]):
+    """arrays (in the model's state-dict order) -> the task's loss on `dataset`."""
+    keys = list(task.make_model().state_dict().keys())
+
+    def loss(arrays) -> float:
+        model = task.make_model()
+        model.load_state_dict(
+            {k: torch.as_tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+        )
+        return float(task.evaluate(model, dataset, prep)["loss"])
+
+    return loss
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -187,6 +201,23 @@ def main(grid: Grid, context: Context) -> None:
             {c: sum(p.tier_class == c for p in profiles.values()) for c, _, _ in hetero.classes},
         )
 
+    # Operator-held validation rows (off by default): carved out of the central test set,
+    # which from then on reports on the rest only. Strategies that score updates on it
+    # (contribution's leave-one-out) get a loss function, never the rows.
+    server_val_fraction = float(cfg.get("server_val_fraction") or 0.0)
+    server_val_rows = 0
+    if server_val_fraction > 0:
+        server_val = task.carve_server_validation(server_val_fraction, int(cfg.seed))
+        server_val_rows = len(server_val)
+        strategy.bind_server_validation(server_loss_fn(task, server_val, prep))
+        log(
+            INFO,
+            "[fedapp] server validation: %d rows of the central test set (%.0f%%); %d left to test on",
+            server_val_rows,
+            100 * server_val_fraction,
+            len(task.load_central_test()),
+        )
+
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
     meta = {
@@ -202,6 +233,7 @@ def main(grid: Grid, context: Context) -> None:
         "attackers": attackers,
         "hetero": hetero.name,
         "clock": hetero.clock,
+        "server_val_rows": server_val_rows,
     }
     if hetero.active:
         meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}

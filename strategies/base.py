@@ -211,6 +211,13 @@ class FedappStrategyMixin:
         self.rounds: dict[int, RoundLog] = {}
         self._global_arrays: ArrayRecord | None = None
 
+    # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
+    # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
+    server_loss: Any = None
+
+    def bind_server_validation(self, loss_fn: Any) -> None:
+        self.server_loss = loss_fn
+
     # -- time budget -------------------------------------------------------------------------
     def over_budget(self, grid: Grid) -> bool:
         """True once the clock (fedapp.hetero.ClockGrid) has passed `sim_time_budget_s`."""

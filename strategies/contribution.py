@@ -13,7 +13,18 @@ Dimensions (pure functions below, each in [0, 1], higher = more useful):
 - `norm`: update norm relative to the round's median (1 inside [norm_low, norm_high], decaying
   outside; a zero update scores 0), as in the trust strategy;
 - `direction`: agreement of the update with the round's sample-weighted mean update,
-  max(cosine, 0).
+  max(cosine, 0);
+- `marginal` (only when the operator holds validation rows, `server_val_fraction` > 0):
+  leave-one-out marginal contribution to the global objective,
+  phi_k = L(w_-k) - L(w), where w = sum_j p_j x_j is the round's sample-weighted aggregate,
+  w_-k = (w - p_k x_k) / (1 - p_k) the same aggregate without client k, and L the loss on the
+  server validation rows (positive: the federation is worse without k). Cost per round:
+  K + 1 forward passes over the validation rows and one extra model in memory, no extra
+  communication; a round with one client scores it 0. Leave-one-out rather than Shapley
+  values: exact Shapley needs 2^K evaluations, truncated Monte-Carlo permutations
+  (Ghorbani and Zou 2019) still need O(K x permutations); leave-one-out is the cheapest
+  estimator that measures a client's effect on the aggregate itself, at the price of
+  under-crediting clients whose updates are redundant with others'.
 Each dimension is min-max normalised over the round's clients (a dimension on which all
 clients are equal carries no information and becomes 1 for all), mixed with `mix` weights,
 and turned into aggregation weights
@@ -21,9 +32,7 @@ and turned into aggregation weights
     w_k  proportional to  n_k * exp((s_k - max s) / temperature)
 
 so a large temperature gives FedAvg, equal scores give FedAvg, and weights are positive and
-sum to 1. Not implemented: a marginal contribution measured on a server-side validation set
-(leave-one-out or Shapley estimates); the operator-side validation data it needs does not
-exist in the tasks yet.
+sum to 1. Without server validation rows the `marginal` dimension is left out of the mix.
 
 Local continual learning (client side, `strategy.local.*`, off for the baselines): a proximal
 term mu/2 ||w - w_global||^2 and a distillation term toward the received global model's
@@ -35,13 +44,15 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from omegaconf import DictConfig
@@ -50,7 +61,7 @@ from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, rep
 from strategies.trust import aggregate as weighted_aggregate
 from strategies.trust import sanity_scores
 
-DIMENSIONS = ("volume", "diversity", "gain", "norm", "direction")
+DIMENSIONS = ("volume", "diversity", "gain", "norm", "direction", "marginal")
 
 
 # -- dimensions -----------------------------------------------------------------------------------
@@ -110,6 +121,28 @@ def direction_scores(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(cos, nan=0.0), 0.0, 1.0)
 
 
+def leave_one_out(
+    clients: Sequence[Sequence[np.ndarray]],
+    p: np.ndarray,
+    loss: Callable[[list[np.ndarray]], float],
+) -> tuple[np.ndarray, float]:
+    """(phi_k = L(w_-k) - L(w) for each client, L(w)), w = sum_k p_k x_k (layer-wise)."""
+    p = np.asarray(p, np.float64)
+    p = p / p.sum()
+    layers = range(len(clients[0]))
+    w = [sum(p[k] * np.asarray(c[i], np.float64) for k, c in enumerate(clients)) for i in layers]
+    full = float(loss(w))
+    phi = np.zeros(len(clients))
+    if len(clients) < 2:
+        return phi, full
+    for k, c in enumerate(clients):
+        if p[k] >= 1.0 - 1e-12:
+            continue  # nobody else carries weight: there is no aggregate without k
+        w_k = [(w[i] - p[k] * np.asarray(c[i], np.float64)) / (1.0 - p[k]) for i in layers]
+        phi[k] = float(loss(w_k)) - full
+    return phi, full
+
+
 def minmax(x: np.ndarray) -> np.ndarray:
     """Scale to [0, 1] over clients; a constant dimension becomes all ones (no information)."""
     x = np.asarray(x, np.float64)
@@ -123,7 +156,9 @@ def combine(
     """(combined score s_k, weights w_k ~ n_k exp((s_k - max s) / temperature))."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    total = sum(max(float(v), 0.0) for v in mix.values())
+    if any(float(v) < 0 for v in mix.values()):
+        raise ValueError(f"contribution mix weights must be >= 0, got {dict(mix)}")
+    total = sum(float(v) for v in mix.values())
     if total <= 0:
         raise ValueError("the contribution mix needs at least one positive weight")
     k = len(n)
@@ -144,18 +179,23 @@ def contribution_scores(
     updates: np.ndarray,
     norm_low: float = 0.1,
     norm_high: float = 3.0,
+    marginal: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every dimension of the module docstring for one round's clients."""
+    """Every dimension of the module docstring for one round's clients (`marginal` only when
+    given: `leave_one_out` needs the server's validation loss)."""
     norms = np.linalg.norm(updates, axis=1)
     med = float(np.median(norms))
     ratio = norms / med if med > 0 else np.ones_like(norms)
-    return {
+    out = {
         "volume": volume_scores(n),
         "diversity": diversity_scores(histograms),
         "gain": gain_scores(loss_before, loss_after),
         "norm": sanity_scores(ratio, norm_low, norm_high),
         "direction": direction_scores(updates, n),
     }
+    if marginal is not None:
+        out["marginal"] = np.asarray(marginal, np.float64)
+    return out
 
 
 # -- ledger ---------------------------------------------------------------------------------------
@@ -164,6 +204,7 @@ class Ledger:
     """Cumulative contribution per client over the run."""
 
     rows: dict[int, dict[str, float]] = field(default_factory=dict)
+    measured: set[str] = field(default_factory=set)  # dimensions scored at least once
 
     def add(self, pid: int, weight: float, scores: dict[str, float]) -> None:
         row = self.rows.setdefault(
@@ -172,7 +213,8 @@ class Ledger:
         row["rounds"] += 1
         row["total_weight"] += weight
         for d in DIMENSIONS:
-            row[d] += scores[d]
+            row[d] += scores.get(d, 0.0)
+        self.measured.update(scores)
 
     def table(self) -> list[dict[str, Any]]:
         total = sum(r["total_weight"] for r in self.rows.values()) or 1.0
@@ -184,7 +226,7 @@ class Ledger:
                     "rounds": int(r["rounds"]),
                     "total_weight": r["total_weight"],
                     "share": r["total_weight"] / total,
-                    **{f"mean_{d}": r[d] / r["rounds"] for d in DIMENSIONS},
+                    **{f"mean_{d}": r[d] / r["rounds"] for d in DIMENSIONS if d in self.measured},
                 }
             )
         return out
@@ -243,6 +285,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         self.norm_low, self.norm_high = float(norm_low), float(norm_high)
         self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
         self.ledger = Ledger()
+        self._told_no_marginal = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
@@ -279,8 +322,23 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         after = np.array([float(m.get("val_loss_after", np.nan)) for m in metrics])
         g_flat = _flat(g)
         updates = np.stack([_flat(c) - g_flat for c in clients])
-        scores = contribution_scores(n, hist, before, after, updates, self.norm_low, self.norm_high)
-        combined, weights = combine(scores, self.mix, n, self.temperature)
+        marginal = None
+        if self.server_loss is not None and self.mix["marginal"] > 0:
+            marginal, _ = leave_one_out(clients, n, self.server_loss)
+        elif self.mix["marginal"] > 0 and not self._told_no_marginal:
+            self._told_no_marginal = True
+            log(
+                INFO,
+                "[fedapp] contribution: no server validation rows (server_val_fraction=0); "
+                "the `marginal` dimension is left out",
+            )
+        scores = contribution_scores(
+            n, hist, before, after, updates, self.norm_low, self.norm_high, marginal
+        )
+        mix = {d: m for d, m in self.mix.items() if d in scores}
+        if sum(mix.values()) <= 0:  # only `marginal` was asked for and there is no server data
+            mix = dict.fromkeys(scores, 1.0)
+        combined, weights = combine(scores, mix, n, self.temperature)
         new = weighted_aggregate(g, clients, weights, np.ones(len(clients)))
         from flwr.app import Array
 
@@ -288,7 +346,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         by_pid = self.round_log(server_round).accepted_entries("train")
         for i, m in enumerate(accepted):
             pid = self.partition_of(m.metadata.src_node_id)
-            per = {d: float(scores[d][i]) for d in DIMENSIONS}
+            per = {d: float(scores[d][i]) for d in scores}
             self.ledger.add(pid, float(weights[i]), per)
             entry = by_pid.get(pid)
             if entry is not None:

@@ -38,6 +38,30 @@ class ClientData:
         return len(self.train)
 
 
+def holdout_positions(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out positions, remaining positions): a seeded split, stratified by label when
+    every class has at least two rows, each side non-empty."""
+    labels = np.asarray(labels)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"server validation fraction must be in (0, 1), got {fraction}")
+    if len(labels) < 2:
+        raise DataError(
+            "the central test set has fewer than 2 rows; cannot carve a server validation set"
+        )
+    from sklearn.model_selection import train_test_split
+
+    pos = np.arange(len(labels))
+    counts = np.unique(labels, return_counts=True)[1]
+    n_val = min(max(1, round(fraction * len(labels))), len(labels) - 1)
+    stratify = (
+        labels if counts.min() >= 2 and len(counts) <= n_val <= len(labels) - len(counts) else None
+    )
+    val, rest = train_test_split(pos, train_size=n_val, random_state=seed, stratify=stratify)
+    return np.sort(val), np.sort(rest)
+
+
 class Task(ABC):
     """A learning problem: how its data is partitioned and loaded, its model, its metrics."""
 
@@ -77,6 +101,28 @@ class Task(ABC):
     @abstractmethod
     def load_central_test(self) -> Dataset:
         """The held-out test set the server evaluates the global model on."""
+
+    def carve_server_validation(self, fraction: float, seed: int) -> Any:
+        """Move a stratified `fraction` of the central test set into a server validation set
+        and return it; from then on `load_central_test` (and the majority-class baseline)
+        use only the rest, so no row is both tuned on and reported on.
+
+        For strategies that score updates on operator-held data (the contribution strategy's
+        leave-one-out dimension). The split depends on the seed only, so every strategy in a
+        comparison is tested on the same rows.
+        """
+        labels = self.test_labels()
+        val_pos, test_pos = holdout_positions(labels, fraction, seed)
+        return self._split_central_test(val_pos, test_pos)
+
+    def test_labels(self) -> np.ndarray:
+        """Labels of the central test set."""
+        return self.load_central_test().tensors[1].numpy()
+
+    def _split_central_test(self, val_pos: np.ndarray, test_pos: np.ndarray) -> Any:
+        raise NotImplementedError(
+            f"task {self.name or type(self).__name__} cannot carve a server validation set"
+        )
 
     @abstractmethod
     def load_centralized_train(self) -> Dataset:

@@ -491,6 +491,14 @@ class TabularTask(Task):
     def load_centralized_train(self) -> Rows:
         return self.rows.take(self.train_idx)
 
+    def test_labels(self) -> np.ndarray:
+        return self.rows.y[self.test_idx]
+
+    def _split_central_test(self, val_pos: np.ndarray, test_pos: np.ndarray) -> Rows:
+        val_idx = self.test_idx[val_pos]
+        self.test_idx = self.test_idx[test_pos]
+        return self.rows.take(val_idx)
+
     # -- federated preprocessing --------------------------------------------------------------
     def client_stats(self, data: ClientData) -> dict[str, list[float]]:
         return numeric_stats(data.train, self.num_classes)

@@ -20,8 +20,10 @@ from strategies.contribution import (
     diversity_scores,
     gain_scores,
     js_divergence,
+    leave_one_out,
     volume_scores,
 )
+from tasks.base import holdout_positions
 from tasks.training import distillation_term
 
 MIX = {d: 1.0 for d in DIMENSIONS}
@@ -53,6 +55,7 @@ def test_weights_are_a_distribution_and_follow_the_clients(k, seed, temperature)
         rng.uniform(0.5, 1.0, k),
         rng.uniform(0.2, 1.2, k),
         rng.normal(size=(k, 6)),
+        marginal=rng.normal(size=k),
     )
     s, w = combine(scores, MIX, n, temperature)
     assert np.all(w > 0) and w.sum() == pytest.approx(1.0)
@@ -73,6 +76,55 @@ def test_equal_scores_or_a_huge_temperature_give_fedavg():
     np.testing.assert_allclose(combine(varied, MIX, n, 1e9)[1], n / n.sum(), rtol=1e-6)
     with pytest.raises(ValueError):
         combine(varied, {d: 0.0 for d in DIMENSIONS}, n, 1.0)
+
+
+def test_leave_one_out_matches_its_closed_form_for_a_linear_loss():
+    # L(w) = a.w  =>  phi_k = a.(w_-k - w) = p_k a.(w - x_k) / (1 - p_k)
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=5)
+    xs = rng.normal(size=(4, 5))
+    n = np.array([10.0, 20.0, 30.0, 40.0])
+    p = n / n.sum()
+    phi, full = leave_one_out([[x[:2], x[2:]] for x in xs], n, lambda w: float(a @ np.concatenate(w)))
+    w = p @ xs
+    assert full == pytest.approx(a @ w)
+    np.testing.assert_allclose(phi, p * ((w - xs) @ a) / (1 - p), rtol=1e-10, atol=1e-12)
+
+
+def test_leave_one_out_credits_helpers_and_blames_the_harmful():
+    target = np.array([1.0, -2.0, 0.5])
+    loss = lambda w: float(np.sum((w[0] - target) ** 2))  # noqa: E731
+    good = [target + 0.1 * np.array([1, 0, 0]), target + 0.1 * np.array([0, 1, 0]), target]
+    bad = [target + np.array([5.0, 5.0, -5.0])]
+    phi, _ = leave_one_out([[x] for x in good + bad], np.ones(4), loss)
+    assert np.all(phi[:3] > 0) and phi[3] < 0  # removing the poisoner lowers the loss
+    # permuting the clients permutes the scores; a lone client scores 0
+    perm = [3, 1, 0, 2]
+    phi_p, _ = leave_one_out([[x] for x in np.array(good + bad)[perm]], np.ones(4), loss)
+    np.testing.assert_allclose(phi_p, phi[perm])
+    assert leave_one_out([[target]], np.ones(1), loss)[0].tolist() == [0.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 300), st.floats(0.05, 0.6), st.integers(0, 1000))
+def test_holdout_is_a_seeded_stratified_partition(n, fraction, seed):
+    labels = np.random.default_rng(seed).integers(0, 3, n)
+    val, rest = holdout_positions(labels, fraction, seed)
+    assert len(val) > 0 and len(rest) > 0
+    assert sorted(np.concatenate([val, rest]).tolist()) == list(range(n))
+    again = holdout_positions(labels, fraction, seed)
+    assert val.tolist() == again[0].tolist()
+    counts = np.bincount(labels, minlength=3)
+    if counts.min() >= 2 and 3 <= len(val) <= n - 3:  # stratified: each class ~ its share
+        got = np.bincount(labels[val], minlength=3)
+        assert np.all(np.abs(got - counts * len(val) / n) <= 1.0 + 1e-9)
+
+
+def test_holdout_refuses_nonsense():
+    with pytest.raises(ValueError):
+        holdout_positions(np.zeros(10), 0.0, 0)
+    with pytest.raises(ValueError):
+        holdout_positions(np.zeros(10), 1.0, 0)
 
 
 def test_ledger_accumulates_shares(tmp_path):
@@ -98,7 +150,7 @@ def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
     out = run_inline(
         "task=credit partition=dirichlet partition.alpha=0.3 partition.num_partitions=6 "
         "clients_per_round=6 rounds=2 eval_clients_per_round=0 checkpoint=false "
-        "strategy=contribution strategy.local.distill_weight=0.5",
+        "strategy=contribution strategy.local.distill_weight=0.5 server_val_fraction=0.1",
         tmp_path / "run",
     )
     res = json.loads((out / "results.json").read_text())
@@ -106,7 +158,13 @@ def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
         ok = [c for c in r["clients"] if c["status"] == "ok"]
         assert sum(c["weight"] for c in ok) == pytest.approx(1.0)
         for c in ok:
-            assert all(0.0 <= c[f"contrib_{d}"] <= 1.0 for d in DIMENSIONS)
+            assert all(0.0 <= c[f"contrib_{d}"] <= 1.0 for d in DIMENSIONS if d != "marginal")
+            assert np.isfinite(c["contrib_marginal"])  # a raw loss difference
+        assert len({c["contrib_marginal"] for c in ok}) > 1
     assert res["rounds"][-1]["test_roc_auc"] > 0.6
+    # the server validation rows left the test set: 10% of the credit task's 6000 test rows
+    assert res["meta"]["server_val_rows"] == 600
+    assert res["rounds"][-1]["test_confusion"] and sum(res["rounds"][-1]["test_confusion"]) == 5400
     ledger = (out / "contribution_ledger.csv").read_text().splitlines()
     assert len(ledger) == 7 and ledger[0].startswith("partition_id,rounds,total_weight,share")
+    assert ledger[0].endswith("mean_direction,mean_marginal")
