@@ -4,7 +4,9 @@ SCAFFOLD, on the same Dirichlet splits and seeds.
 Grid: task x split (Dirichlet alpha in --alphas, `iid`, and for FEMNIST `natural`) x number
 of clients (--clients) x seed x strategy, all clients trained every round for the smaller
 federations and `--per-round` of them otherwise. Reported per cell: the final metric (accuracy;
-ROC-AUC for credit), the metric after `--early` rounds (convergence speed), and the spread of
+ROC-AUC for credit) on the central test set minus the `--server-val` share the operator keeps
+as validation rows (the same rows for every strategy; only `contribution` reads them), the
+metric after `--early` rounds (convergence speed), and the spread of
 per-client accuracy of the final model on the clients' own validation rows (fairness: standard
 deviation and the worst 10% mean), mean ± sd over seeds, and the centralized model and
 majority class where known.
@@ -33,10 +35,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
 
-STRATEGIES = ["fedavg", "fedprox", "fednova", "scaffold", "contribution"]
+STRATEGIES = ["fedavg", "fedprox", "fednova", "scaffold", "contribution_noval", "contribution"]
+# Variants of a strategy config: the contribution strategy without its server-validation
+# (leave-one-out) dimension shows what the operator's validation rows add.
+VARIANTS = {"contribution_noval": ["strategy=contribution", "strategy.mix.marginal=0"]}
 TASKS = {
     "credit": {"overrides": ["task=credit", "train.local_epochs=1"], "metric": "test_roc_auc"},
-    "femnist": {"overrides": ["task=femnist"], "metric": "test_accuracy"},
+    # at most 50 local steps (500 images) per round, so that 10 Dirichlet clients holding
+    # ~4k images each cost what 20 natural writers do
+    "femnist": {"overrides": ["task=femnist", "train.max_steps=50"], "metric": "test_accuracy"},
 }
 
 
@@ -72,7 +79,10 @@ def plan(args) -> list[tuple[dict, list[str], str]]:
                             f"clients_per_round={per_round}",
                             f"eval_clients_per_round={per_round}",
                             f"rounds={args.rounds}",
-                            f"strategy={strategy}",
+                            *VARIANTS.get(strategy, [f"strategy={strategy}"]),
+                            # every strategy is tested on the same rows; only contribution
+                            # reads the carved-out validation rows
+                            f"server_val_fraction={args.server_val}",
                             f"seed={seed}",
                             "checkpoint=false",
                         ]
@@ -227,6 +237,12 @@ def main() -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--early", type=int, default=5)
+    p.add_argument(
+        "--server-val",
+        type=float,
+        default=0.1,
+        help="share of the central test set held by the operator as validation rows (all runs)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--reuse", action="store_true")
