@@ -29,6 +29,9 @@ class TrainSettings:
     proximal_mu: float = 0.0  # FedProx: add (mu/2)||w - w_global||^2 to the loss
     distill_weight: float = 0.0  # add weight * T^2 * KL(global model's predictions || local)
     distill_temperature: float = 2.0
+    # True: distil only the not-true classes (FedNTD, Lee et al. 2022): the local labels are
+    # learnt freely, the global model's knowledge of the other classes is kept
+    distill_not_true: bool = False
     seed: int = 0
 
     @classmethod
@@ -65,6 +68,13 @@ def distillation_term(student: torch.Tensor, teacher: torch.Tensor, t: float) ->
         reduction="batchmean",
         log_target=True,
     )
+
+
+def not_true_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits without each row's true class: shape (batch, classes - 1)."""
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[torch.arange(len(labels)), labels] = False
+    return logits[keep].view(len(labels), logits.shape[1] - 1)
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -126,8 +136,11 @@ def train_classifier(
             if settings.proximal_mu > 0:
                 loss = loss + 0.5 * settings.proximal_mu * proximal_term(model, global_params)
             if teacher is not None:
+                student, target = logits, teacher(xb)
+                if settings.distill_not_true and logits.shape[1] > 2:
+                    student, target = not_true_logits(logits, yb), not_true_logits(target, yb)
                 loss = loss + settings.distill_weight * distillation_term(
-                    logits, teacher(xb), settings.distill_temperature
+                    student, target, settings.distill_temperature
                 )
             if not torch.isfinite(loss):
                 raise FloatingPointError(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from fedapp.inline import run_inline
 from fedapp.launch import run_simulation
 
 pytestmark = pytest.mark.e2e
@@ -25,11 +27,22 @@ def _results(outcome):
     return json.loads((outcome.output_dir / "results.json").read_text())
 
 
+def _run(engine: str, overrides: str, out: Path) -> tuple[Path, dict]:
+    """(output folder, results.json) of a run through Flower's simulation engine ("flower")
+    or the in-process engine ("inline": the same ServerApp and ClientApp without Ray, which
+    the next-but-one test shows gives the same models; used where the Flower path is already
+    covered, to keep the suite's time down)."""
+    if engine == "flower":
+        outcome = run_simulation(overrides, out)
+        return outcome.output_dir, _results(outcome)
+    folder = run_inline(overrides, out)
+    return folder, json.loads((folder / "results.json").read_text())
+
+
 # FedProx runs end to end in the sweep test below (with FedAvg); its client term is unit-tested.
-@pytest.mark.parametrize("strategy", ["fedavg", "qfedavg"])
-def test_simulation_learns_and_writes_the_results_contract(strategy, tmp_path, data_dir):
-    out = run_simulation(f"{SMALL} strategy={strategy}", tmp_path / strategy)
-    res = _results(out)
+@pytest.mark.parametrize(("strategy", "engine"), [("fedavg", "flower"), ("qfedavg", "inline")])
+def test_simulation_learns_and_writes_the_results_contract(strategy, engine, tmp_path, data_dir):
+    output_dir, res = _run(engine, f"{SMALL} strategy={strategy}", tmp_path / strategy)
     rounds = res["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     for key in (
@@ -60,7 +73,7 @@ def test_simulation_learns_and_writes_the_results_contract(strategy, tmp_path, d
         "best_model.pt",
         "final_model.pt",
     ):
-        assert (out.output_dir / name).exists(), name
+        assert (output_dir / name).exists(), name
 
 
 def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
@@ -70,7 +83,6 @@ def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
     deterministic (tests/test_inline.py), so a non-deterministic simulation would fail here."""
     import torch
 
-    from fedapp.inline import run_inline
 
     overrides = f"{SMALL} strategy=trust attack=free_rider attack.mode=stale attack.fraction=0.25"
     flower = _results(run_simulation(overrides, tmp_path / "flower"))
@@ -101,7 +113,6 @@ def test_event_driven_strategy_runs_on_flowers_grid(tmp_path, data_dir):
     how many steps) and its models are the same as in the inline engine, however Ray
     interleaves the clients."""
     strategy = "tiered"
-    from fedapp.inline import run_inline
 
     overrides = (
         "task=credit partition=iid partition.num_partitions=6 rounds=3 clients_per_round=3 "
@@ -169,10 +180,17 @@ def test_sweep_runs_jobs_and_writes_a_summary(tmp_path, data_dir):
     assert (tmp_path / "sweep" / "summary.md").exists()
 
 
-@pytest.mark.parametrize("task", ["credit_lending", "insurance", "bankruptcy", "medical"])
-def test_tabular_tasks_end_to_end(task, tmp_path, data_dir):
-    out = run_simulation(f"task={task} rounds=3", tmp_path / task)
-    res = _results(out)
+@pytest.mark.parametrize(
+    ("task", "engine"),
+    [
+        ("credit_lending", "flower"),
+        ("insurance", "inline"),
+        ("bankruptcy", "inline"),
+        ("medical", "inline"),
+    ],
+)
+def test_tabular_tasks_end_to_end(task, engine, tmp_path, data_dir):
+    _, res = _run(engine, f"task={task} rounds=3", tmp_path / task)
     last, first = res["rounds"][-1], res["rounds"][0]
     for key in (
         "test_balanced_accuracy",

@@ -85,7 +85,9 @@ def test_leave_one_out_matches_its_closed_form_for_a_linear_loss():
     xs = rng.normal(size=(4, 5))
     n = np.array([10.0, 20.0, 30.0, 40.0])
     p = n / n.sum()
-    phi, full = leave_one_out([[x[:2], x[2:]] for x in xs], n, lambda w: float(a @ np.concatenate(w)))
+    phi, full = leave_one_out(
+        [[x[:2], x[2:]] for x in xs], n, lambda w: float(a @ np.concatenate(w))
+    )
     w = p @ xs
     assert full == pytest.approx(a @ w)
     np.testing.assert_allclose(phi, p * ((w - xs) @ a) / (1 - p), rtol=1e-10, atol=1e-12)
