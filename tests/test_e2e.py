@@ -83,7 +83,6 @@ def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
     deterministic (tests/test_inline.py), so a non-deterministic simulation would fail here."""
     import torch
 
-
     overrides = f"{SMALL} strategy=trust attack=free_rider attack.mode=stale attack.fraction=0.25"
     flower = _results(run_simulation(overrides, tmp_path / "flower"))
     inline_dir = run_inline(overrides, tmp_path / "inline")

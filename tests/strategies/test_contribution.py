@@ -24,7 +24,7 @@ from strategies.contribution import (
     volume_scores,
 )
 from tasks.base import holdout_positions
-from tasks.training import distillation_term
+from tasks.training import distillation_term, not_true_logits
 
 MIX = {d: 1.0 for d in DIMENSIONS}
 
@@ -146,6 +146,20 @@ def test_distillation_term_is_zero_for_the_teacher_itself():
     logits = torch.randn(5, 4)
     assert distillation_term(logits, logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
     assert distillation_term(logits, torch.randn(5, 4), 2.0).item() > 0
+
+
+def test_not_true_distillation_ignores_the_true_class():
+    logits = torch.tensor([[5.0, 1.0, 2.0, 3.0], [0.0, 9.0, -1.0, 4.0]])
+    labels = torch.tensor([0, 1])
+    np.testing.assert_array_equal(
+        not_true_logits(logits, labels), [[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]]
+    )
+    # a teacher that differs only on the true class teaches nothing not-true
+    teacher = logits.clone()
+    teacher[0, 0], teacher[1, 1] = -7.0, 0.5
+    nt = distillation_term(not_true_logits(logits, labels), not_true_logits(teacher, labels), 1.0)
+    assert nt.item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_term(logits, teacher, 1.0).item() > 0.1
 
 
 def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
