@@ -181,3 +181,22 @@ def test_label_flip_on_images(natural):
     assert (y1.numpy() == 61 - y0.numpy()).all() and x1 is x0
     assert flipped.label_counts.sum() == data.label_counts.sum()
     assert flipped.label_counts[61 - int(y0[0])] > 0
+
+
+def test_server_validation_rows_leave_the_test_set(data_dir):
+    task = _task(data_dir)
+    full = task.load_central_test()
+    val = task.carve_server_validation(0.1, seed=0)
+    test = task.load_central_test()
+    assert len(val) == 321 and len(test) == 3209 - 321
+    # the two parts together are the old test set, image for image
+    images = lambda ds: sorted(x.numpy().tobytes() for x in ds.tensors[0])  # noqa: E731
+    assert images(val) + images(test) != [] and sorted(images(val) + images(test)) == images(full)
+    # stratified: frequent classes keep their share in both parts
+    counts = np.bincount(full.tensors[1].numpy(), minlength=62)
+    got = np.bincount(val.tensors[1].numpy(), minlength=62)
+    assert np.all(np.abs(got - counts * 0.1) <= 1.5)
+    # the majority-class baseline is computed on the rows that remain
+    assert task.majority_accuracy(None) == pytest.approx(
+        np.mean(test.tensors[1].numpy() == np.argmax(np.bincount(task.train_labels())))
+    )
