@@ -8,8 +8,8 @@ ROC-AUC for credit) on the central test set minus the `--server-val` share the o
 as validation rows (the same rows for every strategy; only `contribution` reads them), the
 metric after `--early` rounds (convergence speed), and the spread of
 per-client accuracy of the final model on the clients' own validation rows (fairness: standard
-deviation and the worst 10% mean), mean ± sd over seeds, and the centralized model and
-majority class where known.
+deviation and the worst 10% mean), mean ± sd over seeds, and the majority class's accuracy on
+the same test rows (the centralized model is in femnist_baselines.md / tabular_baselines.md).
 
     .venv/bin/python bench/contribution.py --tasks credit --jobs 2
     .venv/bin/python bench/contribution.py --tasks credit --alphas 0.1 --clients 10 --seeds 0
@@ -141,6 +141,7 @@ def fairness(rnd: dict) -> tuple[float | None, float | None]:
 def summarize(args, jobs) -> dict:
     runs = args.out / "runs_contribution"
     cells: dict[tuple, dict] = {}
+    majority: dict[str, float | None] = {}
     for key, _, name in jobs:
         res = completed(runs / name / "results.json", args.rounds)
         if res is None:
@@ -157,7 +158,10 @@ def summarize(args, jobs) -> dict:
         cell["fair_sd"].append(sd)
         cell["worst10"].append(worst)
         cell["curves"].append([r[metric] for r in rounds])
+        majority[key["task"]] = rounds[-1].get("majority_accuracy")
     return {
+        "majority_accuracy": majority,
+        "server_val": args.server_val,
         "rounds": args.rounds,
         "early": args.early,
         "cells": [
@@ -175,7 +179,10 @@ def write_report(args, summary) -> None:
         f"`bench/contribution.py`, in-process engine, {summary['rounds']} rounds, CPU. Final metric "
         f"of the global model on the server test set, the same after {summary['early']} rounds, and "
         "the spread of per-client validation accuracy of the final model (sd; mean of the worst 10%); "
-        "mean ± sd over seeds.",
+        f"mean ± sd over seeds. The server test set is the central test set minus the "
+        f"{summary['server_val']:.0%} the operator keeps as validation rows (the same rows for every "
+        "strategy; only `contribution` reads them; `contribution_noval` is the same strategy without "
+        "that leave-one-out dimension).",
         "",
     ]
     for task in args.tasks:
@@ -185,6 +192,8 @@ def write_report(args, summary) -> None:
         metric = TASKS[task]["metric"]
         lines += [
             f"## {task}: {metric}",
+            "",
+            f"Majority class accuracy on the same test rows: {summary['majority_accuracy'].get(task, float('nan')):.3f}.",
             "",
             "| split | clients | strategy | final | after early rounds | client acc. sd | worst 10% | seeds |",
             "|---|---|---|---|---|---|---|---|",
