@@ -69,6 +69,8 @@ def plan(args) -> list[tuple[dict, list[str], str]]:
     jobs = []
     for task in args.tasks:
         for split in splits(task, args.alphas):
+            if args.only_splits and split not in args.only_splits:
+                continue
             for clients in [0] if split == "natural" else args.clients:
                 per_round = clients if 0 < clients <= args.per_round else args.per_round
                 for seed in args.seeds:
@@ -242,6 +244,12 @@ def main() -> int:
     p.add_argument("--strategies", nargs="+", default=STRATEGIES)
     p.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5, 1.0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument(
+        "--only-splits",
+        nargs="+",
+        default=None,
+        help="e.g. dirichlet0.1 iid natural (default: all)",
+    )
     p.add_argument("--per-round", type=int, default=20, help="clients per round (all when fewer)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=30)
