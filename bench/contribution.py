@@ -15,7 +15,8 @@ the same test rows (the centralized model is in femnist_baselines.md / tabular_b
     .venv/bin/python bench/contribution.py --tasks credit --alphas 0.1 --clients 10 --seeds 0
     .venv/bin/python bench/contribution.py --summarize-only --tasks credit femnist
 
-Writes bench/results/contribution.{json,md} and contribution_<task>.png; runs stay under
+Writes bench/results/contribution_<task>.{json,md} (contribution.{json,md} for several tasks) and
+contribution_<task>.png; runs stay under
 bench/results/runs_contribution/ (ignored by git).
 """
 
@@ -151,8 +152,9 @@ def summarize(args, jobs) -> dict:
         metric = TASKS[key["task"]]["metric"]
         cell = cells.setdefault(
             (key["task"], key["split"], key["clients"], key["strategy"]),
-            {"final": [], "early": [], "fair_sd": [], "worst10": [], "curves": []},
+            {"final": [], "early": [], "fair_sd": [], "worst10": [], "curves": [], "seeds": []},
         )
+        cell["seeds"].append(key["seed"])
         rounds = res["rounds"]
         cell["final"].append(rounds[-1][metric])
         cell["early"].append(rounds[min(args.early, len(rounds) - 1)][metric])
@@ -173,8 +175,31 @@ def summarize(args, jobs) -> dict:
     }
 
 
+def paired_gain(cell: dict, cells: list[dict], metric: str = "final") -> list[float]:
+    """cell's metric minus FedAvg's in the same task/split/size, seed by seed."""
+    ref = next(
+        (
+            c
+            for c in cells
+            if c["strategy"] == "fedavg"
+            and (c["task"], c["split"], c["clients"])
+            == (cell["task"], cell["split"], cell["clients"])
+        ),
+        None,
+    )
+    if ref is None:
+        return []
+    base = dict(zip(ref["seeds"], ref[metric], strict=True))
+    return [v - base[s] for s, v in zip(cell["seeds"], cell[metric], strict=True) if s in base]
+
+
+def report_name(args) -> str:
+    return "contribution" if len(args.tasks) > 1 else f"contribution_{args.tasks[0]}"
+
+
 def write_report(args, summary) -> None:
-    (args.out / "contribution.json").write_text(json.dumps(summary, indent=1))
+    name = report_name(args)
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
     lines = [
         "# Label skew: contribution-aware aggregation vs FedAvg, FedProx, FedNova, SCAFFOLD",
         "",
@@ -197,17 +222,21 @@ def write_report(args, summary) -> None:
             "",
             f"Majority class accuracy on the same test rows: {summary['majority_accuracy'].get(task, float('nan')):.3f}.",
             "",
-            "| split | clients | strategy | final | after early rounds | client acc. sd | worst 10% | seeds |",
-            "|---|---|---|---|---|---|---|---|",
+            "| split | clients | strategy | final | final − FedAvg (paired) | after early rounds | "
+            "early − FedAvg | client acc. sd | worst 10% | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in tc:
             lines.append(
                 f"| {c['split']} | {c['clients'] or 'natural'} | {c['strategy']} | {fmt_mean_sd(c['final'])} | "
-                f"{fmt_mean_sd(c['early'])} | {fmt_mean_sd(c['fair_sd'])} | {fmt_mean_sd(c['worst10'])} | "
+                f"{fmt_mean_sd(paired_gain(c, tc)) if c['strategy'] != 'fedavg' else '-'} | "
+                f"{fmt_mean_sd(c['early'])} | "
+                f"{fmt_mean_sd(paired_gain(c, tc, 'early')) if c['strategy'] != 'fedavg' else '-'} | "
+                f"{fmt_mean_sd(c['fair_sd'])} | {fmt_mean_sd(c['worst10'])} | "
                 f"{len(c['final'])} |"
             )
         lines.append("")
-    (args.out / "contribution.md").write_text("\n".join(lines))
+    (args.out / f"{name}.md").write_text("\n".join(lines))
     plot(args, summary)
 
 
@@ -270,7 +299,7 @@ def main() -> int:
         execute(args, jobs)
     summary = summarize(args, jobs)
     write_report(args, summary)
-    print((args.out / "contribution.md").read_text())
+    print((args.out / f"{report_name(args)}.md").read_text())
     return 0
 
 
