@@ -510,7 +510,7 @@ class TabularTask(Task):
         counts = np.asarray(
             (prep or {}).get("prep.label_counts") or np.bincount(self.rows.y[self.train_idx])
         )
-        return majority_accuracy(counts, self.rows.y[self.test_idx])
+        return majority_accuracy(counts, self.test_labels())
 
     # -- model, training, evaluation -----------------------------------------------------------
     def make_model(self) -> nn.Module:
