@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,21 @@ def fmt_mean_sd(values: list[float | None], digits: int = 3) -> str:
     return f"{float(np.mean(vals)):.{digits}f}{sd}"
 
 
+# Looked up once in the parent: a child between fork and exec should only make the call.
+_PRCTL = None
+if sys.platform.startswith("linux"):
+    import ctypes
+
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the bench process dies (a killed
+    bench script would otherwise leave its runs computing for an hour). Elsewhere: nothing."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -> bool:
     """One `fedapp.inline` run in a single-threaded CPU subprocess (so a run's numbers do not
     depend on how many run beside it); its log goes to `log_path`. True when it succeeded."""
@@ -43,11 +59,21 @@ def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -
         "CUDA_VISIBLE_DEVICES": "",  # CPU: identical numbers wherever the bench runs
     }
     with log_path.open("w") as fh:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "fedapp.inline", *overrides, "--output-dir", str(out)],
             cwd=cwd,
             env=env,
             stdout=fh,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
+        try:
+            proc.wait()
+        except BaseException:  # Ctrl-C in the bench script: do not leave the run behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
     return proc.returncode == 0

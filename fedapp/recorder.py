@@ -151,6 +151,8 @@ class Recorder:
             row["test_confusion"] = test["confusion"]
         if rlog is not None and rlog.schedule:
             row["schedule"] = rlog.schedule
+        if rlog is not None and rlog.aggregation:
+            row["aggregation"] = rlog.aggregation
         self.t_last = now
         self.rounds.append(row)
         self._checkpoint(server_round, arrays, row)

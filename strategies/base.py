@@ -152,6 +152,7 @@ class RoundLog:
     schedule: dict[str, Any] = field(
         default_factory=dict
     )  # scheduling strategies: tiers, deadlines...
+    aggregation: dict[str, Any] = field(default_factory=dict)  # round-level choices of a strategy
 
     def accepted_entries(self, phase: str = "train") -> dict[int, dict[str, Any]]:
         """Per-client log entries of the replies accepted in `phase`, by partition id."""

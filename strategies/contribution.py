@@ -34,6 +34,17 @@ and turned into aggregation weights
 so a large temperature gives FedAvg, equal scores give FedAvg, and weights are positive and
 sum to 1. Without server validation rows the `marginal` dimension is left out of the mix.
 
+Temperature chosen on the server's validation rows (`temperatures`, when
+`server_val_fraction` > 0): how peaked the weights should be depends on the federation (under
+strong label skew the diverse, helpful clients deserve much more than their sample share; on
+IID data any reweighting only lowers the effective sample size). Each round the aggregate is
+formed with FedAvg's weights and with every candidate temperature, and the one with the lowest
+loss on the validation rows is kept (one forward pass over those rows per candidate, no
+communication). FedAvg's weights are always a candidate, so no round's aggregate is worse on
+those rows than FedAvg's from the same updates. The choice and every candidate's loss are in
+`results.json` under each round's `aggregation`. Without server rows the fixed `temperature`
+is used.
+
 Local continual learning (client side, `strategy.local.*`, off for the baselines): a proximal
 term mu/2 ||w - w_global||^2 and a distillation term toward the received global model's
 predictions (`tasks.training.train_classifier`) keep clients from drifting to their local
@@ -150,25 +161,67 @@ def minmax(x: np.ndarray) -> np.ndarray:
     return np.ones_like(x) if hi - lo <= 1e-12 else (x - lo) / (hi - lo)
 
 
+def combined_score(scores: dict[str, np.ndarray], mix: dict[str, float]) -> np.ndarray:
+    """s_k = sum_d mix_d / sum(mix) x minmax(score_d)_k, in [0, 1]."""
+    if any(float(v) < 0 for v in mix.values()):
+        raise ValueError(f"contribution mix weights must be >= 0, got {dict(mix)}")
+    total = sum(float(v) for v in mix.values())
+    if total <= 0:
+        raise ValueError("the contribution mix needs at least one positive weight")
+    k = len(next(iter(scores.values())))
+    s = np.zeros(k)
+    for dim, m in mix.items():
+        if m > 0:
+            s += (m / total) * minmax(scores[dim])
+    return s
+
+
+def score_weights(s: np.ndarray, n: np.ndarray, temperature: float | None) -> np.ndarray:
+    """w_k ~ n_k exp((s_k - max s) / temperature), summing to 1; temperature None: FedAvg's
+    n_k / sum n (the limit of a large temperature)."""
+    n = np.asarray(n, np.float64)
+    if temperature is None:
+        return n / n.sum()
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    w = n * np.exp((s - s.max()) / temperature)
+    return w / w.sum()
+
+
 def combine(
     scores: dict[str, np.ndarray], mix: dict[str, float], n: np.ndarray, temperature: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """(combined score s_k, weights w_k ~ n_k exp((s_k - max s) / temperature))."""
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    if any(float(v) < 0 for v in mix.values()):
-        raise ValueError(f"contribution mix weights must be >= 0, got {dict(mix)}")
-    total = sum(float(v) for v in mix.values())
-    if total <= 0:
-        raise ValueError("the contribution mix needs at least one positive weight")
-    k = len(n)
-    s = np.zeros(k)
-    for dim, m in mix.items():
-        if m > 0:
-            s += (m / total) * minmax(scores[dim])
-    logits = (s - s.max()) / temperature
-    w = np.asarray(n, np.float64) * np.exp(logits)
-    return s, w / w.sum()
+    s = combined_score(scores, mix)
+    return s, score_weights(s, n, temperature)
+
+
+def select_temperature(
+    s: np.ndarray,
+    n: np.ndarray,
+    candidates: Sequence[float],
+    server_loss: Callable[[np.ndarray], float],
+) -> tuple[float | None, np.ndarray, dict[float | None, float]]:
+    """Pick the weighting whose aggregate has the lowest loss on the server's validation rows.
+
+    The candidates are each temperature in `candidates` and FedAvg's weights (None), so the
+    chosen aggregate is never worse on those rows than FedAvg's from the same clients; ties
+    go to FedAvg, then to the larger temperature (the less peaked weights).
+    `server_loss(weights)` evaluates the aggregate made with `weights`.
+    Returns (chosen temperature or None, its weights, loss of every candidate)."""
+    order: list[float | None] = [None, *sorted({float(t) for t in candidates}, reverse=True)]
+    losses: dict[float | None, float] = {}
+    best, best_w, best_loss = None, None, math.inf
+    for t in order:
+        w = score_weights(s, n, t)
+        loss = float(server_loss(w))
+        losses[t] = loss
+        better = math.isfinite(loss) and (not math.isfinite(best_loss) or loss < best_loss)
+        if best_w is None or better:  # a NaN or infinite loss never wins
+            best, best_w, best_loss = t, w, loss
+    return best, best_w, losses
 
 
 def contribution_scores(
@@ -268,6 +321,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         *,
         mix: dict[str, float] | None = None,
         temperature: float = 0.25,
+        temperatures: Sequence[float] = (),
         norm_low: float = 0.1,
         norm_high: float = 3.0,
         local: dict[str, float] | None = None,
@@ -282,6 +336,9 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
             {d: np.zeros(1) for d in DIMENSIONS}, self.mix, np.ones(1), temperature
         )  # validates
         self.temperature = float(temperature)
+        self.temperatures = [float(t) for t in temperatures or ()]
+        if any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be positive, got {self.temperatures}")
         self.norm_low, self.norm_high = float(norm_low), float(norm_high)
         self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
         self.ledger = Ledger()
@@ -339,7 +396,21 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         if sum(mix.values()) <= 0:  # only `marginal` was asked for and there is no server data
             mix = dict.fromkeys(scores, 1.0)
         combined, weights = combine(scores, mix, n, self.temperature)
-        new = weighted_aggregate(g, clients, weights, np.ones(len(clients)))
+        ones = np.ones(len(clients))
+        if self.server_loss is not None and self.temperatures:
+            chosen, weights, losses = select_temperature(
+                combined,
+                n,
+                self.temperatures,
+                lambda w: self.server_loss(weighted_aggregate(g, clients, w, ones)),
+            )
+            self.round_log(server_round).aggregation = {
+                "temperature": chosen,  # null: FedAvg's weights had the lowest loss
+                "server_val_loss": {
+                    ("fedavg" if t is None else f"{t:g}"): v for t, v in losses.items()
+                },
+            }
+        new = weighted_aggregate(g, clients, weights, ones)
         from flwr.app import Array
 
         arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})

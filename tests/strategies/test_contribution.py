@@ -21,6 +21,8 @@ from strategies.contribution import (
     gain_scores,
     js_divergence,
     leave_one_out,
+    score_weights,
+    select_temperature,
     volume_scores,
 )
 from tasks.base import holdout_positions
@@ -76,6 +78,42 @@ def test_equal_scores_or_a_huge_temperature_give_fedavg():
     np.testing.assert_allclose(combine(varied, MIX, n, 1e9)[1], n / n.sum(), rtol=1e-6)
     with pytest.raises(ValueError):
         combine(varied, {d: 0.0 for d in DIMENSIONS}, n, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.integers(0, 10_000))
+def test_selected_temperature_is_never_worse_than_fedavg_on_the_server_rows(k, seed):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(1, 500, k).astype(float)
+    s = rng.uniform(0, 1, k)
+    xs = rng.normal(size=(k, 3))  # client models; the server loss is a quadratic bowl
+    target = rng.normal(size=3)
+
+    def loss(w):
+        return float(np.sum((w @ xs - target) ** 2))
+
+    chosen, w, losses = select_temperature(s, n, [0.1, 0.25, 1.0], loss)
+    assert set(losses) == {None, 0.1, 0.25, 1.0}
+    assert loss(w) == min(losses.values()) <= losses[None]
+    np.testing.assert_allclose(w, score_weights(s, n, chosen))
+    np.testing.assert_allclose(score_weights(s, n, None), n / n.sum())
+
+
+def test_temperature_selection_follows_the_server_loss():
+    n = np.array([100.0, 100.0, 100.0])
+    s = np.array([1.0, 0.0, 0.0])  # client 0 scores best
+    xs = np.array([1.0, 0.0, 0.0])
+    # the server rows want client 0's model: the sharpest weighting wins
+    sharp, w, _ = select_temperature(s, n, [0.1, 1.0], lambda w: (w @ xs - 1.0) ** 2)
+    assert sharp == 0.1 and w[0] > 0.99
+    # they want the plain average: FedAvg's weights win, and ties go to FedAvg
+    flat, w, _ = select_temperature(s, n, [0.1, 1.0], lambda w: (w @ xs - 1 / 3) ** 2)
+    assert flat is None and np.allclose(w, 1 / 3)
+    tie, _, _ = select_temperature(s, n, [0.1, 1.0], lambda w: 0.0)
+    assert tie is None
+    # a candidate whose aggregate has a non-finite loss is never chosen
+    nan_first, _, _ = select_temperature(s, n, [0.1], lambda w: float("nan") if w[0] < 0.5 else 1.0)
+    assert nan_first == 0.1
 
 
 def test_leave_one_out_matches_its_closed_form_for_a_linear_loss():
@@ -177,6 +215,11 @@ def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
             assert all(0.0 <= c[f"contrib_{d}"] <= 1.0 for d in DIMENSIONS if d != "marginal")
             assert np.isfinite(c["contrib_marginal"])  # a raw loss difference
         assert len({c["contrib_marginal"] for c in ok}) > 1
+        # the temperature was chosen on the server rows, FedAvg's weights among the candidates
+        agg = r["aggregation"]
+        assert set(agg["server_val_loss"]) == {"fedavg", "0.1", "0.25", "1"}
+        chosen = "fedavg" if agg["temperature"] is None else f"{agg['temperature']:g}"
+        assert agg["server_val_loss"][chosen] == min(agg["server_val_loss"].values())
     assert res["rounds"][-1]["test_roc_auc"] > 0.6
     # the server validation rows left the test set: 10% of the credit task's 6000 test rows
     assert res["meta"]["server_val_rows"] == 600
