@@ -122,10 +122,17 @@ def plan(args) -> list[tuple[dict, list[str], str]]:
 def execute(args, jobs) -> None:
     runs = args.out / "runs_contribution"
     runs.mkdir(parents=True, exist_ok=True)
+    reported = earlier_records(args) if args.reuse else {}
     todo = [
         (o, runs / n)
-        for _, o, n in jobs
-        if not (args.reuse and completed(runs / n / "results.json", args.rounds))
+        for key, o, n in jobs
+        if not (
+            args.reuse
+            and (
+                tuple(key[f] for f in ("task", "split", "clients", "strategy", "seed")) in reported
+                or completed(runs / n / "results.json", args.rounds)
+            )
+        )
     ]
     print(
         f"[bench] {len(jobs)} runs planned, {len(todo)} to run, {args.jobs} at a time", flush=True
@@ -395,7 +402,11 @@ def main() -> int:
     )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    p.add_argument("--reuse", action="store_true")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip runs already in the report or finished in the runs folder",
+    )
     p.add_argument("--summarize-only", action="store_true")
     p.add_argument(
         "--fresh",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,7 @@ from fedapp.config import (
     resolve_output_dir,
     run_config_values,
 )
+from tasks.base import DataError
 
 RUN_ID = 1
 
@@ -146,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
-    run_inline(args.overrides, args.output_dir)
+    try:
+        run_inline(args.overrides, args.output_dir)
+    except DataError as err:  # bad data or an impossible split: the message says what to change
+        print(f"fedapp: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

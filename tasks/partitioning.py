@@ -23,6 +23,25 @@ SIZE_SKEW = {
 }
 
 
+class _DirichletPartitioner(DirichletPartitioner):
+    """flwr-datasets' partitioner, with its give-up after 10 draws turned into a DataError that
+    says which settings to change (the library's own error only says "update alpha")."""
+
+    def _determine_partition_id_to_indices_if_needed(self) -> None:
+        try:
+            super()._determine_partition_id_to_indices_if_needed()
+        except ValueError as err:
+            if "max number of attempts" not in str(err):
+                raise
+            raise DataError(
+                f"partition=dirichlet could not give each of {self._num_partitions} clients "
+                f"partition.min_partition_size={self._min_partition_size} rows in 10 draws "
+                f"(alpha={float(self._alpha.min()):g}, seed={self._seed}): with few classes and "
+                "a small alpha most clients draw almost nothing. Raise partition.alpha, lower "
+                "partition.num_partitions or partition.min_partition_size, or try another seed."
+            ) from err
+
+
 def make_partitioner(pcfg: DictConfig, *, natural_id: str, label: str, seed: int) -> Partitioner:
     """Return the flwr-datasets partitioner named by `pcfg.name`.
 
@@ -38,7 +57,7 @@ def make_partitioner(pcfg: DictConfig, *, natural_id: str, label: str, seed: int
     if name == "iid":
         return IidPartitioner(num_partitions=int(n))
     if name == "dirichlet":
-        return DirichletPartitioner(
+        return _DirichletPartitioner(
             num_partitions=int(n),
             partition_by=label,
             alpha=float(pcfg.alpha),

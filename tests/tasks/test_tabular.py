@@ -181,6 +181,20 @@ def test_size_skew_partitions(data_dir):
     assert sum(sizes) == len(task.train_idx)
 
 
+def test_impossible_dirichlet_split_says_which_settings_to_change(data_dir):
+    # two classes, alpha 0.05 over 50 clients: most clients draw (almost) no rows
+    task = _task(
+        data_dir,
+        "task=credit partition=dirichlet partition.alpha=0.05 partition.num_partitions=50",
+    )
+    with pytest.raises(DataError, match="partition.min_partition_size=10 rows in 10 draws"):
+        task.num_partitions()
+    ok = _task(
+        data_dir, "task=credit partition=dirichlet partition.alpha=0.5 partition.num_partitions=10"
+    )
+    assert ok.num_partitions() == 10 and min(len(ok.partition_rows(i)) for i in range(10)) >= 10
+
+
 def test_label_flip_changes_only_training_labels(data_dir):
     task = _task(data_dir, "task=medical")
     data = task.load_partition(0)
