@@ -52,6 +52,8 @@ VARIANTS = {
     "contribution_noval": ["strategy=contribution", "strategy.mix.marginal=0"],
     # the fixed temperature (0.25) instead of the one chosen each round on the server rows
     "contribution_fixed": ["strategy=contribution", "strategy.temperatures=[]"],
+    # FedNova's step normalisation under the contribution weights
+    "contribution_nova": ["strategy=contribution", "strategy.normalize_steps=true"],
     "contribution_fixed_noval": [
         "strategy=contribution",
         "strategy.temperatures=[]",
@@ -319,7 +321,8 @@ def write_report(args, summary) -> None:
         "strategy; only the contribution variants read them). `contribution` is the shipped "
         "configuration: temperature chosen each round on those rows among 0.1, 0.25, 1 and FedAvg's "
         "weights; `contribution_fixed` keeps temperature 0.25; `_noval` variants drop the "
-        "leave-one-out (`marginal`) dimension.",
+        "leave-one-out (`marginal`) dimension; `contribution_nova` adds FedNova's step "
+        "normalisation under the contribution weights.",
         "",
     ]
     for task in args.tasks:

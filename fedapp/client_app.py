@@ -247,7 +247,10 @@ def _val_loss(task: Task, model, data: ClientData, prep) -> float:
     """Loss on this client's validation rows (0.0 when it has none: 'unknown' to the server)."""
     if not len(data.val):
         return 0.0
-    loss = float(task.evaluate(model, data.val, prep)["loss"])
+    # evaluating draws from torch's global generator (DataLoader seeds); fork it so that the
+    # training that follows (dropout) is the same whether or not the server asked for this
+    with torch.random.fork_rng(devices=[]):
+        loss = float(task.evaluate(model, data.val, prep)["loss"])
     return loss if np.isfinite(loss) else 0.0
 
 

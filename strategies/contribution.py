@@ -45,6 +45,11 @@ those rows than FedAvg's from the same updates. The choice and every candidate's
 `results.json` under each round's `aggregation`. Without server rows the fixed `temperature`
 is used.
 
+Heterogeneous local work (`normalize_steps`, off by default): clients that take more local steps
+move further and pull any weighted average toward their own objective; with `normalize_steps`
+the weighted update is FedNova's (each change divided by the client's effective steps, the
+mean rescaled by their weighted mean), with the contribution weights in place of n_k / sum n.
+
 Local continual learning (client side, `strategy.local.*`, off for the baselines): a proximal
 term mu/2 ||w - w_global||^2 and a distillation term toward the received global model's
 predictions (`tasks.training.train_classifier`) keep clients from drifting to their local
@@ -69,6 +74,7 @@ from flwr.serverapp.strategy import FedAvg
 from omegaconf import DictConfig
 
 from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from strategies.fednova import effective_steps, fednova_aggregate
 from strategies.trust import aggregate as weighted_aggregate
 from strategies.trust import sanity_scores
 
@@ -324,6 +330,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         temperatures: Sequence[float] = (),
         norm_low: float = 0.1,
         norm_high: float = 3.0,
+        normalize_steps: bool = False,
+        momentum: float = 0.0,
         local: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -340,13 +348,16 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         if any(t <= 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive, got {self.temperatures}")
         self.norm_low, self.norm_high = float(norm_low), float(norm_high)
+        self.normalize_steps = bool(normalize_steps)
+        effective_steps(1, momentum)  # validates
+        self.momentum = float(momentum)
         self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
         self.ledger = Ledger()
         self._told_no_marginal = False
 
     @classmethod
     def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(**common, **params)
+        return cls(momentum=float(cfg.train.momentum), **common, **params)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -396,13 +407,20 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         if sum(mix.values()) <= 0:  # only `marginal` was asked for and there is no server data
             mix = dict.fromkeys(scores, 1.0)
         combined, weights = combine(scores, mix, n, self.temperature)
-        ones = np.ones(len(clients))
+        if self.normalize_steps:  # FedNova's normalisation, with the contribution weights as p_k
+            steps = [float(m.get("train_steps", 0.0)) for m in metrics]
+
+            def aggregate(w: np.ndarray) -> list[np.ndarray]:
+                return fednova_aggregate(g, clients, w, steps, self.momentum)
+        else:
+            ones = np.ones(len(clients))
+
+            def aggregate(w: np.ndarray) -> list[np.ndarray]:
+                return weighted_aggregate(g, clients, w, ones)
+
         if self.server_loss is not None and self.temperatures:
             chosen, weights, losses = select_temperature(
-                combined,
-                n,
-                self.temperatures,
-                lambda w: self.server_loss(weighted_aggregate(g, clients, w, ones)),
+                combined, n, self.temperatures, lambda w: self.server_loss(aggregate(w))
             )
             self.round_log(server_round).aggregation = {
                 "temperature": chosen,  # null: FedAvg's weights had the lowest loss
@@ -410,7 +428,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                     ("fedavg" if t is None else f"{t:g}"): v for t, v in losses.items()
                 },
             }
-        new = weighted_aggregate(g, clients, weights, ones)
+        new = aggregate(weights)
         from flwr.app import Array
 
         arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})

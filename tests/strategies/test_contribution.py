@@ -227,3 +227,22 @@ def test_contribution_run_logs_scores_and_writes_the_ledger(tmp_path, data_dir):
     ledger = (out / "contribution_ledger.csv").read_text().splitlines()
     assert len(ledger) == 7 and ledger[0].startswith("partition_id,rounds,total_weight,share")
     assert ledger[0].endswith("mean_direction,mean_marginal")
+
+
+def test_step_normalised_contribution_with_flat_weights_is_fednova(tmp_path, data_dir):
+    # clients of very different sizes take very different numbers of steps in one epoch
+    common = (
+        "task=credit partition=size_skew partition.num_partitions=4 clients_per_round=4 "
+        "eval_clients_per_round=0 rounds=2 checkpoint=false train.local_epochs=1 "
+    )
+    nova = run_inline(common + "strategy=fednova", tmp_path / "nova")
+    flat = run_inline(
+        common + "strategy=contribution strategy.normalize_steps=true strategy.temperature=1e9 "
+        "strategy.temperatures=[] strategy.local.proximal_mu=0",
+        tmp_path / "flat",
+    )
+    last = [json.loads((o / "results.json").read_text())["rounds"][-1] for o in (nova, flat)]
+    assert last[1]["test_loss"] == pytest.approx(last[0]["test_loss"], rel=1e-6)
+    # ... and FedNova differs from FedAvg here: the clients' step counts differ
+    steps = {c["train_steps"] for c in last[1]["clients"] if c["phase"] == "train"}
+    assert len(steps) == 4
