@@ -11,12 +11,15 @@ per-client accuracy of the final model on the clients' own validation rows (fair
 deviation and the worst 10% mean), mean ± sd over seeds, and the majority class's accuracy on
 the same test rows (the centralized model is in femnist_baselines.md / tabular_baselines.md).
 
-    .venv/bin/python bench/contribution.py --tasks credit --jobs 2
-    .venv/bin/python bench/contribution.py --tasks credit --alphas 0.1 --clients 10 --seeds 0
-    .venv/bin/python bench/contribution.py --summarize-only --tasks credit femnist
+The shipped reports were made with (add --reuse to skip runs already in the report):
 
-Each invocation adds its runs to the existing report (same rounds, early round and server share;
-`--fresh` starts over). Writes bench/results/contribution_<task>.{json,md} (contribution.{json,md} for several tasks) and
+    .venv/bin/python bench/contribution.py --tasks credit --rounds 20 --early 5 --jobs 2
+    .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --jobs 2 \
+        --strategies fedavg fedprox fednova contribution
+    .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --summarize-only
+
+Each invocation adds its runs to the existing report; it must use the report's rounds, early
+round and server share (it stops at once otherwise; `--fresh` starts over). Writes bench/results/contribution_<task>.{json,md} (contribution.{json,md} for several tasks) and
 contribution_<task>.png; runs stay under
 bench/results/runs_contribution/ (ignored by git).
 """
@@ -184,8 +187,13 @@ def earlier_records(args) -> dict[tuple, dict]:
         args.early,
         args.server_val,
     ):
-        print(f"[bench] {path.name} was made with other settings; not merged", flush=True)
-        return {}
+        # writing this report would drop every run it holds (runs are not in git): refuse
+        raise SystemExit(
+            f"[bench] {path} was made with rounds={old.get('rounds')}, early={old.get('early')}, "
+            f"server_val={old.get('server_val')}; this invocation has rounds={args.rounds}, "
+            f"early={args.early}, server_val={args.server_val}. Pass the report's settings to add "
+            "to it, or --fresh to replace it, or --out elsewhere."
+        )
     out = {}
     for cell in old["cells"]:
         for i, seed in enumerate(cell["seeds"]):
@@ -257,9 +265,16 @@ def paired_gain(cell: dict, cells: list[dict], metric: str = "final") -> list[fl
 BASELINES = ("fedavg", "fedprox", "fednova")
 
 
-def margin_over_baselines(cell: dict, cells: list[dict]) -> list[float]:
+def last_rounds_mean(cell: dict, k: int = 3) -> list[float]:
+    """Per seed, the metric averaged over the last k rounds: a reading less sensitive to the
+    round-to-round swings of a model that has not converged (FEMNIST's natural split)."""
+    return [float(np.mean(curve[-k:])) for curve in cell["curves"]]
+
+
+def margin_over_baselines(cell: dict, cells: list[dict], last: int = 0) -> list[float]:
     """Seed by seed: cell's final metric minus the best final metric of FedAvg, FedProx and
-    FedNova in the same task/split/size (seeds where all three ran)."""
+    FedNova in the same task/split/size (seeds where all three ran); with `last` > 0 the
+    metric is the mean over the last `last` rounds instead."""
     same = [
         c
         for c in cells
@@ -268,10 +283,14 @@ def margin_over_baselines(cell: dict, cells: list[dict]) -> list[float]:
     ]
     if len(same) < len(BASELINES):
         return []
-    by_seed = [dict(zip(c["seeds"], c["final"], strict=True)) for c in same]
+
+    def value(c: dict) -> list[float]:
+        return last_rounds_mean(c, last) if last else c["final"]
+
+    by_seed = [dict(zip(c["seeds"], value(c), strict=True)) for c in same]
     return [
         v - max(b[seed] for b in by_seed)
-        for seed, v in zip(cell["seeds"], cell["final"], strict=True)
+        for seed, v in zip(cell["seeds"], value(cell), strict=True)
         if all(seed in b for b in by_seed)
     ]
 
@@ -285,19 +304,22 @@ def target_table(cells: list[dict]) -> list[str]:
             continue
         m = margin_over_baselines(c, cells)
         if m:
-            wins = sum(x > 0 for x in m)
+            m3 = margin_over_baselines(c, cells, last=3)
             rows.append(
                 f"| {c['split']} | {c['clients'] or 'natural'} | {c['strategy']} | "
-                f"{fmt_mean_sd(m)} | {wins}/{len(m)} |"
+                f"{fmt_mean_sd(m)} | {sum(x > 0 for x in m)}/{len(m)} | "
+                f"{fmt_mean_sd(m3)} | {sum(x > 0 for x in m3)}/{len(m3)} |"
             )
     if not rows:
         return []
     return [
         "Against the best of FedAvg, FedProx and FedNova (per seed: final metric minus the best of "
-        "the three in that seed):",
+        "the three in that seed; the same for the metric averaged over the last 3 rounds, "
+        "which is less sensitive to round-to-round swings):",
         "",
-        "| split | clients | strategy | margin over the best baseline | seeds it wins |",
-        "|---|---|---|---|---|",
+        "| split | clients | strategy | margin over the best baseline | seeds it wins | "
+        "margin, last-3-round mean | seeds it wins |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
@@ -355,6 +377,8 @@ def write_report(args, summary) -> None:
 
 
 def plot(args, summary) -> None:
+    """Convergence curves: one panel per (split, clients), splits as rows and federation sizes as
+    columns; mean over seeds with a band of ± one sd where there are several seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,22 +386,50 @@ def plot(args, summary) -> None:
 
     for task in args.tasks:
         tc = [c for c in summary["cells"] if c["task"] == task]
-        settings = sorted({(c["split"], c["clients"]) for c in tc})
-        if not settings:
+        if not tc:
             continue
-        fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
-        for ax, (split, clients) in zip(axes[0], settings, strict=True):
-            for c in tc:
-                if (c["split"], c["clients"]) != (split, clients):
+        split_rows = sorted({c["split"] for c in tc})
+        size_cols = sorted({c["clients"] for c in tc}, key=lambda k: (k == 0, k))  # natural last
+        strategies = sorted({c["strategy"] for c in tc})
+        colour = {st: f"C{i}" for i, st in enumerate(strategies)}
+        fig, axes = plt.subplots(
+            len(split_rows),
+            len(size_cols),
+            figsize=(3.6 * len(size_cols), 2.8 * len(split_rows)),
+            squeeze=False,
+        )
+        for r, split in enumerate(split_rows):
+            for col, clients in enumerate(size_cols):
+                ax = axes[r][col]
+                here = [c for c in tc if (c["split"], c["clients"]) == (split, clients)]
+                if not here:
+                    ax.axis("off")
                     continue
-                length = min(len(x) for x in c["curves"])
-                ax.plot(np.mean([x[:length] for x in c["curves"]], axis=0), label=c["strategy"])
-            ax.set_title(f"{split}, {clients or 'natural'} clients")
-            ax.set_xlabel("round")
-        axes[0][0].set_ylabel(TASKS[task]["metric"])
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.out / f"contribution_{task}.png", dpi=110)
+                for c in here:
+                    length = min(len(x) for x in c["curves"])
+                    ys = np.array([x[:length] for x in c["curves"]])
+                    mean, sd = ys.mean(axis=0), ys.std(axis=0)
+                    ax.plot(mean, color=colour[c["strategy"]], label=c["strategy"], lw=1.2)
+                    if len(ys) > 1:
+                        ax.fill_between(
+                            range(length),
+                            mean - sd,
+                            mean + sd,
+                            color=colour[c["strategy"]],
+                            alpha=0.12,
+                            lw=0,
+                        )
+                seeds = max(len(c["seeds"]) for c in here)
+                ax.set_title(
+                    f"{split}, {clients or 'natural'} clients ({seeds} seed(s))", fontsize=9
+                )
+                ax.set_xlabel("round", fontsize=8)
+                ax.set_ylabel(TASKS[task]["metric"], fontsize=8)
+                ax.tick_params(labelsize=7)
+        handles = [plt.Line2D([], [], color=colour[st], label=st) for st in strategies]
+        fig.legend(handles=handles, loc="upper center", ncol=len(strategies), fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.8 * len(split_rows))))
+        fig.savefig(args.out / f"contribution_{task}.png", dpi=100)
         plt.close(fig)
 
 
@@ -418,6 +470,7 @@ def main() -> int:
     )
     args = p.parse_args()
     jobs = plan(args)
+    earlier_records(args)  # fails now, not after the runs, if the report has other settings
     if not args.summarize_only:
         execute(args, jobs)
     summary = summarize(args, jobs)
