@@ -19,9 +19,9 @@ The shipped reports were made with (add --reuse to skip runs already in the repo
     .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --summarize-only
 
 Each invocation adds its runs to the existing report; it must use the report's rounds, early
-round and server share (it stops at once otherwise; `--fresh` starts over). Writes bench/results/contribution_<task>.{json,md} (contribution.{json,md} for several tasks) and
-contribution_<task>.png; runs stay under
-bench/results/runs_contribution/ (ignored by git).
+round and server share (it stops at once otherwise; `--fresh` starts over). Writes
+bench/results/contribution_<task>.{json,md} (contribution.{json,md} for several tasks) and
+contribution_<task>.png; runs stay under bench/results/runs_contribution/ (ignored by git).
 """
 
 from __future__ import annotations
@@ -124,10 +124,11 @@ def plan(args) -> list[tuple[dict, list[str], str]]:
     return jobs
 
 
-def execute(args, jobs) -> None:
+def execute(args, jobs, reported: dict[tuple, dict]) -> None:
+    """Run the planned jobs; with --reuse, skip those in `reported` (the existing report's
+    records) or already finished in the runs folder."""
     runs = args.out / "runs_contribution"
     runs.mkdir(parents=True, exist_ok=True)
-    reported = earlier_records(args) if args.reuse else {}
     todo = [
         (o, runs / n)
         for key, o, n in jobs
@@ -174,13 +175,14 @@ def fairness(rnd: dict) -> tuple[float | None, float | None]:
 FIELDS = ("final", "early", "fair_sd", "worst10", "curves")
 
 
-def earlier_records(args) -> dict[tuple, dict]:
-    """Per-seed records of the report already in --out, when it was made with the same
-    rounds, early round and server share: runs are kept out of git, the report is the record,
-    so a later invocation adds cells (or seeds) to it instead of dropping what it did not rerun."""
+def earlier_report(args) -> tuple[dict[tuple, dict], dict[str, float | None]]:
+    """(per-seed records, majority accuracy per task) of the report already in --out, when it
+    was made with the same rounds, early round and server share: runs are kept out of git, the
+    report is the record, so a later invocation adds cells (or seeds) to it instead of dropping
+    what it did not rerun. Stops when the report was made with other settings."""
     path = args.out / f"{report_name(args)}.json"
     if args.fresh or not path.exists():
-        return {}
+        return {}, {}
     old = json.loads(path.read_text())
     if (old.get("rounds"), old.get("early"), old.get("server_val")) != (
         args.rounds,
@@ -199,16 +201,12 @@ def earlier_records(args) -> dict[tuple, dict]:
         for i, seed in enumerate(cell["seeds"]):
             key = (cell["task"], cell["split"], cell["clients"], cell["strategy"], seed)
             out[key] = {f: cell[f][i] for f in FIELDS}
-    return out
+    return out, dict(old.get("majority_accuracy") or {})
 
 
-def summarize(args, jobs) -> dict:
+def summarize(args, jobs, earlier: dict[tuple, dict], majority: dict[str, float | None]) -> dict:
     runs = args.out / "runs_contribution"
-    records = earlier_records(args)
-    majority: dict[str, float | None] = {}
-    if records:
-        old = json.loads((args.out / f"{report_name(args)}.json").read_text())
-        majority.update(old.get("majority_accuracy") or {})
+    records, majority = dict(earlier), dict(majority)
     for key, _, name in jobs:
         res = completed(runs / name / "results.json", args.rounds)
         if res is None:
@@ -470,10 +468,11 @@ def main() -> int:
     )
     args = p.parse_args()
     jobs = plan(args)
-    earlier_records(args)  # fails now, not after the runs, if the report has other settings
+    # read once, before any run: a report made with other settings stops the bench now
+    earlier, majority = earlier_report(args)
     if not args.summarize_only:
-        execute(args, jobs)
-    summary = summarize(args, jobs)
+        execute(args, jobs, earlier)
+    summary = summarize(args, jobs, earlier, majority)
     write_report(args, summary)
     print((args.out / f"{report_name(args)}.md").read_text())
     return 0
