@@ -28,7 +28,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
+
+from fedapp.flower_compat import set_task_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,7 +51,7 @@ class _Grid:
 def time_strategy(
     name: str, clients: int, model: str, repeats: int, attackers: int = 0
 ) -> list[float]:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
     state = MODELS[model](62).state_dict()
     global_arrays = ArrayRecord(state)
     nodes = list(range(1000, 1000 + clients))
@@ -62,7 +63,7 @@ def time_strategy(
         msgs = list(strategy.configure_train(1, global_arrays, ConfigRecord({}), _Grid(nodes)))
         replies = []
         for msg in msgs:
-            TaskIdentity.node_id = msg.metadata.dst_node_id
+            set_task_identity(node_id=msg.metadata.dst_node_id)
             arrays = ArrayRecord(
                 {
                     k: Array(v + 0.01 * rng.standard_normal(v.shape).astype(v.dtype))

@@ -18,18 +18,22 @@ Attacks (what an attacking client does in a training round):
   receives an error reply) or returns NaN weights (`mode: nan`).
 
 Simulation only: in a deployment, nodes that hold their own files have no partition id and
-are never attackers.
+are never attackers. `AttackHarness` is the client-side unit (fedapp/units.py) that applies
+an attack inside the ClientApp.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from fedapp.units import ClientUnit, TrainJob
 
 ATTACKS = ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash")
 # One RNG stream per purpose, so adding one never shifts another.
@@ -163,3 +167,67 @@ def trains_locally(spec: AttackSpec) -> bool:
     """Whether an attacker of this kind runs local training at all (a crasher trains like an
     honest client in the rounds it does not crash)."""
     return spec.name in ("none", "label_flip", "scaled", "crash")
+
+
+# -- the client-side unit ----------------------------------------------------------------------
+STALE_KEY = "fedapp.previous-global"  # free riders in stale mode keep the last global model here
+
+
+@lru_cache(maxsize=64)
+def _attackers(num_partitions: int, fraction: float, seed: int) -> frozenset[int]:
+    return frozenset(attacker_partitions(num_partitions, fraction, seed))
+
+
+def attack_of(job: TrainJob) -> AttackSpec | None:
+    """This client's attack, or None for an honest client (or a node without partition id)."""
+    spec = AttackSpec.from_config(job.cfg.get("attack"))
+    if not spec.active or job.partition_id < 0:
+        return None
+    attackers = _attackers(job.task.num_partitions(), spec.fraction, int(job.cfg.seed))
+    return spec if job.partition_id in attackers else None
+
+
+class AttackHarness(ClientUnit):
+    """The attack harness as a client-side unit: the outermost stage around an honest client.
+
+    Before training it crashes (`crash`, mode exception), flips labels (`label_flip`) or
+    skips training (attacks that send made-up weights report the loss of the received model
+    on their data and the step count an honest client would have run, so that screening
+    cannot spot them by form). After training it replaces the weights to send.
+    """
+
+    stage = "attack"
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return attack_of(job) is not None
+
+    def before_train(self, job: TrainJob) -> None:
+        spec = attack_of(job)
+        assert spec is not None
+        self.spec = spec
+        self.crashes = crashes_now(spec, job.seed)
+        if self.crashes and spec.mode == "exception":
+            raise InjectedCrash(f"client {job.partition_id}: injected crash (attack=crash)")
+        if spec.name == "label_flip":
+            classes = job.task.num_classes
+            job.data = job.task.with_labels(job.data, flipped_labels(np.arange(classes), classes))
+        if not trains_locally(spec):
+            job.trains = False
+            loss = float(job.task.evaluate(job.model, job.data.train, job.prep)["loss"])
+            steps = job.settings.steps_per_round(job.data.num_train)
+            job.metrics = {"train_loss": loss, "train_steps": float(steps), "train_time_s": 0.0}
+
+    def after_train(self, job: TrainJob) -> None:
+        spec = self.spec
+        # Model poisoning replaces the weights sent; a crasher does so only in rounds it crashes.
+        if spec.name == "label_flip" or (spec.name == "crash" and not self.crashes):
+            return
+        stale = None
+        if STALE_KEY in job.state.array_records:
+            stale = job.state.array_records[STALE_KEY].to_torch_state_dict()
+        job.model.load_state_dict(
+            poisoned_state(spec, job.global_state, job.model.state_dict(), job.seed, stale)
+        )
+        if spec.name == "free_rider" and spec.mode == "stale":
+            job.state.array_records[STALE_KEY] = job.received

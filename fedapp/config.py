@@ -7,6 +7,7 @@ same resolved config.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import threading
@@ -31,6 +32,19 @@ _compose_lock = threading.Lock()  # Hydra's global state is not thread-safe
 
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message says what to change."""
+
+
+def expected_attackers(*, _root_: DictConfig) -> int:
+    """`${fedapp.expected_attackers:}`: attackers per round the attack harness is expected to
+    put in a round, ceil(attack.fraction x clients_per_round) (0 without attack). For the
+    robust aggregators' `num_malicious_nodes: auto` (oracle knowledge)."""
+    attack = _root_.get("attack")
+    if attack is None or attack.get("name", "none") == "none":
+        return 0
+    return math.ceil(float(attack.get("fraction", 0.0)) * int(_root_.clients_per_round))
+
+
+OmegaConf.register_new_resolver("fedapp.expected_attackers", expected_attackers, replace=True)
 
 
 def conf_dir() -> Path:

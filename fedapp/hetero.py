@@ -19,7 +19,8 @@ nodes drop out. This module models that, for every strategy alike:
     SuperLink would notice (`detect_s`, Flower's node heartbeat interval). Federated
     *evaluation* messages are measurement, not training, and cost no simulated time.
   - `clock: real`: the ClientApp itself waits and fails as its profile says
-    (`emulate_before_training` / `emulate_after_training`), and simulated time is wall time.
+    (`device_emulation_mod`, a Flower mod around the training, probe and heartbeat handlers),
+    and simulated time is wall time.
     With `hetero=none` nothing is emulated and `sim_time_s` is plain wall time.
 
 Flower has no notion of simulated time or device profiles; this is the smallest layer that
@@ -35,14 +36,14 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from logging import WARNING
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from flwr.app import Error, Message, MessageType
-from flwr.common.constant import ErrorCode
-from flwr.common.logger import log
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+
+from fedapp.flower_compat import ErrorCode, set_message_id
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
@@ -245,6 +246,60 @@ def emulate_after_training(
     )
 
 
+@lru_cache(maxsize=64)
+def _profiles(spec: HeteroSpec, num_partitions: int, seed: int) -> tuple[DeviceProfile, ...]:
+    return tuple(assign_profiles(spec, num_partitions, seed))
+
+
+def real_clock_profile(
+    cfg: Mapping[str, Any], num_partitions: int, pid: int, node_config: Mapping[str, Any]
+) -> DeviceProfile | None:
+    """This node's device profile when it must emulate it itself (real clock), else None.
+
+    Simulation draws it from `hetero` with the run's seed (the server draws the same one);
+    a deployed SuperNode may state its own in its node config (`speed=0.3 up-mbps=5 ...`).
+    """
+    spec = HeteroSpec.from_config(cfg.get("hetero"))
+    stated = any(k in node_config for k in NODE_CONFIG_KEYS)
+    if spec.virtual or not (spec.active or stated):
+        return None
+    base = DeviceProfile()
+    if spec.active and 0 <= pid < num_partitions:
+        base = _profiles(spec, num_partitions, int(cfg["seed"]))[pid]
+    return profile_from_node_config(node_config, base)
+
+
+def device_emulation_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower mod: a real-clock node behaves as its device profile says around the handler.
+
+    Offline nodes refuse every message (heartbeats included); for messages that carry a model
+    (training, probes) the node waits for the download, then, after the handler, stretches
+    its compute to the profile's speed, crashes if drawn, and waits for the upload."""
+    from fedapp.node import load_node
+
+    node = load_node(context, with_data=False)
+    pid = node.partition_id
+    profile = real_clock_profile(node.cfg, node.task.num_partitions(), pid, context.node_config)
+    if profile is None:
+        return call_next(msg, context)
+    seed = int(node.cfg.seed)
+    config = msg.content.config_records.get("config")
+    rnd = int(config.get("server-round", 0)) if config is not None else 0
+    if "arrays" not in msg.content.array_records:  # a heartbeat: only availability
+        if is_unavailable(profile, seed, pid, rnd):
+            raise NodeUnavailable(f"client {pid} is offline this round (hetero profile)")
+        return call_next(msg, context)
+    size = msg.content["arrays"].count_bytes()
+    emulate_before_training(profile, seed, pid, rnd, size)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    metrics = next(iter(reply.content.metric_records.values()), None)
+    train_s = float(metrics.get("train_time_s", 0.0)) if metrics is not None else 0.0
+    emulate_after_training(profile, seed, pid, rnd, train_s, size)
+    return reply
+
+
 # -- server side: the clock ---------------------------------------------------------------------
 @dataclass
 class Flight:
@@ -297,7 +352,6 @@ class ClockGrid(Grid):
         self._t0 = time.monotonic()
         self.bytes_up = 0
         self.bytes_down = 0
-        self._timings: dict[str, tuple[float, float]] = {}
 
     @property
     def virtual(self) -> bool:
@@ -347,18 +401,22 @@ class ClockGrid(Grid):
         """Flower's synchronous round: wait for every reply or until `timeout` (simulated
         seconds on the virtual clock). Replies later than the deadline are dropped, as Flower
         drops them; the round ends at the last reply or at the deadline."""
+        return [event.reply for event in self.exchange(messages, timeout=timeout)]
+
+    def exchange(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Event]:
+        """`send_and_receive`, returning each reply's event (with its send and arrival times)."""
         ids = list(self.submit(messages))
         deadline = self.now + (timeout if timeout is not None else math.inf)
-        replies = []
+        events = []
         pending = set(ids)
         while pending:
             event = self.next_event(until=deadline, among=pending)
             if event is None:
                 break
             pending.discard(event.flight.msg_id)
-            replies.append(event.reply)
+            events.append(event)
         self.discard(pending)
-        return replies
+        return events
 
     # -- event API ------------------------------------------------------------------------------
     def submit(self, messages: Iterable[Message]) -> list[str]:
@@ -406,15 +464,8 @@ class ClockGrid(Grid):
     def in_flight(self) -> list[Flight]:
         return list(self.flights.values())
 
-    def timing(self, reply: Message) -> tuple[float, float]:
-        """(sent, arrived) clock times of the message this reply answers (once per reply)."""
-        return self._timings.pop(reply.metadata.reply_to_message_id)
-
     def _deliver(self, flight: Flight, at: float) -> Event:
         del self.flights[flight.msg_id]
-        self._timings[flight.msg_id] = (flight.dispatched_at, at)
-        if len(self._timings) > 100_000:  # replies nobody asked the timing of
-            self._timings.pop(next(iter(self._timings)))
         return Event(at, flight, flight.reply)
 
     def next_event(self, until: float = math.inf, among: set[str] | None = None) -> Event | None:
@@ -452,7 +503,9 @@ class ClockGrid(Grid):
 
     # -- internals ------------------------------------------------------------------------------
     def _charged(self, message_type: str) -> bool:
-        return message_type in (MessageType.TRAIN, MessageType.QUERY)
+        """Training and queries (probes, heartbeats, statistics) cost simulated time;
+        federated evaluation is measurement and does not."""
+        return message_type.split(".")[0] in (MessageType.TRAIN, MessageType.QUERY)
 
     def _offline(self, pid: int, t: float) -> bool:
         prof = self.profiles.get(pid)
@@ -529,14 +582,6 @@ class ClockGrid(Grid):
 
 def _stub(flight: Flight) -> Message:
     """A stand-in for the message a synthetic error replies to."""
-    from flwr.app import RecordDict
-
     msg = Message(RecordDict(), dst_node_id=flight.node_id, message_type=flight.message_type)
-    msg.metadata.__dict__["_message_id"] = flight.msg_id
+    set_message_id(msg, flight.msg_id)
     return msg
-
-
-def warn_unknown_nodes(node_partitions: Mapping[int, int], profiles: Mapping[int, Any]) -> None:
-    missing = sorted(set(node_partitions.values()) - set(profiles))
-    if missing:
-        log(WARNING, "no device profile for clients %s; they run as the reference device", missing)

@@ -10,8 +10,9 @@ delivers each message to the ClientApp in this process (a copy of it, as a real 
 would) and turns a raised exception into an error reply, as Flower does. Same seed, same
 config -> the same global models as `fedapp-run` (tested in tests/test_e2e.py).
 
-What it does not model: process isolation, timeouts and concurrency between clients. Use
-`fedapp-run` (simulation) or `fedapp-federation` (SuperLink + SuperNodes) for those.
+Like Flower, a ClientApp that raises leaves its node's `Context.state` as it was before the
+message. What it does not model: process isolation, timeouts and concurrency between clients.
+Use `fedapp-run` (simulation) or `fedapp-federation` (SuperLink + SuperNodes) for those.
 
     fedapp-inline strategy=trust attack=label_flip attack.fraction=0.3 rounds=5
 """
@@ -28,10 +29,8 @@ from logging import WARNING
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.config import (
     compose,
@@ -40,6 +39,7 @@ from fedapp.config import (
     resolve_output_dir,
     run_config_values,
 )
+from fedapp.flower_compat import SUPERLINK_NODE_ID, ErrorCode, set_message_id, set_task_identity
 from tasks.base import DataError
 
 RUN_ID = 1
@@ -73,7 +73,7 @@ class InlineGrid(Grid):
         for msg in messages:
             self._next += 1
             msg_id = f"inline-{self._next}"
-            msg.metadata.__dict__["_message_id"] = msg_id
+            set_message_id(msg, msg_id)
             self._replies[msg_id] = self._deliver(msg)
             ids.append(msg_id)
         return ids
@@ -91,16 +91,18 @@ class InlineGrid(Grid):
         if context is None:
             return Message(Error(ErrorCode.NODE_UNAVAILABLE, f"no node {dst}"), reply_to=msg)
         incoming = copy.deepcopy(msg)  # the client gets its own copy, as over a real transport
-        TaskIdentity.node_id = dst
+        state = copy.deepcopy(context.state)
+        set_task_identity(node_id=dst)
         try:
             reply = self.client_app(incoming, context)
             return Message(reply.content, reply_to=msg)
         except Exception as exc:  # what Flower's runtime does with a raising ClientApp
+            context.state = state  # Flower keeps the node state of before the message
             log(WARNING, "node %d raised %s: %s", dst, type(exc).__name__, exc)
             reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
         finally:
-            TaskIdentity.node_id = SUPERLINK_NODE_ID
+            set_task_identity(node_id=SUPERLINK_NODE_ID)
 
 
 def run_inline(
@@ -128,8 +130,7 @@ def run_inline(
         )
         for p in range(n)
     }
-    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    set_task_identity(run_id=RUN_ID, task_id=1, node_id=SUPERLINK_NODE_ID)
     server_context = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
     t0 = time.perf_counter()
     server_app(InlineGrid(client_app, contexts), server_context)

@@ -18,10 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
-from flwr.common.logger import log
+from flwr.common import log
 from omegaconf import DictConfig
 
 from fedapp.config import to_dict
+from fedapp.hetero import ClockGrid
+from strategies.base import FedappStrategyMixin
+from strategies.records import RoundRecord
+from tasks import Task
 
 SCHEMA_VERSION = 1
 # Columns of rounds.csv, in order (also the required keys of every results.json round).
@@ -99,14 +103,17 @@ class Recorder:
         self,
         out_dir: Path,
         cfg: DictConfig,
-        task: Any,
-        strategy: Any,
+        task: Task,
+        strategy: FedappStrategyMixin,
         meta: dict[str, Any],
+        test_set: Any,
         prep: dict[str, list[float]] | None = None,
-        clock: Any = None,
+        clock: ClockGrid | None = None,
     ) -> None:
+        """`test_set`: the rows the global model is tested on (the task's central test set, or
+        what is left of it after the server's validation rows)."""
         self.prep = prep or {}
-        self.clock = clock  # fedapp.hetero.ClockGrid: simulated (or wall) seconds since the start
+        self.clock = clock  # simulated (or wall) seconds since the start
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -116,8 +123,8 @@ class Recorder:
         self.best: dict[str, Any] | None = None
         self.t_start = time.perf_counter()
         self.t_last = self.t_start
-        self.test_set = task.load_central_test()
-        self.majority_accuracy = task.majority_accuracy(self.prep)
+        self.test_set = test_set
+        self.majority_accuracy = task.majority_accuracy(self.prep, task.dataset_labels(test_set))
         (self.out_dir / "config.yaml").write_text(_yaml(cfg))
 
     # Flower calls this after every round (and once before round 1 with round 0).
@@ -126,33 +133,35 @@ class Recorder:
         model.load_state_dict(arrays.to_torch_state_dict())
         test = self.task.evaluate(model, self.test_set, self.prep)
         now = time.perf_counter()
-        rlog = self.strategy.rounds.get(server_round) if server_round > 0 else None
-        ev = rlog.eval_metrics if rlog else {}
+        rec = self.strategy.rounds.get(server_round) if server_round > 0 else None
+        rec = rec or RoundRecord()
         row: dict[str, Any] = {
             "round": server_round,
             **{f"test_{k}": v for k, v in test.items() if k not in ("num_examples", "confusion")},
             "majority_accuracy": self.majority_accuracy,
-            **{f"client_{k}": ev.get(f"eval_{k}") for k in CLIENT_METRICS},
-            "train_loss": (rlog.train_metrics.get("train_loss") if rlog else None),
-            "num_sampled": len(rlog.sampled_train) if rlog else 0,
-            "num_replies": rlog.num_replies if rlog else 0,
-            "num_failures": rlog.num_failures if rlog else 0,
-            "aggregated": rlog.aggregated if rlog else False,
-            "bytes_up": rlog.bytes_up if rlog else 0,
-            "bytes_down": rlog.bytes_down if rlog else 0,
-            "attacker_weight": attacker_weight(rlog, self.strategy) if rlog else 0.0,
+            **{f"client_{k}": rec.eval_metrics.get(f"eval_{k}") for k in CLIENT_METRICS},
+            "train_loss": rec.train_metrics.get("train_loss"),
+            "num_sampled": len(rec.expected),
+            "num_replies": rec.num_replies,
+            "num_failures": rec.num_failures,
+            "aggregated": rec.aggregated,
+            "bytes_up": rec.bytes_up,
+            "bytes_down": rec.bytes_down,
+            "attacker_weight": (
+                rec.share_of(self.strategy.attackers) if self.strategy.attackers else 0.0
+            ),
             "sim_time_s": self.clock.now if self.clock is not None else now - self.t_start,
-            "aggregation_success": aggregation_success(rlog, float(self.cfg.get("quorum", 0.0))),
+            "aggregation_success": aggregation_success(rec, float(self.cfg.get("quorum", 0.0))),
             "wall_s": now - self.t_last,
             "elapsed_s": now - self.t_start,
-            "clients": [dict(c) for c in rlog.clients] if rlog else [],
+            "clients": [c.to_json() for c in rec.clients],
         }
         if "confusion" in test:
             row["test_confusion"] = test["confusion"]
-        if rlog is not None and rlog.schedule:
-            row["schedule"] = rlog.schedule
-        if rlog is not None and rlog.aggregation:
-            row["aggregation"] = rlog.aggregation
+        if rec.schedule:
+            row["schedule"] = rec.schedule
+        if rec.aggregation:
+            row["aggregation"] = rec.aggregation
         self.t_last = now
         self.rounds.append(row)
         self._checkpoint(server_round, arrays, row)
@@ -193,11 +202,10 @@ class Recorder:
             torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
         self.meta["status"] = status
         results = self._write(final=True)
-        if hasattr(self.strategy, "write_reports"):  # e.g. the contribution ledger
-            try:
-                self.strategy.write_reports(self.out_dir)
-            except Exception as exc:  # a report problem must never lose the numbers
-                log(INFO, "[fedapp] strategy reports failed: %s", exc)
+        try:  # e.g. the contribution ledger
+            self.strategy.write_reports(self.out_dir)
+        except Exception as exc:  # a report problem must never lose the numbers
+            log(INFO, "[fedapp] strategy reports failed: %s", exc)
         try:
             plot_rounds(
                 self.rounds, self.out_dir, title=f"{self.cfg.task.name} / {self.cfg.strategy.name}"
@@ -225,8 +233,8 @@ class Recorder:
             "total_sim_time_s": fed[-1]["sim_time_s"] if fed else 0.0,
             # Everything the clock carried (training, probes, heartbeats, replies that came
             # too late to count), which the per-round byte counts leave out.
-            "clock_bytes_down": getattr(self.clock, "bytes_down", None),
-            "clock_bytes_up": getattr(self.clock, "bytes_up", None),
+            "clock_bytes_down": self.clock.bytes_down if self.clock is not None else None,
+            "clock_bytes_up": self.clock.bytes_up if self.clock is not None else None,
         }
 
     def _write(self, final: bool = False) -> dict[str, Any]:
@@ -244,29 +252,13 @@ class Recorder:
         return results
 
 
-def attacker_weight(rlog: Any, strategy: Any) -> float | None:
-    """Total aggregation weight the attack harness's clients got this round.
-
-    0 when there are no attackers (or none of them got into the aggregate); None when the
-    strategy has no per-client share to report (q-FedAvg) or did not aggregate.
-    """
-    attackers = getattr(strategy, "attackers", frozenset())
-    if not attackers:
-        return 0.0
-    if not rlog.aggregated:
-        return 0.0
-    entries = list(rlog.accepted_entries("train").values())
-    if entries and any("weight" not in c for c in entries):
-        return None
-    return float(sum(c["weight"] for c in entries if c["partition_id"] in attackers))
-
-
-def aggregation_success(rlog: Any, quorum: float) -> bool:
-    """The round made a new global model from at least `quorum` x the clients it started with
-    (the sampled ones; a replacement or late update counts as a reply). Round 0 is False."""
-    if rlog is None or not rlog.aggregated:
+def aggregation_success(rec: RoundRecord | None, quorum: float) -> bool:
+    """The round made a new global model from at least `quorum` x the clients it was waiting
+    for (`RoundRecord.expected`; a replacement or late update counts as a reply). Round 0 is
+    False."""
+    if rec is None or not rec.aggregated:
         return False
-    return rlog.num_replies >= max(1, math.ceil(quorum * len(rlog.sampled_train) - 1e-9))
+    return rec.num_replies >= max(1, math.ceil(quorum * len(rec.expected) - 1e-9))
 
 
 def _extra(row: dict[str, Any]) -> str:

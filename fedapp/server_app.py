@@ -6,20 +6,22 @@ import platform
 import random
 import time
 from logging import INFO, WARNING
+from typing import Any
 
 import flwr
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
 
 from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.recorder import Recorder
 from strategies import build_strategy
-from tasks import get_task
+from tasks import Task, get_task
 from tasks.training import TrainSettings
 
 app = ServerApp()
@@ -105,9 +107,8 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float) -> list[dict[
     server adds them up (`task.aggregate_stats`) for feature scaling, imputation and class
     weights. A client that fails here is reported and left out of the statistics.
     """
-    config = ConfigRecord({"fedapp-action": "stats"})
     msgs = [
-        Message(RecordDict({"config": config}), dst_node_id=nid, message_type=MessageType.QUERY)
+        Message(RecordDict(), dst_node_id=nid, message_type=f"{MessageType.QUERY}.stats")
         for nid in node_ids
     ]
     stats = []
@@ -139,6 +140,84 @@ def server_loss_fn(task, dataset, prep: dict[str, list[float]]):
     return loss
 
 
+def bind_strategy(strategy, cfg: DictConfig, task: Task, node_partitions: dict[int, int]):
+    """Attach the federation to the strategy; the attack harness's clients (reported only)."""
+    attack = AttackSpec.from_config(cfg.get("attack"))
+    attackers = (
+        attacker_partitions(task.num_partitions(), attack.fraction, int(cfg.seed))
+        if attack.active
+        else []
+    )
+    if attackers:
+        log(INFO, "[fedapp] attack=%s on %d clients: %s", attack.name, len(attackers), attackers)
+    strategy.bind(
+        node_partitions,
+        seed=int(cfg.seed),
+        min_replies=int(cfg.min_replies),
+        attackers=attackers,
+        sim_time_budget_s=float(cfg.get("sim_time_budget_s") or 0.0),
+    )
+    return attackers
+
+
+def make_clock(
+    grid: Grid, cfg: DictConfig, task: Task, node_partitions: dict[int, int]
+) -> tuple[ClockGrid, dict]:
+    """The one clock every strategy talks to the clients through (fedapp.hetero): simulated
+    seconds under a virtual hetero profile, wall seconds otherwise."""
+    hetero = HeteroSpec.from_config(cfg.get("hetero"))
+    profiles = dict(enumerate(assign_profiles(hetero, task.num_partitions(), int(cfg.seed))))
+    clock = ClockGrid(
+        grid, hetero, profiles, node_partitions, int(cfg.seed), float(cfg.round_timeout_s)
+    )
+    if hetero.active:
+        log(
+            INFO,
+            "[fedapp] hetero=%s (%s clock): %s",
+            hetero.name,
+            hetero.clock,
+            {c: sum(p.tier_class == c for p in profiles.values()) for c, _, _ in hetero.classes},
+        )
+    return clock, profiles
+
+
+def hold_out_server_validation(strategy, cfg: DictConfig, task: Task, prep) -> tuple[Any, int]:
+    """(the test set to report on, server validation rows). Operator-held validation rows (off
+    by default) are carved out of the central test set, which then reports on the rest only.
+    Strategies that score updates on them (contribution's leave-one-out) get a loss function,
+    never the rows."""
+    fraction = float(cfg.get("server_val_fraction") or 0.0)
+    server_val, test_set = task.central_test_split(fraction, int(cfg.seed))
+    if server_val is None:
+        return test_set, 0
+    strategy.bind_server_validation(server_loss_fn(task, server_val, prep))
+    log(
+        INFO,
+        "[fedapp] server validation: %d rows of the central test set (%.0f%%); %d left to test on",
+        len(server_val),
+        100 * fraction,
+        len(test_set),
+    )
+    return test_set, len(server_val)
+
+
+def run_meta(context: Context, cfg: DictConfig, initial: ArrayRecord, **extra) -> dict[str, Any]:
+    """The `meta` section of results.json (what ran, with what, where)."""
+    hetero = HeteroSpec.from_config(cfg.get("hetero"))
+    return {
+        "run_id": context.run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "flwr_version": flwr.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "model_parameters": int(sum(a.numpy().size for a in initial.values())),
+        "model_bytes": initial.count_bytes(),
+        "hetero": hetero.name,
+        "clock": hetero.clock,
+        **extra,
+    }
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -156,92 +235,37 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[fedapp] results will be written to %s", out_dir)
     seed_everything(int(cfg.seed))
     task = get_task(cfg, resolve_data_dir(cfg, run_config))
-
     node_partitions = discover_nodes(
         grid, int(cfg.clients_per_round), float(cfg.round_timeout_s), task.num_partitions()
     )
     log(INFO, "[fedapp] %d clients connected", len(node_partitions))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
-    attack = AttackSpec.from_config(cfg.get("attack"))
-    attackers = (
-        attacker_partitions(task.num_partitions(), attack.fraction, int(cfg.seed))
-        if attack.active
-        else []
-    )
-    if attackers:
-        log(INFO, "[fedapp] attack=%s on %d clients: %s", attack.name, len(attackers), attackers)
-    strategy.bind(
-        node_partitions,
-        seed=int(cfg.seed),
-        min_replies=int(cfg.min_replies),
-        attackers=attackers,
-        sim_time_budget_s=float(cfg.get("sim_time_budget_s") or 0.0),
-    )
-
+    attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
-    if task.needs_stats:
+    if task.needs_stats:  # before the clock starts, as discovery
         prep = task.aggregate_stats(
             collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s))
         )
-
-    # Every strategy talks to the clients through one clock (fedapp.hetero): simulated seconds
-    # under a virtual hetero profile, wall seconds otherwise. Discovery and the statistics
-    # query above happen before the clock starts.
-    hetero = HeteroSpec.from_config(cfg.get("hetero"))
-    profiles = dict(enumerate(assign_profiles(hetero, task.num_partitions(), int(cfg.seed))))
-    clock = ClockGrid(
-        grid, hetero, profiles, node_partitions, int(cfg.seed), float(cfg.round_timeout_s)
-    )
-    if hetero.active:
-        log(
-            INFO,
-            "[fedapp] hetero=%s (%s clock): %s",
-            hetero.name,
-            hetero.clock,
-            {c: sum(p.tier_class == c for p in profiles.values()) for c, _, _ in hetero.classes},
-        )
-
-    # Operator-held validation rows (off by default): carved out of the central test set,
-    # which from then on reports on the rest only. Strategies that score updates on it
-    # (contribution's leave-one-out) get a loss function, never the rows.
-    server_val_fraction = float(cfg.get("server_val_fraction") or 0.0)
-    server_val_rows = 0
-    if server_val_fraction > 0:
-        server_val = task.carve_server_validation(server_val_fraction, int(cfg.seed))
-        server_val_rows = len(server_val)
-        strategy.bind_server_validation(server_loss_fn(task, server_val, prep))
-        log(
-            INFO,
-            "[fedapp] server validation: %d rows of the central test set (%.0f%%); %d left to test on",
-            server_val_rows,
-            100 * server_val_fraction,
-            len(task.load_central_test()),
-        )
-
+    clock, profiles = make_clock(grid, cfg, task, node_partitions)
+    test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
-    meta = {
-        "run_id": context.run_id,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "flwr_version": flwr.__version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "num_clients": len(node_partitions),
-        "model_parameters": int(sum(a.numpy().size for a in initial.values())),
-        "model_bytes": initial.count_bytes(),
-        "output_dir": str(out_dir),
-        "attackers": attackers,
-        "hetero": hetero.name,
-        "clock": hetero.clock,
-        "server_val_rows": server_val_rows,
-    }
-    if hetero.active:
+    meta = run_meta(
+        context,
+        cfg,
+        initial,
+        num_clients=len(node_partitions),
+        output_dir=str(out_dir),
+        attackers=attackers,
+        server_val_rows=server_val_rows,
+    )
+    if clock.spec.active:
         meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}
     if prep:
         meta["preprocessing"] = {
             k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
         }
-    recorder = Recorder(out_dir, cfg, task, strategy, meta, prep=prep, clock=clock)
+    recorder = Recorder(out_dir, cfg, task, strategy, meta, test_set, prep=prep, clock=clock)
     settings = TrainSettings(
         local_epochs=int(cfg.train.local_epochs),
         max_steps=int(cfg.train.max_steps),

@@ -1,13 +1,20 @@
 """Plumbing shared by every fedapp strategy, written once.
 
 `FedappStrategyMixin` sits in front of a Flower Message-API strategy (FedAvg family) and adds:
+- its own round loop (`start`): Flower's loop (train, federated evaluation, server-side
+  evaluation), stopped early, keeping the last global model, once the run's simulated-time
+  budget is spent;
 - reproducible client sampling: the same seed picks the same partitions in every run, even
-  though Flower's node ids are random (Flower's own sampler uses an unseeded `random.sample`);
+  though Flower's node ids are random (Flower's own sampler uses an unseeded `random.sample`
+  and waits without limit for `min_available_nodes`); messages are built with Flower's public
+  `Message` API, a strategy adds what it sends through `round_config`;
 - reply screening: error replies, replies whose arrays do not match the global model, and
   replies with NaN/Inf are dropped and reported instead of crashing the ServerApp or
   poisoning the average;
-- a per-round log (who was sampled, who replied, per-client metrics, bytes up and down) that
-  the results recorder reads.
+- typed round records (`strategies.records`) that the results recorder reads.
+
+The aggregation rule proper is Flower's (`aggregate_accepted` calls the Flower strategy's
+`aggregate_train` on screened replies) unless a strategy overrides it with its own math.
 """
 
 from __future__ import annotations
@@ -15,9 +22,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import (
@@ -29,14 +36,23 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.logger import log
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from omegaconf import DictConfig
+from flwr.serverapp.strategy import Result
 
+from fedapp.flower_compat import aggregate_metricrecords
+from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from tasks.metrics import confusion_metrics
 
-NUM_EXAMPLES = "num-examples"
+__all__ = [
+    "NUM_EXAMPLES",
+    "FedappStrategyMixin",
+    "aggregate_scalar_metrics",
+    "num_examples",
+    "reply_arrays",
+    "reply_metrics",
+    "sample_partitions",
+]
 
 
 def reply_metrics(msg: Message) -> MetricRecord | None:
@@ -57,6 +73,16 @@ def num_examples(msg: Message) -> float:
     return float(reply_metrics(msg)[NUM_EXAMPLES])
 
 
+def layers(arrays: ArrayRecord, keys: Iterable[str] | None = None) -> list[np.ndarray]:
+    """The arrays of a record as NumPy arrays, in `keys` order (default: the record's)."""
+    return [arrays[k].numpy() for k in (keys if keys is not None else arrays.keys())]
+
+
+def to_record(keys: Iterable[str], arrays: Iterable[np.ndarray]) -> ArrayRecord:
+    """NumPy arrays back into an ArrayRecord under `keys`."""
+    return ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)})
+
+
 def sample_partitions(
     available: Iterable[int], k: int, seed: int, server_round: int, stream: int = 0
 ) -> list[int]:
@@ -71,7 +97,7 @@ def sample_partitions(
 def aggregate_scalar_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Flower's weighted metric average over scalar metrics only.
 
-    List-valued metrics (label histograms) are per-client facts read from the round log;
+    List-valued metrics (label histograms) are per-client facts read from the round record;
     averaging them across clients means nothing, so they are left out.
     """
     scalar_only = [
@@ -135,48 +161,23 @@ def same_layout(a: ArrayRecord, b: ArrayRecord) -> bool:
     return all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype for k in a)
 
 
-@dataclass
-class RoundLog:
-    """What happened in one round, as the recorder writes it."""
-
-    sampled_train: list[int] = field(default_factory=list)  # partition ids
-    sampled_eval: list[int] = field(default_factory=list)
-    bytes_down: int = 0
-    bytes_up: int = 0
-    num_replies: int = 0  # accepted training replies
-    num_failures: int = 0  # training replies that were errors or were rejected
-    aggregated: bool = False  # a new global model was produced
-    train_metrics: dict[str, Any] = field(default_factory=dict)
-    eval_metrics: dict[str, Any] = field(default_factory=dict)
-    clients: list[dict[str, Any]] = field(default_factory=list)
-    schedule: dict[str, Any] = field(
-        default_factory=dict
-    )  # scheduling strategies: tiers, deadlines...
-    aggregation: dict[str, Any] = field(default_factory=dict)  # round-level choices of a strategy
-
-    def accepted_entries(self, phase: str = "train") -> dict[int, dict[str, Any]]:
-        """Per-client log entries of the replies accepted in `phase`, by partition id."""
-        return {
-            e["partition_id"]: e
-            for e in self.clients
-            if e["phase"] == phase and e["status"] == "ok"
-        }
-
-
-class BudgetExhausted(Exception):
-    """Raised inside Flower's round loop when the run's simulated-time budget is spent."""
-
-
 class FedappStrategyMixin:
-    """Mixin for Flower `FedAvg`-family strategies; list it first among the bases."""
+    """Mixin for Flower `FedAvg`-family strategies; list it first among the bases.
 
-    seed: int = 0
-    min_replies: int = 1
-    sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
+    Subclasses customise it through these hooks (and Flower's own `aggregate_train` math):
+    `round_config` (what a training message carries besides the model), `aggregate_accepted`
+    (the aggregation rule over screened replies), `client_weights` (each client's share),
+    `write_reports` (extra files at the end of a run) and `client_units` (the strategy's
+    client part, composed by the ClientApp; see fedapp/units.py).
+    """
+
+    # The strategy's client-side units (fedapp.units.ClientUnit subclasses), run by the
+    # ClientApp for this strategy's training messages in the order listed.
+    client_units: ClassVar[tuple[type, ...]] = ()
     # ArrayRecords besides the model that replies must carry (SCAFFOLD's control-variate change)
-    extra_array_records: tuple[str, ...] = ()
-    # Keys of the client MetricRecord copied into the per-client log.
-    logged_metrics: tuple[str, ...] = (
+    extra_array_records: ClassVar[tuple[str, ...]] = ()
+    # Keys of the client MetricRecord copied into the per-client record.
+    logged_metrics: ClassVar[tuple[str, ...]] = (
         NUM_EXAMPLES,
         "train_loss",
         "train_steps",
@@ -185,10 +186,12 @@ class FedappStrategyMixin:
         "eval_accuracy",
     )
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        """Build from the Hydra config; subclasses add arguments Flower needs (e.g. q-FedAvg's lr)."""
-        return cls(**common, **params)
+    seed: int = 0
+    min_replies: int = 1
+    sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
+    # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
+    # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
+    server_loss: Any = None
 
     def bind(
         self,
@@ -209,167 +212,217 @@ class FedappStrategyMixin:
         self.seed = int(seed)
         self.min_replies = int(min_replies)
         self.sim_time_budget_s = float(sim_time_budget_s)
-        self.rounds: dict[int, RoundLog] = {}
+        self.rounds: dict[int, RoundRecord] = {}
         self._global_arrays: ArrayRecord | None = None
-
-    # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
-    # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
-    server_loss: Any = None
+        self._round = 0
 
     def bind_server_validation(self, loss_fn: Any) -> None:
         self.server_loss = loss_fn
 
-    # -- time budget -------------------------------------------------------------------------
+    def write_reports(self, out_dir: Path) -> None:
+        """Extra files a strategy writes at the end of a run (e.g. the contribution ledger)."""
+
+    # -- the round loop ----------------------------------------------------------------------
     def over_budget(self, grid: Grid) -> bool:
         """True once the clock (fedapp.hetero.ClockGrid) has passed `sim_time_budget_s`."""
         now = getattr(grid, "now", None)
         return bool(self.sim_time_budget_s) and now is not None and now >= self.sim_time_budget_s
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any):
-        """Flower's round loop, ended early (keeping the last global model) when the
-        simulated-time budget runs out, so strategies can be compared at equal time."""
-        try:
-            return super().start(grid, initial_arrays, *args, **kwargs)  # type: ignore[misc]
-        except BudgetExhausted:
-            from flwr.serverapp.strategy import Result
-
-            log(
-                INFO,
-                "[fedapp] simulated-time budget of %.0fs spent; stopping",
-                self.sim_time_budget_s,
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ) -> Result:
+        """Flower's synchronous loop (`Strategy.start`): per round, training, federated
+        evaluation and server-side evaluation (`evaluate_fn`, also once before round 1).
+        Stops starting rounds once the simulated-time budget is spent."""
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        result, arrays = Result(), initial_arrays
+        self._global_arrays = arrays
+        if evaluate_fn:
+            evaluate_fn(0, arrays)
+        for rnd in range(1, num_rounds + 1):
+            if self.stop_for_budget(grid):
+                break
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
             )
-            result = Result()
-            result.arrays = self._global_arrays
-            return result
+            new, _ = self.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = result.arrays = new
+            self.evaluate_round(grid, rnd, arrays, evaluate_config, timeout)
+            if evaluate_fn:
+                evaluate_fn(rnd, arrays)
+        return result
+
+    def stop_for_budget(self, grid: Grid) -> bool:
+        if not self.over_budget(grid):
+            return False
+        log(INFO, "[fedapp] simulated-time budget of %.0fs spent; stopping", self.sim_time_budget_s)
+        return True
+
+    def evaluate_round(
+        self, grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> None:
+        """Federated evaluation of the global model on `eval_clients_per_round` clients."""
+        replies = grid.send_and_receive(
+            self.configure_evaluate(rnd, arrays, config, grid), timeout=timeout
+        )
+        self.aggregate_evaluate(rnd, replies)
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def round_log(self, server_round: int) -> RoundLog:
-        return self.rounds.setdefault(server_round, RoundLog())
+    def round_log(self, server_round: int) -> RoundRecord:
+        return self.rounds.setdefault(server_round, RoundRecord())
 
     def partition_of(self, node_id: int) -> int:
         return self.node_partitions.get(node_id, -1)
 
-    # -- sampling ----------------------------------------------------------------------------
+    # -- messages ----------------------------------------------------------------------------
+    def round_config(self, server_round: int, config: ConfigRecord) -> dict[str, Any]:
+        """What this strategy adds to a round's training config (e.g. FedProx's mu)."""
+        return {}
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.over_budget(grid):
-            raise BudgetExhausted
-        self._grid, self._round, self._global_arrays = grid, server_round, arrays
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        self._round, self._global_arrays = server_round, arrays
+        extra = self.round_config(server_round, config)
+        config = ConfigRecord({**dict(config), **extra, "server-round": server_round})
+        return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._grid, self._round = grid, server_round
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        self._round = server_round
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        return self._messages(server_round, arrays, config, grid, MessageType.EVALUATE)
 
-    def _construct_messages(
-        self, record: RecordDict, node_ids: list[int], message_type: str
-    ) -> Iterable[Message]:
-        """Replace Flower's unseeded random node choice by a seeded choice of partitions."""
-        stream = 0 if message_type == MessageType.TRAIN else 1
-        connected = [n for n in self._grid.get_node_ids() if n in self.node_partitions]
-        available = [self.node_partitions[n] for n in connected]
+    def train_candidates(self, server_round: int, connected: list[int]) -> list[int]:
+        """Partition ids that may be sampled for training this round (all connected ones)."""
+        return connected
+
+    def _messages(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        message_type: str,
+    ) -> list[Message]:
+        """One message per sampled client, chosen by partition id with a seeded draw.
+
+        The sample size is Flower's (`max(int(connected x fraction), min nodes)`), capped at
+        the clients available; unlike Flower's sampler it never waits for more nodes."""
+        train = message_type == MessageType.TRAIN
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
+        all_nodes = list(grid.get_node_ids())
+        size = max(int(len(all_nodes) * fraction), minimum)
+        connected = [self.node_partitions[n] for n in all_nodes if n in self.node_partitions]
+        available = self.train_candidates(server_round, connected) if train else connected
         chosen = sample_partitions(
-            available, min(len(node_ids), len(available)), self.seed, self._round, stream
+            available, min(size, len(available)), self.seed, server_round, 0 if train else 1
         )
-        rlog = self.round_log(self._round)
-        if message_type == MessageType.TRAIN:
-            rlog.sampled_train = chosen
+        rec = self.round_log(server_round)
+        if train:
+            rec.expected, rec.dispatched = chosen, len(chosen)
         else:
-            rlog.sampled_eval = chosen
-        arrays = record.array_records.get("arrays")
-        if arrays is not None:
-            rlog.bytes_down += arrays.count_bytes() * len(chosen)
+            rec.evaluated = chosen
+        rec.bytes_down += arrays.count_bytes() * len(chosen)
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [
-            Message(content=record, message_type=message_type, dst_node_id=self.partition_nodes[p])
+            Message(content=content, message_type=message_type, dst_node_id=self.partition_nodes[p])
             for p in chosen
         ]
 
     # -- screening ---------------------------------------------------------------------------
+    def _screen_train_arrays(self, msg: Message, rec: RoundRecord) -> str | None:
+        """Why a training reply's arrays cannot be aggregated (None: they can)."""
+        content = msg.content
+        arrays = reply_arrays(msg)
+        if arrays is not None:
+            rec.bytes_up += arrays.count_bytes()
+        extra = set(content.array_records) - {"arrays", *self.extra_array_records}
+        if arrays is None or (len(content.array_records) > 1 and extra):
+            return "rejected: reply must carry exactly one model ArrayRecord"
+        missing = set(self.extra_array_records) - set(content.array_records)
+        if missing:
+            return f"rejected: reply lacks the ArrayRecord(s) {sorted(missing)}"
+        for name in self.extra_array_records:
+            if not arrays_are_finite(content.array_records[name]):
+                return f"rejected: non-finite values in {name}"
+            rec.bytes_up += content.array_records[name].count_bytes()
+        if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):
+            return "rejected: arrays do not match the global model's layout"
+        if not arrays_are_finite(arrays):
+            return "rejected: non-finite values in arrays"
+        return None
+
+    def _screen_metrics(self, msg: Message, client: ClientRecord) -> str | None:
+        """Why a reply's metrics cannot be used (None: they can); logs the metrics."""
+        metrics = reply_metrics(msg)
+        if metrics is None or len(msg.content.metric_records) != 1:
+            return "rejected: reply must carry exactly one MetricRecord"
+        client.metrics.update({k: metrics[k] for k in self.logged_metrics if k in metrics})
+        n = metrics.get(NUM_EXAMPLES)
+        if not isinstance(n, int | float) or n <= 0 or not math.isfinite(n):
+            return f"rejected: '{NUM_EXAMPLES}' must be a positive number, got {n!r}"
+        if not metrics_are_finite(metrics):
+            return "rejected: non-finite metrics"
+        return None
+
     def screen_replies(
         self, server_round: int, replies: Iterable[Message], phase: str
     ) -> list[Message]:
-        """Return the replies fit to aggregate; log every reply's fate in the round log."""
-        rlog = self.round_log(server_round)
-        replies = list(replies)
-        candidates: list[tuple[Message, dict[str, Any]]] = []
+        """Return the replies fit to aggregate; record every reply's fate in the round record."""
+        rec = self.round_log(server_round)
+        candidates: list[tuple[Message, ClientRecord]] = []
         for msg in replies:
-            entry: dict[str, Any] = {
-                "phase": phase,
-                "partition_id": self.partition_of(msg.metadata.src_node_id),
-                "node_id": msg.metadata.src_node_id,
-            }
-            rlog.clients.append(entry)
+            src = msg.metadata.src_node_id
+            client = rec.add_client(phase, self.partition_of(src), src)
             if msg.has_error():
-                entry["status"] = f"error: {msg.error.reason}".strip()[:500]
+                client.status = f"error: {msg.error.reason}".strip()[:500]
                 continue
-            content = msg.content
-            if phase == "train":
-                arrays = reply_arrays(msg)
-                if arrays is not None:
-                    rlog.bytes_up += arrays.count_bytes()
-                extra = set(content.array_records) - {"arrays", *self.extra_array_records}
-                if arrays is None or (len(content.array_records) > 1 and extra):
-                    entry["status"] = "rejected: reply must carry exactly one model ArrayRecord"
-                    continue
-                missing = set(self.extra_array_records) - set(content.array_records)
-                if missing:
-                    entry["status"] = f"rejected: reply lacks the ArrayRecord(s) {sorted(missing)}"
-                    continue
-                for name in self.extra_array_records:
-                    if not arrays_are_finite(content.array_records[name]):
-                        entry["status"] = f"rejected: non-finite values in {name}"
-                        break
-                    rlog.bytes_up += content.array_records[name].count_bytes()
-                if entry.get("status"):
-                    continue
-                if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):
-                    entry["status"] = "rejected: arrays do not match the global model's layout"
-                    continue
-                if not arrays_are_finite(arrays):
-                    entry["status"] = "rejected: non-finite values in arrays"
-                    continue
-            metrics = reply_metrics(msg)
-            if metrics is None or len(content.metric_records) != 1:
-                entry["status"] = "rejected: reply must carry exactly one MetricRecord"
+            why = self._screen_train_arrays(msg, rec) if phase == "train" else None
+            why = why or self._screen_metrics(msg, client)
+            if why:
+                client.status = why
                 continue
-            entry.update({k: metrics[k] for k in self.logged_metrics if k in metrics})
-            n = metrics.get(NUM_EXAMPLES)
-            if not isinstance(n, int | float) or n <= 0 or not math.isfinite(n):
-                entry["status"] = f"rejected: '{NUM_EXAMPLES}' must be a positive number, got {n!r}"
-                continue
-            if not metrics_are_finite(metrics):
-                entry["status"] = "rejected: non-finite metrics"
-                continue
-            entry["status"] = "ok"
-            candidates.append((msg, entry))
+            client.status = "ok"
+            candidates.append((msg, client))
         # Flower aborts the whole run on replies with different metric keys; drop the odd ones.
         if candidates:
             key_sets = Counter(tuple(sorted(reply_metrics(m).keys())) for m, _ in candidates)
             majority = key_sets.most_common(1)[0][0]
-            for msg, entry in candidates:
+            for msg, client in candidates:
                 keys = tuple(sorted(reply_metrics(msg).keys()))
                 if keys != majority:
-                    entry["status"] = (
+                    client.status = (
                         f"rejected: metric keys {list(keys)} differ from {list(majority)}"
                     )
         # Replies arrive in whatever order clients finish; floating-point sums depend on order,
         # so aggregate in partition order to make runs with the same seed bit-for-bit equal.
         accepted = sorted(
-            (m for m, e in candidates if e["status"] == "ok"),
+            (m for m, c in candidates if c.ok),
             key=lambda m: self.partition_of(m.metadata.src_node_id),
         )
-        for entry in rlog.clients:
-            if entry["phase"] == phase and entry["status"] != "ok":
+        for client in rec.clients:
+            if client.phase == phase and not client.ok:
                 log(
                     WARNING,
                     "round %d %s: client %s %s",
                     server_round,
                     phase,
-                    entry["partition_id"],
-                    entry["status"],
+                    client.partition_id,
+                    client.status,
                 )
         return accepted
 
@@ -377,11 +430,10 @@ class FedappStrategyMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        accepted = self.screen_replies(server_round, replies, "train")
-        rlog = self.round_log(server_round)
-        rlog.num_replies = len(accepted)
-        rlog.num_failures = len(rlog.sampled_train) - len(accepted)
+        accepted = self.screen_replies(server_round, list(replies), "train")
+        rec = self.round_log(server_round)
+        rec.num_replies = len(accepted)
+        rec.num_failures = len(rec.expected) - len(accepted)
         if len(accepted) < self.min_replies:
             log(
                 WARNING,
@@ -391,11 +443,11 @@ class FedappStrategyMixin:
                 self.min_replies,
             )
             return None, None
-        self._log_weights(rlog, accepted)
+        self._log_weights(rec, accepted)
         arrays, metrics = self.aggregate_accepted(server_round, accepted)
         arrays = self.finite_or_none(server_round, arrays)
-        rlog.aggregated = arrays is not None
-        rlog.train_metrics = dict(metrics) if metrics is not None else {}
+        rec.aggregated = arrays is not None
+        rec.train_metrics = dict(metrics) if metrics is not None else {}
         return arrays, metrics
 
     def aggregate_accepted(
@@ -404,7 +456,7 @@ class FedappStrategyMixin:
         """The aggregation rule proper, over screened replies in partition order.
 
         Flower's own rule by default; strategies with their own math (trust) override this
-        and keep the screening, `min_replies`, NaN guard and round log above.
+        and keep the screening, `min_replies`, NaN guard and round record above.
         """
         return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
 
@@ -420,26 +472,28 @@ class FedappStrategyMixin:
             return None
         return arrays
 
-    # -- influence ---------------------------------------------------------------------------
     def client_weights(self, accepted: list[Message]) -> list[float] | None:
         """Share of the aggregate each accepted reply gets (sums to 1), or None if undefined.
 
         FedAvg family: n_k / sum n. Robust aggregators override this with their effective
-        share (see strategies.robust); it is logged per client as `weight` and summed over
+        share (see strategies.robust); it is recorded per client as `weight` and summed over
         the attack harness's clients into the round's `attacker_weight`.
         """
         n = np.array([num_examples(m) for m in accepted])
         return (n / n.sum()).tolist() if n.sum() > 0 else None
 
-    def _log_weights(self, rlog: RoundLog, accepted: list[Message]) -> None:
-        weights = self.client_weights(accepted)
-        if weights is None:
-            return
-        by_pid = rlog.accepted_entries("train")
+    def set_weights(self, rec: RoundRecord, accepted: list[Message], weights) -> None:
+        """Record each accepted reply's share of the aggregate."""
+        by_pid = rec.accepted("train")
         for msg, w in zip(accepted, weights, strict=True):
-            entry = by_pid.get(self.partition_of(msg.metadata.src_node_id))
-            if entry is not None:
-                entry["weight"] = float(w)
+            client = by_pid.get(self.partition_of(msg.metadata.src_node_id))
+            if client is not None:
+                client.weight = float(w)
+
+    def _log_weights(self, rec: RoundRecord, accepted: list[Message]) -> None:
+        weights = self.client_weights(accepted)
+        if weights is not None:
+            self.set_weights(rec, accepted, weights)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

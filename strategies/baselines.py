@@ -1,16 +1,12 @@
-"""Baselines users compare against: Flower's FedAvg, FedProx and q-FedAvg with fedapp's plumbing.
+"""Baselines users compare against: Flower's FedAvg and q-FedAvg with fedapp's plumbing.
 
 The math is Flower's own (`flwr.serverapp.strategy`); the mixin adds seeded sampling, reply
-screening and per-round logs. FedProx only sends `proximal-mu`: the ClientApp adds the
-proximal term (`tasks.training.train_classifier`).
+screening and round records. FedProx, whose client adds a proximal term, is in fedprox.py.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from flwr.serverapp import strategy as flwr_strategy
-from omegaconf import DictConfig
 
 from strategies.base import FedappStrategyMixin, cast_like
 
@@ -19,15 +15,16 @@ class FedAvg(FedappStrategyMixin, flwr_strategy.FedAvg):
     """FedAvg (McMahan et al., AISTATS 2017, arXiv:1602.05629)."""
 
 
-class FedProx(FedappStrategyMixin, flwr_strategy.FedProx):
-    """FedProx (Li et al., MLSys 2020, arXiv:1812.06127); clients minimise loss + mu/2 ||w - w_t||^2."""
-
-
 class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
-    """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 / train.lr."""
+    """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 /
+    `client_learning_rate` (the clients' `train.lr`, by interpolation in the YAML)."""
 
     def client_weights(self, accepted):
         return None  # q-FedAvg scales updates by loss^q / h_k; no per-client share to report
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current_arrays = arrays.copy()  # what Flower's q-FedAvg keeps for its update
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -36,7 +33,3 @@ class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
         if arrays is not None and self._global_arrays is not None:
             arrays = cast_like(arrays, self._global_arrays)
         return arrays, metrics
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(client_learning_rate=float(cfg.train.lr), **common, **params)

@@ -51,13 +51,16 @@ the weighted update is FedNova's (each change divided by the client's effective 
 mean rescaled by their weighted mean), with the contribution weights in place of n_k / sum n.
 
 Local continual learning (client side, `strategy.local.*`, off for the baselines): a proximal
-term mu/2 ||w - w_global||^2 and a distillation term toward the received global model's
-predictions (`tasks.training.train_classifier`) keep clients from drifting to their local
-label mix.
+term mu/2 ||w - w_global||^2 (FedProx's unit, strategies/fedprox.py) and a distillation term
+toward the received global model's predictions (`Distillation`, optionally on the not-true
+classes only, as FedNTD) keep clients from drifting to their local label mix. The client part
+(`client_units`: `ValidationGain`, `ProximalTerm`, `Distillation`) runs on the clients for
+this strategy's training messages (fedapp/units.py).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from collections.abc import Callable, Sequence
@@ -67,16 +70,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
-from flwr.serverapp import Grid
+from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
-from omegaconf import DictConfig
+from torch import nn
 
-from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from fedapp.units import ClientUnit, TrainJob
+from strategies.aggregation import flatten, sanity_scores, weighted_aggregate
+from strategies.base import (
+    FedappStrategyMixin,
+    layers,
+    num_examples,
+    reply_arrays,
+    reply_metrics,
+    to_record,
+)
 from strategies.fednova import effective_steps, fednova_aggregate
-from strategies.trust import aggregate as weighted_aggregate
-from strategies.trust import sanity_scores
+from strategies.fedprox import ProximalTerm
+from tasks.training import TrainHook, distillation_term, not_true_logits
 
 DIMENSIONS = ("volume", "diversity", "gain", "norm", "direction", "marginal")
 
@@ -315,12 +327,76 @@ class Ledger:
         plt.close(fig)
 
 
-def _flat(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+# -- client part -----------------------------------------------------------------------------------
+def validation_loss(job: TrainJob) -> float:
+    """Loss of the job's model on the client's validation rows (0.0 when it has none:
+    'unknown' to the server)."""
+    if not len(job.data.val):
+        return 0.0
+    # evaluating draws from torch's global generator (DataLoader seeds); fork it so that the
+    # training that follows (dropout) is the same whether or not the server asked for this
+    with torch.random.fork_rng(devices=[]):
+        loss = float(job.task.evaluate(job.model, job.data.val, job.prep)["loss"])
+    return loss if np.isfinite(loss) else 0.0
 
 
+class ValidationGain(ClientUnit):
+    """Reports the client's validation loss before and after local training (`gain`)."""
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return bool(job.config.get("report-val-gain", 0))
+
+    def before_train(self, job: TrainJob) -> None:
+        self.before = validation_loss(job)
+
+    def after_train(self, job: TrainJob) -> None:
+        job.reply_metrics["val_loss_before"] = self.before
+        job.reply_metrics["val_loss_after"] = validation_loss(job)
+
+
+class DistillationHook(TrainHook):
+    """weight x T^2 KL(received model's predictions || local predictions), on the not-true
+    classes only when `not_true` (FedNTD, Lee et al. 2022: the local labels are learnt freely,
+    the global model's knowledge of the other classes is kept)."""
+
+    def __init__(self, weight: float, temperature: float, not_true: bool) -> None:
+        self.weight, self.temperature, self.not_true = weight, temperature, not_true
+
+    def start(self, model: nn.Module, device: torch.device) -> None:
+        self.teacher = copy.deepcopy(model).eval()  # the received global model, frozen
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def extra_loss(self, model, xb, yb, logits) -> torch.Tensor:
+        student, target = logits, self.teacher(xb)
+        if self.not_true and logits.shape[1] > 2:
+            student, target = not_true_logits(logits, yb), not_true_logits(target, yb)
+        return self.weight * distillation_term(student, target, self.temperature)
+
+
+class Distillation(ClientUnit):
+    """Distillation toward the received global model (`strategy.local.distill_*`)."""
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return float(job.config.get("distill-weight", 0.0)) > 0
+
+    def before_train(self, job: TrainJob) -> None:
+        job.hooks.append(
+            DistillationHook(
+                float(job.config["distill-weight"]),
+                float(job.config.get("distill-temperature", 2.0)),
+                bool(job.config.get("distill-not-true", 0)),
+            )
+        )
+
+
+# -- server part -----------------------------------------------------------------------------------
 class ContributionAware(FedappStrategyMixin, FedAvg):
     """See the module docstring; `conf/strategy/contribution.yaml`."""
+
+    client_units = (ValidationGain, ProximalTerm, Distillation)
 
     def __init__(
         self,
@@ -355,17 +431,10 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         self.ledger = Ledger()
         self._told_no_marginal = False
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(momentum=float(cfg.train.momentum), **common, **params)
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ):
+    def round_config(self, server_round: int, config: ConfigRecord) -> dict[str, Any]:
         # ask clients for their validation loss before and after training, and send the
         # local continual-learning terms
-        config = ConfigRecord({**dict(config), "report-val-gain": 1, **self.local})
-        return super().configure_train(server_round, arrays, config, grid)
+        return {"report-val-gain": 1, **self.local}
 
     def client_weights(self, accepted: list[Message]) -> None:
         return None  # logged by aggregate_accepted with the scores behind them
@@ -374,8 +443,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         self, server_round: int, accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         keys = list(self._global_arrays.keys())
-        g = [self._global_arrays[k].numpy() for k in keys]
-        clients = [[reply_arrays(m)[k].numpy() for k in keys] for m in accepted]
+        g = layers(self._global_arrays, keys)
+        clients = [layers(reply_arrays(m), keys) for m in accepted]
         n = np.array([num_examples(m) for m in accepted])
         metrics = [reply_metrics(m) for m in accepted]
         width = max((len(m.get("label-counts", [])) for m in metrics), default=0)
@@ -388,8 +457,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         )
         before = np.array([float(m.get("val_loss_before", np.nan)) for m in metrics])
         after = np.array([float(m.get("val_loss_after", np.nan)) for m in metrics])
-        g_flat = _flat(g)
-        updates = np.stack([_flat(c) - g_flat for c in clients])
+        g_flat = flatten(g, floats_only=False)
+        updates = np.stack([flatten(c, floats_only=False) - g_flat for c in clients])
         marginal = None
         if self.server_loss is not None and self.mix["marginal"] > 0:
             marginal, _ = leave_one_out(clients, n, self.server_loss)
@@ -429,21 +498,18 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 },
             }
         new = aggregate(weights)
-        from flwr.app import Array
-
-        arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})
-        by_pid = self.round_log(server_round).accepted_entries("train")
+        by_pid = self.round_log(server_round).accepted("train")
         for i, m in enumerate(accepted):
             pid = self.partition_of(m.metadata.src_node_id)
             per = {d: float(scores[d][i]) for d in scores}
             self.ledger.add(pid, float(weights[i]), per)
-            entry = by_pid.get(pid)
-            if entry is not None:
-                entry.update({f"contrib_{d}": v for d, v in per.items()})
-                entry["contrib_score"] = float(combined[i])
-                entry["weight"] = float(weights[i])
+            client = by_pid.get(pid)
+            if client is not None:
+                client.details.update({f"contrib_{d}": v for d, v in per.items()})
+                client.details["contrib_score"] = float(combined[i])
+                client.weight = float(weights[i])
         agg = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-        return arrays, agg
+        return to_record(keys, new), agg
 
     def write_reports(self, out_dir: Path) -> None:
         """Called by the recorder at the end of the run: the contribution ledger."""

@@ -13,26 +13,107 @@ by another client at once.
 
 For logging and comparison, every `clients_per_round` processed replies make one "round" in
 results.json (the same number of client trainings as a synchronous round), evaluated with
-the model at that moment; `sim_time_s` is the clock at that point.
+the model at that moment; `sim_time_s` is the clock at that point. A client's `weight` is
+its update's share of the model at the end of that round, alpha_j x prod_{i>j} (1 - alpha_i)
+over the updates mixed in after it (the previous model keeps the rest), and `mixing_rate`
+is its alpha_j.
+
+The schedule is `FedAsyncPolicy`, a pure state machine over the scheduler core's events
+(strategies/scheduler.py); `FedAsync` adds the mixing.
 """
 
 from __future__ import annotations
 
-from logging import INFO
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from omegaconf import DictConfig
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from strategies.base import layers, reply_arrays, reply_metrics, to_record
+from strategies.scheduler import (
+    Decision,
+    EventDrivenStrategy,
+    Fold,
+    Policy,
+    Report,
+    RoundClose,
+    Send,
+)
 from strategies.scheduling import mix, staleness_discount
 
 
-class FedAsync(FedappStrategyMixin, FedAvg):
+class FedAsyncPolicy(Policy):
+    """`concurrency` trainings in flight over `clients`; every landed update is folded in
+    at once with `rate(staleness, n_k, mean n)`, and an idle client (seeded choice) gets the
+    newest model. A round ends after `concurrency` replies."""
+
+    screen_on_arrival = True
+
+    def __init__(self, clients: list[int], concurrency: int, seed: int, rate) -> None:
+        super().__init__()
+        self.clients = sorted(clients)
+        self.k = int(concurrency)
+        self.rng = np.random.default_rng([int(seed), 0xA5C])
+        self.rate = rate
+        self.version = 0
+        self.sizes: dict[int, float] = {}
+        self.inflight: dict[int, tuple[int, int | None]] = {}  # ticket -> (client, version)
+        self.rnd = 0
+
+    def dispatch(self, rnd: int) -> Send | None:
+        busy = {p for p, _ in self.inflight.values()}
+        idle = sorted(set(self.clients) - busy)
+        if not idle:
+            return None
+        pid = int(self.rng.choice(idle))
+        ticket = self.new_ticket()
+        self.inflight[ticket] = (pid, None)  # the version is the one it is sent with
+        return Send(ticket, pid, rnd)
+
+    def sent(self, send: Send) -> None:
+        self.inflight[send.ticket] = (send.partition_id, self.version)
+
+    def open_round(
+        self, rnd: int, started: float, now: float, alive: set[int] | None
+    ) -> list[Decision]:
+        self.rnd, self.processed, self.expected, self.stalled = rnd, 0, [], False
+        if rnd > 1 or self.inflight:
+            return []
+        return [s for s in (self.dispatch(1) for _ in range(self.k)) if s is not None]
+
+    def on_reply(self, ticket: int, now: float, report: Report | None) -> list[Decision]:
+        entry = self.inflight.pop(ticket, None)
+        if entry is None:
+            return []
+        pid, base = entry
+        self.processed += 1
+        self.expected.append(pid)
+        out: list[Decision] = []
+        if report is not None:
+            self.sizes[pid] = float(report.num_examples)
+            stale = self.version - base
+            a = self.rate(stale, self.sizes[pid], float(np.mean(list(self.sizes.values()))))
+            out.append(Fold(ticket, a, stale))
+        send = self.dispatch(self.rnd if self.processed < self.k else self.rnd + 1)
+        return out + ([send] if send is not None else [])
+
+    def folded(self, ticket: int, applied: bool) -> None:
+        if applied:
+            self.version += 1
+
+    def on_timer(self, now: float) -> list[Decision]:
+        self.stalled = True  # nothing in flight can land any more
+        return []
+
+    def round_over(self, now: float) -> bool:
+        return self.stalled or self.processed >= self.k or not self.inflight
+
+    def close_round(self, rnd: int) -> RoundClose:
+        schedule = {"model_version": self.version, "in_flight": len(self.inflight)}
+        return RoundClose([], self.expected, schedule)
+
+
+class FedAsync(EventDrivenStrategy):
     """See the module docstring; knobs in `conf/strategy/fedasync.yaml`."""
 
     def __init__(
@@ -55,10 +136,6 @@ class FedAsync(FedappStrategyMixin, FedAvg):
         self.staleness_b = float(staleness_b)
         self.weight_by_examples = bool(weight_by_examples)
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(**common, **params)
-
     def mixing_weight(self, staleness: int, n_k: float, mean_n: float) -> float:
         """alpha_t = alpha * s(staleness) (x n_k / mean n, capped at 1, if weight_by_examples)."""
         a = self.alpha * staleness_discount(
@@ -68,98 +145,48 @@ class FedAsync(FedappStrategyMixin, FedAvg):
             a *= n_k / mean_n
         return float(min(a, 1.0))
 
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn=None,
-    ) -> Result:
-        if not hasattr(grid, "submit"):
-            raise TypeError("FedAsync needs the fedapp clock (fedapp.hetero.ClockGrid) as its grid")
-        train_config = train_config or ConfigRecord()
-        arrays, version = initial_arrays, 0
-        self._global_arrays = arrays
-        if evaluate_fn:
-            evaluate_fn(0, arrays)
+    def make_policy(self, train_config: ConfigRecord, timeout: float) -> FedAsyncPolicy:
+        self._mixed: dict[int, list] = {}  # round -> [(client record, rate)] applied in order
         concurrency = min(int(self.min_train_nodes), len(self.partition_nodes))
-        inflight: dict[str, tuple[int, int]] = {}  # message id -> (partition id, model version)
-        rng = np.random.default_rng([self.seed, 0xA5C])
-        sizes: dict[int, float] = {}
-        dispatched = 0
+        return FedAsyncPolicy(
+            list(self.partition_nodes), concurrency, self.seed, self.mixing_weight
+        )
 
-        def dispatch(rnd: int) -> None:
-            nonlocal dispatched
-            busy = {p for p, _ in inflight.values()}
-            idle = sorted(set(self.partition_nodes) - busy)
-            if not idle:
-                return
-            pid = int(rng.choice(idle))
-            cfg = ConfigRecord({**dict(train_config), "server-round": rnd})
-            msg = Message(
-                RecordDict({"arrays": arrays, "config": cfg}),
-                dst_node_id=self.partition_nodes[pid],
-                message_type=MessageType.TRAIN,
-            )
-            (mid,) = grid.submit([msg])
-            inflight[mid] = (pid, version)
-            dispatched += 1
-            self.round_log(rnd).bytes_down += arrays.count_bytes()
+    def fold_now(
+        self, rnd: int, arrays: ArrayRecord, fold: Fold, reply: Message
+    ) -> ArrayRecord | None:
+        rec = self.round_log(rnd)
+        client = [c for c in rec.clients if c.phase == "train"][-1]  # screened on arrival
+        new = mix(layers(arrays), layers(reply_arrays(reply)), fold.rate)
+        candidate = self.finite_or_none(rnd, to_record(arrays.keys(), new))
+        if candidate is None:
+            client.weight = 0.0
+            return None
+        rec.num_replies += 1
+        rec.aggregated = True
+        client.details.update(
+            {
+                "mixing_rate": fold.rate,
+                "staleness": fold.staleness,
+                "version": self.policy.version + 1,
+            }
+        )
+        self._mixed.setdefault(rnd, []).append((client, fold.rate))
+        m = reply_metrics(reply)
+        if "train_loss" in m:
+            rec.train_metrics["train_loss"] = float(m["train_loss"])
+        return candidate
 
-        for _ in range(concurrency):
-            dispatch(1)
-        result = Result()
-        for rnd in range(1, num_rounds + 1):
-            if self.over_budget(grid):
-                break
-            self._round = rnd
-            rlog = self.round_log(rnd)
-            processed = 0
-            while processed < concurrency and inflight:
-                event = grid.next_event()
-                if event is None:
-                    break
-                entry = inflight.pop(event.flight.msg_id, None)
-                if entry is None:
-                    continue
-                pid, base = entry
-                processed += 1
-                rlog.sampled_train.append(pid)
-                accepted = self.screen_replies(rnd, [event.reply], "train")
-                if accepted:
-                    msg = accepted[0]
-                    sizes[pid] = num_examples(msg)
-                    stale = version - base
-                    a = self.mixing_weight(stale, sizes[pid], float(np.mean(list(sizes.values()))))
-                    new = mix(
-                        [x.numpy() for x in arrays.values()],
-                        [x.numpy() for x in reply_arrays(msg).values()],
-                        a,
-                    )
-                    candidate = ArrayRecord(
-                        {k: Array(v) for k, v in zip(arrays.keys(), new, strict=True)}
-                    )
-                    if self.finite_or_none(rnd, candidate) is not None:
-                        arrays, version = candidate, version + 1
-                        self._global_arrays = arrays
-                        rlog.num_replies += 1
-                        rlog.aggregated = True
-                        entry_log = rlog.clients[-1]
-                        entry_log.update({"weight": a, "staleness": stale, "version": version})
-                        m = reply_metrics(msg)
-                        if "train_loss" in m:
-                            rlog.train_metrics["train_loss"] = float(m["train_loss"])
-                else:
-                    rlog.num_failures += 1
-                dispatch(rnd if processed < concurrency else rnd + 1)
-            rlog.schedule = {"model_version": version, "in_flight": len(inflight)}
-            log(INFO, "[fedasync] round %d: model version %d, sim_t=%.1fs", rnd, version, grid.now)
-            result.arrays = arrays
-            if evaluate_fn:
-                evaluate_fn(rnd, arrays)
-        grid.discard(list(inflight))
-        result.arrays = arrays
-        return result
+    def fold_round(
+        self, rnd: int, arrays: ArrayRecord, close: RoundClose, replies: dict[int, Message]
+    ) -> ArrayRecord | None:
+        """Nothing left to aggregate (updates were mixed in on arrival); record each update's
+        share of the round's final model and the failures."""
+        rec = self.round_log(rnd)
+        keep = 1.0
+        for client, rate in reversed(self._mixed.get(rnd, [])):
+            client.weight = rate * keep
+            keep *= 1.0 - rate
+        accepted = sum(c.ok for c in rec.clients if c.phase == "train")
+        rec.num_failures = len(close.expected) - accepted
+        return None

@@ -21,11 +21,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
-from omegaconf import DictConfig
 
-from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from strategies.base import (
+    FedappStrategyMixin,
+    layers,
+    num_examples,
+    reply_arrays,
+    reply_metrics,
+    to_record,
+)
 
 
 def effective_steps(tau: float, momentum: float = 0.0) -> float:
@@ -80,10 +86,6 @@ class FedNova(FedappStrategyMixin, FedAvg):
         effective_steps(1, momentum)  # validates
         self.momentum = float(momentum)
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(momentum=float(cfg.train.momentum), **common, **params)
-
     def aggregate_accepted(
         self, server_round: int, accepted: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -92,25 +94,16 @@ class FedNova(FedappStrategyMixin, FedAvg):
         keys = list(self._global_arrays.keys())
         taus = [float(reply_metrics(m).get("train_steps", 0.0)) for m in accepted]
         new = fednova_aggregate(
-            [self._global_arrays[k].numpy() for k in keys],
-            [[reply_arrays(m)[k].numpy() for k in keys] for m in accepted],
+            layers(self._global_arrays, keys),
+            [layers(reply_arrays(m), keys) for m in accepted],
             [num_examples(m) for m in accepted],
             taus,
             self.momentum,
         )
-        arrays = ArrayRecord({k: Array(v) for k, v in zip(keys, new, strict=True)})
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-        rlog = self.round_log(server_round)
-        for entry, m in zip(
-            [
-                rlog.accepted_entries("train").get(self.partition_of(m.metadata.src_node_id))
-                for m in accepted
-            ],
-            accepted,
-            strict=True,
-        ):
-            if entry is not None:
-                entry["fednova_a"] = effective_steps(
-                    float(reply_metrics(m)["train_steps"]), self.momentum
-                )
-        return arrays, metrics
+        by_pid = self.round_log(server_round).accepted("train")
+        for m, tau in zip(accepted, taus, strict=True):
+            client = by_pid.get(self.partition_of(m.metadata.src_node_id))
+            if client is not None:
+                client.details["fednova_a"] = effective_steps(tau, self.momentum)
+        return to_record(keys, new), metrics

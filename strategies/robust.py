@@ -17,21 +17,20 @@ These shares are recomputed with the same NumPy calls Flower makes (and Flower's
 clients' weights.
 
 `num_malicious_nodes: auto` gives Krum, MultiKrum and Bulyan the true expected number of
-attackers per round (attack.fraction x clients_per_round) -- knowledge a real operator does
-not have, so the comparison favours these baselines.
+attackers per round (`expected_attackers`: ceil(attack.fraction x clients_per_round), filled
+in by the YAML's interpolation) -- knowledge a real operator does not have, so the comparison
+favours these baselines.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from flwr.app import Message
 from flwr.serverapp import strategy as flwr_strategy
-from flwr.serverapp.strategy.multikrum import select_multikrum
-from omegaconf import DictConfig
 
+from fedapp.flower_compat import select_multikrum
 from strategies.base import FedappStrategyMixin, num_examples, reply_arrays
 
 
@@ -67,13 +66,11 @@ def _flat_stack(msgs: list[Message]) -> np.ndarray:
     )
 
 
-def _resolve_f(cfg: DictConfig, params: dict[str, Any], cap: int | None = None) -> int:
-    f = params.pop("num_malicious_nodes", "auto")
-    if f == "auto":
-        frac = float(cfg.attack.fraction) if cfg.get("attack") and cfg.attack.name != "none" else 0
-        f = math.ceil(frac * int(cfg.clients_per_round))
-    f = int(f)
-    return min(f, cap) if cap is not None else f
+def resolve_malicious(num_malicious_nodes: int | str, expected_attackers: int) -> int:
+    """`num_malicious_nodes`, where "auto" is the attack harness's expected attackers."""
+    if num_malicious_nodes == "auto":
+        return int(expected_attackers)
+    return int(num_malicious_nodes)
 
 
 class FedMedian(FedappStrategyMixin, flwr_strategy.FedMedian):
@@ -104,12 +101,18 @@ def _selection_shares(accepted: list[Message], selected: list) -> list[float]:
 class MultiKrum(FedappStrategyMixin, flwr_strategy.MultiKrum):
     """Multi-Krum (Blanchard et al., NeurIPS 2017): average the m updates with the best Krum scores."""
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        f = _resolve_f(cfg, params)
-        m = params.pop("num_nodes_to_select", "auto")
-        m = max(int(cfg.clients_per_round) - f, 1) if m == "auto" else int(m)
-        return cls(num_malicious_nodes=f, num_nodes_to_select=m, **common, **params)
+    def __init__(
+        self,
+        *,
+        num_malicious_nodes: int | str = "auto",
+        num_nodes_to_select: int | str = "auto",
+        expected_attackers: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        f = resolve_malicious(num_malicious_nodes, expected_attackers)
+        m = num_nodes_to_select
+        m = max(int(kwargs["min_train_nodes"]) - f, 1) if m == "auto" else int(m)
+        super().__init__(num_malicious_nodes=f, num_nodes_to_select=m, **kwargs)
 
     def client_weights(self, accepted):
         if not self.attackers:
@@ -122,9 +125,11 @@ class MultiKrum(FedappStrategyMixin, flwr_strategy.MultiKrum):
 class Krum(FedappStrategyMixin, flwr_strategy.Krum):
     """Krum (Blanchard et al., NeurIPS 2017): keep the one update closest to its n-f-2 neighbours."""
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(num_malicious_nodes=_resolve_f(cfg, params), **common, **params)
+    def __init__(
+        self, *, num_malicious_nodes: int | str = "auto", expected_attackers: int = 0, **kwargs
+    ) -> None:
+        f = resolve_malicious(num_malicious_nodes, expected_attackers)
+        super().__init__(num_malicious_nodes=f, **kwargs)
 
     def client_weights(self, accepted):
         if not self.attackers:
@@ -137,10 +142,12 @@ class Bulyan(FedappStrategyMixin, flwr_strategy.Bulyan):
     """Bulyan (El Mhamdi et al., ICML 2018): Multi-Krum selection of n-2f updates, then per
     coordinate the mean of the n-4f values closest to the median. Needs n >= 4f + 3."""
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        cap = max((int(cfg.clients_per_round) - 3) // 4, 0)
-        return cls(num_malicious_nodes=_resolve_f(cfg, params, cap), **common, **params)
+    def __init__(
+        self, *, num_malicious_nodes: int | str = "auto", expected_attackers: int = 0, **kwargs
+    ) -> None:
+        cap = max((int(kwargs["min_train_nodes"]) - 3) // 4, 0)  # Bulyan needs n >= 4 f + 3
+        f = min(resolve_malicious(num_malicious_nodes, expected_attackers), cap)
+        super().__init__(num_malicious_nodes=f, **kwargs)
 
     def client_weights(self, accepted):
         if not self.attackers:

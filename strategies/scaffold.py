@@ -15,8 +15,9 @@ updates c <- c + |S|/N * mean_k delta_c_k over the |S| participants of N clients
 Controls cover trainable parameters only (buffers such as running statistics have no
 gradient). Both c and delta_c travel as extra ArrayRecords (`scaffold-c`, `scaffold-dc`),
 doubling the bytes per round, as in the paper. Flower's core has no SCAFFOLD; this is
-written from the paper. The client half is `client_correction` / `client_control_update`,
-called by the ClientApp when a training message carries `scaffold-c`.
+written from the paper. The client half is the unit `ScaffoldClient` (fedapp/units.py) over
+the pure functions `client_correction` / `client_control_update`; it takes part whenever a
+training message carries `scaffold-c`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-from omegaconf import DictConfig
 
+from fedapp.flower_compat import aggregate_arrayrecords
+from fedapp.units import ClientUnit, TrainJob
 from strategies.base import FedappStrategyMixin, reply_arrays, reply_metrics
+from tasks.training import TrainHook
 
 SERVER_CONTROL = "scaffold-c"
 CONTROL_DELTA = "scaffold-dc"
@@ -89,9 +92,67 @@ def server_control_update(
     return out
 
 
+# -- client part -----------------------------------------------------------------------------------
+def _named(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()} if record is not None else {}
+
+
+class CorrectionHook(TrainHook):
+    """Every local step follows g + (c - c_i)."""
+
+    def __init__(self, correction: list[torch.Tensor]) -> None:
+        self.correction = correction
+
+    def after_backward(self, model) -> None:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p, corr in zip(trainable, self.correction, strict=True):
+            if p.grad is not None:
+                p.grad.add_(corr.to(p.grad.device, p.grad.dtype))
+
+
+class ScaffoldClient(ClientUnit):
+    """SCAFFOLD's client part: c_i in the node's persistent state, the corrected local steps,
+    and delta_c in the reply."""
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return SERVER_CONTROL in job.content.array_records
+
+    def before_train(self, job: TrainJob) -> None:
+        params = dict(job.model.named_parameters())
+        self.names = [n for n, p in params.items() if p.requires_grad]
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.c = _named(job.content[SERVER_CONTROL])
+        self.ci = _named(job.state.array_records.get(CLIENT_CONTROL_STATE))
+        correction = client_correction(self.names, shapes, self.c, self.ci)
+        job.hooks.append(CorrectionHook([torch.from_numpy(a) for a in correction]))
+
+    def after_train(self, job: TrainJob) -> None:
+        """Store c_i+ in the node's state and send delta_c."""
+        steps = float(job.metrics["train_steps"])
+        if steps <= 0:  # no local training (an attack harness free rider): controls unchanged
+            zero = {
+                n: np.zeros(tuple(p.shape), np.float32) for n, p in job.model.named_parameters()
+            }
+            job.reply_records[CONTROL_DELTA] = ArrayRecord({n: Array(zero[n]) for n in self.names})
+            return
+        global_state = job.global_state
+        x = {n: global_state[n].detach().cpu().numpy() for n in self.names}
+        y = {n: p.detach().cpu().numpy() for n, p in job.model.named_parameters() if n in x}
+        new, delta = client_control_update(
+            self.names, self.c, self.ci, x, y, steps, job.settings.lr
+        )
+        job.state.array_records[CLIENT_CONTROL_STATE] = ArrayRecord(
+            {n: Array(v) for n, v in new.items()}
+        )
+        job.reply_records[CONTROL_DELTA] = ArrayRecord({n: Array(v) for n, v in delta.items()})
+
+
+# -- server part -----------------------------------------------------------------------------------
 class Scaffold(FedappStrategyMixin, FedAvg):
     """See the module docstring; `conf/strategy/scaffold.yaml`."""
 
+    client_units = (ScaffoldClient,)
     extra_array_records = (CONTROL_DELTA,)
 
     def __init__(self, *, server_lr: float = 1.0, **kwargs: Any) -> None:
@@ -100,10 +161,6 @@ class Scaffold(FedappStrategyMixin, FedAvg):
             raise ValueError("server_lr must be positive")
         self.server_lr = float(server_lr)
         self.control: dict[str, np.ndarray] = {}
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(**common, **params)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -10,8 +10,9 @@ time). The simulated device profiles behind those numbers (fedapp.hetero) are no
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -136,9 +137,19 @@ def tifl_probabilities(tier_scores: Sequence[float], credits: Sequence[int]) -> 
     return p / p.sum()
 
 
+def full_steps(examples: int | None, config: Mapping[str, Any]) -> int:
+    """Local steps of one full round of work for a client with `examples` training rows under
+    the round's training config (`batch-size`, `local-epochs`, `max-steps`)."""
+    batch = max(int(config.get("batch-size", 32)), 1)
+    epochs = max(int(config.get("local-epochs", 1)), 1)
+    steps = math.ceil(examples / batch) * epochs if examples else epochs
+    cap = int(config.get("max-steps", 0))
+    return max(min(steps, cap) if cap > 0 else steps, 1)
+
+
 # -- what the server knows about each client ------------------------------------------------------
 @dataclass
-class ClientRecord:
+class ClientSpeed:
     step_time_s: float | None = None  # EMA of compute seconds per local step
     transfer_s: float | None = None  # EMA of round-trip time minus compute (model both ways)
     reliability: float = 1.0  # EMA of 1 (replied in time) / 0 (failed, missed, offline)
@@ -152,10 +163,10 @@ class ProfileBook:
     """Per-client speed and reliability from observed rounds (EMA with weight `ema` on history)."""
 
     ema: float = 0.5
-    clients: dict[int, ClientRecord] = field(default_factory=dict)
+    clients: dict[int, ClientSpeed] = field(default_factory=dict)
 
-    def record(self, pid: int) -> ClientRecord:
-        return self.clients.setdefault(pid, ClientRecord())
+    def record(self, pid: int) -> ClientSpeed:
+        return self.clients.setdefault(pid, ClientSpeed())
 
     def _blend(self, old: float | None, new: float) -> float:
         return new if old is None else self.ema * old + (1 - self.ema) * new
@@ -185,3 +196,17 @@ class ProfileBook:
             return None
         rec = self.clients[pid]
         return rec.transfer_s + steps * rec.step_time_s
+
+    def tiers(
+        self, candidates: set[int], num_tiers: int, steps_of: Callable[[int], int]
+    ) -> tuple[dict[int, int], dict[int, float]]:
+        """Tier of every candidate by predicted duration of `steps_of(client)` local steps
+        (`assign_tiers`), and that prediction (inf if unknown). Clients never measured go to
+        the slowest tier until they are (tier 0 when nobody is measured)."""
+        pred = {p: self.predict(p, steps_of(p)) for p in candidates}
+        known = {p: v for p, v in pred.items() if v is not None}
+        tiers = assign_tiers(known, num_tiers)
+        slowest = max(tiers.values(), default=0)
+        for p in candidates - set(known):
+            tiers[p] = min(num_tiers - 1, slowest if known else 0)
+        return tiers, {p: (v if v is not None else math.inf) for p, v in pred.items()}

@@ -4,7 +4,7 @@ windows, heartbeats, standby replacement, and staleness-discounted late updates.
 A synchronous round waits for its slowest client; dropping stragglers throws their data away.
 Here no tier waits for another:
 
-1. **Profiling.** Before round 1 every node gets a probe (`fedapp-action=probe`: the model,
+1. **Profiling.** Before round 1 every node gets a probe (a `query.probe` message: the model,
    `probe_steps` local steps, the model back). Its round-trip time and the client's own
    compute time seed a `ProfileBook` (seconds per step, transfer seconds, reliability), which
    every later reply and failure updates (EMA).
@@ -29,6 +29,9 @@ Here no tier waits for another:
    discount). Updates that missed their window are folded in the same way when they land
    (`late_policy: fold`) or ignored (`drop`).
 
+The schedule is `TieredPolicy`, a pure state machine over the scheduler core's events
+(strategies/scheduler.py); `TieredScheduling` adds the aggregation rule.
+
 Ideas from TiFL (Chai et al., HPDC 2020: tiers by profiled latency), FedAT (Chai et al., SC
 2021: asynchronous tiers, staleness-aware merge) and FedBuff (Nguyen et al., AISTATS 2022:
 aggregating stale updates as deltas). Only observations a real server has are used: dispatch
@@ -38,85 +41,33 @@ and arrival times on the clock, failures, and what clients report.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from logging import INFO, WARNING
+from dataclasses import dataclass, field
+from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    RecordDict,
-)
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from omegaconf import DictConfig
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common import log
 
-from strategies.base import FedappStrategyMixin, num_examples, reply_arrays, reply_metrics
+from strategies.base import layers, num_examples, reply_arrays, reply_metrics, to_record
+from strategies.scheduler import (
+    Cancel,
+    Decision,
+    EventDrivenStrategy,
+    Landed,
+    Policy,
+    Report,
+    RoundClose,
+    Send,
+)
 from strategies.scheduling import (
     ProfileBook,
     allocate_slots,
     apply_updates,
-    assign_tiers,
+    full_steps,
     staleness_discount,
     steps_for_window,
 )
-
-
-def probe_clients(
-    strategy: Any,
-    grid: Grid,
-    arrays: ArrayRecord,
-    config: ConfigRecord,
-    probe_steps: int,
-    timeout_s: float,
-) -> None:
-    """Profile every node once (model down, `probe_steps` local steps, model up) into
-    `strategy.book` and record each client's `num-examples` in `strategy._examples`."""
-    cfg = ConfigRecord({**dict(config), "fedapp-action": "probe", "probe-steps": probe_steps})
-    content = RecordDict({"arrays": arrays, "config": cfg})
-    t0 = grid.now
-    pids = sorted(strategy.partition_nodes)
-    msgs = [
-        Message(
-            content=content, message_type=MessageType.QUERY, dst_node_id=strategy.partition_nodes[p]
-        )
-        for p in pids
-    ]
-    answered = 0
-    for reply in grid.send_and_receive(msgs, timeout=timeout_s):
-        pid = strategy.partition_of(reply.metadata.src_node_id)
-        sent, arrived = grid.timing(reply)
-        if reply.has_error():
-            strategy.book.fail(pid)
-            continue
-        m = reply_metrics(reply)
-        strategy._examples[pid] = int(m["num-examples"])
-        strategy.book.observe(
-            pid, arrived - sent, float(m["train_steps"]), float(m["train_time_s"])
-        )
-        answered += 1
-    log(
-        INFO,
-        "[%s] profiled %d of %d clients in %.1f simulated s",
-        type(strategy).__name__,
-        answered,
-        len(pids),
-        grid.now - t0,
-    )
-
-
-def full_steps(examples: int | None, config: ConfigRecord) -> int:
-    """Local steps of one full round of work for a client with `examples` training rows."""
-    batch = max(int(config.get("batch-size", 32)), 1)
-    epochs = max(int(config.get("local-epochs", 1)), 1)
-    steps = math.ceil(examples / batch) * epochs if examples else epochs
-    cap = int(config.get("max-steps", 0))
-    return max(min(steps, cap) if cap > 0 else steps, 1)
 
 
 @dataclass
@@ -127,24 +78,269 @@ class Slot:
     tier: int
     round: int  # the round it was dispatched in (its model's version)
     steps: int
-    window_end: float  # simulated time by which its update is due
+    window_end: float  # time by which its update is due
     missed: bool = False  # its window passed; a standby took the slot
 
 
 @dataclass
-class _RoundPlan:
-    """What dispatching needs to know about the current round."""
+class _Round:
+    """The current round's plan and what happened in it so far."""
 
     rnd: int
     alive: set[int]
     members: dict[int, list[int]]
-    skipped: list[int]
-    config: dict[str, Any]
-    arrays: ArrayRecord
-    rlog: Any
+    periods: dict[int, int]
+    length: float
+    round_end: float
+    sizes: list[int]
+    slots: list[int]
+    due: list[int] = field(default_factory=list)
+    landed: list[Landed] = field(default_factory=list)
+    replaced: list[list[int]] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    salt: int = 10_000
+    ended: bool = False
 
 
-class TieredScheduling(FedappStrategyMixin, FedAvg):
+@dataclass(frozen=True)
+class TieredParams:
+    num_tiers: int = 3
+    round_s: float = 0.0
+    round_quantile: float = 0.9
+    round_slack: float = 1.1
+    max_periods: int = 50
+    min_steps: int = 2
+    late_policy: str = "fold"
+    profile_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.late_policy not in ("fold", "drop"):
+            raise ValueError(f"late_policy must be 'fold' or 'drop', got {self.late_policy!r}")
+
+
+class TieredPolicy(Policy):
+    """The schedule of the module docstring, over `clients` (partition ids), with at most
+    `k` trainings in flight per round's slots, for the run's training `config`."""
+
+    probes = True
+    heartbeats = True
+
+    def __init__(
+        self,
+        params: TieredParams,
+        clients: list[int],
+        k: int,
+        seed: int,
+        config: dict[str, Any],
+        ema: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.p = params
+        self.clients = sorted(clients)
+        self.k = int(k)
+        self.seed = int(seed)
+        self.config = dict(config)
+        self.book = ProfileBook(ema=float(ema))
+        self.examples: dict[int, int] = {}
+        self.inflight: dict[int, Slot] = {}  # ticket -> slot
+        self.cur: _Round | None = None
+
+    # -- what the server learns ----------------------------------------------------------------
+    def on_probe(self, partition_id: int, report: Report | None) -> None:
+        if report is None:
+            self.book.fail(partition_id)
+            return
+        if report.num_examples is not None:
+            self.examples[partition_id] = report.num_examples
+        self.book.observe(
+            partition_id, report.duration_s, report.train_steps or 0.0, report.train_time_s
+        )
+
+    def idle(self) -> list[int]:
+        busy = {s.pid for s in self.inflight.values()}
+        return sorted(set(self.clients) - busy)
+
+    # -- planning ------------------------------------------------------------------------------
+    def full_steps(self, pid: int) -> int:
+        return full_steps(self.examples.get(pid), self.config)
+
+    def round_length(self, tiers: dict[int, int], pred: dict[int, float]) -> float:
+        if self.p.round_s > 0:
+            return self.p.round_s
+        fast = [pred[p] for p, t in tiers.items() if t == 0 and math.isfinite(pred[p])]
+        if not fast:
+            return self.p.profile_timeout_s
+        return float(np.quantile(fast, self.p.round_quantile)) * self.p.round_slack
+
+    def periods(
+        self, tiers: dict[int, int], pred: dict[int, float], length: float
+    ) -> dict[int, int]:
+        out = {}
+        for t in set(tiers.values()):
+            times = [pred[p] for p, tt in tiers.items() if tt == t and math.isfinite(pred[p])]
+            need = (
+                float(np.quantile(times, self.p.round_quantile))
+                if times
+                else length * self.p.max_periods
+            )
+            out[t] = int(min(max(math.ceil(need / length - 1e-9), 1), self.p.max_periods))
+        return out
+
+    def steps(self, pid: int, window_s: float) -> int:
+        full = self.full_steps(pid)
+        rec = self.book.clients.get(pid)
+        if rec is None or rec.step_time_s is None or rec.transfer_s is None:
+            # unmeasured: the minimum, and we learn its speed
+            return max(min(full, self.p.min_steps), 1)
+        return steps_for_window(window_s, rec.transfer_s, rec.step_time_s, self.p.min_steps, full)
+
+    def pick(self, members: list[int], busy: set[int], rnd: int, salt: int) -> list[int]:
+        """Idle members of a tier, least-used first (fairness), seeded tie-break."""
+        rng = np.random.default_rng([self.seed, rnd, salt, 0x7E1])
+        idle = [p for p in members if p not in busy]
+        keys = rng.random(len(idle))
+        uses = [self.book.record(p).participations for p in idle]
+        return [p for _, _, p in sorted(zip(uses, keys, idle, strict=True))]
+
+    def dispatch(self, tier: int, window_end: float, salt: int, now: float) -> Send | None:
+        """Work for the first suitable idle, live member of `tier`, or None."""
+        cur = self.cur
+        busy = {s.pid for s in self.inflight.values()}
+        for pid in self.pick(cur.members[tier], busy, cur.rnd, salt):
+            if pid not in cur.alive:
+                continue
+            steps = self.steps(pid, window_end - now)
+            if steps <= 0:
+                cur.skipped.append(pid)
+                continue
+            ticket = self.new_ticket()
+            self.inflight[ticket] = Slot(pid, tier, cur.rnd, steps, window_end)
+            self.book.record(pid).participations += 1
+            return Send(ticket, pid, cur.rnd, steps)
+        return None
+
+    def standby(self, slot: Slot, window_end: float, now: float) -> list[Decision]:
+        """A client of the same tier takes a failed or late client's slot."""
+        self.cur.salt += 1
+        send = self.dispatch(slot.tier, window_end, self.cur.salt, now)
+        self.cur.replaced.append([slot.pid, send.partition_id if send is not None else -1])
+        return [send] if send is not None else []
+
+    # -- events --------------------------------------------------------------------------------
+    def open_round(
+        self, rnd: int, started: float, now: float, alive: set[int] | None
+    ) -> list[Decision]:
+        busy = {s.pid for s in self.inflight.values()}
+        alive = set(alive or set()) | busy
+        tiers, pred = self.book.tiers(alive, self.p.num_tiers, self.full_steps)
+        length = self.round_length(tiers, pred)
+        periods = self.periods(tiers, pred, length)
+        t = self.p.num_tiers
+        members = {i: sorted(p for p, tt in tiers.items() if tt == i) for i in range(t)}
+        sizes = [len(members[i]) for i in range(t)]
+        slots = allocate_slots(sizes, self.k)
+        cur = self.cur = _Round(
+            rnd, alive, members, periods, length, started + length, sizes, slots
+        )
+        sends: list[Decision] = []
+        for tier in range(t):  # fill the free slots of every tier
+            used = sum(1 for s in self.inflight.values() if s.tier == tier and not s.missed)
+            for i in range(max(slots[tier] - used, 0)):
+                window_end = started + periods.get(tier, 1) * length
+                send = self.dispatch(tier, window_end, 1000 * tier + i, now)
+                if send is not None:
+                    sends.append(send)
+        cur.due = sorted(
+            s.pid
+            for s in self.inflight.values()
+            if not s.missed and s.window_end <= cur.round_end + 1e-9
+        )
+        return sends
+
+    def on_reply(self, ticket: int, now: float, report: Report | None) -> list[Decision]:
+        slot = self.inflight.pop(ticket, None)
+        if slot is None:
+            return []
+        landed = Landed(
+            ticket,
+            slot.pid,
+            slot.round,
+            {
+                "tier": slot.tier,
+                "staleness": self.cur.rnd - slot.round,
+                "steps_assigned": slot.steps,
+            },
+        )
+        if report is None:  # failed: a standby of the same tier takes the rest of its window
+            self.book.fail(slot.pid)
+            self.cur.landed.append(landed)
+            if not slot.missed and now < slot.window_end:
+                return self.standby(slot, slot.window_end, now)
+            return []
+        if report.num_examples is not None:
+            self.examples[slot.pid] = report.num_examples
+        self.book.observe(
+            slot.pid, report.duration_s, report.train_steps or 0.0, report.train_time_s
+        )
+        if not (slot.missed and self.p.late_policy == "drop"):
+            self.cur.landed.append(landed)
+        return []
+
+    def wake_at(self) -> float:
+        """The round's end, or the first window that ends before it."""
+        cur = self.cur
+        watch = [
+            s.window_end
+            for s in self.inflight.values()
+            if not s.missed and s.window_end < cur.round_end
+        ]
+        return min([cur.round_end, *watch])
+
+    def on_timer(self, now: float) -> list[Decision]:
+        """Windows that ended without an update: standbys for the rest of the round."""
+        cur = self.cur
+        out: list[Decision] = []
+        for ticket, slot in list(self.inflight.items()):
+            if not slot.missed and slot.window_end <= now + 1e-9 and now < cur.round_end:
+                slot.missed = True
+                self.book.fail(slot.pid)
+                if self.p.late_policy == "drop":
+                    out.append(Cancel(ticket))
+                    del self.inflight[ticket]
+                period = cur.periods.get(slot.tier, 1)
+                out.extend(self.standby(slot, now + period * cur.length, now))
+        if now >= cur.round_end - 1e-9:
+            cur.ended = True
+        return out
+
+    def round_over(self, now: float) -> bool:
+        return self.cur.ended
+
+    def close_round(self, rnd: int) -> RoundClose:
+        cur = self.cur
+        # stop tracking what can no longer be folded in
+        cancel = [
+            ticket
+            for ticket, slot in self.inflight.items()
+            if rnd - slot.round >= self.p.max_periods + 1
+        ]
+        for ticket in cancel:
+            del self.inflight[ticket]
+        t = self.p.num_tiers
+        schedule = {
+            "round_s": cur.length,
+            "tier_sizes": cur.sizes,
+            "tier_slots": cur.slots,
+            "tier_periods": [cur.periods.get(i, 0) for i in range(t)],
+            "alive": len(cur.alive),
+            "replaced": cur.replaced,
+            "not_scheduled_too_slow": sorted(set(cur.skipped)),
+            "late_folded": sorted(x.partition_id for x in cur.landed if x.dispatched_round < rnd),
+        }
+        return RoundClose(cur.landed, cur.due, schedule, cancel)
+
+
+class TieredScheduling(EventDrivenStrategy):
     """See the module docstring. `conf/strategy/tiered.yaml` documents every knob."""
 
     def __init__(
@@ -166,314 +362,49 @@ class TieredScheduling(FedappStrategyMixin, FedAvg):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if late_policy not in ("fold", "drop"):
-            raise ValueError(f"late_policy must be 'fold' or 'drop', got {late_policy!r}")
         staleness_discount(0, staleness, staleness_a)  # validates the kind
-        self.num_tiers = int(num_tiers)
-        self.round_s = float(round_s)
-        self.round_quantile = float(round_quantile)
-        self.round_slack = float(round_slack)
-        self.max_periods = int(max_periods)
-        self.min_steps = int(min_steps)
+        self.params = TieredParams(
+            int(num_tiers),
+            float(round_s),
+            float(round_quantile),
+            float(round_slack),
+            int(max_periods),
+            int(min_steps),
+            late_policy,
+            float(profile_timeout_s),
+        )
         self.probe_steps = int(probe_steps)
         self.profile_timeout_s = float(profile_timeout_s)
         self.heartbeat_timeout_s = float(heartbeat_timeout_s)
-        self.late_policy = late_policy
         self.staleness = staleness
         self.staleness_a = float(staleness_a)
-        self.book = ProfileBook(ema=float(ema))
+        self.ema = float(ema)
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(**common, **params)
-
-    # -- helpers ----------------------------------------------------------------------------
-    def _full_steps(self, pid: int, config: ConfigRecord) -> int:
-        return full_steps(self._examples.get(pid), config)
-
-    def _send(self, grid: Grid, pid: int, content: RecordDict, mtype: str) -> str:
-        msg = Message(content=content, message_type=mtype, dst_node_id=self.partition_nodes[pid])
-        return grid.submit([msg])[0]
-
-    def _alive(self, grid: Grid, server_round: int, pids: list[int]) -> set[int]:
-        """Heartbeat: the clients among `pids` that answer within `heartbeat_timeout_s`."""
-        if not pids:
-            return set()
-        cfg = ConfigRecord({"fedapp-action": "heartbeat", "server-round": server_round})
-        msgs = [
-            Message(
-                RecordDict({"config": cfg}),
-                dst_node_id=self.partition_nodes[p],
-                message_type=MessageType.QUERY,
-            )
-            for p in pids
-        ]
-        alive = set()
-        for reply in grid.send_and_receive(msgs, timeout=self.heartbeat_timeout_s):
-            pid = self.partition_of(reply.metadata.src_node_id)
-            if reply.has_error():
-                self.book.fail(pid)
-            else:
-                alive.add(pid)
-        return alive
-
-    def _profile(self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord) -> None:
-        probe_clients(self, grid, arrays, config, self.probe_steps, self.profile_timeout_s)
-
-    def _tiers(
-        self, candidates: set[int], config: ConfigRecord
-    ) -> tuple[dict[int, int], dict[int, float]]:
-        """Tier of every candidate and its predicted full-work duration (inf if unknown)."""
-        pred = {p: self.book.predict(p, self._full_steps(p, config)) for p in candidates}
-        known = {p: v for p, v in pred.items() if v is not None}
-        tiers = assign_tiers(known, self.num_tiers)
-        slowest = max(tiers.values(), default=0)
-        for p in candidates - set(known):  # unmeasured: slowest tier until measured
-            tiers[p] = min(self.num_tiers - 1, slowest if known else 0)
-        return tiers, {p: (v if v is not None else math.inf) for p, v in pred.items()}
-
-    def _round_length(self, tiers: dict[int, int], pred: dict[int, float]) -> float:
-        if self.round_s > 0:
-            return self.round_s
-        fast = [pred[p] for p, t in tiers.items() if t == 0 and math.isfinite(pred[p])]
-        if not fast:
-            return self.profile_timeout_s
-        return float(np.quantile(fast, self.round_quantile)) * self.round_slack
-
-    def _periods(
-        self, tiers: dict[int, int], pred: dict[int, float], length: float
-    ) -> dict[int, int]:
-        out = {}
-        for t in set(tiers.values()):
-            times = [pred[p] for p, tt in tiers.items() if tt == t and math.isfinite(pred[p])]
-            need = (
-                float(np.quantile(times, self.round_quantile))
-                if times
-                else length * self.max_periods
-            )
-            out[t] = int(min(max(math.ceil(need / length - 1e-9), 1), self.max_periods))
-        return out
-
-    def _steps(self, pid: int, window_s: float, config: ConfigRecord) -> int:
-        full = self._full_steps(pid, config)
-        rec = self.book.clients.get(pid)
-        if rec is None or rec.step_time_s is None or rec.transfer_s is None:
-            return max(
-                min(full, self.min_steps), 1
-            )  # unmeasured: the minimum, and we learn its speed
-        return steps_for_window(window_s, rec.transfer_s, rec.step_time_s, self.min_steps, full)
-
-    def _dispatch(
-        self,
-        grid: Grid,
-        plan: _RoundPlan,
-        inflight: dict[str, Slot],
-        train_config: ConfigRecord,
-        tier: int,
-        window_end: float,
-        salt: int,
-    ) -> int | None:
-        """Send work to the first suitable idle, live member of `tier`; its partition id or None."""
-        busy = {s.pid for s in inflight.values()}
-        for pid in self._pick(plan.members[tier], busy, plan.rnd, salt):
-            if pid not in plan.alive:
-                continue
-            steps = self._steps(pid, window_end - grid.now, train_config)
-            if steps <= 0:
-                plan.skipped.append(pid)
-                continue
-            cfg = ConfigRecord({**plan.config, "max-steps": steps})
-            content = RecordDict({"arrays": plan.arrays, "config": cfg})
-            mid = self._send(grid, pid, content, MessageType.TRAIN)
-            inflight[mid] = Slot(pid, tier, plan.rnd, steps, window_end)
-            self.book.record(pid).participations += 1
-            plan.rlog.bytes_down += plan.arrays.count_bytes()
-            return pid
-        return None
-
-    def _pick(
-        self, tier_members: list[int], busy: set[int], server_round: int, salt: int
-    ) -> list[int]:
-        """Idle members of a tier, least-used first (fairness), seeded tie-break."""
-        rng = np.random.default_rng([self.seed, server_round, salt, 0x7E1])
-        idle = [p for p in tier_members if p not in busy]
-        keys = rng.random(len(idle))
-        return [
-            p
-            for _, _, p in sorted(
-                zip([self.book.record(p).participations for p in idle], keys, idle, strict=True)
-            )
-        ]
-
-    # -- the loop ---------------------------------------------------------------------------
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn=None,
-    ) -> Result:
-        if not hasattr(grid, "submit"):
-            raise TypeError(
-                f"{type(self).__name__} needs the fedapp clock (fedapp.hetero.ClockGrid) as its grid"
-            )
-        train_config = train_config or ConfigRecord()
-        result = Result()
-        arrays = initial_arrays
-        self._global_arrays = arrays
-        self._examples: dict[int, int] = {}
-        if evaluate_fn:
-            evaluate_fn(0, arrays)
-        self._profile(grid, arrays, train_config)
+    def make_policy(self, train_config: ConfigRecord, timeout: float) -> TieredPolicy:
         k = min(int(self.min_train_nodes), len(self.partition_nodes))
-        models: dict[int, list[np.ndarray]] = {0: [a.numpy() for a in arrays.values()]}
-        inflight: dict[str, Slot] = {}
-        for rnd in range(1, num_rounds + 1):
-            if self.over_budget(grid):
-                break
-            self._round = rnd
-            rlog = self.round_log(rnd)
-            t_round = grid.now
-            busy = {s.pid for s in inflight.values()}
-            alive = self._alive(grid, rnd, sorted(set(self.partition_nodes) - busy)) | busy
-            tiers, pred = self._tiers(alive, train_config)
-            length = self._round_length(tiers, pred)
-            periods = self._periods(tiers, pred, length)
-            round_end = t_round + length
-            members = {
-                t: sorted(p for p, tt in tiers.items() if tt == t) for t in range(self.num_tiers)
-            }
-            slots = allocate_slots([len(members[t]) for t in range(self.num_tiers)], k)
-            content_cfg = {**dict(train_config), "server-round": rnd}
-            replaced: list[list[int]] = []
-            skipped: list[int] = []
+        self._models: dict[int, list[np.ndarray]] | None = None  # global model after each round
+        return TieredPolicy(
+            self.params, list(self.partition_nodes), k, self.seed, dict(train_config), self.ema
+        )
 
-            plan = _RoundPlan(rnd, alive, members, skipped, content_cfg, arrays, rlog)
-
-            def dispatch(tier: int, window_end: float, salt: int, plan=plan) -> int | None:
-                return self._dispatch(grid, plan, inflight, train_config, tier, window_end, salt)
-
-            # fill free slots of every tier
-            for t in range(self.num_tiers):
-                used = sum(1 for s in inflight.values() if s.tier == t and not s.missed)
-                for i in range(max(slots[t] - used, 0)):
-                    dispatch(t, t_round + periods.get(t, 1) * length, salt=1000 * t + i)
-            due = sorted(
-                s.pid
-                for s in inflight.values()
-                if not s.missed and s.window_end <= round_end + 1e-9
-            )
-            landed: list[tuple[Message, Slot]] = []
-            salt = 10_000
-            while True:
-                watch = [
-                    s.window_end
-                    for s in inflight.values()
-                    if not s.missed and s.window_end < round_end
-                ]
-                until = min([round_end, *watch])
-                event = grid.next_event(until=until)
-                now = grid.now
-                if event is not None:
-                    slot = inflight.pop(event.flight.msg_id, None)
-                    if slot is None:
-                        continue
-                    if event.reply.has_error():
-                        self.book.fail(slot.pid)
-                        landed.append((event.reply, slot))
-                        if not slot.missed and now < slot.window_end:  # standby, same tier
-                            salt += 1
-                            sub = dispatch(slot.tier, slot.window_end, salt)
-                            replaced.append([slot.pid, sub if sub is not None else -1])
-                        continue
-                    m = reply_metrics(event.reply) or {}
-                    if "num-examples" in m:
-                        self._examples[slot.pid] = int(m["num-examples"])
-                    self.book.observe(
-                        slot.pid,
-                        event.time - event.flight.dispatched_at,
-                        float(m.get("train_steps", 0.0)),
-                        float(m.get("train_time_s", 0.0)),
-                    )
-                    if slot.missed and self.late_policy == "drop":
-                        continue
-                    landed.append((event.reply, slot))
-                    continue
-                # a window ended without an update: standby for the rest of the round's windows
-                for mid, slot in list(inflight.items()):
-                    if not slot.missed and slot.window_end <= now + 1e-9 and now < round_end:
-                        slot.missed = True
-                        self.book.fail(slot.pid)
-                        if self.late_policy == "drop":
-                            grid.discard([mid])
-                            del inflight[mid]
-                        salt += 1
-                        sub = dispatch(slot.tier, now + periods.get(slot.tier, 1) * length, salt)
-                        replaced.append([slot.pid, sub if sub is not None else -1])
-                if now >= round_end - 1e-9:
-                    break
-            # stop tracking what can no longer be folded in
-            for mid, slot in list(inflight.items()):
-                if rnd - slot.round >= self.max_periods + 1:
-                    grid.discard([mid])
-                    del inflight[mid]
-            rlog.sampled_train = due
-            arrays = self._aggregate_round(rnd, arrays, landed, models) or arrays
-            self._global_arrays = arrays
-            models[rnd] = [a.numpy() for a in arrays.values()]  # base of round rnd+1's clients
-            for old in [r for r in models if r < rnd - self.max_periods - 2]:
-                del models[old]
-            rlog.schedule = {
-                "round_s": length,
-                "tier_sizes": [len(members[t]) for t in range(self.num_tiers)],
-                "tier_slots": slots,
-                "tier_periods": [periods.get(t, 0) for t in range(self.num_tiers)],
-                "alive": len(alive),
-                "replaced": replaced,
-                "not_scheduled_too_slow": sorted(set(skipped)),
-                "late_folded": sorted(s.pid for _, s in landed if s.round < rnd),
-            }
-            log(
-                INFO,
-                "[tiered] round %d: %.1fs, tiers %s, periods %s, %d updates (%d stale), %d replaced",
-                rnd,
-                length,
-                rlog.schedule["tier_sizes"],
-                rlog.schedule["tier_periods"],
-                rlog.num_replies,
-                len(rlog.schedule["late_folded"]),
-                len(replaced),
-            )
-            result.arrays = arrays
-            if evaluate_fn:
-                evaluate_fn(rnd, arrays)
-        grid.discard(list(inflight))
-        result.arrays = arrays
-        return result
-
-    def _aggregate_round(
-        self,
-        rnd: int,
-        arrays: ArrayRecord,
-        landed: list[tuple[Message, Slot]],
-        models: dict[int, list[np.ndarray]],
+    def fold_round(
+        self, rnd: int, arrays: ArrayRecord, close: RoundClose, replies: dict[int, Message]
     ) -> ArrayRecord | None:
-        rlog = self.round_log(rnd)
-        slots_by_node = {}
-        for msg, slot in landed:
-            slots_by_node.setdefault(msg.metadata.src_node_id, []).append(slot)
+        """Every update that landed this round, as an update relative to the model its client
+        started from, weighted n_k x s(staleness)."""
+        if self._models is None:
+            self._models = {rnd - 1: layers(arrays)}
+        models = self._models
+        landed = [(replies[x.ticket], x) for x in close.landed]
+        rec = self.round_log(rnd)
         accepted = self.screen_replies(rnd, [m for m, _ in landed], "train")
-        for entry in rlog.clients:  # tier, staleness and work of every reply in the log
-            slot = next(iter(slots_by_node.get(entry["node_id"], [])), None)
-            if slot is not None:
-                entry.update(
-                    {"tier": slot.tier, "staleness": rnd - slot.round, "steps_assigned": slot.steps}
-                )
-        rlog.num_replies = len(accepted)
-        rlog.num_failures = len(landed) - len(accepted)
+        for client, (_, x) in zip(
+            [c for c in rec.clients if c.phase == "train"], landed, strict=True
+        ):
+            client.details.update(x.details)
+        rec.num_replies = len(accepted)
+        rec.num_failures = len(landed) - len(accepted)
+        new = None
         if len(accepted) < self.min_replies:
             log(
                 WARNING,
@@ -482,34 +413,31 @@ class TieredScheduling(FedappStrategyMixin, FedAvg):
                 len(accepted),
                 self.min_replies,
             )
-            return None
-        slot_of = {id(m): s for m, s in landed}
-        stale = [rnd - slot_of[id(m)].round for m in accepted]
+        else:
+            new = self._apply(rnd, arrays, accepted, {id(m): x for m, x in landed}, rec)
+        models[rnd] = layers(new if new is not None else arrays)  # base of round rnd+1's clients
+        for old in [r for r in models if r < rnd - self.params.max_periods - 2]:
+            del models[old]
+        return new
+
+    def _apply(self, rnd, arrays, accepted, landed_of, rec) -> ArrayRecord | None:
+        models = self._models
+        stale = [rnd - landed_of[id(m)].dispatched_round for m in accepted]
         weights = [
             num_examples(m) * staleness_discount(s, self.staleness, self.staleness_a)
             for m, s in zip(accepted, stale, strict=True)
         ]
         # a client dispatched in round r started from the model that ended round r-1
-        bases = [models.get(slot_of[id(m)].round - 1, models[max(models)]) for m in accepted]
-        clients = [[a.numpy() for a in reply_arrays(m).values()] for m in accepted]
-        new = apply_updates([a.numpy() for a in arrays.values()], bases, clients, weights)
+        bases = [
+            models.get(landed_of[id(m)].dispatched_round - 1, models[max(models)]) for m in accepted
+        ]
+        clients = [layers(reply_arrays(m)) for m in accepted]
+        new = apply_updates(layers(arrays), bases, clients, weights)
         total = float(sum(weights))
-        by_pid = rlog.accepted_entries("train")
-        for m, w in zip(accepted, weights, strict=True):
-            entry = by_pid.get(self.partition_of(m.metadata.src_node_id))
-            if entry is not None:
-                entry["weight"] = w / total
-        out = self.finite_or_none(
-            rnd, ArrayRecord({k: Array(v) for k, v in zip(arrays.keys(), new, strict=True)})
-        )
-        rlog.aggregated = out is not None
-        rlog.train_metrics = (
-            {
-                "train_loss": float(
-                    np.average([reply_metrics(m)["train_loss"] for m in accepted], weights=weights)
-                )
-            }
-            if accepted and all("train_loss" in reply_metrics(m) for m in accepted)
-            else {}
-        )
+        self.set_weights(rec, accepted, [w / total for w in weights])
+        out = self.finite_or_none(rnd, to_record(arrays.keys(), new))
+        rec.aggregated = out is not None
+        if all("train_loss" in reply_metrics(m) for m in accepted):
+            losses = [reply_metrics(m)["train_loss"] for m in accepted]
+            rec.train_metrics = {"train_loss": float(np.average(losses, weights=weights))}
         return out

@@ -11,26 +11,148 @@ by per-tier `credits`.
 Deviation from the paper, for lack of a per-tier test set: "does worse" is the mean training
 loss the tier's clients last reported (TiFL uses the global model's accuracy on the tier's
 held-out data). `adaptive: false` gives the paper's static uniform policy.
+
+The schedule is `TiflPolicy`, a pure state machine over the scheduler core's events
+(strategies/scheduler.py), with the tier assignment of the tiered scheduler's `ProfileBook`;
+the aggregation is Flower's FedAvg over the round's replies.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
-from omegaconf import DictConfig
+from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from strategies.base import FedappStrategyMixin, reply_metrics
-from strategies.scheduling import ProfileBook, assign_tiers, tifl_probabilities
-from strategies.tiered import full_steps, probe_clients
+from strategies.base import sample_partitions
+from strategies.scheduler import (
+    Cancel,
+    Decision,
+    EventDrivenStrategy,
+    Landed,
+    Policy,
+    Report,
+    RoundClose,
+    Send,
+)
+from strategies.scheduling import ProfileBook, full_steps, tifl_probabilities
 
 
-class TiFL(FedappStrategyMixin, FedAvg):
+class TiflPolicy(Policy):
+    """One tier per round (adaptive, seeded choice), `sample_size` of its clients (seeded),
+    a synchronous round of at most `timeout` seconds."""
+
+    probes = True
+
+    def __init__(
+        self,
+        clients: list[int],
+        num_tiers: int,
+        sample_size: int,
+        seed: int,
+        config: dict[str, Any],
+        timeout: float,
+        adaptive: bool = True,
+        credits: int = 0,
+        ema: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.clients = sorted(clients)
+        self.num_tiers = int(num_tiers)
+        self.sample_size = int(sample_size)
+        self.seed = int(seed)
+        self.config = dict(config)
+        self.timeout = float(timeout)
+        self.adaptive = bool(adaptive)
+        self.credits = [int(credits)] * self.num_tiers if credits else [1 << 30] * self.num_tiers
+        self.book = ProfileBook(ema=float(ema))
+        self.examples: dict[int, int] = {}
+        self.tier_loss = [math.nan] * self.num_tiers
+
+    def on_probe(self, partition_id: int, report: Report | None) -> None:
+        if report is None:
+            self.book.fail(partition_id)
+            return
+        if report.num_examples is not None:
+            self.examples[partition_id] = report.num_examples
+        self.book.observe(
+            partition_id, report.duration_s, report.train_steps or 0.0, report.train_time_s
+        )
+
+    def tier_probabilities(self) -> np.ndarray:
+        if self.adaptive:
+            probs = tifl_probabilities(self.tier_loss, self.credits)
+        else:
+            probs = np.array([1.0 if c > 0 else 0.0 for c in self.credits])
+            probs = probs / probs.sum() if probs.sum() else probs
+        if probs.sum() == 0:  # every tier out of credits: TiFL stops choosing; we go uniform
+            probs = np.full(self.num_tiers, 1.0 / self.num_tiers)
+        return probs
+
+    def open_round(
+        self, rnd: int, started: float, now: float, alive: set[int] | None
+    ) -> list[Decision]:
+        tiers, _ = self.book.tiers(
+            set(self.clients),
+            self.num_tiers,
+            lambda p: full_steps(self.examples.get(p), self.config),
+        )
+        rng = np.random.default_rng([self.seed, rnd, 0x7F1])
+        probs = self.tier_probabilities()
+        self.tier = int(rng.choice(self.num_tiers, p=probs))
+        self.credits[self.tier] -= 1
+        self.schedule = {
+            "tier": self.tier,
+            "tier_probabilities": [float(p) for p in probs],
+            "tier_sizes": [sum(t == k for t in tiers.values()) for k in range(self.num_tiers)],
+        }
+        members = [p for p, t in tiers.items() if t == self.tier]
+        chosen = sample_partitions(members, min(self.sample_size, len(members)), self.seed, rnd)
+        self.rnd, self.expected, self.landed, self.losses = rnd, chosen, [], []
+        self.pending = {self.new_ticket(): p for p in chosen}
+        self.deadline, self.timed_out = now + self.timeout, False
+        return [Send(t, p, rnd) for t, p in self.pending.items()]
+
+    def on_reply(self, ticket: int, now: float, report: Report | None) -> list[Decision]:
+        pid = self.pending.pop(ticket, None)
+        if pid is None:
+            return []
+        self.landed.append(Landed(ticket, pid, self.rnd))
+        if report is None:
+            self.book.fail(pid)
+            return []
+        if report.num_examples is not None:
+            self.examples[pid] = report.num_examples
+        if report.train_steps is not None:
+            self.book.observe(pid, report.duration_s, report.train_steps, report.train_time_s)
+        if report.train_loss is not None and math.isfinite(report.train_loss):
+            self.losses.append(report.train_loss)
+        return []
+
+    def wake_at(self) -> float:
+        return self.deadline
+
+    def on_timer(self, now: float) -> list[Decision]:
+        if now < self.deadline:
+            return []
+        self.timed_out = True  # no reply before the deadline: a failure
+        for pid in self.pending.values():
+            self.book.fail(pid)
+        cancels: list[Decision] = [Cancel(t) for t in self.pending]
+        self.pending = {}
+        return cancels
+
+    def round_over(self, now: float) -> bool:
+        return self.timed_out or not self.pending
+
+    def close_round(self, rnd: int) -> RoundClose:
+        if self.losses:
+            self.tier_loss[self.tier] = float(np.mean(self.losses))
+        return RoundClose(self.landed, self.expected, self.schedule)
+
+
+class TiFL(EventDrivenStrategy):
     """See the module docstring; knobs in `conf/strategy/tifl.yaml`."""
 
     def __init__(
@@ -49,92 +171,27 @@ class TiFL(FedappStrategyMixin, FedAvg):
         self.probe_steps = int(probe_steps)
         self.profile_timeout_s = float(profile_timeout_s)
         self.adaptive = bool(adaptive)
-        self.credits = [int(credits)] * self.num_tiers if credits else [1 << 30] * self.num_tiers
-        self.book = ProfileBook(ema=float(ema))
-        self._examples: dict[int, int] = {}
-        self._tier_loss = [math.nan] * self.num_tiers
-        self._profiled = False
+        self.credits = int(credits)
+        self.ema = float(ema)
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(**common, **params)
+    def make_policy(self, train_config: ConfigRecord, timeout: float) -> TiflPolicy:
+        n = len(self.partition_nodes)
+        size = max(int(n * self.fraction_train), int(self.min_train_nodes))  # Flower's size
+        return TiflPolicy(
+            list(self.partition_nodes),
+            self.num_tiers,
+            size,
+            self.seed,
+            dict(train_config),
+            timeout,
+            self.adaptive,
+            self.credits,
+            self.ema,
+        )
 
-    def tiers(self, config: ConfigRecord) -> dict[int, int]:
-        pids = set(self.partition_nodes)
-        pred = {p: self.book.predict(p, full_steps(self._examples.get(p), config)) for p in pids}
-        known = {p: v for p, v in pred.items() if v is not None}
-        tiers = assign_tiers(known, self.num_tiers)
-        for p in pids - set(known):  # never answered: slowest tier
-            tiers[p] = self.num_tiers - 1
-        return tiers
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if not self._profiled:
-            self._profiled = True
-            probe_clients(self, grid, arrays, config, self.probe_steps, self.profile_timeout_s)
-        self._tier_of = self.tiers(config)
-        rng = np.random.default_rng([self.seed, server_round, 0x7F1])
-        if self.adaptive:
-            probs = tifl_probabilities(self._tier_loss, self.credits)
-        else:
-            probs = np.array([1.0 if c > 0 else 0.0 for c in self.credits])
-            probs = probs / probs.sum() if probs.sum() else probs
-        if probs.sum() == 0:  # every tier out of credits: TiFL stops choosing; we go uniform
-            probs = np.full(self.num_tiers, 1.0 / self.num_tiers)
-        self._tier_now = int(rng.choice(self.num_tiers, p=probs))
-        self.credits[self._tier_now] -= 1
-        self.round_log(server_round).schedule = {
-            "tier": self._tier_now,
-            "tier_probabilities": [float(p) for p in probs],
-            "tier_sizes": [
-                sum(t == k for t in self._tier_of.values()) for k in range(self.num_tiers)
-            ],
-        }
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str):
-        if message_type != MessageType.TRAIN:
-            return super()._construct_messages(record, node_ids, message_type)
-        # Restrict the seeded sampler to this round's tier.
-        tier_nodes = {
-            self.partition_nodes[p] for p, t in self._tier_of.items() if t == self._tier_now
-        }
-        inner = self._grid
-
-        class _TierView:
-            def get_node_ids(self):
-                return [n for n in inner.get_node_ids() if n in tier_nodes]
-
-        self._grid = _TierView()
-        try:
-            return super()._construct_messages(record, node_ids, message_type)
-        finally:
-            self._grid = inner
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        losses = []
-        for reply in replies:
-            pid = self.partition_of(reply.metadata.src_node_id)
-            sent, arrived = self._grid.timing(reply)
-            if reply.has_error():
-                self.book.fail(pid)
-                continue
-            m = reply_metrics(reply) or {}
-            if "num-examples" in m:
-                self._examples[pid] = int(m["num-examples"])
-            if "train_steps" in m:
-                self.book.observe(
-                    pid, arrived - sent, float(m["train_steps"]), float(m.get("train_time_s", 0.0))
-                )
-            if "train_loss" in m and math.isfinite(float(m["train_loss"])):
-                losses.append(float(m["train_loss"]))
-        for pid in set(self.round_log(server_round).sampled_train) - {
-            self.partition_of(r.metadata.src_node_id) for r in replies
-        }:
-            self.book.fail(pid)  # no reply before the deadline
-        if losses:
-            self._tier_loss[self._tier_now] = float(np.mean(losses))
-        return super().aggregate_train(server_round, replies)
+    def fold_round(
+        self, rnd: int, arrays: ArrayRecord, close: RoundClose, replies: dict[int, Message]
+    ) -> ArrayRecord | None:
+        """FedAvg (Flower's) over the tier's replies, in arrival order."""
+        new, _ = self.aggregate_train(rnd, [replies[x.ticket] for x in close.landed])
+        return new

@@ -26,28 +26,30 @@ Aggregation weight of client k in round t is proportional to ``n_k * alpha_k(t)`
   number of examples is also reported by the client.
 
 Identical clients get ``alpha = 1`` and the aggregate is FedAvg's, bit for bit (tested). The
-math is pure NumPy over flattened updates (`trust_weights`, `aggregate`); `TrustWeighted` is the
+math is pure NumPy over flattened updates (`trust_weights`, `strategies.aggregation`); `TrustWeighted` is the
 Flower strategy around it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
-from omegaconf import DictConfig
 
+from strategies.aggregation import flatten, sanity_scores, weighted_aggregate
 from strategies.base import (
     NUM_EXAMPLES,
     FedappStrategyMixin,
     aggregate_scalar_metrics,
     reply_arrays,
     reply_metrics,
+    to_record,
 )
+from strategies.records import RoundRecord
 
 EPS = 1e-12
 
@@ -94,16 +96,15 @@ class TrustResult:
 # -- pure pieces ---------------------------------------------------------------------------------
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Lower weighted median along axis 0: per column, the smallest value whose cumulative
-    weight reaches half the total. Equal weights give the lower median."""
-    values = np.asarray(values, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if values.ndim == 1:
-        return weighted_median(values[:, None], w)[0]
-    order = np.argsort(values, axis=0, kind="stable")
-    cum = np.cumsum(w[order], axis=0)
-    idx = np.argmax(cum >= 0.5 * cum[-1:], axis=0)
-    cols = np.arange(values.shape[1])
-    return values[order[idx, cols], cols]
+    weight reaches half the total (NumPy's weighted `inverted_cdf` quantile). Equal weights
+    give the lower median."""
+    return np.quantile(
+        np.asarray(values, dtype=np.float64),
+        0.5,
+        axis=0,
+        weights=np.asarray(weights, dtype=np.float64),
+        method="inverted_cdf",
+    )
 
 
 def reference_direction(
@@ -140,17 +141,6 @@ def consistency_scores(cos: np.ndarray) -> np.ndarray:
     if pos.size == 0:
         return np.zeros_like(cos)
     return np.clip(cos / float(np.median(pos)), 0.0, 1.0)
-
-
-def sanity_scores(ratio: np.ndarray, low: float, high: float) -> np.ndarray:
-    """1 inside [low, high]; ratio/low below (0 for a zero update); high/ratio above."""
-    out = np.ones_like(ratio, dtype=np.float64)
-    if low > 0:
-        below = ratio < low
-        out[below] = ratio[below] / low
-    above = ratio > high
-    out[above] = high / ratio[above]
-    return out
 
 
 def quality_scores(
@@ -228,51 +218,20 @@ def trust_weights(
     return TrustResult(weights, trust, score, cons, sane, qual, cos, ratio, clip)
 
 
-def aggregate(
-    global_arrays: Sequence[np.ndarray],
-    client_arrays: Sequence[Sequence[np.ndarray]],
-    weights: np.ndarray,
-    clip: np.ndarray,
-) -> list[np.ndarray]:
-    """sum_k weights_k * (w + clip_k (w_k - w)), layer by layer, in each layer's dtype.
-
-    Unclipped clients enter with their own arrays (no w + (w_k - w) round trip) and the sum is
-    accumulated as Flower's FedAvg does, so equal trust reproduces FedAvg exactly.
-    """
-    out: list[np.ndarray] = []
-    for i, g in enumerate(global_arrays):
-        acc = None
-        for w_k, p, c in zip(client_arrays, weights, clip, strict=True):
-            layer = w_k[i]
-            if c < 1.0 and np.issubdtype(layer.dtype, np.floating):
-                layer = (g + c * (layer - g)).astype(layer.dtype)
-            term = layer * float(p)
-            acc = term if acc is None else acc + term
-        out.append(np.asarray(acc).astype(g.dtype) if acc is not None else g.copy())
-    return out
-
-
-def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Floating-point layers concatenated into one float64 vector (integer buffers skipped)."""
-    parts = [a.ravel() for a in arrays if np.issubdtype(a.dtype, np.floating)]
-    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
-
-
 # -- Flower strategy -------------------------------------------------------------------------------
 class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
-    """FedAvg whose weights n_k are multiplied by a learned per-client trust (see module doc)."""
+    """FedAvg whose weights n_k are multiplied by a learned per-client trust (see module doc);
+    the keyword arguments of `TrustParams` (conf/strategy/trust.yaml) set the math."""
 
-    def __init__(self, *, trust: TrustParams | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        names = {f.name for f in fields(TrustParams)}
+        params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         super().__init__(**kwargs)
-        self.params = trust or TrustParams()
+        self.params = TrustParams(**params)
         self.history: dict[int, float] = {}  # partition id -> trust
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig, params: dict[str, Any], common: dict[str, Any]):
-        return cls(trust=TrustParams(**params), **common)
-
     def client_weights(self, accepted: list[Message]) -> None:
-        return None  # weights come out of the trust math; `_log_clients` logs them
+        return None  # weights come out of the trust math; `_log_clients` records them
 
     def aggregate_accepted(
         self, server_round: int, accepted: list[Message]
@@ -299,19 +258,19 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
         self._log_clients(self.round_log(server_round), pids, result)
         if float(result.weights.sum()) <= 0:
             return None, None
-        merged = aggregate(g, clients, result.weights, result.clip_factor)
-        arrays = ArrayRecord({k: Array(np.asarray(a)) for k, a in zip(keys, merged, strict=True)})
+        merged = weighted_aggregate(g, clients, result.weights, result.clip_factor)
+        arrays = to_record(keys, merged)
         return arrays, aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
 
-    def _log_clients(self, rlog, pids: list[int], r: TrustResult) -> None:
-        by_pid = rlog.accepted_entries("train")
+    def _log_clients(self, rec: RoundRecord, pids: list[int], r: TrustResult) -> None:
+        by_pid = rec.accepted("train")
         for i, pid in enumerate(pids):
-            entry = by_pid.get(pid)
-            if entry is None:
+            client = by_pid.get(pid)
+            if client is None:
                 continue
-            entry.update(
+            client.weight = float(r.weights[i])
+            client.details.update(
                 {
-                    "weight": float(r.weights[i]),
                     "trust": float(r.trust[i]),
                     "trust_score": float(r.score[i]),
                     "trust_consistency": float(r.consistency[i]),

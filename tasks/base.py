@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from tasks.metrics import majority_accuracy
-from tasks.training import TrainSettings, evaluate_classifier, train_classifier
+from tasks.training import TrainHook, TrainSettings, evaluate_classifier, train_classifier
 
 
 class DataError(ValueError):
@@ -102,27 +103,34 @@ class Task(ABC):
     def load_central_test(self) -> Dataset:
         """The held-out test set the server evaluates the global model on."""
 
-    def carve_server_validation(self, fraction: float, seed: int) -> Any:
-        """Move a stratified `fraction` of the central test set into a server validation set
-        and return it; from then on `load_central_test` (and the majority-class baseline)
-        use only the rest, so no row is both tuned on and reported on.
+    def central_test_split(self, fraction: float, seed: int) -> tuple[Any, Any]:
+        """(server validation rows, test rows): a stratified, seeded `fraction` of the central
+        test set held out for the operator, and the rest, on which test metrics are then
+        reported, so that no row is both tuned on and reported on. fraction 0: (None, the
+        whole test set). The task itself is not changed (it is shared between runs).
 
         For strategies that score updates on operator-held data (the contribution strategy's
         leave-one-out dimension). The split depends on the seed only, so every strategy in a
         comparison is tested on the same rows.
         """
-        labels = self.test_labels()
-        val_pos, test_pos = holdout_positions(labels, fraction, seed)
-        return self._split_central_test(val_pos, test_pos)
+        if not fraction:
+            return None, self.load_central_test()
+        val_pos, test_pos = holdout_positions(self.test_labels(), fraction, seed)
+        return self.central_test_subset(val_pos), self.central_test_subset(test_pos)
 
     def test_labels(self) -> np.ndarray:
         """Labels of the central test set."""
-        return self.load_central_test().tensors[1].numpy()
+        return self.dataset_labels(self.load_central_test())
 
-    def _split_central_test(self, val_pos: np.ndarray, test_pos: np.ndarray) -> Any:
-        raise NotImplementedError(
-            f"task {self.name or type(self).__name__} cannot carve a server validation set"
-        )
+    def dataset_labels(self, dataset: Any) -> np.ndarray:
+        """Labels of a dataset of this task (TensorDataset(x, y) by default)."""
+        return dataset.tensors[1].numpy()
+
+    def central_test_subset(self, positions: np.ndarray) -> Any:
+        """The rows of the central test set at `positions`."""
+        full = self.load_central_test()
+        index = torch.as_tensor(positions)
+        return TensorDataset(*(t[index] for t in full.tensors))
 
     @abstractmethod
     def load_centralized_train(self) -> Dataset:
@@ -158,10 +166,14 @@ class Task(ABC):
         """Labels of all clients' training data (for the majority-class baseline)."""
         return self.load_centralized_train().tensors[1].numpy()
 
-    def majority_accuracy(self, prep: dict[str, list[float]] | None) -> float:
-        """Test accuracy of always predicting the most frequent training class."""
+    def majority_accuracy(
+        self, prep: dict[str, list[float]] | None, test_labels: np.ndarray | None = None
+    ) -> float:
+        """Accuracy on `test_labels` (default: the central test set) of always predicting the
+        most frequent training class."""
+        labels = self.test_labels() if test_labels is None else test_labels
         return majority_accuracy(
-            np.bincount(self.train_labels(), minlength=self.num_classes), self.test_labels()
+            np.bincount(self.train_labels(), minlength=self.num_classes), labels
         )
 
     # --- training / metrics (classification defaults) ---------------------------------------
@@ -170,19 +182,41 @@ class Task(ABC):
         model: nn.Module,
         data: ClientData,
         settings: TrainSettings,
-        prep=None,
-        correction=None,
+        prep: dict[str, list[float]] | None = None,
+        hooks: Sequence[TrainHook] = (),
     ) -> dict[str, float]:
-        """Train `model` in place on the client's data; return scalar metrics.
-        `correction`: per-parameter gradient offsets (SCAFFOLD), see `train_classifier`."""
+        """Train `model` in place on the client's data; return scalar metrics. `hooks` come
+        from the client-side units (fedapp/units.py)."""
         return train_classifier(
-            model, data.train, settings, device=self.device, correction=correction
+            model,
+            self.train_dataset(data, settings, prep),
+            settings,
+            loss_fn=self.loss_fn(prep),
+            device=self.device,
+            hooks=hooks,
         )
 
-    def evaluate(self, model: nn.Module, dataset: Dataset, prep=None) -> dict[str, float]:
+    def train_dataset(
+        self, data: ClientData, settings: TrainSettings, prep: dict[str, list[float]] | None
+    ) -> Dataset:
+        """What local training iterates over (augmented or featurized by some tasks)."""
+        return data.train
+
+    def loss_fn(self, prep: dict[str, list[float]] | None) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def eval_dataset(self, dataset: Any, prep: dict[str, list[float]] | None) -> Dataset:
+        """A dataset of this task's rows as the model reads it (featurized by tables)."""
+        return dataset
+
+    eval_batch_size: int = 512
+
+    def evaluate(self, model: nn.Module, dataset: Any, prep=None) -> dict[str, float]:
         """Loss, accuracy, balanced accuracy, precision, recall, F1, ROC-AUC, PR-AUC."""
-        batch_size = int(self.task_cfg.get("eval_batch_size", 512))
-        return evaluate_classifier(model, dataset, self.num_classes, batch_size, self.device)
+        batch_size = int(self.task_cfg.get("eval_batch_size", self.eval_batch_size))
+        return evaluate_classifier(
+            model, self.eval_dataset(dataset, prep), self.num_classes, batch_size, self.device
+        )
 
     @property
     def device(self) -> torch.device:

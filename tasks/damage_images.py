@@ -27,7 +27,7 @@ from tasks.base import ClientData, DataError
 from tasks.femnist import _fingerprint, _write_parquet_atomic, cache_dir
 from tasks.hf_images import HFImageTask
 from tasks.partitioning import make_partitioner
-from tasks.training import TrainSettings, train_classifier
+from tasks.training import TrainSettings
 
 CLASSES = ["minor", "moderate", "severe"]
 
@@ -182,18 +182,5 @@ class DamageImagesTask(HFImageTask):
     def make_model(self) -> nn.Module:
         return DamageCNN(self.num_classes, int(self.task_cfg.width))
 
-    def train(
-        self,
-        model: nn.Module,
-        data: ClientData,
-        settings: TrainSettings,
-        prep=None,
-        correction=None,
-    ) -> dict[str, float]:
-        return train_classifier(
-            model,
-            FlipDataset(data.train, settings.seed),
-            settings,
-            device=self.device,
-            correction=correction,
-        )
+    def train_dataset(self, data: ClientData, settings: TrainSettings, prep) -> FlipDataset:
+        return FlipDataset(data.train, settings.seed)

@@ -11,7 +11,6 @@ from abc import abstractmethod
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import Dataset, concatenate_datasets, load_dataset
 from flwr_datasets import FederatedDataset
 from omegaconf import DictConfig
@@ -89,12 +88,6 @@ class HFImageTask(Task):
 
     def load_centralized_train(self) -> TensorDataset:
         return self.to_tensors(self.fds.load_split("train"))
-
-    def _split_central_test(self, val_pos: np.ndarray, test_pos: np.ndarray) -> TensorDataset:
-        full = self.load_central_test()
-        val = TensorDataset(*(t[torch.as_tensor(val_pos)] for t in full.tensors))
-        self._test = TensorDataset(*(t[torch.as_tensor(test_pos)] for t in full.tensors))
-        return val
 
     def train_labels(self) -> np.ndarray:
         # The label column only: decoding every training image just to count classes costs seconds.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+from datasets import Dataset
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
     ExponentialPartitioner,
@@ -23,22 +26,49 @@ SIZE_SKEW = {
 }
 
 
-class _DirichletPartitioner(DirichletPartitioner):
-    """flwr-datasets' partitioner, with its give-up after 10 draws turned into a DataError that
-    says which settings to change (the library's own error only says "update alpha")."""
+class ExplainedDirichletPartitioner(Partitioner):
+    """flwr-datasets' Dirichlet partitioner behind its public interface, with its give-up
+    after 10 draws turned into a DataError that says which settings to change (the
+    library's own error only says "update alpha"). It delegates to the library's partitioner
+    and only translates that error."""
 
-    def _determine_partition_id_to_indices_if_needed(self) -> None:
+    def __init__(self, inner: DirichletPartitioner, settings: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.settings = settings
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.inner.dataset
+
+    @dataset.setter
+    def dataset(self, value: Dataset) -> None:
+        self.inner.dataset = value
+
+    def is_dataset_assigned(self) -> bool:
+        return self.inner.is_dataset_assigned()
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        with self._explained():
+            return self.inner.load_partition(partition_id)
+
+    @property
+    def num_partitions(self) -> int:
+        with self._explained():
+            return self.inner.num_partitions
+
+    @contextmanager
+    def _explained(self):
         try:
-            super()._determine_partition_id_to_indices_if_needed()
+            yield
         except ValueError as err:
             if "max number of attempts" not in str(err):
                 raise
             raise DataError(
-                f"partition=dirichlet could not give each of {self._num_partitions} clients "
-                f"partition.min_partition_size={self._min_partition_size} rows in 10 draws "
-                f"(alpha={float(self._alpha.min()):g}, seed={self._seed}): with few classes and "
-                "a small alpha most clients draw almost nothing. Raise partition.alpha, lower "
-                "partition.num_partitions or partition.min_partition_size, or try another seed."
+                f"partition=dirichlet could not give each of {self.settings}: "
+                "with few classes and a small alpha most clients draw almost nothing. Raise "
+                "partition.alpha, lower partition.num_partitions or "
+                "partition.min_partition_size, or try another seed."
             ) from err
 
 
@@ -57,15 +87,21 @@ def make_partitioner(pcfg: DictConfig, *, natural_id: str, label: str, seed: int
     if name == "iid":
         return IidPartitioner(num_partitions=int(n))
     if name == "dirichlet":
-        return _DirichletPartitioner(
+        alpha, min_size = float(pcfg.alpha), int(pcfg.get("min_partition_size", 10))
+        inner = DirichletPartitioner(
             num_partitions=int(n),
             partition_by=label,
-            alpha=float(pcfg.alpha),
-            min_partition_size=int(pcfg.get("min_partition_size", 10)),
+            alpha=alpha,
+            min_partition_size=min_size,
             self_balancing=bool(pcfg.get("self_balancing", False)),
             shuffle=True,
             seed=seed,
         )
+        settings = (
+            f"{int(n)} clients partition.min_partition_size={min_size} rows in 10 draws "
+            f"(alpha={alpha:g}, seed={seed})"
+        )
+        return ExplainedDirichletPartitioner(inner, settings)
     if name == "size_skew":
         kind = str(pcfg.get("kind", "exponential"))
         if kind not in SIZE_SKEW:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from datasets import Dataset
-from flwr.common.logger import log
+from flwr.common import log
 from omegaconf import DictConfig, OmegaConf
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -38,7 +38,7 @@ from torch.utils.data import TensorDataset
 from tasks.base import ClientData, DataError, Task
 from tasks.metrics import majority_accuracy
 from tasks.partitioning import make_partitioner
-from tasks.training import TrainSettings, evaluate_classifier, train_classifier
+from tasks.training import TrainSettings
 
 LABEL, ROW = "label", "row"
 
@@ -494,10 +494,11 @@ class TabularTask(Task):
     def test_labels(self) -> np.ndarray:
         return self.rows.y[self.test_idx]
 
-    def _split_central_test(self, val_pos: np.ndarray, test_pos: np.ndarray) -> Rows:
-        val_idx = self.test_idx[val_pos]
-        self.test_idx = self.test_idx[test_pos]
-        return self.rows.take(val_idx)
+    def dataset_labels(self, dataset: Rows) -> np.ndarray:
+        return dataset.y
+
+    def central_test_subset(self, positions: np.ndarray) -> Rows:
+        return self.rows.take(self.test_idx[positions])
 
     # -- federated preprocessing --------------------------------------------------------------
     def client_stats(self, data: ClientData) -> dict[str, list[float]]:
@@ -506,11 +507,13 @@ class TabularTask(Task):
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
         return combine_stats(stats)
 
-    def majority_accuracy(self, prep: dict[str, list[float]] | None) -> float:
+    def majority_accuracy(
+        self, prep: dict[str, list[float]] | None, test_labels: np.ndarray | None = None
+    ) -> float:
         counts = np.asarray(
             (prep or {}).get("prep.label_counts") or np.bincount(self.rows.y[self.train_idx])
         )
-        return majority_accuracy(counts, self.test_labels())
+        return majority_accuracy(counts, self.test_labels() if test_labels is None else test_labels)
 
     # -- model, training, evaluation -----------------------------------------------------------
     def make_model(self) -> nn.Module:
@@ -545,25 +548,10 @@ class TabularTask(Task):
             )
         return prep
 
-    def train(
-        self,
-        model: nn.Module,
-        data: ClientData,
-        settings: TrainSettings,
-        prep=None,
-        correction=None,
-    ) -> dict[str, float]:
-        ds = featurize(data.train, self.schema, self._prep(prep))
-        return train_classifier(
-            model,
-            ds,
-            settings,
-            loss_fn=self.loss_fn(prep),
-            device=self.device,
-            correction=correction,
-        )
+    eval_batch_size = 2048
 
-    def evaluate(self, model: nn.Module, dataset: TorchDataset, prep=None) -> dict[str, float]:
-        ds = featurize(dataset, self.schema, self._prep(prep))
-        batch_size = int(self.task_cfg.get("eval_batch_size", 2048))
-        return evaluate_classifier(model, ds, self.num_classes, batch_size, self.device)
+    def train_dataset(self, data: ClientData, settings: TrainSettings, prep) -> TorchDataset:
+        return featurize(data.train, self.schema, self._prep(prep))
+
+    def eval_dataset(self, dataset: Rows, prep) -> TorchDataset:
+        return featurize(dataset, self.schema, self._prep(prep))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -18,7 +17,11 @@ from tasks.metrics import classification_report
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """What a client needs to run one round of local training (sent in the round's ConfigRecord)."""
+    """What a client needs to run one round of local training (sent in the round's ConfigRecord).
+
+    Only the knobs of plain local SGD live here; what a strategy or privacy mode adds to the
+    loop (proximal and distillation terms, SCAFFOLD's correction, DP-SGD) comes in as
+    `TrainHook`s from the client-side units (fedapp/units.py)."""
 
     local_epochs: int = 1
     max_steps: int = 0  # 0 = no cap
@@ -26,12 +29,6 @@ class TrainSettings:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    proximal_mu: float = 0.0  # FedProx: add (mu/2)||w - w_global||^2 to the loss
-    distill_weight: float = 0.0  # add weight * T^2 * KL(global model's predictions || local)
-    distill_temperature: float = 2.0
-    # True: distil only the not-true classes (FedNTD, Lee et al. 2022): the local labels are
-    # learnt freely, the global model's knowledge of the other classes is kept
-    distill_not_true: bool = False
     seed: int = 0
 
     @classmethod
@@ -42,12 +39,37 @@ class TrainSettings:
             key = f.name.replace("_", "-")
             if key in config:
                 kwargs[f.name] = type(f.default)(config[key])
-        # Flower's FedProx strategy injects the key "proximal-mu" itself.
         return cls(**kwargs)
 
     def to_config(self) -> dict[str, Any]:
         """Flat dict with dash-separated keys, ready for a ConfigRecord."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def steps_per_round(self, num_examples: int) -> int:
+        """Local optimizer steps one round of this work takes on `num_examples` rows."""
+        steps = -(-num_examples // self.batch_size) * max(self.local_epochs, 1)
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+class TrainHook:
+    """Something a client-side unit adds to the local training loop (all methods optional).
+
+    Called by `train_classifier` in this order: `start` once (after the model is on its
+    device), then per step `extra_loss` (terms added to the data loss, in hook order) and
+    `after_backward` (gradient changes before the optimizer step).
+    """
+
+    def start(self, model: nn.Module, device: torch.device) -> None:
+        """Called once before the first step."""
+
+    def extra_loss(
+        self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A term to add to this step's loss (None: nothing)."""
+        return None
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Change the gradients before the optimizer step."""
 
 
 def proximal_term(model: nn.Module, global_params: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -89,26 +111,20 @@ def train_classifier(
     settings: TrainSettings,
     loss_fn: nn.Module | None = None,
     device: str | torch.device = "cpu",
-    correction: Sequence[torch.Tensor] | None = None,
+    hooks: Sequence[TrainHook] = (),
 ) -> dict[str, float]:
     """Run local SGD on `dataset`; return train loss (data term only), steps and seconds.
 
-    With ``settings.proximal_mu > 0`` the objective is FedProx's
-    ``loss + mu/2 * ||w - w_global||^2`` where ``w_global`` is the model as received.
-    With ``correction`` (one tensor per trainable parameter, in ``model.parameters()`` order)
-    every step follows ``g + correction``: SCAFFOLD's ``g - c_i + c``.
-    Raises ``FloatingPointError`` if the loss diverges, so the client reports a failure
-    instead of sending NaN weights.
+    `hooks` (from the client-side units) add loss terms and change gradients, see
+    `TrainHook`. Raises ``FloatingPointError`` if the loss diverges, so the client reports a
+    failure instead of sending NaN weights.
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
+    device = torch.device(device)
     model.to(device)
     model.train()
-    global_params = [p.detach().clone() for p in model.parameters()]
-    teacher = None
-    if settings.distill_weight > 0:  # the received global model, frozen
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    for hook in hooks:
+        hook.start(model, device)
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -133,26 +149,18 @@ def train_classifier(
             logits = model(xb)
             data_loss = loss_fn(logits, yb)
             loss = data_loss
-            if settings.proximal_mu > 0:
-                loss = loss + 0.5 * settings.proximal_mu * proximal_term(model, global_params)
-            if teacher is not None:
-                student, target = logits, teacher(xb)
-                if settings.distill_not_true and logits.shape[1] > 2:
-                    student, target = not_true_logits(logits, yb), not_true_logits(target, yb)
-                loss = loss + settings.distill_weight * distillation_term(
-                    student, target, settings.distill_temperature
-                )
+            for hook in hooks:
+                extra = hook.extra_loss(model, xb, yb, logits)
+                if extra is not None:
+                    loss = loss + extra
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"local training diverged at step {steps} (loss={loss.item()}); "
                     "lower train.lr or check the data"
                 )
             loss.backward()
-            if correction is not None:
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                for p, corr in zip(trainable, correction, strict=True):
-                    if p.grad is not None:
-                        p.grad.add_(corr.to(p.grad.device, p.grad.dtype))
+            for hook in hooks:
+                hook.after_backward(model)
             opt.step()
             steps += 1
             seen += len(yb)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import settings
 
 from fedapp.config import PROJECT_ROOT
+from fedapp.flower_compat import set_task_identity
 
 # Property tests draw the same examples on every run (CI must not flake on a new draw);
 # HYPOTHESIS_PROFILE=explore searches afresh each time, for local bug hunting.
@@ -42,9 +42,17 @@ def _task_identity():
 
 
 def _identity() -> None:
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
+    set_task_identity(run_id=1, task_id=1, node_id=0)
+
+
+class FakeGrid:
+    """Enough of flwr's Grid for configure_train/evaluate: a fixed set of connected nodes."""
+
+    def __init__(self, node_ids):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self):
+        return list(self.node_ids)
 
 
 def instruction(node_id: int, message_type: str = MessageType.TRAIN) -> Message:
@@ -60,7 +68,7 @@ def reply(
 ) -> Message:
     """A reply from `node_id` as the server would receive it."""
     msg = instruction(node_id, message_type)
-    TaskIdentity.node_id = node_id
+    set_task_identity(node_id=node_id)
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays is not None:
         content["arrays"] = ArrayRecord(arrays)
@@ -71,5 +79,5 @@ def error_reply(node_id: int, reason: str = "boom") -> Message:
     from flwr.app import Error
 
     msg = instruction(node_id)
-    TaskIdentity.node_id = node_id
+    set_task_identity(node_id=node_id)
     return Message(Error(code=2, reason=reason), reply_to=msg)

@@ -88,13 +88,24 @@ def test_tiered_replaces_crashed_clients_with_standbys_from_the_same_tier(tmp_pa
 
 def test_fedasync_mixes_each_update_with_a_staleness_discount(tmp_path, data_dir):
     res = _run(tmp_path, "strategy=fedasync hetero=both rounds=3 strategy.alpha=0.5")
-    entries = [c for r in res["rounds"][1:] for c in r["clients"] if c["status"] == "ok"]
+    train = [[c for c in r["clients"] if c["phase"] == "train"] for r in res["rounds"][1:]]
+    entries = [c for cs in train for c in cs if c["status"] == "ok"]
     assert len(entries) >= 12
     for c in entries:
-        assert c["weight"] == pytest.approx(0.5 * (1 + c["staleness"]) ** -0.5)
+        assert c["mixing_rate"] == pytest.approx(0.5 * (1 + c["staleness"]) ** -0.5)
     assert any(c["staleness"] > 0 for c in entries)
     versions = [c["version"] for c in entries]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    # weight = share of the round's final model: the last update keeps its rate, earlier
+    # ones what later mixes leave of them; the previous model keeps the rest
+    for cs in train:
+        ok = [c for c in cs if c["status"] == "ok"]
+        assert ok[-1]["weight"] == pytest.approx(ok[-1]["mixing_rate"])
+        keep = 1.0
+        for c in reversed(ok):
+            assert c["weight"] == pytest.approx(c["mixing_rate"] * keep)
+            keep *= 1 - c["mixing_rate"]
+        assert 0 < sum(c["weight"] for c in ok) <= 1
 
 
 def test_tifl_trains_one_tier_per_round(tmp_path, data_dir):

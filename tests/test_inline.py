@@ -101,3 +101,43 @@ def test_crashers_train_honestly_in_rounds_they_do_not_crash(tmp_path, data_dir)
             entry = _train(r)[p]
             if entry["status"] == "ok":  # it trained: real time spent, not a made-up reply
                 assert entry["train_time_s"] > 0
+
+
+def test_two_runs_in_one_process_see_the_same_test_set(tmp_path, data_dir):
+    """The task object is cached and shared between runs in a process; carving the server's
+    validation rows must not shrink the test set for the next run."""
+    sizes = []
+    for i in range(2):
+        out = run_inline(f"{MEDICAL} rounds=1 server_val_fraction=0.1", tmp_path / f"run{i}")
+        res = json.loads((out / "results.json").read_text())
+        sizes.append((res["meta"]["server_val_rows"], sum(res["rounds"][-1]["test_confusion"])))
+    assert sizes[0] == sizes[1] == (18, 184 - 18)
+
+
+def test_a_raising_client_leaves_its_node_state_as_it_was():
+    """As in Flower: the Context.state of a node whose ClientApp raised is not updated."""
+    from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
+
+    from fedapp.inline import InlineGrid
+
+    def client(msg, context):
+        context.state.array_records["x"] = ArrayRecord([])
+        if msg.content.config_records["config"]["fail"]:
+            raise RuntimeError("boom")
+        return Message(RecordDict(), reply_to=msg)
+
+    from flwr.app import ConfigRecord
+
+    context = Context(1, 5, {}, RecordDict(), {})
+    grid = InlineGrid(client, {5: context})
+
+    def send(fail: bool):
+        msg = Message(
+            RecordDict({"config": ConfigRecord({"fail": fail})}),
+            dst_node_id=5,
+            message_type=MessageType.TRAIN,
+        )
+        return list(grid.send_and_receive([msg]))[0]
+
+    assert send(True).has_error() and "x" not in context.state.array_records
+    assert not send(False).has_error() and "x" in context.state.array_records

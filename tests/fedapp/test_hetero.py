@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 
 from fedapp.config import compose
+from fedapp.flower_compat import ErrorCode
 from fedapp.hetero import (
     MBIT,
     ClockGrid,
@@ -81,7 +81,7 @@ def test_events_come_in_simulated_arrival_order_with_timings():
     first = clock.next_event()
     assert first.flight.partition_id == 1
     assert first.time == pytest.approx(TRANSFER + 1.0)
-    assert clock.timing(first.reply) == pytest.approx((0.0, TRANSFER + 1.0))
+    assert (first.flight.dispatched_at, first.time) == pytest.approx((0.0, TRANSFER + 1.0))
     assert clock.next_event(until=6.0) is None and clock.now == pytest.approx(6.0)
     second = clock.next_event()
     assert second.flight.partition_id == 0 and second.time == pytest.approx(TRANSFER + 10.0)
@@ -97,11 +97,25 @@ def test_offline_nodes_and_crashes_fail_when_the_superlink_would_notice():
     assert by_pid[0].reply.error.code == ErrorCode.NODE_UNAVAILABLE
     assert by_pid[0].time == pytest.approx(30.0)
     assert by_pid[0].reply.metadata.src_node_id == 100  # reported as the node's own failure
-    assert clock.timing(by_pid[0].reply) == pytest.approx((0.0, 30.0))
-    assert clock.timing(by_pid[1].reply)[0] == 0.0
+    assert by_pid[0].flight.dispatched_at == 0.0 and by_pid[1].flight.dispatched_at == 0.0
     assert by_pid[1].reply.error.code == ErrorCode.CLIENT_APP_CRASHED
     at = crash_point(crash, 0, 1, 0)
     assert by_pid[1].time == pytest.approx(0.5 + at * STEPS * 0.1 / 0.5 + 30.0)
+
+
+def test_exchange_returns_each_reply_with_its_times():
+    clock = _clock({0: FAST, 1: SLOW})
+    events = clock.exchange([_train(0), _train(1)], timeout=100.0)
+    assert [e.flight.partition_id for e in events] == [0, 1]  # in arrival order
+    assert [e.time - e.flight.dispatched_at for e in events] == pytest.approx(
+        [TRANSFER + 1.0, TRANSFER + 10.0]
+    )
+
+
+def test_named_queries_cost_simulated_time_as_queries():
+    clock = _clock({0: SLOW})
+    clock.send_and_receive([_train(0, "query.heartbeat")], timeout=100.0)
+    assert clock.now > 0 and clock.bytes_down > 0
 
 
 def test_evaluation_costs_no_simulated_time():

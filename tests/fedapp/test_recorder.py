@@ -13,20 +13,22 @@ from torch import nn
 
 from fedapp.config import compose
 from fedapp.recorder import ROUND_KEYS, Recorder, json_safe
-from strategies.base import RoundLog
+from strategies import build_strategy
+from strategies.records import ClientRecord, RoundRecord
 
 
 class TinyTask:
     def __init__(self):
         self.accs = iter([0.1, 0.5, 0.4])
 
-    def load_central_test(self):
-        return None
+    def dataset_labels(self, dataset):
+        return np.asarray(dataset)
 
     def make_model(self):
         return nn.Linear(2, 2)
 
-    def majority_accuracy(self, prep):
+    def majority_accuracy(self, prep, test_labels):
+        assert list(test_labels) == [0, 1, 1]  # the test set the recorder was given
         return 0.25
 
     def evaluate(self, model, dataset, prep=None):
@@ -42,20 +44,16 @@ class TinyTask:
         }
 
 
-class TinyStrategy:
-    def __init__(self):
-        self.rounds = {}
-
-
 def test_results_contract(tmp_path):
-    cfg = compose("rounds=2")
-    strat = TinyStrategy()
-    rec = Recorder(tmp_path, cfg, TinyTask(), strat, {"run_id": 1})
+    cfg = compose("rounds=2 clients_per_round=2")
+    strat = build_strategy(cfg, num_nodes=2)
+    strat.bind({9: 0, 10: 1}, seed=0, attackers=[1])
+    rec = Recorder(tmp_path, cfg, TinyTask(), strat, {"run_id": 1}, test_set=[0, 1, 1])
     arrays = ArrayRecord(nn.Linear(2, 2).state_dict())
     rec.evaluate_fn(0, arrays)
     for r in (1, 2):
-        strat.rounds[r] = RoundLog(
-            sampled_train=[0, 1],
+        strat.rounds[r] = RoundRecord(
+            expected=[0, 1],
             num_replies=2,
             aggregated=True,
             bytes_up=100,
@@ -63,13 +61,8 @@ def test_results_contract(tmp_path):
             train_metrics={"train_loss": 0.5},
             eval_metrics={"eval_accuracy": 0.3, "eval_loss": float("nan")},
             clients=[
-                {
-                    "phase": "train",
-                    "partition_id": 0,
-                    "node_id": 9,
-                    "status": "ok",
-                    "num-examples": 5,
-                }
+                ClientRecord("train", 0, 9, "ok", {"num-examples": 5}, weight=0.75),
+                ClientRecord("train", 1, 10, "ok", {"num-examples": 5}, weight=0.25),
             ],
         )
         rec.evaluate_fn(r, arrays)
@@ -86,7 +79,17 @@ def test_results_contract(tmp_path):
     assert data["config"]["rounds"] == 2 and results["meta"]["status"] == "completed"
     rows = list(csv.DictReader((tmp_path / "rounds.csv").open()))
     assert len(rows) == 3 and list(rows[0])[: len(ROUND_KEYS)] == list(ROUND_KEYS)
-    assert len(list(csv.DictReader((tmp_path / "clients.csv").open()))) == 2
+    assert data["rounds"][1]["num_sampled"] == 2
+    assert data["rounds"][1]["attacker_weight"] == 0.25  # client 1's share
+    assert data["rounds"][1]["clients"][0] == {
+        "phase": "train",
+        "partition_id": 0,
+        "node_id": 9,
+        "status": "ok",
+        "num-examples": 5,
+        "weight": 0.75,
+    }
+    assert len(list(csv.DictReader((tmp_path / "clients.csv").open()))) == 4
     for name in ("accuracy.png", "loss.png", "best_model.pt", "final_model.pt", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0
     best = torch.load(tmp_path / "best_model.pt")

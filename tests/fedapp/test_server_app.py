@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedapp.config import ConfigError
+from fedapp.flower_compat import set_task_identity
 from fedapp.server_app import discover_nodes
 
 
@@ -23,14 +23,14 @@ class QueryGrid:
         replies = []
         for msg in messages:
             nc = self.node_configs[msg.metadata.dst_node_id]
-            TaskIdentity.node_id = msg.metadata.dst_node_id
+            set_task_identity(node_id=msg.metadata.dst_node_id)
             metrics = {
                 "partition-id": nc.get("partition-id", -1),
                 "num-partitions": nc.get("num-partitions", -1),
                 "has-data-path": int("data-path" in nc),
             }
             replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
-        TaskIdentity.node_id = 0
+        set_task_identity(node_id=0)
         return replies
 
 

@@ -11,17 +11,7 @@ from hypothesis import strategies as st
 from fedapp.config import compose
 from strategies import build_strategy
 from strategies.base import aggregate_scalar_metrics, sample_partitions
-from tests.conftest import error_reply, reply
-
-
-class FakeGrid:
-    """Enough of flwr's Grid for configure_train/evaluate: a fixed set of connected nodes."""
-
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
+from tests.conftest import FakeGrid, error_reply, reply
 
 
 def _strategy(name="fedavg", nodes=10, cpr=4, min_replies=1, extra=""):
@@ -74,7 +64,7 @@ def test_configure_train_samples_by_partition_not_node_id():
     assert len(msgs1) == 4
     p1 = sorted(s1.partition_of(m.metadata.dst_node_id) for m in msgs1)
     p2 = sorted(s2.partition_of(m.metadata.dst_node_id) for m in msgs2)
-    assert p1 == p2 == s1.rounds[1].sampled_train
+    assert p1 == p2 == s1.rounds[1].expected
     assert s1.rounds[1].bytes_down == 4 * _global().count_bytes()
 
 
@@ -124,7 +114,7 @@ def test_fedavg_weighted_mean_and_bad_replies_are_dropped():
     arrays, metrics = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], np.full(3, (10 * 1 + 30 * 4) / 40))
     assert metrics["train_loss"] == pytest.approx(1.0)
-    status = {c["partition_id"]: c["status"] for c in s.rounds[1].clients}
+    status = {c.partition_id: c.status for c in s.rounds[1].clients}
     assert status[0] == status[1] == "ok"
     assert "non-finite" in status[2]
     assert "layout" in status[3]

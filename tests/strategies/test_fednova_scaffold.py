@@ -15,7 +15,12 @@ from torch.utils.data import TensorDataset
 
 from fedapp.inline import run_inline
 from strategies.fednova import effective_steps, fednova_aggregate
-from strategies.scaffold import client_control_update, client_correction, server_control_update
+from strategies.scaffold import (
+    CorrectionHook,
+    client_control_update,
+    client_correction,
+    server_control_update,
+)
 from tasks.training import TrainSettings, train_classifier
 
 
@@ -93,7 +98,7 @@ def test_local_steps_follow_the_corrected_gradient():
     b.load_state_dict(base.state_dict())
     corr = [torch.full((2, 3), 0.2), torch.full((2,), -0.4)]
     train_classifier(a, ds, settings_)
-    train_classifier(b, ds, settings_, correction=corr)
+    train_classifier(b, ds, settings_, hooks=[CorrectionHook(corr)])
     torch.testing.assert_close(b.weight - a.weight, -0.5 * corr[0])
     torch.testing.assert_close(b.bias - a.bias, -0.5 * corr[1])
 

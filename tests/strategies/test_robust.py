@@ -12,15 +12,7 @@ from hypothesis import strategies as st
 from fedapp.config import compose
 from strategies import build_strategy
 from strategies.robust import coordinate_shares, median_bounds, trimmed_bounds
-from tests.conftest import reply
-
-
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
+from tests.conftest import FakeGrid, reply
 
 
 def _run(name, values, n=None, extra="attack=scaled attack.fraction=0.2"):
@@ -41,7 +33,7 @@ def _run(name, values, n=None, extra="attack=scaled attack.fraction=0.2"):
         for p, (nid, v) in enumerate(zip(nodes, values, strict=True))
     ]
     arrays, _ = s.aggregate_train(1, replies)
-    shares = {c["partition_id"]: c["weight"] for c in s.rounds[1].clients}
+    shares = {c.partition_id: c.weight for c in s.rounds[1].clients}
     return s, float(arrays.to_numpy_ndarrays()[0][0]), np.array([shares[p] for p in range(k)])
 
 
@@ -113,4 +105,4 @@ def test_no_shares_are_computed_without_attackers():
     ]
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays.to_numpy_ndarrays()[0][0] == 2.0
-    assert all("weight" not in c for c in s.rounds[1].clients)
+    assert all(c.weight is None for c in s.rounds[1].clients)

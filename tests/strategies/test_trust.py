@@ -5,23 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedapp.config import compose
+from fedapp.flower_compat import aggregate_arrayrecords
 from strategies import build_strategy
+from strategies.aggregation import sanity_scores
+from strategies.aggregation import weighted_aggregate as aggregate
 from strategies.trust import (
     TrustParams,
-    aggregate,
     consistency_scores,
     cosines,
     quality_scores,
-    sanity_scores,
     trust_weights,
 )
-from tests.conftest import reply
+from tests.conftest import FakeGrid, reply
 
 P = TrustParams()
 
@@ -168,12 +168,6 @@ def test_invalid_params_are_reported():
 
 
 # --- the Flower strategy ------------------------------------------------------------------------
-class FakeGrid:
-    def __init__(self, node_ids):
-        self.node_ids = list(node_ids)
-
-    def get_node_ids(self):
-        return list(self.node_ids)
 
 
 def _setup(nodes=8, cpr=8):
@@ -209,7 +203,7 @@ def test_strategy_downweights_attackers_and_logs_why():
         assert arrays is not None
         got = arrays.to_numpy_ndarrays()[0]
         assert np.dot(got, direction) > 0
-        entries = {c["partition_id"]: c for c in s.rounds[rnd].clients}
+        entries = {c.partition_id: c.to_json() for c in s.rounds[rnd].clients}
         assert sum(entries[p]["weight"] for p in (6, 7)) < 0.01
         assert entries[0]["trust_cosine"] > 0 > entries[6]["trust_cosine"]
         assert {"trust", "trust_sanity", "trust_quality", "trust_clip"} <= set(entries[0])

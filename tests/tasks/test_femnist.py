@@ -186,8 +186,7 @@ def test_label_flip_on_images(natural):
 def test_server_validation_rows_leave_the_test_set(data_dir):
     task = _task(data_dir)
     full = task.load_central_test()
-    val = task.carve_server_validation(0.1, seed=0)
-    test = task.load_central_test()
+    val, test = task.central_test_split(0.1, seed=0)
     assert len(val) == 321 and len(test) == 3209 - 321
     # the two parts together are the old test set, image for image
     images = lambda ds: sorted(x.numpy().tobytes() for x in ds.tensors[0])  # noqa: E731
@@ -196,7 +195,11 @@ def test_server_validation_rows_leave_the_test_set(data_dir):
     counts = np.bincount(full.tensors[1].numpy(), minlength=62)
     got = np.bincount(val.tensors[1].numpy(), minlength=62)
     assert np.all(np.abs(got - counts * 0.1) <= 1.5)
+    # the task itself is not changed: the next run sees the whole test set again
+    assert len(task.load_central_test()) == 3209
+    assert [len(x) for x in task.central_test_split(0.1, seed=0)] == [321, 3209 - 321]
     # the majority-class baseline is computed on the rows that remain
-    assert task.majority_accuracy(None) == pytest.approx(
+    labels = task.dataset_labels(test)
+    assert task.majority_accuracy(None, labels) == pytest.approx(
         np.mean(test.tensors[1].numpy() == np.argmax(np.bincount(task.train_labels())))
     )

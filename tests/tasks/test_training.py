@@ -1,4 +1,4 @@
-"""Local training loop: FedProx proximal term, settings transport, divergence handling."""
+"""Local training loop: hooks (FedProx's proximal term), settings transport, divergence handling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from tasks.training import TrainSettings, evaluate_classifier, proximal_term, train_classifier
+from strategies.fedprox import ProximalHook
+from tasks.training import (
+    TrainHook,
+    TrainSettings,
+    evaluate_classifier,
+    proximal_term,
+    train_classifier,
+)
 
 
 def _data(n=256, d=8, classes=3, seed=0):
@@ -41,8 +48,8 @@ def test_proximal_term_keeps_local_model_near_global():
     data = _data()
     start = _model()
     free, prox = _model(), _model()
-    train_classifier(free, data, TrainSettings(local_epochs=5, lr=0.1, proximal_mu=0.0))
-    train_classifier(prox, data, TrainSettings(local_epochs=5, lr=0.1, proximal_mu=5.0))
+    train_classifier(free, data, TrainSettings(local_epochs=5, lr=0.1))
+    train_classifier(prox, data, TrainSettings(local_epochs=5, lr=0.1), hooks=[ProximalHook(5.0)])
     assert _distance(prox, start) < 0.5 * _distance(free, start)
 
 
@@ -52,7 +59,7 @@ def test_proximal_gradient_is_added():
     mu, lr = 0.7, 0.05
     model = _model()
     train_classifier(
-        model, data, TrainSettings(local_epochs=2, batch_size=4, lr=lr, proximal_mu=mu)
+        model, data, TrainSettings(local_epochs=2, batch_size=4, lr=lr), hooks=[ProximalHook(mu)]
     )
     ref = _model()
     w0 = [p.detach().clone() for p in ref.parameters()]
@@ -69,12 +76,41 @@ def test_proximal_gradient_is_added():
 
 
 def test_settings_roundtrip_through_config_record_keys():
-    s = TrainSettings(local_epochs=3, max_steps=7, batch_size=16, lr=0.2, proximal_mu=0.01, seed=5)
+    s = TrainSettings(local_epochs=3, max_steps=7, batch_size=16, lr=0.2, momentum=0.5, seed=5)
     cfg = s.to_config()
-    assert cfg["proximal-mu"] == 0.01 and cfg["local-epochs"] == 3
-    assert TrainSettings.from_config(cfg) == s
-    # Flower's FedProx injects "proximal-mu" itself; that key must reach the loss
-    assert TrainSettings.from_config({"proximal-mu": 0.5}).proximal_mu == 0.5
+    assert cfg["local-epochs"] == 3 and cfg["max-steps"] == 7
+    assert TrainSettings.from_config({**cfg, "proximal-mu": 0.5}) == s  # other keys ignored
+
+
+def test_steps_per_round_counts_batches_and_respects_the_cap():
+    assert TrainSettings(batch_size=10, local_epochs=2).steps_per_round(95) == 20
+    assert TrainSettings(batch_size=10, local_epochs=2, max_steps=7).steps_per_round(95) == 7
+
+
+class _Recorder(TrainHook):
+    def __init__(self):
+        self.calls = []
+
+    def start(self, model, device):
+        self.calls.append("start")
+
+    def extra_loss(self, model, xb, yb, logits):
+        self.calls.append("loss")
+        return logits.sum() * 0.0 + 1.0  # a constant: changes the loss, not the gradients
+
+    def after_backward(self, model):
+        self.calls.append("backward")
+        for p in model.parameters():
+            p.grad.zero_()  # no step at all
+
+
+def test_hooks_are_called_in_order_and_can_change_gradients():
+    model, hook = _model(), _Recorder()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_classifier(model, _data(n=16), TrainSettings(batch_size=8), hooks=[hook])
+    assert hook.calls == ["start", "loss", "backward", "loss", "backward"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert out["train_steps"] == 2.0
 
 
 def test_max_steps_caps_local_work():
