@@ -54,7 +54,8 @@ def robustness_cell(work: Path) -> dict:
     (cell,) = [
         c
         for c in report["cells"]
-        if (c["task"], c["attack"], c["fraction"], c["strategy"]) == ("credit", "scaled", 0.3, "trust")
+        if (c["task"], c["attack"], c["fraction"], c["strategy"])
+        == ("credit", "scaled", 0.3, "trust")
     ]
     i = cell["seeds"].index(0)
     before = {k: v[i] for k, v in cell["final"].items()}
