@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedapp.hetero import device_emulation_mod
 from fedapp.node import client_seed, load_node, round_prep
+from fedapp.privacy import central_clipping_mod, private_stats
 from fedapp.units import TrainJob, compose_units, run_units
 from tasks.training import TrainSettings
 
@@ -47,23 +48,24 @@ def _job(msg: Message, context: Context) -> TrainJob:
         prep=round_prep(config),
         state=context.state,
         seed=seed,
+        node_config=dict(context.node_config),
+        run_id=int(context.run_id),
     )
 
 
-@app.train(mods=[device_emulation_mod])
+@app.train(mods=[device_emulation_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     run_units(job, compose_units(job))
-    reply = MetricRecord(
-        {
-            "num-examples": job.data.num_train,
-            "train_loss": float(job.metrics["train_loss"]),
-            "train_steps": float(job.metrics["train_steps"]),
-            "train_time_s": float(job.metrics["train_time_s"]),
-            "label-counts": [int(c) for c in job.data.label_counts],
-            **job.reply_metrics,
-        }
-    )
+    metrics = {
+        "num-examples": job.data.num_train,
+        "train_loss": float(job.metrics["train_loss"]),
+        "train_steps": float(job.metrics["train_steps"]),
+        "train_time_s": float(job.metrics["train_time_s"]),
+        "label-counts": [int(c) for c in job.data.label_counts],
+        **job.reply_metrics,
+    }
+    reply = MetricRecord({k: v for k, v in metrics.items() if k not in job.withheld})
     arrays = job.outgoing if job.outgoing is not None else ArrayRecord(job.model.state_dict())
     content = RecordDict({"arrays": arrays, "metrics": reply})
     for name, record in job.reply_records.items():
@@ -103,11 +105,11 @@ def discovery(msg: Message, context: Context) -> Message:
 
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Sufficient statistics of this node's training rows (never the rows)."""
+    """Sufficient statistics of this node's training rows (never the rows); under
+    privacy=sample_dp clipped, noised and accounted (fedapp.privacy.private_stats)."""
     node = load_node(context)
-    return Message(
-        RecordDict({"metrics": MetricRecord(node.task.client_stats(node.data))}), reply_to=msg
-    )
+    values = private_stats(node, context)
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
 @app.query("probe", mods=[device_emulation_mod])

@@ -109,6 +109,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if int(cfg.train.local_epochs) < 1 and int(cfg.train.max_steps) < 1:
         raise ConfigError("set train.local_epochs >= 1 or train.max_steps >= 1")
+    if cfg.get("privacy") is not None:
+        from fedapp.privacy import check_combination
+
+        check_combination(cfg)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedapp.config import (
+    ConfigError,
     compose,
     parse_overrides,
     resolve_data_dir,
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_inline(args.overrides, args.output_dir)
-    except DataError as err:  # bad data or an impossible split: the message says what to change
+    except (DataError, ConfigError) as err:  # the message says what to change
         print(f"fedapp: {err}", file=sys.stderr)
         return 2
     return 0

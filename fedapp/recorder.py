@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from fedapp.config import to_dict
 from fedapp.hetero import ClockGrid
+from fedapp.privacy import PrivacySpec, privacy_meta
 from strategies.base import FedappStrategyMixin
 from strategies.records import RoundRecord
 from tasks import Task
@@ -58,6 +59,8 @@ ROUND_KEYS = (
     "aggregation_success",
     "wall_s",
     "elapsed_s",
+    "dp_epsilon",
+    "dp_epsilon_mean",
 )
 # Federated evaluation metrics (pooled over the evaluated clients) recorded as client_<name>.
 CLIENT_METRICS = ("accuracy", "loss", "balanced_accuracy", "precision", "recall", "f1")
@@ -125,7 +128,13 @@ class Recorder:
         self.t_last = self.t_start
         self.test_set = test_set
         self.majority_accuracy = task.majority_accuracy(self.prep, task.dataset_labels(test_set))
+        self.privacy = PrivacySpec.from_config(cfg.get("privacy"))
+        self.dp_spent: dict[int, float] = {}  # client -> cumulative epsilon it reported
+        if self.privacy.name != "none":
+            self.meta["privacy"] = privacy_meta(self.privacy)
         (self.out_dir / "config.yaml").write_text(_yaml(cfg))
+        if self.prep:  # what the model's inputs were scaled with (fedapp-audit needs it)
+            write_json_atomic(self.out_dir / "preprocessing.json", self.prep)
 
     # Flower calls this after every round (and once before round 1 with round 0).
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -156,6 +165,7 @@ class Recorder:
             "elapsed_s": now - self.t_start,
             "clients": [c.to_json() for c in rec.clients],
         }
+        row.update(self._privacy(rec))
         if "confusion" in test:
             row["test_confusion"] = test["confusion"]
         if rec.schedule:
@@ -182,6 +192,32 @@ class Recorder:
             row["wall_s"],
         )
         return MetricRecord({k: float(v) for k, v in test.items() if isinstance(v, int | float)})
+
+    def _privacy(self, rec: RoundRecord) -> dict[str, Any]:
+        """dp_epsilon: the largest cumulative epsilon any client has spent so far (sample-level
+        DP: what the clients report from their accountants; central DP: the server's own);
+        dp_epsilon_mean: over the clients that have spent any. None without privacy."""
+        if self.privacy.name == "none":
+            return {"dp_epsilon": None, "dp_epsilon_mean": None}
+        central = getattr(self.strategy, "privacy_epsilon", None)
+        if central is not None:
+            eps = float(central())
+            return {"dp_epsilon": eps, "dp_epsilon_mean": eps}
+        noise = self.meta["privacy"].setdefault("noise_multipliers", {})
+        targets = self.meta["privacy"].setdefault("target_epsilons", {})
+        for c in rec.clients:
+            if c.phase == "train" and "dp_epsilon" in c.metrics:
+                pid = c.partition_id
+                self.dp_spent[pid] = max(
+                    self.dp_spent.get(pid, 0.0), float(c.metrics["dp_epsilon"])
+                )
+                noise[str(pid)] = c.metrics.get("dp_noise_multiplier")
+                targets[str(pid)] = c.metrics.get("dp_target_epsilon")
+        spent = list(self.dp_spent.values())
+        return {
+            "dp_epsilon": max(spent, default=0.0),
+            "dp_epsilon_mean": float(np.mean(spent)) if spent else 0.0,
+        }
 
     def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
         acc = row.get("test_accuracy")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
+from fedapp.privacy import with_privacy
 from fedapp.recorder import Recorder
 from strategies import build_strategy
 from tasks import Task, get_task
@@ -240,6 +241,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     log(INFO, "[fedapp] %d clients connected", len(node_partitions))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
+    strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
     if task.needs_stats:  # before the clock starts, as discovery

@@ -9,14 +9,15 @@ belong to:
 | stage | units | home |
 |---|---|---|
 | attack | the attack harness (label flip, poisoning, free riders, crashes) | `fedapp/attacks.py` |
+| privacy | sample-level DP-SGD with Opacus, its accountant and budget | `fedapp/privacy.py` |
 | strategy | a strategy's client part (FedProx's proximal term, SCAFFOLD's controls, contribution's validation gain and distillation, MOON's contrastive term) | its module in `strategies/`, listed in the strategy class's `client_units` |
 
 The ClientApp (`fedapp/client_app.py`) composes them for every training message in one
 order, stated once here (`STAGES`, outermost first). They nest like middleware: every
 `before_train` runs in that order, then local training, then every `after_train` in the
 reverse order. So the strategy's part sees the model its own training produced, the attack
-harness tampers with what an otherwise honest client would send, and stages added later
-(privacy, compression, encryption) wrap the ones inside them.
+harness tampers with what an otherwise honest client would send, and DP-SGD wraps the
+training that the strategy's terms shape (sample-independent terms go after its noise).
 
 Device emulation (a real-clock hetero profile: offline, slow, crashing nodes) wraps whole
 messages, probes and heartbeats included, so it is a Flower mod registered per handler
@@ -38,7 +39,7 @@ from tasks import ClientData, Task
 from tasks.training import TrainHook, TrainSettings
 
 # Composition order, outermost first: before_train in this order, after_train in reverse.
-STAGES = ("attack", "strategy")
+STAGES = ("attack", "privacy", "strategy")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainJob:
     prep: dict[str, list[float]]  # federated preprocessing parameters (prep.*)
     state: RecordDict  # the node's persistent state for this run (Flower's Context.state)
     seed: int  # this client's seed for this round
+    node_config: dict[str, Any] = field(default_factory=dict)  # Flower's, of this node
+    run_id: int = 0
     hooks: list[TrainHook] = field(default_factory=list)  # added to the training loop
     # False: a unit sends made-up weights instead of training (attack harness); it then sets
     # `metrics` itself.
@@ -64,6 +67,7 @@ class TrainJob:
     metrics: dict[str, float] = field(default_factory=dict)  # from training (or made up)
     reply_metrics: dict[str, Any] = field(default_factory=dict)  # extra reply metrics
     reply_records: dict[str, ArrayRecord] = field(default_factory=dict)  # extra ArrayRecords
+    withheld: set[str] = field(default_factory=set)  # reply metrics not to send (privacy)
     # The model to send, when a unit replaces it by something else than the trained model's
     # state dict (compressed or encrypted arrays); None: ArrayRecord(model.state_dict()).
     outgoing: ArrayRecord | None = None
@@ -113,7 +117,17 @@ def attack_units(cfg: DictConfig) -> list[type[ClientUnit]]:
     return [AttackHarness]
 
 
-RESOLVERS: dict[str, StageResolver] = {"attack": attack_units, "strategy": strategy_units}
+def privacy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
+    from fedapp.privacy import CentralDPClient, SampleDP
+
+    return [SampleDP, CentralDPClient]
+
+
+RESOLVERS: dict[str, StageResolver] = {
+    "attack": attack_units,
+    "privacy": privacy_units,
+    "strategy": strategy_units,
+}
 
 
 def compose_units(job: TrainJob) -> list[ClientUnit]:

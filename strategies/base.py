@@ -184,6 +184,9 @@ class FedappStrategyMixin:
         "train_time_s",
         "eval_loss",
         "eval_accuracy",
+        "dp_epsilon",
+        "dp_target_epsilon",
+        "dp_noise_multiplier",
     )
 
     seed: int = 0
@@ -501,7 +504,8 @@ class FedappStrategyMixin:
         accepted = self.screen_replies(server_round, replies, "evaluate")
         if not accepted:
             return None
-        metrics = super().aggregate_evaluate(server_round, accepted)  # type: ignore[misc]
+        # weighted by validation rows, whatever weights the training average uses
+        metrics = self.evaluate_metrics_aggr_fn([m.content for m in accepted], NUM_EXAMPLES)
         pooled = dict(metrics) if metrics is not None else {}
         pooled.update(pooled_confusion_metrics(accepted))
         self.round_log(server_round).eval_metrics = pooled

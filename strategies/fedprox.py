@@ -25,7 +25,11 @@ MU_KEY = "proximal-mu"
 
 
 class ProximalHook(TrainHook):
-    """Adds mu/2 ||w - w_global||^2, w_global = the model as received."""
+    """Adds mu/2 ||w - w_global||^2, w_global = the model as received. The term does not
+    depend on the samples: under DP-SGD its gradient mu (w - w_global) is added after the
+    noise."""
+
+    sample_independent = True
 
     def __init__(self, mu: float) -> None:
         self.mu = float(mu)
@@ -35,6 +39,12 @@ class ProximalHook(TrainHook):
 
     def extra_loss(self, model, xb, yb, logits) -> torch.Tensor:
         return 0.5 * self.mu * proximal_term(model, self.global_params)
+
+    def private_gradient(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), self.global_params, strict=True):
+                if p.requires_grad and p.grad is not None:
+                    p.grad.add_(p - g, alpha=self.mu)
 
 
 class ProximalTerm(ClientUnit):

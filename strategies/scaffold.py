@@ -98,10 +98,16 @@ def _named(record: ArrayRecord | None) -> dict[str, np.ndarray]:
 
 
 class CorrectionHook(TrainHook):
-    """Every local step follows g + (c - c_i)."""
+    """Every local step follows g + (c - c_i); the correction does not depend on the samples
+    (under DP-SGD it is added after the noise)."""
+
+    sample_independent = True
 
     def __init__(self, correction: list[torch.Tensor]) -> None:
         self.correction = correction
+
+    def private_gradient(self, model) -> None:
+        self.after_backward(model)
 
     def after_backward(self, model) -> None:
         trainable = [p for p in model.parameters() if p.requires_grad]

@@ -141,9 +141,16 @@ class Task(ABC):
     def make_model(self) -> nn.Module:
         """A freshly initialised model (seed torch before calling for reproducible init)."""
 
+    def natural_ids(self, partition_id: int) -> list[str]:
+        """The natural id(s) behind a partition (a hospital, a state...), for per-client
+        settings such as privacy levels; [] when the partition has none."""
+        return []
+
     # --- federated preprocessing (tasks whose features need global statistics) ----------------
-    def client_stats(self, data: ClientData) -> dict[str, list[float]]:
-        """Sufficient statistics of one client's training rows (never the rows themselves)."""
+    def client_stats(self, data: ClientData, clip: float | None = None) -> dict[str, list[float]]:
+        """Sufficient statistics of one client's training rows (never the rows themselves);
+        with `clip`, every value is clipped to [-clip, clip] first (bounded contributions, for
+        differential privacy)."""
         return {}
 
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:

@@ -277,9 +277,12 @@ def encode(frame: pd.DataFrame, schema: Schema, num_classes: int) -> tuple[Rows,
     return Rows(numeric, codes, y), unknown
 
 
-def numeric_stats(rows: Rows, num_classes: int) -> dict[str, list[float]]:
-    """Per-client sufficient statistics (no rows): counts, sums, sums of squares, labels."""
-    x = rows.numeric
+def numeric_stats(
+    rows: Rows, num_classes: int, clip: float | None = None
+) -> dict[str, list[float]]:
+    """Per-client sufficient statistics (no rows): counts, sums, sums of squares, labels;
+    values clipped to [-clip, clip] first when `clip` is given."""
+    x = rows.numeric if clip is None else np.clip(rows.numeric, -clip, clip)
     present = ~np.isnan(x)
     xz = np.where(present, x, 0.0)
     return {
@@ -297,12 +300,12 @@ def combine_stats(stats: list[dict[str, list[float]]]) -> dict[str, list[float]]
     total = {
         k: np.sum([np.asarray(s[k], dtype=np.float64) for s in stats], axis=0) for k in stats[0]
     }
-    count = total["stats.count"]
+    count = np.maximum(total["stats.count"], 0.0)  # noisy (DP) counts can be negative
     mean = np.divide(total["stats.sum"], count, out=np.zeros_like(count), where=count > 0)
     var = np.divide(total["stats.sumsq"], count, out=np.ones_like(count), where=count > 0) - mean**2
     std = np.sqrt(np.clip(var, 0.0, None))
     std = np.where(std > 1e-12, std, 1.0)
-    labels = total["stats.labels"]
+    labels = np.maximum(total["stats.labels"], 1.0)  # noisy (DP) counts can be <= 0
     n, k = labels.sum(), len(labels)
     weights = np.where(labels > 0, n / (k * np.maximum(labels, 1)), 0.0)  # "balanced" weights
     return {
@@ -386,6 +389,11 @@ class TabularTask(Task):
         self.seed = int(cfg.seed)
         self.num_classes = 2
         self.schema = Schema.from_config(self.task_cfg.schema)
+        privacy = cfg.get("privacy")
+        if privacy is not None and privacy.get("name") == "sample_dp":
+            # DP statistics need bounded contributions: squash every value row by row (no
+            # pooled statistic), then clip it (fedapp.privacy)
+            self.schema.numeric_transform = "signed_log"
         files = OmegaConf.to_container(self.task_cfg.files, resolve=True)
         assert isinstance(files, list)
         self.frame, self.raw = load_frame(files, self.schema, self.data_dir)
@@ -501,8 +509,14 @@ class TabularTask(Task):
         return self.rows.take(self.test_idx[positions])
 
     # -- federated preprocessing --------------------------------------------------------------
-    def client_stats(self, data: ClientData) -> dict[str, list[float]]:
-        return numeric_stats(data.train, self.num_classes)
+    def client_stats(self, data: ClientData, clip: float | None = None) -> dict[str, list[float]]:
+        return numeric_stats(data.train, self.num_classes, clip)
+
+    def natural_ids(self, partition_id: int) -> list[str]:
+        if not self.schema.natural_id or self.cfg.partition.name != "natural":
+            return []
+        rows = self.partition_rows(partition_id)
+        return sorted(set(self.frame[self.schema.natural_id].to_numpy()[rows].tolist()))
 
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
         return combine_stats(stats)

@@ -56,11 +56,33 @@ class TrainHook:
 
     Called by `train_classifier` in this order: `start` once (after the model is on its
     device), then per step `extra_loss` (terms added to the data loss, in hook order) and
-    `after_backward` (gradient changes before the optimizer step).
+    `after_backward` (gradient changes before the optimizer step), and `finish` at the end.
+
+    Private training (a hook with `privatizes = True`, DP-SGD) replaces the model, optimizer
+    and data loader through its `wrap`. Per-sample clipping only sees the gradients of terms
+    computed from each sample, so hooks whose term does not depend on the samples (a
+    regulariser on the weights, a constant correction) say `sample_independent = True` and
+    implement `private_gradient`: under DP-SGD their `extra_loss` and `after_backward` are not
+    called, and `private_gradient` adds their gradient after the noise (post-processing).
     """
+
+    privatizes: bool = False
+    sample_independent: bool = False
 
     def start(self, model: nn.Module, device: torch.device) -> None:
         """Called once before the first step."""
+
+    def wrap(self, model: nn.Module, optimizer, loader, after_noise: Sequence[TrainHook]):
+        """(model to call, optimizer, batches) for private training (privatizing hooks)."""
+        raise NotImplementedError
+
+    def private_gradient(self, model: nn.Module) -> None:
+        """Add this term's gradient to `p.grad` after DP-SGD's noise (sample-independent
+        hooks)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be used with DP-SGD")
+
+    def finish(self) -> None:
+        """Called once after the last step (also when training failed)."""
 
     def extra_loss(
         self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, logits: torch.Tensor
@@ -123,8 +145,16 @@ def train_classifier(
     device = torch.device(device)
     model.to(device)
     model.train()
-    for hook in hooks:
-        hook.start(model, device)
+    try:
+        for hook in hooks:
+            hook.start(model, device)
+        return _local_sgd(model, dataset, settings, loss_fn, device, hooks)
+    finally:
+        for hook in hooks:
+            hook.finish()
+
+
+def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, float]:
     loader = DataLoader(
         dataset,
         batch_size=settings.batch_size,
@@ -138,18 +168,29 @@ def train_classifier(
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
     )
+    private = [h for h in hooks if h.privatizes]
+    after_noise = [h for h in hooks if h.sample_independent] if private else []
+    in_loop = [h for h in hooks if h not in after_noise]
+    forward, batches = model, loader
+    for hook in private:
+        forward, opt, batches = hook.wrap(model, opt, loader, after_noise)
     t0 = time.perf_counter()
     steps, seen, loss_sum = 0, 0, 0.0
     epochs = max(settings.local_epochs, 1)
     done = False
     for _ in range(epochs):
-        for xb, yb in loader:
+        for xb, yb in batches:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
-            logits = model(xb)
+            logits = forward(xb)
+            if len(yb) == 0:  # Poisson sampling drew no row: a noise-only step (DP-SGD)
+                (logits.sum() * 0.0).backward()
+                opt.step()
+                steps += 1
+                continue
             data_loss = loss_fn(logits, yb)
             loss = data_loss
-            for hook in hooks:
+            for hook in in_loop:
                 extra = hook.extra_loss(model, xb, yb, logits)
                 if extra is not None:
                     loss = loss + extra
@@ -159,7 +200,7 @@ def train_classifier(
                     "lower train.lr or check the data"
                 )
             loss.backward()
-            for hook in hooks:
+            for hook in in_loop:
                 hook.after_backward(model)
             opt.step()
             steps += 1

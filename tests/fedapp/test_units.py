@@ -42,7 +42,7 @@ def _job(data_dir, overrides: str, config: dict, partition_id: int = 0, extra=No
 
 
 def test_the_stages_are_stated_once_outermost_first():
-    assert STAGES == ("attack", "strategy")
+    assert STAGES == ("attack", "privacy", "strategy")
 
 
 def test_a_strategy_brings_its_client_part_and_each_unit_decides_if_it_takes_part(data_dir):

@@ -1,0 +1,672 @@
+"""Differential privacy of the customers and patients in each institution's data.
+
+`privacy=sample_dp` (conf/privacy/sample_dp.yaml), the main mode: sample-level DP-SGD inside
+every client with Opacus (Poisson sampling, per-sample clipping to `max_grad_norm`, Gaussian
+noise), for every task. The protected unit is one row (a customer, a patient, an image) of a
+client's training data; the adversary is whoever sees what the client sends, the server
+included.
+
+- **Accounted across the whole run, never per round.** Each client calibrates its noise
+  multiplier once, from its target (epsilon, delta) over the whole planned run: the federated
+  statistics release (tabular tasks, below) plus `participations` rounds of its local steps
+  (`calibrate`). Its accountant (Opacus RDP or PRV) keeps the history of every step it has
+  taken; the history lives in the node's Flower `Context.state` and, when the node config
+  names a `dp-state-dir` (deployment), in a file there, so a restarted SuperNode does not
+  forget what it spent. A client whose next round would take it over its target refuses to
+  train (`PrivacyBudgetExhausted`, an error reply; the round goes on without it).
+- **Per-client targets** (seed 001's privacy by data sensitivity): `levels` maps a client's
+  natural id (hospital, state, education level...) or partition id to its own epsilon; a
+  deployed SuperNode may state `--node-config "target-epsilon=1.0"`; the strictest applies.
+- **What a client sends under sample_dp**, and what the guarantee covers:
+  - the model update: DP-SGD (covered); SCAFFOLD's control change and anything else computed
+    from the trained model and public values is post-processing (covered);
+  - the federated statistics of tabular tasks (feature counts, sums, sums of squares, label
+    histogram): each value clipped to [-`stats_clip`, `stats_clip`] after the signed-log
+    transform (under sample_dp numeric features always use it, so every row's contribution is
+    bounded), released once with Gaussian noise and accounted in the same budget (a share
+    `stats_share` of the target epsilon, by itself);
+  - not sent: the label histogram and mean training loss of each round;
+  - outside the guarantee, and listed in results.json `meta.privacy.outside`: the number of
+    training rows and the number of local steps (a function of it), the client's compute
+    time, metrics on its validation rows (federated evaluation, the contribution strategy's
+    validation gain), probe and heartbeat timings.
+- The proximal term and SCAFFOLD's correction do not depend on the samples; under DP-SGD they
+  are applied to the gradient after the noise (post-processing), since per-sample clipping
+  would otherwise silently drop them.
+
+`privacy=central_dp`: client-level DP with Flower's own wrappers (see `central_dp`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fedapp.config import ConfigError
+from fedapp.units import ClientUnit, TrainJob
+from tasks.training import TrainHook
+
+MODES = ("none", "sample_dp", "central_dp")
+ACCOUNTANTS = ("rdp", "prv")
+STATE_KEY = "fedapp.dp"  # the ConfigRecord in Context.state holding the ledger (JSON)
+# What a client sends that sample-level DP does not cover (results.json meta.privacy.outside).
+OUTSIDE = (
+    "num-examples (the number of training rows) and train_steps (a function of it)",
+    "train_time_s (compute time)",
+    "metrics on the clients' validation rows (federated evaluation; contribution's "
+    "val_loss_before/val_loss_after)",
+    "probe and heartbeat timings (scheduling strategies)",
+)
+WITHHELD = ("train_loss", "label-counts")  # reply metrics a client does not send under sample_dp
+
+
+# Opacus' hooks warn on every backward through a first layer whose input needs no gradient.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def opacus(module: str = "opacus"):
+    """Import an Opacus module. Opacus calls `logging.basicConfig` when it is first imported,
+    which would print every Flower log line twice; the root logger is put back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return importlib.import_module(module)
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+
+
+class PrivacyError(ConfigError):
+    """Invalid privacy settings; the message names the key and what to set."""
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """Raised by a client whose next round would take it over its privacy budget."""
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """The `privacy` config group."""
+
+    name: str = "none"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    participations: int | str = "auto"
+    levels: Mapping[str, float] = field(default_factory=dict)
+    stats_share: float = 0.1
+    stats_clip: float = 25.0
+    # central_dp
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    clipping: str = "server"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | Mapping[str, Any] | None) -> PrivacySpec:
+        if not cfg:
+            return cls()
+        raw = (
+            OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PrivacyError(f"privacy: unknown keys {unknown}; known: {sorted(known)}")
+        spec = cls(
+            **{**raw, "levels": {str(k): float(v) for k, v in (raw.get("levels") or {}).items()}}
+        )
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.name not in MODES:
+            raise PrivacyError(f"privacy={self.name}: choose one of {', '.join(MODES)}")
+        if self.name == "none":
+            return
+        if self.accountant not in ACCOUNTANTS:
+            raise PrivacyError(f"privacy.accountant={self.accountant}: use rdp or prv")
+        if not 0 < self.delta < 1:
+            raise PrivacyError(f"privacy.delta={self.delta} must be in (0, 1)")
+        if not self.target_epsilon > 0:
+            raise PrivacyError(f"privacy.target_epsilon={self.target_epsilon} must be > 0")
+        if not self.max_grad_norm > 0 or not self.clipping_norm > 0:
+            raise PrivacyError("privacy.max_grad_norm and privacy.clipping_norm must be > 0")
+        if any(not v > 0 for v in self.levels.values()):
+            raise PrivacyError(
+                f"privacy.levels: every epsilon must be > 0, got {dict(self.levels)}"
+            )
+        if not 0 < self.stats_share < 1:
+            raise PrivacyError(f"privacy.stats_share={self.stats_share} must be in (0, 1)")
+        if self.participations != "auto" and int(self.participations) < 1:
+            raise PrivacyError("privacy.participations must be 'auto' or a positive integer")
+        if self.clipping not in ("server", "client"):
+            raise PrivacyError(f"privacy.clipping={self.clipping}: use server or client")
+
+    @property
+    def sample_level(self) -> bool:
+        return self.name == "sample_dp"
+
+
+def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
+    """results.json `meta.privacy`: the mode, its parameters and what the guarantee leaves out
+    (the recorder adds each client's noise multiplier and target as they report them)."""
+    if spec.sample_level:
+        return {
+            "mode": spec.name,
+            "unit": "one training row of a client (add/remove one row)",
+            "delta": spec.delta,
+            "accountant": spec.accountant,
+            "max_grad_norm": spec.max_grad_norm,
+            "target_epsilon": spec.target_epsilon,
+            "levels": dict(spec.levels),
+            "participations": spec.participations,
+            "stats_share": spec.stats_share,
+            "stats_clip": spec.stats_clip,
+            "not_sent": list(WITHHELD),
+            "outside": list(OUTSIDE),
+        }
+    return {
+        "mode": spec.name,
+        "unit": "one client (all of its rows)",
+        "delta": spec.delta,
+        "accountant": spec.accountant,
+        "noise_multiplier": spec.noise_multiplier,
+        "clipping_norm": spec.clipping_norm,
+        "clipping": spec.clipping,
+        "target_epsilon": spec.target_epsilon,
+        "outside": ["the clients' metrics (num-examples, losses, label histograms)"],
+    }
+
+
+# -- accounting (pure functions over Opacus accountants) --------------------------------------------
+History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), Opacus' format
+
+
+def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at `delta` of a history of subsampled Gaussian steps (0 for no history)."""
+    if not history:
+        return 0.0
+    acc = opacus("opacus.accountants").create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    prefix: History = (),
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest noise multiplier (within `tolerance` of epsilon) such that `prefix` followed
+    by `steps` steps at `sample_rate` spends at most `target_epsilon` at `delta` (Opacus'
+    `get_noise_multiplier`, with a prefix: the statistics release composes with DP-SGD)."""
+    prefix = list(prefix)
+    if epsilon_of(prefix, delta, accountant) >= target_epsilon:
+        raise PrivacyError(
+            f"the statistics release alone spends the whole target epsilon {target_epsilon:g}; "
+            "lower privacy.stats_share"
+        )
+    low, high = 0.0, 10.0
+    while epsilon_of([*prefix, (high, sample_rate, steps)], delta, accountant) > target_epsilon:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise PrivacyError(f"target epsilon {target_epsilon:g} cannot be reached")
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        eps = epsilon_of([*prefix, (mid, sample_rate, steps)], delta, accountant)
+        if eps > target_epsilon:
+            low = mid
+        else:
+            high = mid
+            if target_epsilon - eps <= tolerance:
+                break
+    return high
+
+
+def gaussian_noise_multiplier(epsilon: float, delta: float, accountant: str = "rdp") -> float:
+    """Noise multiplier of one full-data Gaussian release spending `epsilon` at `delta`."""
+    return calibrate(epsilon, delta, 1.0, 1, accountant)
+
+
+def planned_participations(rounds: int, per_round: int, clients: int) -> int:
+    """How many rounds a client should plan to train in: every round when all clients train
+    each round; otherwise its expected participations plus three binomial standard
+    deviations (about 1 in 700 clients would need more and refuses its last rounds)."""
+    q = min(1.0, per_round / max(clients, 1))
+    if q >= 1.0:
+        return int(rounds)
+    mean = rounds * q
+    return int(min(rounds, math.ceil(mean + 3 * math.sqrt(mean * (1 - q)))))
+
+
+def client_target(spec: PrivacySpec, names: Sequence[str], node_config: Mapping[str, Any]) -> float:
+    """A client's target epsilon: the run's, or its level (by natural id or partition id,
+    `names`), or its node's own `target-epsilon`, whichever is strictest."""
+    targets = [spec.target_epsilon]
+    targets += [spec.levels[n] for n in names if n in spec.levels]
+    if "target-epsilon" in node_config:
+        targets.append(float(node_config["target-epsilon"]))
+    return min(targets)
+
+
+# -- one client's plan and ledger --------------------------------------------------------------------
+@dataclass
+class Ledger:
+    """What one client has spent: its plan (fixed at its first use) and its step history."""
+
+    target_epsilon: float
+    delta: float
+    accountant: str
+    noise_multiplier: float = 0.0  # DP-SGD's, calibrated once
+    sample_rate: float = 0.0
+    steps_per_round: int = 0
+    participations: int = 0
+    stats_noise_multiplier: float = 0.0
+    history: History = field(default_factory=list)
+
+    def epsilon(self, extra: History = ()) -> float:
+        return epsilon_of([*self.history, *extra], self.delta, self.accountant)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Ledger:
+        data = json.loads(text)
+        data["history"] = [tuple(h) for h in data["history"]]
+        return cls(**data)
+
+
+def ledger_file(node_config: Mapping[str, Any], run_id: int, partition_id: int) -> Path | None:
+    """The node-local file of a deployed node's ledger (`dp-state-dir` in its node config)."""
+    folder = node_config.get("dp-state-dir")
+    if not folder:
+        return None
+    return Path(str(folder)) / f"dp-ledger-run{run_id}-client{partition_id}.json"
+
+
+def load_ledger(state: RecordDict, path: Path | None) -> Ledger | None:
+    """The ledger in the node state or, failing that (a restarted node), in its file. When
+    both exist the one with the longer history wins: a node never forgets spending."""
+    found = []
+    if STATE_KEY in state.config_records:
+        found.append(Ledger.from_json(str(state.config_records[STATE_KEY]["json"])))
+    if path is not None and path.exists():
+        found.append(Ledger.from_json(path.read_text()))
+    return max(found, key=lambda ledger: sum(n for *_, n in ledger.history), default=None)
+
+
+def save_ledger(ledger: Ledger, state: RecordDict, path: Path | None) -> None:
+    text = ledger.to_json()
+    state.config_records[STATE_KEY] = ConfigRecord({"json": text})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+# -- the statistics release (tabular tasks) ---------------------------------------------------------
+def privatize_stats(
+    stats: dict[str, list[float]], clip: float, noise_multiplier: float, seed: int
+) -> dict[str, list[float]]:
+    """Gaussian mechanism on one client's sufficient statistics (values already clipped to
+    [-clip, clip]): counts, sums / clip, sums of squares / clip^2 and the label histogram each
+    change by at most 1 per coordinate when a row is added or removed, so the L2 sensitivity of
+    the whole vector is sqrt(3 d + 1); every coordinate gets N(0, (sigma sqrt(3 d + 1))^2) in
+    those units. The server's combination post-processes (clamps) the noisy sums."""
+    d = len(stats["stats.count"])
+    scale = {"stats.count": 1.0, "stats.sum": clip, "stats.sumsq": clip**2, "stats.labels": 1.0}
+    std = noise_multiplier * math.sqrt(3 * d + 1)
+    rng = np.random.default_rng([int(seed) % (2**32), 0xD9])
+    out = {}
+    for key, values in stats.items():
+        v = np.asarray(values, dtype=np.float64)
+        out[key] = (v + rng.normal(0.0, std * scale[key], size=v.shape)).tolist()
+    return out
+
+
+# -- DP-SGD in the training loop --------------------------------------------------------------------
+class PrivateStep:
+    """A DPOptimizer's step with the sample-independent gradient terms (proximal, SCAFFOLD's
+    correction) added after clipping and noise, where they cost no privacy."""
+
+    def __init__(self, optimizer, model: nn.Module, after_noise: Sequence[TrainHook]) -> None:
+        self.optimizer, self.model, self.after_noise = optimizer, model, list(after_noise)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        if self.optimizer.pre_step():  # clip per sample, add noise, scale, account
+            for hook in self.after_noise:
+                hook.private_gradient(self.model)
+            self.optimizer.original_optimizer.step()
+
+
+class DPSGDHook(TrainHook):
+    """Opacus' DP-SGD around the local training loop; counts the steps it takes."""
+
+    privatizes = True
+
+    def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.seed = int(seed)
+        self.steps = 0
+        self.sample_rate = 0.0
+
+    def wrap(self, model: nn.Module, optimizer, loader, after_noise: Sequence[TrainHook]):
+        GradSampleModule = opacus().GradSampleModule
+        DPDataLoader = opacus("opacus.data_loader").DPDataLoader
+        DPOptimizer = opacus("opacus.optimizers").DPOptimizer
+        errors = opacus("opacus.validators").ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise PrivacyError(
+                f"the model cannot be trained with DP-SGD ({errors[0]}); use a model without "
+                "BatchNorm (GroupNorm instead)"
+            )
+        private_loader = DPDataLoader.from_data_loader(loader)  # Poisson, the loader's generator
+        self.sample_rate = 1.0 / len(loader)
+        self.gsm = GradSampleModule(model)
+        noise = torch.Generator(device="cpu").manual_seed(self.seed % (2**63))
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=loader.batch_size,
+            generator=noise if next(model.parameters()).device.type == "cpu" else None,
+        )
+        dp_optimizer.attach_step_hook(self._count)
+        return self.gsm, PrivateStep(dp_optimizer, model, after_noise), private_loader
+
+    def _count(self, optimizer) -> None:
+        self.steps += 1
+
+    def finish(self) -> None:
+        if hasattr(self, "gsm"):
+            self.gsm.cleanup()
+
+
+class SampleDP(ClientUnit):
+    """Sample-level DP-SGD as a client-side unit (stage "privacy", between the attack harness
+    and the strategy's part): plan, refuse over budget, train privately, account, report."""
+
+    stage = "privacy"
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return PrivacySpec.from_config(job.cfg.get("privacy")).sample_level
+
+    def before_train(self, job: TrainJob) -> None:
+        spec = PrivacySpec.from_config(job.cfg.get("privacy"))
+        self.path = ledger_file(job.node_config, job.run_id, job.partition_id)
+        ledger = load_ledger(job.state, self.path) or new_ledger(
+            spec, job.task, job.partition_id, job.node_config
+        )
+        n = job.data.num_train
+        if ledger.delta >= 1.0 / n:
+            raise PrivacyError(
+                f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{n} for client "
+                f"{job.partition_id}; lower privacy.delta"
+            )
+        steps_per_epoch = max(1, math.ceil(n / job.settings.batch_size))
+        if not ledger.noise_multiplier:
+            plan_dp_sgd(ledger, spec, job, steps_per_epoch)
+        this_round = [
+            (ledger.noise_multiplier, 1.0 / steps_per_epoch, job.settings.steps_per_round(n))
+        ]
+        after = ledger.epsilon(this_round)
+        if after > ledger.target_epsilon * (1 + 1e-9):
+            raise PrivacyBudgetExhausted(
+                f"client {job.partition_id} has spent epsilon={ledger.epsilon():.3f} of its "
+                f"{ledger.target_epsilon:g}; this round would take it to {after:.3f}, so it does "
+                "not train (raise privacy.participations or the target to let it)"
+            )
+        self.ledger = ledger
+        self.hook = DPSGDHook(ledger.noise_multiplier, spec.max_grad_norm, job.seed ^ 0xD95)
+        job.hooks.append(self.hook)
+        job.withheld.update(WITHHELD)
+
+    def after_train(self, job: TrainJob) -> None:
+        self.hook.finish()
+        ledger = self.ledger
+        if self.hook.steps:
+            ledger.history.append((ledger.noise_multiplier, self.hook.sample_rate, self.hook.steps))
+        save_ledger(ledger, job.state, self.path)
+        job.reply_metrics.update(
+            {
+                "dp_epsilon": ledger.epsilon(),
+                "dp_target_epsilon": ledger.target_epsilon,
+                "dp_noise_multiplier": ledger.noise_multiplier,
+                "dp_delta": ledger.delta,
+            }
+        )
+
+
+def new_ledger(spec: PrivacySpec, task, partition_id: int, node_config: Mapping) -> Ledger:
+    names = [str(partition_id), *task.natural_ids(partition_id)]
+    return Ledger(client_target(spec, names, node_config), spec.delta, spec.accountant)
+
+
+def private_stats(node, context) -> dict[str, list[float]]:
+    """This node's federated statistics: exact without privacy; under sample_dp clipped to
+    `stats_clip`, released through the Gaussian mechanism once, and accounted in its ledger."""
+    spec = PrivacySpec.from_config(node.cfg.get("privacy"))
+    if not spec.sample_level:
+        return node.task.client_stats(node.data)
+    path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
+    ledger = load_ledger(context.state, path) or new_ledger(
+        spec, node.task, node.partition_id, context.node_config
+    )
+    if any(q == 1.0 and n == 1 for _, q, n in ledger.history):
+        raise PrivacyBudgetExhausted(
+            f"client {node.partition_id} has released its statistics in this run already"
+        )
+    plan_stats(ledger, spec)
+    stats = node.task.client_stats(node.data, clip=spec.stats_clip)
+    seed = int(node.cfg.seed) * 1_000_003 + node.partition_id
+    noisy = privatize_stats(stats, spec.stats_clip, ledger.stats_noise_multiplier, seed)
+    ledger.history.append((ledger.stats_noise_multiplier, 1.0, 1))
+    save_ledger(ledger, context.state, path)
+    return noisy
+
+
+def plan_stats(ledger: Ledger, spec: PrivacySpec) -> None:
+    """Noise of the statistics release: a share of the target epsilon by itself."""
+    share = spec.stats_share * ledger.target_epsilon
+    ledger.stats_noise_multiplier = gaussian_noise_multiplier(
+        share, ledger.delta, ledger.accountant
+    )
+
+
+def plan_dp_sgd(ledger: Ledger, spec: PrivacySpec, job: TrainJob, steps_per_epoch: int) -> None:
+    """Calibrate DP-SGD's noise once for the whole planned run, after what was already spent."""
+    cfg = job.cfg
+    participations = spec.participations
+    if participations == "auto":
+        participations = planned_participations(
+            int(cfg.rounds), int(cfg.clients_per_round), job.task.num_partitions()
+        )
+    ledger.participations = int(participations)
+    ledger.sample_rate = 1.0 / steps_per_epoch
+    ledger.steps_per_round = job.settings.steps_per_round(job.data.num_train)
+    ledger.noise_multiplier = calibrate(
+        ledger.target_epsilon,
+        ledger.delta,
+        ledger.sample_rate,
+        ledger.steps_per_round * ledger.participations,
+        ledger.accountant,
+        prefix=ledger.history,
+    )
+
+
+# -- client-level (central) DP through Flower's wrappers ---------------------------------------------
+DP_WEIGHT = "dp-weight"  # every client's (equal) aggregation weight under central DP
+
+
+def central_dp_refusal(cls: type) -> str | None:
+    """Why strategy class `cls` cannot run under central DP (None: it can). Flower's DP
+    wrappers add noise of std z C / m to the *equally weighted* average of m clipped updates;
+    that is only the stated guarantee when the strategy's aggregate is that average."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies.base import FedappStrategyMixin
+
+    name = cls.__name__
+    if cls.start is not FedappStrategyMixin.start:
+        return f"{name} schedules its own rounds (event-driven); the per-round release is not fixed"
+    if cls.extra_array_records:
+        return f"{name} sends more than the model ({list(cls.extra_array_records)}), which would not be clipped"
+    if cls.aggregate_accepted is not FedappStrategyMixin.aggregate_accepted:
+        return (
+            f"{name} aggregates with its own rule (data-dependent weights or statistics), so one "
+            "client's influence is not bounded by clipping_norm / clients per round"
+        )
+    resolved = next(
+        c for c in cls.__mro__ if "aggregate_train" in c.__dict__ and c is not FedappStrategyMixin
+    )
+    if resolved is not FedAvg and not issubclass(FedAvg, resolved):
+        return f"{name} uses {resolved.__name__}'s aggregation, not FedAvg's average"
+    return None
+
+
+def check_combination(cfg: DictConfig) -> None:
+    """Refuse, before any work, a privacy mode the configured strategy cannot honour."""
+    spec = PrivacySpec.from_config(cfg.get("privacy"))
+    if spec.name != "central_dp":
+        return
+    from hydra.utils import get_class
+
+    why = central_dp_refusal(get_class(str(cfg.strategy._target_)))
+    if why:
+        raise PrivacyError(
+            f"privacy=central_dp cannot be combined with strategy={cfg.strategy.name}: {why}. "
+            "Use strategy=fedavg, fedprox or moon, or privacy=sample_dp."
+        )
+
+
+def with_privacy(strategy, cfg: DictConfig, num_sampled: int):
+    """The strategy as the run's privacy mode needs it: unchanged, or (central_dp) inside
+    Flower's fixed-clipping DP wrapper. Refused combinations raise PrivacyError."""
+    spec = PrivacySpec.from_config(cfg.get("privacy"))
+    if spec.name != "central_dp":
+        return strategy
+    check_combination(cfg)
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    base = (
+        DifferentialPrivacyServerSideFixedClipping
+        if spec.clipping == "server"
+        else DifferentialPrivacyClientSideFixedClipping
+    )
+    wrapper = type(f"CentralDP{base.__name__[len('DifferentialPrivacy') :]}", (CentralDP, base), {})
+    strategy.weighted_by_key = DP_WEIGHT
+    return wrapper(strategy, spec.noise_multiplier, spec.clipping_norm, num_sampled, spec=spec)
+
+
+class CentralDP:
+    """fedapp's round loop, records and accounting around one of Flower's fixed-clipping DP
+    wrappers (mixed in front of it). Flower's own accountant requires the unmodified
+    `FedAvg.aggregate_train`, which fedapp's screening replaces; the same Gaussian releases
+    are accounted here with Opacus' RDP/PRV accountant: each aggregated round is one Gaussian
+    mechanism with noise multiplier z on the average (sensitivity clipping_norm / m for
+    add/remove one client, m fixed), composed without amplification by client sampling."""
+
+    def __init__(self, strategy, noise_multiplier, clipping_norm, num_sampled, *, spec) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled)
+        self.spec = spec
+        self.releases = 0
+
+    def __getattr__(self, name: str):  # everything fedapp asks of a strategy: the inner one
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def bind(self, *args, **kwargs) -> None:
+        self.strategy.bind(*args, **kwargs)
+        # the noise is calibrated to m clients: a round with fewer accepted updates (a larger
+        # sensitivity) releases nothing
+        self.strategy.min_replies = max(self.strategy.min_replies, self.num_sampled_clients)
+
+    def privacy_epsilon(self, releases: int | None = None) -> float:
+        n = self.releases if releases is None else releases
+        history = [(self.noise_multiplier, 1.0, n)] if n else []
+        return epsilon_of(history, self.spec.delta, self.spec.accountant)
+
+    def stop_for_budget(self, grid) -> bool:
+        if self.privacy_epsilon(self.releases + 1) > self.spec.target_epsilon:
+            from flwr.common import log
+
+            log(
+                logging.INFO,
+                "[fedapp] central DP: another round would spend epsilon=%.3f > %g; stopping",
+                self.privacy_epsilon(self.releases + 1),
+                self.spec.target_epsilon,
+            )
+            return True
+        return self.strategy.stop_for_budget(grid)
+
+    def start(self, grid, initial_arrays, *args, **kwargs):
+        from strategies.base import FedappStrategyMixin
+
+        return FedappStrategyMixin.start(self, grid, initial_arrays, *args, **kwargs)
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            self.releases += 1
+            rec = self.strategy.round_log(server_round)
+            accepted = list(rec.accepted("train").values())
+            for client in accepted:
+                client.weight = 1.0 / len(accepted)
+        return arrays, metrics
+
+
+class CentralDPClient(ClientUnit):
+    """Under central DP a client reports an equal aggregation weight (`dp-weight`)."""
+
+    stage = "privacy"
+
+    @classmethod
+    def wanted(cls, job: TrainJob) -> bool:
+        return PrivacySpec.from_config(job.cfg.get("privacy")).name == "central_dp"
+
+    def after_train(self, job: TrainJob) -> None:
+        job.reply_metrics[DP_WEIGHT] = 1
+
+
+def central_clipping_mod(msg, context, call_next):
+    """Flower's `fixedclipping_mod`, for training messages that ask for it (central DP with
+    client-side clipping sends `clipping_norm`); every other message passes through."""
+    config = msg.content.config_records.get("config")
+    if config is None or "clipping_norm" not in config:
+        return call_next(msg, context)
+    from flwr.clientapp.mod import fixedclipping_mod
+
+    return fixedclipping_mod(msg, context, call_next)
