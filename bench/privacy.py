@@ -165,9 +165,7 @@ def summarize(args, jobs) -> dict:
                 recs = {s: r for s, r in recs.items() if r is not None}
                 if not recs:
                     continue
-                drop = [
-                    base[s]["metric"] - r["metric"] for s, r in recs.items() if base.get(s)
-                ]
+                drop = [base[s]["metric"] - r["metric"] for s, r in recs.items() if base.get(s)]
                 slow = [r["train_s"] / base[s]["train_s"] for s, r in recs.items() if base.get(s)]
                 cells.append(
                     {

@@ -18,9 +18,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
 from fedapp.node import client_seed, load_node, round_prep
 from fedapp.privacy import central_clipping_mod, private_stats
+from fedapp.secure import secure_mod
 from fedapp.units import TrainJob, compose_units, run_units
 from tasks.training import TrainSettings
 
@@ -53,7 +55,7 @@ def _job(msg: Message, context: Context) -> TrainJob:
     )
 
 
-@app.train(mods=[device_emulation_mod, central_clipping_mod])
+@app.train(mods=[device_emulation_mod, secure_mod, compression_mod, central_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     run_units(job, compose_units(job))
@@ -73,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=[secure_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     node = load_node(context)
     data = node.data

@@ -113,6 +113,10 @@ def validate(cfg: DictConfig) -> None:
         from fedapp.privacy import check_combination
 
         check_combination(cfg)
+    if cfg.get("secure") is not None:
+        from fedapp.secure import check_combination as check_secure
+
+        check_secure(cfg)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -129,6 +133,20 @@ def run_config_values(overrides: Sequence[str], output_dir: Path, data_dir: Path
         "output-dir": str(output_dir),
         "data-dir": str(data_dir),
     }
+
+
+def with_keys(cfg: DictConfig, overrides: list[str], out: Path) -> tuple[DictConfig, list[str]]:
+    """Under secure=ckks without a key folder, make the federation's keys in `<out>/keys`
+    (what `fedapp-keys` does) and point the run at them."""
+    secure = cfg.get("secure")
+    if secure is None or secure.get("name") != "ckks" or secure.get("key_dir"):
+        return cfg, overrides
+    from fedapp.secure import SecureSpec, create_keys
+
+    keys = out / "keys"
+    create_keys(keys, SecureSpec.from_config(secure))
+    overrides = [*overrides, f"secure.key_dir={keys}"]
+    return compose(overrides), overrides
 
 
 def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:

@@ -39,6 +39,7 @@ from fedapp.config import (
     resolve_data_dir,
     resolve_output_dir,
     run_config_values,
+    with_keys,
 )
 from fedapp.flower_compat import SUPERLINK_NODE_ID, ErrorCode, set_message_id, set_task_identity
 from tasks.base import DataError
@@ -118,6 +119,7 @@ def run_inline(
     cfg = compose(ovr)
     data_dir = resolve_data_dir(cfg)
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
+    cfg, ovr = with_keys(cfg, ovr, out)
     run_config = run_config_values(ovr, out, data_dir)
     n = get_task(cfg, data_dir).num_partitions()
     contexts = {

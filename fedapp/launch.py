@@ -36,6 +36,7 @@ from fedapp.config import (
     resolve_data_dir,
     resolve_output_dir,
     run_config_values,
+    with_keys,
 )
 
 CONNECTION = "fedapp"
@@ -271,6 +272,7 @@ def run_simulation(
 
     num_clients = get_task(cfg, data_dir).num_partitions()
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
+    cfg, ovr = with_keys(cfg, ovr, out)
     print(
         f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}",
         flush=True,

@@ -197,6 +197,13 @@ def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
 
 # -- accounting (pure functions over Opacus accountants) --------------------------------------------
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), Opacus' format
+# RDP orders: Opacus' defaults (up to 63) plus larger ones, without which a small epsilon of a
+# single strongly noised release (the statistics at epsilon 0.1) cannot be certified at all
+RDP_ORDERS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + [2.0**k for k in np.arange(6, 12.25, 0.25)]
+)
 
 
 def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
@@ -207,6 +214,8 @@ def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
+        if accountant == "rdp":
+            return float(acc.get_epsilon(delta=delta, alphas=RDP_ORDERS))
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -541,10 +550,7 @@ def central_dp_refusal(cls: type) -> str | None:
     if cls.extra_array_records:
         return f"{name} sends more than the model ({list(cls.extra_array_records)}), which would not be clipped"
     if cls.aggregate_accepted is not FedappStrategyMixin.aggregate_accepted:
-        return (
-            f"{name} aggregates with its own rule (data-dependent weights or statistics), so one "
-            "client's influence is not bounded by clipping_norm / clients per round"
-        )
+        return f"{name} aggregates with its own rule (data-dependent weights or statistics of the updates)"
     resolved = next(
         c for c in cls.__mro__ if "aggregate_train" in c.__dict__ and c is not FedappStrategyMixin
     )
@@ -560,10 +566,17 @@ def check_combination(cfg: DictConfig) -> None:
         return
     from hydra.utils import get_class
 
+    compression = cfg.get("compression")
+    if compression is not None and compression.get("name", "none") != "none":
+        raise PrivacyError(
+            "privacy=central_dp cannot be combined with compression: Flower's wrapper clips "
+            "the updates as sent, which would be the encoded ones; use compression=none"
+        )
     why = central_dp_refusal(get_class(str(cfg.strategy._target_)))
     if why:
         raise PrivacyError(
-            f"privacy=central_dp cannot be combined with strategy={cfg.strategy.name}: {why}. "
+            f"privacy=central_dp cannot be combined with strategy={cfg.strategy.name}: {why}; "
+            "the noise is calibrated to an equally weighted average of clipped updates. "
             "Use strategy=fedavg, fedprox or moon, or privacy=sample_dp."
         )
 

@@ -137,10 +137,22 @@ class Recorder:
             write_json_atomic(self.out_dir / "preprocessing.json", self.prep)
 
     # Flower calls this after every round (and once before round 1 with round 0).
+    # Under encrypted aggregation the designated evaluator decrypts (fedapp.secure.Evaluator).
+    evaluator: Any = None
+
+    def plaintext(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The global model in the clear (None: encrypted and no evaluator key here)."""
+        if arrays is None or self.evaluator is None:
+            return arrays
+        return self.evaluator.plaintext(arrays)
+
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = self.task.make_model()
-        model.load_state_dict(arrays.to_torch_state_dict())
-        test = self.task.evaluate(model, self.test_set, self.prep)
+        arrays = self.plaintext(arrays)
+        test: dict[str, Any] = dict.fromkeys(("loss", "accuracy"))
+        if arrays is not None:
+            model = self.task.make_model()
+            model.load_state_dict(arrays.to_torch_state_dict())
+            test = self.task.evaluate(model, self.test_set, self.prep)
         now = time.perf_counter()
         rec = self.strategy.rounds.get(server_round) if server_round > 0 else None
         rec = rec or RoundRecord()
@@ -174,7 +186,8 @@ class Recorder:
             row["aggregation"] = rec.aggregation
         self.t_last = now
         self.rounds.append(row)
-        self._checkpoint(server_round, arrays, row)
+        if arrays is not None:
+            self._checkpoint(server_round, arrays, row)
         self._write()
         log(
             INFO,
@@ -234,6 +247,7 @@ class Recorder:
 
     def finish(self, final_arrays: ArrayRecord | None, status: str = "completed") -> dict[str, Any]:
         """Write the final model, plots and the `final` section; return the results dict."""
+        final_arrays = self.plaintext(final_arrays)
         if final_arrays is not None and bool(self.cfg.get("checkpoint", True)):
             torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
         self.meta["status"] = status

@@ -17,10 +17,12 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from fedapp.attacks import AttackSpec, attacker_partitions
+from fedapp.compression import CompressionSpec
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.privacy import with_privacy
 from fedapp.recorder import Recorder
+from fedapp.secure import designated_evaluator, secure_meta, server_aggregator
 from strategies import build_strategy
 from tasks import Task, get_task
 from tasks.training import TrainSettings
@@ -241,6 +243,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     log(INFO, "[fedapp] %d clients connected", len(node_partitions))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
+    strategy.compression = CompressionSpec.from_config(cfg.get("compression"))
+    strategy.secure = server_aggregator(cfg)
     strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
@@ -267,7 +271,11 @@ def main(grid: Grid, context: Context) -> None:
         meta["preprocessing"] = {
             k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
         }
+    if strategy.secure is not None:
+        meta["secure"] = secure_meta(cfg)
     recorder = Recorder(out_dir, cfg, task, strategy, meta, test_set, prep=prep, clock=clock)
+    if strategy.secure is not None:
+        recorder.evaluator = designated_evaluator(cfg, task)
     settings = TrainSettings(
         local_epochs=int(cfg.train.local_epochs),
         max_steps=int(cfg.train.max_steps),

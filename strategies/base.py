@@ -40,7 +40,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
+from fedapp.compression import CompressionError, CompressionSpec, decode_reply, downlink
 from fedapp.flower_compat import aggregate_metricrecords
+from fedapp.secure import CT, CT_DELTA, SecureAggregator
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from tasks.metrics import confusion_metrics
 
@@ -191,6 +193,8 @@ class FedappStrategyMixin:
 
     seed: int = 0
     min_replies: int = 1
+    compression: CompressionSpec = CompressionSpec()  # the run's update codec (fedapp.compression)
+    secure: SecureAggregator | None = None  # encrypted aggregation (fedapp.secure), public key only
     sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
     # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
     # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
@@ -218,6 +222,9 @@ class FedappStrategyMixin:
         self.rounds: dict[int, RoundRecord] = {}
         self._global_arrays: ArrayRecord | None = None
         self._round = 0
+        # the model a reply's update is relative to, by the message it answers (event-driven
+        # strategies; synchronous rounds use the round's global model)
+        self.reply_base: dict[str, ArrayRecord] = {}
 
     def bind_server_validation(self, loss_fn: Any) -> None:
         self.server_loss = loss_fn
@@ -296,6 +303,8 @@ class FedappStrategyMixin:
     ) -> Iterable[Message]:
         self._round, self._global_arrays = server_round, arrays
         extra = self.round_config(server_round, config)
+        if self.secure is not None and self.secure.fednova_momentum is not None:
+            extra["ckks-fednova"] = 1  # clients also encrypt their change per effective step
         config = ConfigRecord({**dict(config), **extra, "server-round": server_round})
         return self._messages(server_round, arrays, config, grid, MessageType.TRAIN)
 
@@ -339,6 +348,8 @@ class FedappStrategyMixin:
             rec.expected, rec.dispatched = chosen, len(chosen)
         else:
             rec.evaluated = chosen
+        if train:  # what travels: the model as the downlink codec sends it
+            arrays = downlink(arrays, self.compression)
         rec.bytes_down += arrays.count_bytes() * len(chosen)
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [
@@ -353,6 +364,11 @@ class FedappStrategyMixin:
         arrays = reply_arrays(msg)
         if arrays is not None:
             rec.bytes_up += arrays.count_bytes()
+        if self.secure is not None:  # ciphertexts: only their form can be checked here
+            need = [CT] + ([CT_DELTA] if self.secure.fednova_momentum is not None else [])
+            if arrays is None or any(k not in arrays or arrays[k].dtype != "uint8" for k in need):
+                return f"rejected: an encrypted reply must carry {need} (uint8 ciphertexts)"
+            return None
         extra = set(content.array_records) - {"arrays", *self.extra_array_records}
         if arrays is None or (len(content.array_records) > 1 and extra):
             return "rejected: reply must carry exactly one model ArrayRecord"
@@ -363,6 +379,13 @@ class FedappStrategyMixin:
             if not arrays_are_finite(content.array_records[name]):
                 return f"rejected: non-finite values in {name}"
             rec.bytes_up += content.array_records[name].count_bytes()
+        if self.compression.active:  # an encoded update: decode it onto the model it left from
+            base = self.reply_base.pop(msg.metadata.reply_to_message_id, self._global_arrays)
+            try:
+                arrays = decode_reply(arrays, self.compression, base)
+            except CompressionError as err:
+                return f"rejected: {err}"
+            content["arrays"] = arrays
         if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):
             return "rejected: arrays do not match the global model's layout"
         if not arrays_are_finite(arrays):
@@ -446,11 +469,26 @@ class FedappStrategyMixin:
                 self.min_replies,
             )
             return None, None
+        if self.secure is not None:
+            return self._aggregate_encrypted(rec, accepted)
         self._log_weights(rec, accepted)
         arrays, metrics = self.aggregate_accepted(server_round, accepted)
         arrays = self.finite_or_none(server_round, arrays)
         rec.aggregated = arrays is not None
         rec.train_metrics = dict(metrics) if metrics is not None else {}
+        return arrays, metrics
+
+    def _aggregate_encrypted(self, rec: RoundRecord, accepted: list[Message]):
+        """Encrypted aggregation: ciphertexts weighted by n_k / sum n and added (FedNova's rule
+        when the strategy is FedNova); the server never decrypts (fedapp.secure)."""
+        n = np.array([num_examples(m) for m in accepted])
+        weights = (n / n.sum()).tolist()
+        steps = [float(reply_metrics(m).get("train_steps", 0.0)) for m in accepted]
+        arrays = self.secure.aggregate(accepted, weights, steps)
+        self.set_weights(rec, accepted, weights)
+        metrics = aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
+        rec.aggregated = True
+        rec.train_metrics = dict(metrics)
         return arrays, metrics
 
     def aggregate_accepted(

@@ -33,6 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
+from fedapp.compression import downlink
 from strategies.base import FedappStrategyMixin, reply_metrics
 
 PROBE = f"{MessageType.QUERY}.probe"
@@ -297,7 +298,8 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         cfg = {**dict(self._train_config), "server-round": send.round}
         if send.steps is not None:
             cfg["max-steps"] = send.steps
-        content = RecordDict({"arrays": self._arrays, "config": ConfigRecord(cfg)})
+        sent = downlink(self._arrays, self.compression)
+        content = RecordDict({"arrays": sent, "config": ConfigRecord(cfg)})
         msg = Message(
             content=content,
             message_type=MessageType.TRAIN,
@@ -306,8 +308,10 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         (mid,) = grid.submit([msg])
         self._tickets[mid] = send.ticket
         self._partition[send.ticket] = send.partition_id
+        if self.compression.active:
+            self.reply_base[mid] = self._arrays
         rec = self.round_log(send.round)
-        rec.bytes_down += self._arrays.count_bytes()
+        rec.bytes_down += sent.count_bytes()
         rec.dispatched += 1
 
     # -- probes and heartbeats ------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Compressed updates (fedapp/compression.py) and encrypted aggregation (fedapp/secure.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from fedapp.compression import (
+    CompressionSpec,
+    decode,
+    decode_int8,
+    encode,
+    encode_int8,
+    topk,
+)
+from fedapp.config import ConfigError, compose
+from fedapp.inline import run_inline
+from fedapp.secure import (
+    PUBLIC,
+    SECRET,
+    SecureSpec,
+    create_keys,
+    decrypt,
+    encrypt,
+    load_context,
+    weighted_sum,
+)
+
+floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+vectors = hnp.arrays(np.float32, st.integers(1, 700), elements=floats)
+
+
+# -- codecs ------------------------------------------------------------------------------------------
+@settings(max_examples=50, deadline=None)
+@given(v=vectors)
+def test_fp16_round_trip_is_within_half_precision(v):
+    spec = CompressionSpec("fp16")
+    enc, _ = encode({"w": v}, spec, {})
+    back = decode(enc, spec, {"w": v})["w"]
+    assert enc["w"].dtype == np.float16 and back.dtype == np.float32
+    np.testing.assert_allclose(back, v, rtol=2**-11, atol=1e-4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(v=vectors, block=st.sampled_from([1, 7, 64, 256]))
+def test_int8_error_is_at_most_half_a_step_of_its_block(v, block):
+    q, scales = encode_int8(v, block)
+    assert q.dtype == np.int8 and len(scales) == -(-len(v) // block)
+    back = decode_int8(q, scales, block)
+    step = np.repeat(scales, block)[: len(v)]
+    assert np.all(np.abs(back - v) <= step / 2 + 1e-6 * np.abs(v) + 1e-30)
+
+
+@settings(max_examples=50, deadline=None)
+@given(v=vectors, ratio=st.sampled_from([0.01, 0.1, 0.5]), data=st.data())
+def test_topk_sends_the_largest_and_carries_exactly_the_rest(v, ratio, data):
+    spec = CompressionSpec("topk", ratio=ratio)
+    old = data.draw(hnp.arrays(np.float32, v.shape, elements=floats))
+    enc, residual = encode({"w": v}, spec, {"w": old})
+    sent = decode(enc, spec, {"w": v})["w"]
+    u = v + old
+    # what was sent and what is carried add up to exactly the update plus the old residual
+    np.testing.assert_array_equal(sent + residual["w"], u)
+    k = len(enc["w#idx"])
+    assert k == max(1, int(np.ceil(ratio * v.size)))
+    kept = np.abs(u.ravel()[enc["w#idx"]])
+    assert kept.min() >= np.abs(np.delete(u.ravel(), enc["w#idx"])).max(initial=0.0)
+    idx, _ = topk(u, ratio)
+    np.testing.assert_array_equal(idx, enc["w#idx"])
+
+
+def test_bad_compression_settings_are_refused():
+    with pytest.raises(ValueError, match="compression.ratio"):
+        CompressionSpec.from_config({"name": "topk", "ratio": 0})
+    with pytest.raises(ConfigError, match="secure=ckks cannot be combined"):
+        compose("secure=ckks compression=int8")
+
+
+CREDIT = (
+    "task=credit partition=iid partition.num_partitions=6 rounds=2 clients_per_round=4 "
+    "eval_clients_per_round=0 checkpoint=false train.local_epochs=1"
+)
+
+
+def _results(tmp_path, extra):
+    out = run_inline(f"{CREDIT} {extra}", tmp_path / extra.replace(" ", "_").replace("=", "-"))
+    return json.loads((out / "results.json").read_text())
+
+
+def test_byte_counts_are_the_encoded_sizes_and_learning_survives(tmp_path, data_dir):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from tasks import get_task
+
+    plain = _results(tmp_path, "compression=none")
+    task = get_task(compose(CREDIT), data_dir)
+    layout = {k: v.numpy() for k, v in task.make_model().state_dict().items()}
+    for name, extra in (("int8", "compression=int8"), ("topk", "compression=topk")):
+        res = _results(tmp_path, extra)
+        spec = CompressionSpec.from_config(compose(f"{CREDIT} {extra}").compression)
+        enc, _ = encode({k: np.ones_like(v) for k, v in layout.items()}, spec, {})
+        size = ArrayRecord({k: torch.as_tensor(v) for k, v in enc.items()}).count_bytes()
+        for r in res["rounds"][1:]:
+            assert r["bytes_up"] == r["num_replies"] * size, name
+            assert r["bytes_up"] < plain["rounds"][1]["bytes_up"]
+        if name == "int8":  # ~lossless
+            assert res["rounds"][-1]["test_roc_auc"] == pytest.approx(
+                plain["rounds"][-1]["test_roc_auc"], abs=0.005
+            )
+        assert res["rounds"][-1]["test_roc_auc"] > 0.65
+
+
+# -- CKKS --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keys")
+    create_keys(folder, SecureSpec(name="ckks"))
+    return load_context(folder / SECRET, need_secret=True), load_context(folder / PUBLIC, False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    data=st.data(),
+    k=st.integers(1, 5),
+    n=st.integers(1, 5000),
+)
+def test_encrypt_weight_sum_decrypt_is_the_weighted_sum(keys, data, k, n):
+    secret, public = keys
+    vs = [
+        data.draw(hnp.arrays(np.float64, n, elements=st.floats(-100, 100, allow_nan=False)))
+        for _ in range(k)
+    ]
+    w = data.draw(st.lists(st.floats(0.0, 1.0), min_size=k, max_size=k))
+    total = weighted_sum(public, [encrypt(secret, v) for v in vs], w)  # the server's side
+    expected = sum(wi * vi for wi, vi in zip(w, vs, strict=True))
+    np.testing.assert_allclose(decrypt(secret, total), expected, atol=1e-5)
+
+
+def test_the_servers_context_cannot_decrypt(keys):
+    secret, public = keys
+    assert secret.has_secret_key() and not public.has_secret_key()
+    blob = encrypt(secret, np.arange(10.0))
+    with pytest.raises(ValueError, match="secret"):
+        decrypt(public, blob)
+
+
+def test_strategies_that_need_plaintext_updates_are_refused():
+    for strategy in (
+        "trust",
+        "contribution",
+        "fedmedian",
+        "krum",
+        "scaffold",
+        "tiered",
+        "fedasync",
+    ):
+        with pytest.raises(
+            ConfigError, match=f"secure=ckks cannot be combined with strategy={strategy}"
+        ):
+            compose(f"secure=ckks strategy={strategy}")
+    for strategy in ("fedavg", "fedprox", "fednova", "moon"):
+        compose(f"secure=ckks strategy={strategy}")
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fednova"])
+def test_encrypted_runs_match_plain_ones(tmp_path, data_dir, strategy):
+    plain = _results(tmp_path, f"strategy={strategy}")
+    enc = _results(tmp_path, f"strategy={strategy} secure=ckks")
+    for p, e in zip(plain["rounds"], enc["rounds"], strict=True):
+        assert e["test_roc_auc"] == pytest.approx(p["test_roc_auc"], abs=1e-6)
+        assert e["test_loss"] == pytest.approx(p["test_loss"], abs=1e-5)
+    assert enc["meta"]["secure"]["server_key"].startswith("public context only")
+    assert enc["rounds"][1]["bytes_up"] > 10 * plain["rounds"][1]["bytes_up"]  # ciphertexts
