@@ -175,6 +175,7 @@ class Recorder:
             "aggregation_success": aggregation_success(rec, float(self.cfg.get("quorum", 0.0))),
             "wall_s": now - self.t_last,
             "elapsed_s": now - self.t_start,
+            "aggregate_s": rec.aggregate_s,
             "clients": [c.to_json() for c in rec.clients],
         }
         row.update(self._privacy(rec))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,15 +326,18 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
     if not spec.active or "arrays" not in msg.content.array_records:
         return call_next(msg, context)
     ctx = _client_context(context, spec)
+    t0 = time.perf_counter()
     layout = {k: v.detach().cpu().numpy() for k, v in node.task.make_model().state_dict().items()}
     received = msg.content["arrays"]
     if is_encrypted(received):
         values = unflatten(decrypt(ctx, received[CT].numpy()), layout)
         msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in values.items()})
     x = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    spent = time.perf_counter() - t0
     reply = call_next(msg, context)
     if reply.has_error() or "arrays" not in reply.content.array_records:
         return reply
+    t0 = time.perf_counter()
     y = {k: v.numpy() for k, v in reply.content["arrays"].items()}
     flat_y = flatten(y)
     if not np.all(np.isfinite(flat_y)):
@@ -347,6 +351,8 @@ def secure_mod(msg: Message, context: Context, call_next) -> Message:
         a = effective_steps(float(metrics["train_steps"]), float(config.get("momentum", 0.0)))
         out[CT_DELTA] = Array(encrypt(ctx, (flatten(x) - flat_y) / a))
     reply.content["arrays"] = ArrayRecord(out)
+    metrics = next(iter(reply.content.metric_records.values()))
+    metrics["crypto_s"] = spent + time.perf_counter() - t0  # decrypting and encrypting
     return reply
 
 

@@ -20,6 +20,7 @@ The aggregation rule proper is Flower's (`aggregate_accepted` calls the Flower s
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
@@ -189,6 +190,7 @@ class FedappStrategyMixin:
         "dp_epsilon",
         "dp_target_epsilon",
         "dp_noise_multiplier",
+        "crypto_s",
     )
 
     seed: int = 0
@@ -454,6 +456,15 @@ class FedappStrategyMixin:
 
     # -- aggregation -------------------------------------------------------------------------
     def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
+        try:
+            return self._aggregate_train(server_round, replies)
+        finally:
+            self.round_log(server_round).aggregate_s += time.perf_counter() - t0
+
+    def _aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.screen_replies(server_round, list(replies), "train")

@@ -77,6 +77,7 @@ class RoundRecord:
     clients: list[ClientRecord] = field(default_factory=list)
     schedule: dict[str, Any] = field(default_factory=dict)  # scheduling strategies' plan
     aggregation: dict[str, Any] = field(default_factory=dict)  # round-level choices (contribution)
+    aggregate_s: float = 0.0  # server seconds spent screening, decoding and aggregating updates
 
     def add_client(self, phase: str, partition_id: int, node_id: int) -> ClientRecord:
         rec = ClientRecord(phase, partition_id, node_id)
