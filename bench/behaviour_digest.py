@@ -87,9 +87,9 @@ JOBS: dict[str, str] = {
     "medical-trust-flip": f"{MEDICAL} strategy=trust attack=label_flip attack.fraction=0.25",
 }
 # Wall-clock numbers differ from run to run; everything else must not.
-VOLATILE_ROUND = {"wall_s", "elapsed_s"}
-VOLATILE_CLIENT = {"train_time_s"}
-VOLATILE_FINAL = {"total_wall_s", "mean_round_s", "wall_s", "elapsed_s"}
+VOLATILE_ROUND = {"wall_s", "elapsed_s", "aggregate_s"}
+VOLATILE_CLIENT = {"train_time_s", "crypto_s"}
+VOLATILE_FINAL = {"total_wall_s", "mean_round_s", "wall_s", "elapsed_s", "aggregate_s"}
 
 
 def digest_run(out: Path) -> dict:

@@ -18,9 +18,9 @@ def completed(path: Path, length: int, key: str = "round") -> dict | None:
         return None
     res = json.loads(path.read_text())
     steps = res.get("rounds") or res.get("epochs") or []
-    done = (
-        res.get("final") is not None
-        and (res.get("meta") or {}).get("status", "completed") == "completed"
+    done = res.get("final") is not None and (res.get("meta") or {}).get("status", "completed") in (
+        "completed",
+        "degraded",
     )
     return res if done and steps and steps[-1][key] == length else None
 

@@ -76,8 +76,10 @@ def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
         try:
             with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
                 cfg = hydra_compose(config_name="config", overrides=ovr)
-        except Exception as exc:  # Hydra's own errors are precise; add where they came from
-            raise ConfigError(f"Invalid overrides {ovr!r}: {exc}") from exc
+        except Exception as exc:  # Hydra's own errors are precise; say them on one line
+            text = str(exc).split("Config search path")[0].strip()
+            text = text.replace(":\n\t", ": ").replace("\n\t", ", ").replace("\n", " ")
+            raise ConfigError(f"{text} (overrides: {' '.join(ovr) or 'none'})") from exc
         finally:
             GlobalHydra.instance().clear()
     cfg = strip_hydra(cfg)
@@ -109,6 +111,33 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if int(cfg.train.local_epochs) < 1 and int(cfg.train.max_steps) < 1:
         raise ConfigError("set train.local_epochs >= 1 or train.max_steps >= 1")
+    if int(cfg.train.batch_size) < 1:
+        raise ConfigError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if not math.isfinite(float(cfg.train.lr)):
+        raise ConfigError(f"train.lr must be finite, got {cfg.train.lr}")
+    if int(cfg.train.max_steps) < 0 or int(cfg.train.local_epochs) < 0:
+        raise ConfigError("train.max_steps and train.local_epochs must be >= 0")
+    if int(cfg.seed) < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    _fraction(cfg, "quorum", 0.0, 1.0, low_open=False, high_open=False)
+    _fraction(cfg, "server_val_fraction", 0.0, 1.0, low_open=False)
+    if cfg.task.get("test_fraction") is not None:
+        _fraction(cfg, "task.test_fraction", 0.0, 1.0)
+    if cfg.task.get("client_val_fraction") is not None:
+        _fraction(cfg, "task.client_val_fraction", 0.0, 1.0, low_open=False)
+    part = cfg.partition
+    if part.name != "natural":
+        n = part.get("num_partitions")
+        if n is None or int(n) < 1:
+            raise ConfigError(
+                f"partition.num_partitions must be >= 1 for partition={part.name}, got {n}"
+            )
+    if part.name == "dirichlet":
+        alpha = float(part.get("alpha", 0))
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise ConfigError(
+                f"partition.alpha must be > 0 (smaller = more skewed), got {part.alpha}"
+            )
     if cfg.get("privacy") is not None:
         from fedapp.privacy import check_combination
 
@@ -117,6 +146,22 @@ def validate(cfg: DictConfig) -> None:
         from fedapp.secure import check_combination as check_secure
 
         check_secure(cfg)
+
+
+def _fraction(
+    cfg: DictConfig,
+    key: str,
+    low: float,
+    high: float,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> None:
+    value = float(OmegaConf.select(cfg, key) or 0.0)
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high):
+        lb, hb = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"{key} must be in {lb}{low:g}, {high:g}{hb}, got {value:g}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -34,10 +34,12 @@ from fedapp.launch import (
     exit_cleanly_on_sigterm,
     free_port,
     prepare_run,
+    report,
     run_status,
     stop_process_group,
     submit,
     superlink,
+    user_errors,
 )
 
 
@@ -121,8 +123,9 @@ def run_federation(
         for p in supernodes:
             stop_process_group(p)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    print(f"[fedapp] federation run {run_id}: {status}; results in {out}", flush=True)
-    return RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
+    outcome = RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
+    report(outcome)
+    return outcome
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,10 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
-    outcome = run_federation(args.nodes, args.overrides, args.output_dir, timeout=args.timeout)
-    return 0 if outcome.ok else 1
+    with user_errors(args.debug):
+        outcome = run_federation(args.nodes, args.overrides, args.output_dir, timeout=args.timeout)
+        return 0 if outcome.ok else 1
+    return 2
 
 
 if __name__ == "__main__":

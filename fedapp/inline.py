@@ -42,6 +42,7 @@ from fedapp.config import (
     with_keys,
 )
 from fedapp.flower_compat import SUPERLINK_NODE_ID, ErrorCode, set_message_id, set_task_identity
+from fedapp.server_app import RunFailed
 from tasks.base import DataError
 
 RUN_ID = 1
@@ -151,13 +152,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     args = parser.parse_args(argv)
     try:
-        run_inline(args.overrides, args.output_dir)
+        out = run_inline(args.overrides, args.output_dir)
     except (DataError, ConfigError) as err:  # the message says what to change
+        if args.debug:
+            raise
         print(f"fedapp: {err}", file=sys.stderr)
         return 2
-    return 0
+    except RunFailed as err:
+        print(f"fedapp: the run failed: {err}", file=sys.stderr)
+        return 1
+    return exit_code(out)
+
+
+def exit_code(out: Path) -> int:
+    """0 for a completed or degraded run (a degraded one is reported), 1 for a failed one."""
+    import json
+
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    if meta["status"] == "degraded":
+        print(f"fedapp: the run is degraded: {meta['status_detail']}", file=sys.stderr)
+    return 1 if meta["status"] == "failed" else 0
 
 
 if __name__ == "__main__":

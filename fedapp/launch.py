@@ -31,6 +31,7 @@ import psutil
 
 from fedapp.config import (
     PROJECT_ROOT,
+    ConfigError,
     compose,
     parse_overrides,
     resolve_data_dir,
@@ -44,14 +45,28 @@ CONNECTION = "fedapp"
 
 @dataclass
 class RunOutcome:
-    status: str  # "completed", "failed", ...
+    status: str  # Flower's final status of the run: "completed", "failed", "stopped", ...
     output_dir: Path
     returncode: int
     run_id: str | None
 
     @property
+    def run_status(self) -> str:
+        """fedapp's own status (results.json meta.status): completed, degraded or failed;
+        "unknown" when the run wrote no results."""
+        path = self.output_dir / "results.json"
+        if not path.exists():
+            return "unknown"
+        return str((json.loads(path.read_text()).get("meta") or {}).get("status", "unknown"))
+
+    @property
     def ok(self) -> bool:
-        return self.status == "completed" and self.returncode == 0
+        """Flower completed the run and it learned something (completed or degraded)."""
+        return (
+            self.status == "completed"
+            and self.returncode == 0
+            and self.run_status in ("completed", "degraded")
+        )
 
 
 def free_port() -> int:
@@ -286,14 +301,29 @@ def run_simulation(
     finally:
         if not keep_flwr_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
-    if status != "completed":
+    outcome = RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
+    report(outcome)
+    return outcome
+
+
+def report(outcome: RunOutcome) -> None:
+    """One line on how the run ended. Flower's `flwr run --stream` exits 0 even when the
+    ServerApp fails; the SuperLink's final status and results.json are what is checked."""
+    out = outcome.output_dir
+    if outcome.ok:
+        word = (
+            "done"
+            if outcome.run_status == "completed"
+            else "done, DEGRADED (see meta.status_detail)"
+        )
+        print(f"[fedapp] {word}: results in {out}", flush=True)
+    else:
         print(
-            f"[fedapp] run {run_id} ended with status '{status}' (exit code {rc}); logs: {out}/flwr_run.log, {out}/superlink.log",
+            f"[fedapp] run {outcome.run_id} ended with Flower status '{outcome.status}', fedapp "
+            f"status '{outcome.run_status}' (exit code {outcome.returncode}); logs: "
+            f"{out}/flwr_run.log, {out}/superlink.log",
             flush=True,
         )
-    else:
-        print(f"[fedapp] done: results in {out}", flush=True)
-    return RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,10 +339,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=None, help="stop streaming after this many seconds"
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
-    outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
-    return 0 if outcome.ok else 1
+    with user_errors(args.debug):
+        outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
+        return 0 if outcome.ok else 1
+    return 2
+
+
+@contextmanager
+def user_errors(debug: bool = False) -> Iterator[None]:
+    """Configuration and data errors end the command with their one-line message (exit 2):
+    they say what to change; a traceback only with --debug."""
+    from tasks import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError) as err:
+        if debug:
+            raise
+        print(f"fedapp: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

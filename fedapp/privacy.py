@@ -653,6 +653,7 @@ class CentralDP:
                 self.privacy_epsilon(self.releases + 1),
                 self.spec.target_epsilon,
             )
+            self.strategy.stop_reason = f"central DP budget: another round would spend epsilon > {self.spec.target_epsilon:g}"
             return True
         return self.strategy.stop_for_budget(grid)
 

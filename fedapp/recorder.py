@@ -246,12 +246,17 @@ class Recorder:
             if bool(self.cfg.get("checkpoint", True)):
                 torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
 
-    def finish(self, final_arrays: ArrayRecord | None, status: str = "completed") -> dict[str, Any]:
-        """Write the final model, plots and the `final` section; return the results dict."""
+    def finish(self, final_arrays: ArrayRecord | None, error: str | None = None) -> dict[str, Any]:
+        """Write the final model, plots and the `final` section with the run's honest status
+        (`run_status`); return the results dict."""
         final_arrays = self.plaintext(final_arrays)
         if final_arrays is not None and bool(self.cfg.get("checkpoint", True)):
             torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
+        status, detail = run_status(
+            self.rounds, int(self.cfg.rounds), error, getattr(self.strategy, "stop_reason", None)
+        )
         self.meta["status"] = status
+        self.meta["status_detail"] = detail
         results = self._write(final=True)
         try:  # e.g. the contribution ledger
             self.strategy.write_reports(self.out_dir)
@@ -301,6 +306,38 @@ class Recorder:
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
         _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
         return results
+
+
+def run_status(
+    rounds: list[dict[str, Any]], configured: int, error: str | None, stopped: str | None
+) -> tuple[str, dict[str, Any]]:
+    """(status, detail) of a run, from its rounds (results.json `meta.status`):
+
+    - `failed`: the run raised, no round made a new global model, or the final model's test
+      loss is not finite (it diverged);
+    - `degraded`: some rounds did not make a new model from at least `quorum` of their clients
+      (`rounds_below_quorum` lists them), or fewer rounds ran than configured without a
+      stated reason;
+    - `completed`: every round aggregated as configured (a stop at the simulated-time or
+      privacy budget is stated in `stopped_early`, not a degradation).
+    """
+    fed = [r for r in rounds if r["round"] > 0]
+    if error:
+        return "failed", {"error": error[:2000]}
+    if not any(r["aggregated"] for r in fed):
+        return "failed", {"reason": "no round aggregated a new global model"}
+    loss = rounds[-1].get("test_loss") if rounds else None
+    if loss is not None and not math.isfinite(loss):
+        return "failed", {"reason": "the final model's test loss is not finite: it diverged"}
+    detail: dict[str, Any] = {}
+    below = [r["round"] for r in fed if not r["aggregation_success"]]
+    if below:
+        detail["rounds_below_quorum"] = below
+    if stopped:
+        detail["stopped_early"] = stopped
+    elif len(fed) < configured:
+        detail["rounds_missing"] = configured - len(fed)
+    return ("degraded" if below or "rounds_missing" in detail else "completed"), detail
 
 
 def aggregation_success(rec: RoundRecord | None, quorum: float) -> bool:

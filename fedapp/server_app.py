@@ -24,10 +24,14 @@ from fedapp.privacy import with_privacy
 from fedapp.recorder import Recorder
 from fedapp.secure import designated_evaluator, secure_meta, server_aggregator
 from strategies import build_strategy
-from tasks import Task, get_task
+from tasks import DataError, Task, get_task
 from tasks.training import TrainSettings
 
 app = ServerApp()
+
+
+class RunFailed(RuntimeError):
+    """The run ended without learning anything usable (results.json meta.status = failed)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -103,12 +107,13 @@ def discover_nodes(
     return mapping
 
 
-def collect_stats(grid: Grid, node_ids: list[int], timeout: float) -> list[dict[str, list[float]]]:
-    """One QUERY to every client for the sufficient statistics of its training rows.
+def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -> list[dict]:
+    """One `query.stats` to every client for the sufficient statistics of its training rows.
 
     Only sums, sums of squares, counts and label histograms leave a client (never rows); the
-    server adds them up (`task.aggregate_stats`) for feature scaling, imputation and class
-    weights. A client that fails here is reported and left out of the statistics.
+    server screens each client's (`task.screen_stats`: shape, finite, plausible, as updates are)
+    and adds them up (`task.aggregate_stats`) for feature scaling, imputation and class weights.
+    A client that fails or sends unusable statistics is reported and left out of them.
     """
     msgs = [
         Message(RecordDict(), dst_node_id=nid, message_type=f"{MessageType.QUERY}.stats")
@@ -116,16 +121,22 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float) -> list[dict[
     ]
     stats = []
     for reply in grid.send_and_receive(msgs, timeout=timeout):
+        src = reply.metadata.src_node_id
         if reply.has_error():
-            log(
-                WARNING,
-                "node %d sent no statistics: %s",
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+            log(WARNING, "node %d sent no statistics: %s", src, reply.error.reason)
             continue
-        stats.append({k: list(v) for k, v in reply.content["metrics"].items()})
+        values = {k: list(v) for k, v in reply.content["metrics"].items()}
+        why = task.screen_stats(values)
+        if why:
+            log(WARNING, "node %d statistics rejected (left out): %s", src, why)
+            continue
+        stats.append(values)
     log(INFO, "[fedapp] preprocessing statistics from %d of %d clients", len(stats), len(node_ids))
+    if not stats:
+        raise DataError(
+            "no client sent usable preprocessing statistics (see the warnings above); the "
+            "features cannot be scaled"
+        )
     return stats
 
 
@@ -250,7 +261,7 @@ def main(grid: Grid, context: Context) -> None:
     prep: dict[str, list[float]] = {}
     if task.needs_stats:  # before the clock starts, as discovery
         prep = task.aggregate_stats(
-            collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s))
+            collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s), task)
         )
     clock, profiles = make_clock(grid, cfg, task, node_partitions)
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
@@ -285,7 +296,7 @@ def main(grid: Grid, context: Context) -> None:
         weight_decay=float(cfg.train.weight_decay),
         seed=int(cfg.seed),
     )
-    status, final = "failed", None
+    final, error = None, None
     try:
         result = strategy.start(
             grid=clock,
@@ -298,7 +309,15 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
         )
-        status, final = "completed", result.arrays
+        final = result.arrays
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        recorder.finish(final, status=status)
+        results = recorder.finish(final, error=error)
+        status = results["meta"]["status"]
         log(INFO, "[fedapp] %s: results in %s", status, out_dir)
+    if status == "failed":  # Flower then marks the run failed, and the launchers exit non-zero
+        raise RunFailed(
+            f"{results['meta']['status_detail'].get('reason')}; see {out_dir}/results.json"
+        )

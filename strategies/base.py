@@ -273,10 +273,13 @@ class FedappStrategyMixin:
                 evaluate_fn(rnd, arrays)
         return result
 
+    stop_reason: str | None = None  # why the run stopped before its configured rounds
+
     def stop_for_budget(self, grid: Grid) -> bool:
         if not self.over_budget(grid):
             return False
         log(INFO, "[fedapp] simulated-time budget of %.0fs spent; stopping", self.sim_time_budget_s)
+        self.stop_reason = f"simulated-time budget of {self.sim_time_budget_s:g} s spent"
         return True
 
     def evaluate_round(

@@ -153,6 +153,10 @@ class Task(ABC):
         differential privacy)."""
         return {}
 
+    def screen_stats(self, stats: dict[str, list[float]]) -> str | None:
+        """Why one client's statistics must be left out (None: they can be used)."""
+        return None
+
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
         """Combine clients' statistics into the preprocessing parameters (`prep.*` keys)."""
         return {}

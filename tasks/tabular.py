@@ -16,10 +16,11 @@ a value outside the vocabulary goes to an explicit "unknown" slot and is counted
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tasks.partitioning import make_partitioner
 from tasks.training import TrainSettings
 
 LABEL, ROW = "label", "row"
+NATURAL = "__natural_id__"  # the natural id, apart from any feature of the same name
 
 
 # ------------------------------------------------------------------------------------------
@@ -60,6 +62,11 @@ class Schema:
     zero_is_missing: list[str]
     missing_indicators: bool
     numeric_transform: str  # "none" | "signed_log"
+    negative: list[Any] = field(default_factory=list)  # label values of the negative class
+    encoding: str = "utf-8-sig"  # of the files (checked: undecodable bytes stop the load)
+    delimiter: str = ","
+    on_bad_rows: str = "error"  # error | skip (skipped rows are counted in the log)
+    max_abs: float = 1e12  # larger numbers are taken for corrupt cells
 
     @classmethod
     def from_config(cls, scfg: DictConfig) -> Schema:
@@ -80,6 +87,11 @@ class Schema:
             zero_is_missing=[str(x) for x in c.get("zero_is_missing") or []],
             missing_indicators=bool(c.get("missing_indicators", False)),
             numeric_transform=str(c.get("numeric_transform") or "none"),
+            negative=[canonical(v) for v in c.get("negative") or []],
+            encoding=str(c.get("encoding") or "utf-8-sig"),
+            delimiter=str(c.get("delimiter") or ","),
+            on_bad_rows=_choice(c.get("on_bad_rows") or "error", ("error", "skip"), "on_bad_rows"),
+            max_abs=float(c.get("max_abs") or 1e12),
         )
 
     def resolve_all_numeric(self, columns: list[str]) -> None:
@@ -93,6 +105,12 @@ class Schema:
         return [*self.numeric, *self.categorical]
 
 
+def _choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
+    if str(value) not in allowed:
+        raise DataError(f"schema.{key}={value}: use one of {', '.join(allowed)}")
+    return str(value)
+
+
 def canonical(value: Any) -> str:
     """Category text as compared with the vocabulary: '1.0', '1' and 1 are all '1'."""
     text = str(value).strip()
@@ -103,23 +121,71 @@ def canonical(value: Any) -> str:
     return str(int(number)) if number.is_integer() else text
 
 
-def read_file(path: Path, missing_tokens: list[str]) -> pd.DataFrame:
-    """Read a CSV (any line ending) or an ARFF file (optionally gzipped) as strings."""
+def decode_text(raw: bytes, path: Path, encoding: str) -> str:
+    """The file's text in `encoding`; undecodable bytes stop the load (never replaced)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: line {line} (byte {exc.start}) is not valid {encoding}: "
+            f"{raw[exc.start : exc.end + 8]!r}; set schema.encoding to the file's encoding "
+            "(e.g. latin-1 or cp1252)"
+        ) from exc
+    except LookupError as exc:
+        raise DataError(f"schema.encoding={encoding}: not an encoding Python knows") from exc
+
+
+def read_file(path: Path, schema: Schema) -> tuple[pd.DataFrame, dict[str, list[int]]]:
+    """Read a CSV or an ARFF file (optionally gzipped) as strings, with missing tokens as NaN.
+
+    Returns the frame and the file lines of rows with the wrong number of fields (short rows
+    would otherwise be filled with missing values without a word)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found (set FEDAPP_DATA_DIR or task.files[...].path)")
     name = path.name.lower().removesuffix(".gz")
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    text = raw.decode("utf-8-sig", errors="replace")
-    try:
-        if name.endswith(".arff"):
-            return _read_arff(text, path)
-        return pd.read_csv(
-            io.StringIO(text), dtype=str, keep_default_na=False, na_values=missing_tokens
-        )
-    except (pd.errors.ParserError, ValueError) as exc:
+    text = decode_text(raw, path, schema.encoding)
+    if name.endswith(".arff"):
+        try:
+            return _read_arff(text, path), {}
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise DataError(f"{path}: cannot parse as ARFF: {exc}") from exc
+    rows = list(csv.reader(io.StringIO(text, newline=None), delimiter=schema.delimiter))
+    lines = [i + 1 for i, r in enumerate(rows) if r]  # file line of each non-empty row
+    rows = [r for r in rows if r]
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    header = rows[0]
+    if len(header) == 1 and schema.delimiter == ",":
+        for sep in (";", "\t", "|"):
+            if sep in header[0]:
+                raise DataError(
+                    f"{path}: the header is one column {header[0][:60]!r}; the file seems to be "
+                    f"separated by {sep!r}: set schema.delimiter: {sep!r}"
+                )
+    wrong = [line for line, r in zip(lines[1:], rows[1:], strict=True) if len(r) != len(header)]
+    good = [(line, r) for line, r in zip(lines[1:], rows[1:], strict=True) if len(r) == len(header)]
+    df = pd.DataFrame([r for _, r in good], columns=header, dtype=object)
+    tokens = set(schema.missing_tokens)
+    df = df.map(lambda v: np.nan if v in tokens else v).astype(object)
+    df.attrs["lines"] = [line for line, _ in good]  # file line of each row, for messages
+    problems = {"wrong number of fields": wrong} if wrong else {}
+    return df, problems
+
+
+def handle_bad_rows(path: Path, schema: Schema, problems: dict[str, list[int]]) -> None:
+    """Stop with every problem named (schema.on_bad_rows: error), or log what is skipped."""
+    problems = {k: v for k, v in problems.items() if v}
+    if not problems:
+        return
+    what = "; ".join(f"{k}: {len(v)} rows, file lines {v[:8]}" for k, v in problems.items())
+    if schema.on_bad_rows == "error":
         raise DataError(
-            f"{path}: cannot parse as {'ARFF' if name.endswith('.arff') else 'CSV'}: {exc}"
-        ) from exc
+            f"{path}: {what}. Fix the file, or set schema.on_bad_rows: skip to leave those rows "
+            "out (they are counted in the log)"
+        )
+    log(WARNING, "[tabular] %s: skipping rows (schema.on_bad_rows=skip): %s", path, what)
 
 
 _ARFF_ATTRIBUTE = re.compile(r"""@attribute\s+(?:'([^']*)'|"([^"]*)"|(\S+))\s+""", re.IGNORECASE)
@@ -164,19 +230,31 @@ def load_frame(
     """Read, stack and validate the task's files.
 
     Returns the typed frame (schema columns + label) and the raw rows as read (strings), which
-    is what a node's own file holds when a partition is exported for a SuperNode.
+    is what a node's own file holds when a partition is exported for a SuperNode. Bad rows
+    (wrong number of fields, no or an unknown label, a blank natural id, a non-finite or absurd
+    number) stop the load with the file, lines and column named, or are skipped and counted
+    when `schema.on_bad_rows: skip`.
     """
     frames, raws = [], []
     for spec in files:
         path = Path(str(spec["path"])).expanduser()
         path = path if path.is_absolute() else data_dir / path
-        df = read_file(path, schema.missing_tokens)
+        df, problems = read_file(path, schema)
         for col, value in (spec.get("constants") or {}).items():
             df[col] = str(value)
         schema.resolve_all_numeric(list(df.columns))
         _validate_columns(df, schema, path)
-        frames.append(_typed(df, schema, path))
-        raws.append(df)
+        typed, bad = _typed(df, schema, path)
+        file_lines = df.attrs.get("lines") or list(range(2, len(df) + 2))
+        handle_bad_rows(
+            path,
+            schema,
+            {**problems, **{k: [file_lines[i] for i in v] for k, v in bad.items()}},
+        )
+        drop = sorted({i for rows in bad.values() for i in rows})
+        keep = ~np.isin(np.arange(len(typed)), drop)
+        frames.append(typed[keep].reset_index(drop=True))
+        raws.append(df[keep].reset_index(drop=True))
     frame = pd.concat(frames, ignore_index=True)
     if frame.empty:
         raise DataError(f"{[f['path'] for f in files]}: no rows")
@@ -196,18 +274,32 @@ def _validate_columns(df: pd.DataFrame, schema: Schema, path: Path) -> None:
         raise DataError(f"{path}: the file has a header but no rows")
 
 
-def _typed(df: pd.DataFrame, schema: Schema, path: Path) -> pd.DataFrame:
+def _typed(
+    df: pd.DataFrame, schema: Schema, path: Path
+) -> tuple[pd.DataFrame, dict[str, list[int]]]:
+    """The typed frame, and the positions of rows that must not be used silently, by reason."""
     out = pd.DataFrame(index=df.index)
+    bad: dict[str, list[int]] = {}
+
+    def lines(mask) -> list[int]:
+        return [int(i) for i in np.flatnonzero(np.asarray(mask))]
+
     for col in schema.numeric:
         raw = df[col]
         num = pd.to_numeric(raw, errors="coerce")
-        bad = raw.notna() & num.isna()
-        if bad.any():
-            examples = sorted(set(raw[bad].astype(str)))[:5]
+        wrong = raw.notna() & num.isna()
+        if wrong.any():
+            examples = sorted(set(raw[wrong].astype(str)))[:5]
             raise DataError(
-                f"{path}: column '{col}' must be numeric, found {int(bad.sum())} values like {examples}; "
+                f"{path}: column '{col}' must be numeric, found {int(wrong.sum())} values like {examples}; "
                 "declare it categorical or add the token to schema.missing_tokens"
             )
+        absurd = num.notna() & ~(num.abs() <= schema.max_abs)  # inf, -inf, 1e300
+        if absurd.any():
+            bad[
+                f"non-finite or absurd (|x| > schema.max_abs={schema.max_abs:g}) numbers in '{col}'"
+            ] = lines(absurd)
+            num = num.mask(absurd)
         if col in schema.zero_is_missing:
             num = num.mask(num == 0)
         if schema.numeric_transform == "signed_log":
@@ -221,13 +313,38 @@ def _typed(df: pd.DataFrame, schema: Schema, path: Path) -> pd.DataFrame:
         out[col] = [canonical(v) if isinstance(v, str) else "" for v in df[col]]
     labels = df[schema.label]
     if labels.isna().any():
-        raise DataError(
-            f"{path}: {int(labels.isna().sum())} rows have no label in '{schema.label}'"
-        )
-    out[LABEL] = [canonical(v) for v in labels]
+        bad[f"no label in '{schema.label}'"] = lines(labels.isna())
+    out[LABEL] = [canonical(v) if isinstance(v, str) else "" for v in labels]
+    unknown = _unknown_labels(out[LABEL], schema, path)
+    if unknown.any():
+        values = sorted(set(out[LABEL][unknown]))[:5]
+        bad[f"label values {values} outside schema.positive/negative"] = lines(unknown)
     if schema.natural_id:
-        out[schema.natural_id] = df[schema.natural_id].astype(str)
-    return out
+        ids = df[schema.natural_id]
+        blank = ids.isna() | (ids.astype(str).str.strip() == "")
+        if blank.any():
+            bad[f"blank natural id '{schema.natural_id}'"] = lines(blank)
+        out[NATURAL] = [str(v).strip() if isinstance(v, str) else "" for v in ids]
+    return out, bad
+
+
+def _unknown_labels(labels: pd.Series, schema: Schema, path: Path) -> np.ndarray:
+    """Rows whose label is neither positive nor negative. Without `schema.negative`, the one
+    value that is not positive is the negative class; several such values are an error (a
+    third label value must not be counted as negative without a word)."""
+    present = labels != ""
+    positive = set(schema.positive)
+    if schema.negative:
+        return np.asarray(present & ~labels.isin(positive | set(schema.negative)))
+    others = sorted(set(labels[present]) - positive)
+    if len(others) > 1:
+        counts = labels[labels.isin(others)].value_counts().to_dict()
+        raise DataError(
+            f"{path}: the label '{schema.label}' has values {counts} besides the positive "
+            f"{sorted(positive)}; list the negative one(s) in schema.negative (rows with other "
+            "values then stop the load, or are skipped with schema.on_bad_rows: skip)"
+        )
+    return np.zeros(len(labels), dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,7 +389,7 @@ def encode(frame: pd.DataFrame, schema: Schema, num_classes: int) -> tuple[Rows,
         raise DataError(
             "tabular tasks are binary; list the positive label values in schema.positive"
         )
-    positive = set(schema.positive)
+    positive = set(schema.positive)  # every other value is the negative class (checked on load)
     y = np.array([v in positive for v in frame[LABEL]], dtype=np.int64)
     return Rows(numeric, codes, y), unknown
 
@@ -291,6 +408,34 @@ def numeric_stats(
         "stats.sumsq": (xz**2).sum(axis=0).tolist(),
         "stats.labels": np.bincount(rows.y, minlength=num_classes).astype(float).tolist(),
     }
+
+
+def screen_stats(
+    stats: dict[str, list[float]], d: int, k: int, max_abs: float, noisy: bool = False
+) -> str | None:
+    """Why a client's sufficient statistics cannot be added up (None: they can), screened as
+    updates are: the keys and lengths of the schema, finite values, and (exact statistics)
+    non-negative whole counts, means within `max_abs` and non-negative variances. A rogue or
+    broken client's inf or 1e300 would otherwise make every global mean inf."""
+    shape = {"stats.count": d, "stats.sum": d, "stats.sumsq": d, "stats.labels": k}
+    if set(stats) != set(shape) or any(len(stats[key]) != n for key, n in shape.items()):
+        return f"statistics must be {shape} values, got { {k2: len(v) for k2, v in stats.items()} }"
+    values = {key: np.asarray(v, dtype=np.float64) for key, v in stats.items()}
+    if not all(np.all(np.isfinite(v)) for v in values.values()):
+        return "non-finite statistics"
+    if noisy:  # DP noise: anything finite is possible; the combination clamps
+        return None
+    count, labels = values["stats.count"], values["stats.labels"]
+    if np.any(count < 0) or np.any(labels < 0) or np.any(count != np.rint(count)):
+        return "counts must be non-negative whole numbers"
+    if labels.sum() < 1:
+        return "no training rows"
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(count > 0, values["stats.sum"] / count, 0.0)
+        var = np.where(count > 0, values["stats.sumsq"] / count - mean**2, 0.0)
+    if np.any(np.abs(mean) > max_abs) or np.any(var < -1e-6 * np.maximum(mean**2, 1.0)):
+        return f"means beyond schema.max_abs={max_abs:g} or negative variances"
+    return None
 
 
 def combine_stats(stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
@@ -427,14 +572,19 @@ class TabularTask(Task):
                 raise DataError(
                     f"task {self.name} declares no natural_id; use partition=iid or dirichlet"
                 )
+            n = self.cfg.partition.get("num_partitions")
+            if self.cfg.partition.name != "natural" and n and int(n) > len(self.train_idx):
+                raise DataError(
+                    f"partition.num_partitions={n} is more than the {len(self.train_idx)} "
+                    f"training rows of task {self.name}; use at most "
+                    f"{len(self.train_idx) // 10} (ten rows per client)"
+                )
             cols = {ROW: self.train_idx.tolist(), LABEL: self.rows.y[self.train_idx].tolist()}
             if self.schema.natural_id:
-                cols[self.schema.natural_id] = (
-                    self.frame[self.schema.natural_id].to_numpy()[self.train_idx].tolist()
-                )
+                cols[NATURAL] = self.frame[NATURAL].to_numpy()[self.train_idx].tolist()
             p = make_partitioner(
                 self.cfg.partition,
-                natural_id=self.schema.natural_id or ROW,
+                natural_id=NATURAL if self.schema.natural_id else ROW,
                 label=LABEL,
                 seed=self.seed,
             )
@@ -516,10 +666,17 @@ class TabularTask(Task):
         if not self.schema.natural_id or self.cfg.partition.name != "natural":
             return []
         rows = self.partition_rows(partition_id)
-        return sorted(set(self.frame[self.schema.natural_id].to_numpy()[rows].tolist()))
+        return sorted(set(self.frame[NATURAL].to_numpy()[rows].tolist()))
 
     def aggregate_stats(self, stats: list[dict[str, list[float]]]) -> dict[str, list[float]]:
         return combine_stats(stats)
+
+    def screen_stats(self, stats: dict[str, list[float]]) -> str | None:
+        privacy = self.cfg.get("privacy")
+        noisy = privacy is not None and privacy.get("name") == "sample_dp"
+        return screen_stats(
+            stats, len(self.schema.numeric), self.num_classes, self.schema.max_abs, noisy
+        )
 
     def majority_accuracy(
         self, prep: dict[str, list[float]] | None, test_labels: np.ndarray | None = None

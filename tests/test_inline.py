@@ -65,7 +65,13 @@ def test_fedavg_gives_attackers_their_share_and_trust_takes_it_away(tmp_path, da
     )
 
     def strip(r):
-        volatile = ("wall_s", "elapsed_s", "sim_time_s", "clients")  # wall-clock numbers
+        volatile = (
+            "wall_s",
+            "elapsed_s",
+            "sim_time_s",
+            "aggregate_s",
+            "clients",
+        )  # wall-clock numbers
         return {k: v for k, v in r.items() if k not in volatile}
 
     assert [strip(r) for r in again["rounds"]] == [strip(r) for r in trust["rounds"]]
@@ -141,3 +147,54 @@ def test_a_raising_client_leaves_its_node_state_as_it_was():
 
     assert send(True).has_error() and "x" not in context.state.array_records
     assert not send(False).has_error() and "x" in context.state.array_records
+
+
+def test_a_federation_that_learns_nothing_fails_with_a_nonzero_exit(tmp_path, data_dir):
+    from fedapp.inline import main
+
+    code = main(
+        [
+            *f"{MEDICAL} attack=crash attack.mode=nan attack.fraction=1.0".split(),
+            "--output-dir",
+            str(tmp_path / "nan"),
+        ]
+    )
+    res = json.loads((tmp_path / "nan" / "results.json").read_text())
+    assert code == 1 and res["meta"]["status"] == "failed"
+    assert "no round aggregated" in res["meta"]["status_detail"]["reason"]
+
+
+def test_rounds_below_quorum_make_a_degraded_run(tmp_path, data_dir):
+    from fedapp.inline import main
+
+    code = main(
+        [
+            *f"{MEDICAL} attack=crash attack.mode=exception attack.fraction=0.75 quorum=0.5".split(),
+            "--output-dir",
+            str(tmp_path / "deg"),
+        ]
+    )
+    res = json.loads((tmp_path / "deg" / "results.json").read_text())
+    assert code == 0 and res["meta"]["status"] == "degraded"
+    assert res["meta"]["status_detail"]["rounds_below_quorum"] == [1, 2]
+
+
+def test_run_status_rules():
+    from fedapp.recorder import run_status
+
+    def rnd(i, aggregated=True, success=True, loss=0.5):
+        return {
+            "round": i,
+            "aggregated": aggregated,
+            "aggregation_success": success,
+            "test_loss": loss,
+        }
+
+    assert run_status([rnd(0), rnd(1), rnd(2)], 2, None, None) == ("completed", {})
+    assert run_status([rnd(0), rnd(1), rnd(2, loss=float("nan"))], 2, None, None)[0] == "failed"
+    assert run_status([rnd(0), rnd(1, False, False)], 1, None, None)[0] == "failed"
+    assert run_status([rnd(0), rnd(1)], 1, "RuntimeError: x", None)[0] == "failed"
+    status, detail = run_status([rnd(0), rnd(1), rnd(2, True, False)], 2, None, None)
+    assert status == "degraded" and detail == {"rounds_below_quorum": [2]}
+    assert run_status([rnd(0), rnd(1)], 3, None, None) == ("degraded", {"rounds_missing": 2})
+    assert run_status([rnd(0), rnd(1)], 3, None, "budget")[0] == "completed"

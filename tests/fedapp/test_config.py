@@ -57,3 +57,37 @@ def test_output_dir_default_is_named_after_the_run(monkeypatch, tmp_path):
     assert out.parent == tmp_path and out.name.endswith("-femnist-fedprox-s3") and out.is_dir()
     explicit = resolve_output_dir(compose(), {"output-dir": str(tmp_path / "x")})
     assert explicit == (tmp_path / "x").resolve()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=inf", "train.lr"),
+        ("seed=-5", "seed"),
+        ("quorum=1.5", "quorum"),
+        ("server_val_fraction=1.0", "server_val_fraction"),
+        ("partition=dirichlet partition.alpha=0", "partition.alpha"),
+        ("partition=iid partition.num_partitions=0", "partition.num_partitions"),
+        ("task=credit task.test_fraction=1.5", "task.test_fraction"),
+        ("task=credit task.client_val_fraction=-0.1", "task.client_val_fraction"),
+    ],
+)
+def test_impossible_settings_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        compose(overrides)
+
+
+def test_a_config_typo_is_one_line_with_the_choices():
+    with pytest.raises(ConfigError) as err:
+        compose("strategy=fedavgg")
+    text = str(err.value)
+    assert "\n" not in text and "fedavgg" in text and "fedavg, fedavg_deadline" in text
+
+
+def test_launchers_print_setup_errors_in_one_line(capsys):
+    from fedapp.launch import main
+
+    assert main(["train.batch_size=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedapp: train.batch_size must be >= 1, got 0"]
