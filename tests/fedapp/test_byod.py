@@ -1,0 +1,115 @@
+"""Bringing one's own data: fedapp-schema on a generated table (leaky, ID-like and constant
+columns flagged), the YAML run from outside the repository, and fedapp-data against a mirror."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from fedapp.datasets import DATASETS, GITHUB, fetch, verify
+from fedapp.inline import run_inline
+from fedapp.schema import infer, main
+
+
+@pytest.fixture
+def table(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "loans.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh, delimiter=";")
+        w.writerow(["row", "branch", "income", "loan", "rate", "const", "decision", "status"])
+        for i in range(1200):
+            inc, loan = rng.lognormal(10, 0.5), rng.lognormal(11, 0.6)
+            y = rng.random() < 1 / (1 + np.exp(-2 * (np.log(loan) - np.log(inc) - 1)))
+            rate = "NA" if rng.random() < 0.05 else f"{rng.normal(5, 1):.2f}"
+            w.writerow(
+                [
+                    i + 1,
+                    rng.choice(list("ABCD")),
+                    f"{inc:.0f}",
+                    f"{loan:.0f}",
+                    rate,
+                    "x",
+                    "denied" if y else "approved",
+                    "bad" if y else "good",
+                ]
+            )
+    return path
+
+
+def test_the_schema_flags_leaks_ids_and_constants_and_says_why(table):
+    cfg, notes = infer(table, "status", positive="bad", natural_id="branch")
+    schema = cfg["schema"]
+    assert schema["delimiter"] == ";" and "NA" in schema["missing_tokens"]
+    assert schema["positive"] == ["bad"] and schema["negative"] == ["good"]
+    assert schema["numeric"] == ["income", "loan", "rate"]
+    assert set(schema["categorical"]["branch"]) == set("ABCD")
+    assert "leak" in schema["drop"]["decision"] and "ID-like" in schema["drop"]["row"]
+    assert schema["drop"]["const"] == "constant"
+    assert any("branch (4 values)" in n for n in notes)
+
+
+def test_the_written_yaml_runs_from_outside_the_repository(table, tmp_path, data_dir):
+    out = tmp_path / "mine" / "task" / "loans.yaml"
+    assert (
+        main(
+            [
+                str(table),
+                "--label",
+                "status",
+                "--positive",
+                "bad",
+                "--natural-id",
+                "branch",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert yaml.safe_load(out.read_text())["name"] == "loans"
+    res_dir = run_inline(
+        [
+            f"hydra.searchpath=[file://{tmp_path / 'mine'}]",
+            "task=loans",
+            "rounds=3",
+            "eval_clients_per_round=0",
+            "checkpoint=false",
+        ],
+        tmp_path / "run",
+    )
+    res = json.loads((res_dir / "results.json").read_text())
+    assert res["meta"]["status"] == "completed" and res["meta"]["num_clients"] == 4
+    assert res["rounds"][-1]["test_roc_auc"] > 0.7  # the signal is in income and loan
+
+
+def test_a_label_with_many_values_needs_the_positive_one(table, tmp_path):
+    with pytest.raises(SystemExit, match="--positive"):
+        infer(table, "branch")
+
+
+def test_fetch_checks_the_sha256_against_a_mirror(tmp_path, data_dir):
+    mirror = tmp_path / "mirror"
+    for name in ("credit", "bankruptcy"):
+        for f in DATASETS[name]:
+            target = mirror / f.source.removeprefix(GITHUB)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            raw = (data_dir / f.path).read_bytes()
+            target.write_bytes(gzip.decompress(raw) if f.gzip else raw)
+    out = tmp_path / "data"
+    fetch("credit", out, str(mirror))
+    fetch("bankruptcy", out, str(mirror))
+    assert all(line.startswith("ok") for line in verify(out, ["credit", "bankruptcy"]))
+    # a corrupted source is refused
+    shutil.copy(mirror / DATASETS["credit"][0].source.removeprefix(GITHUB), tmp_path / "x")
+    bad = mirror / DATASETS["credit"][0].source.removeprefix(GITHUB)
+    bad.write_bytes(bad.read_bytes()[:-10])
+    with pytest.raises(Exception, match="sha256"):
+        fetch("credit", tmp_path / "data2", str(mirror))
+    assert "MISSING" in verify(tmp_path / "empty", ["credit"])[0]
