@@ -1,5 +1,6 @@
 # Quick start:  make run   (set up .venv, run the default FEMNIST job)
-#               make test  (set up .venv, run the test suite)
+#               make test  (set up .venv, run the test suite without the slow and end-to-end runs)
+#               make test-all (everything, the end-to-end runs of real Flower processes included)
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
@@ -8,7 +9,7 @@ ARGS    ?=
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: setup run test lint centralized clean
+.PHONY: setup run test test-all lint centralized clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ centralized: setup
 	$(VENV)/bin/fedapp-centralized $(ARGS)
 
 test: setup
+	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
+
+test-all: setup
 	$(PY) -m pytest $(ARGS)
 
 lint: setup

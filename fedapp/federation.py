@@ -9,6 +9,11 @@
    authentication come later) and N `flower-supernode` processes, each with
    `--node-config 'partition-id=i num-partitions=N data-path="..."'`.
 3. Submits the app with `flwr run --stream`, checks the final status and stops every process.
+
+Under `secure=ckks` it splits the key material as a deployment must: the SuperNodes get
+`--node-config ckks-secret=<output>/keys/secret.ckks`, the ServerApp's `secure.key_dir` is
+`<output>/server_keys` with `public.ckks` only, so nobody on the server side can decrypt (and
+server-side test metrics stay empty; the clients' federated evaluation remains).
 """
 
 from __future__ import annotations
@@ -62,6 +67,26 @@ def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Pa
     return paths
 
 
+def split_keys(cfg, overrides: list[str], out: Path) -> tuple[list[str], Path | None]:
+    """secure=ckks: (overrides pointing the server at a folder with the public context only,
+    the secret context's path for the SuperNodes). Keys are made in `<out>/keys` unless
+    `secure.key_dir` names a folder from `fedapp-keys`."""
+    from fedapp.secure import PUBLIC, SECRET, SecureError, SecureSpec, create_keys
+
+    spec = SecureSpec.from_config(cfg.get("secure"))
+    if not spec.active:
+        return overrides, None
+    keys = Path(spec.key_dir) if spec.key_dir else out / "keys"
+    if not spec.key_dir:
+        create_keys(keys, spec)
+    if not (keys / SECRET).is_file() or not (keys / PUBLIC).is_file():
+        raise SecureError(f"{keys} must hold {SECRET} and {PUBLIC} (make them with fedapp-keys)")
+    server = out / "server_keys"
+    server.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(keys / PUBLIC, server / PUBLIC)
+    return [*overrides, f"secure.key_dir={server}"], keys / SECRET
+
+
 def run_federation(
     nodes: int,
     overrides: str | Sequence[str] | None = None,
@@ -69,6 +94,7 @@ def run_federation(
     *,
     app_dir: Path = PROJECT_ROOT,
     timeout: float | None = None,
+    verbose: bool = False,
 ) -> RunOutcome:
     ovr = parse_overrides(overrides)
     cfg = compose(ovr)
@@ -81,6 +107,8 @@ def run_federation(
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
     print(f"[fedapp] local federation: 1 SuperLink + {nodes} SuperNodes -> {out}", flush=True)
     node_files = export_node_data(ovr, nodes, out)
+    ovr, secret = split_keys(cfg, ovr, out)
+    cfg = compose(ovr)
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     supernodes: list[subprocess.Popen] = []
     try:
@@ -99,7 +127,8 @@ def run_federation(
                     "--isolation",
                     "subprocess",
                     "--node-config",
-                    f'partition-id={i} num-partitions={nodes} data-path="{path}"',
+                    f'partition-id={i} num-partitions={nodes} data-path="{path}"'
+                    + (f' ckks-secret="{secret}"' if secret else ""),
                 ]
                 log = open(out / "nodes" / f"node-{i}" / "supernode.log", "wb")  # noqa: SIM115
                 supernodes.append(
@@ -117,7 +146,7 @@ def run_federation(
                     raise RuntimeError(
                         f"SuperNode {i} exited with code {p.returncode}; see {out}/nodes/node-{i}/supernode.log"
                     )
-            rc, run_id = submit(app_dir, run_cfg, env, None, timeout, out / "flwr_run.log")
+            rc, run_id = submit(app_dir, run_cfg, env, None, timeout, out / "flwr_run.log", verbose)
             status = run_status(env, run_id)
     finally:
         for p in supernodes:
@@ -135,10 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
+    parser.add_argument(
+        "--verbose", action="store_true", help="echo every Flower log line, not only fedapp's"
+    )
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
     with user_errors(args.debug):
-        outcome = run_federation(args.nodes, args.overrides, args.output_dir, timeout=args.timeout)
+        outcome = run_federation(
+            args.nodes, args.overrides, args.output_dir, timeout=args.timeout, verbose=args.verbose
+        )
         return 0 if outcome.ok else 1
     return 2
 

@@ -203,6 +203,18 @@ def write_run_config(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
+def console_line(line: str, verbose: bool = False) -> str | None:
+    """What of one `flwr run --stream` line goes to the console: fedapp's progress lines
+    (without Flower's colour codes and level prefix) and errors; every line with `verbose`;
+    None for Flower's and Ray's other lines, which go to the log file only."""
+    if verbose:
+        return line
+    text = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if "[fedapp]" in text:
+        return text[text.index("[fedapp]") :]
+    return text if "ERROR" in text or "Traceback" in text else None
+
+
 def submit(
     app_dir: Path,
     run_config: Path,
@@ -210,8 +222,10 @@ def submit(
     federation_config: str | None,
     timeout: float | None,
     log_path: Path,
+    verbose: bool = False,
 ) -> tuple[int, str | None]:
-    """`flwr run --stream`, echoing its output and keeping a copy in `log_path`."""
+    """`flwr run --stream`: fedapp's progress lines to the console (everything with
+    `verbose`), every line to `log_path` as it comes."""
     cmd = [
         bin_path("flwr"),
         "run",
@@ -231,8 +245,12 @@ def submit(
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout if timeout else None
         for line in proc.stdout:
-            sys.stdout.write(line)
+            shown = console_line(line, verbose)
+            if shown is not None:
+                sys.stdout.write(shown)
+                sys.stdout.flush()
             logf.write(line)
+            logf.flush()  # live: `tail -f flwr_run.log` follows the run
             if run_id is None and (m := re.search(r"run (\d+)", line)):
                 run_id = m.group(1)
             if deadline and time.monotonic() > deadline:
@@ -278,6 +296,7 @@ def run_simulation(
     app_dir: Path = PROJECT_ROOT,
     timeout: float | None = None,
     keep_flwr_home: bool = False,
+    verbose: bool = False,
 ) -> RunOutcome:
     """Run one simulation of the composed config; return its final status and output folder."""
     ovr = parse_overrides(overrides)
@@ -296,7 +315,7 @@ def run_simulation(
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
     try:
         with superlink(flwr_home, out / "superlink.log", env):
-            rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log")
+            rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log", verbose)
             status = run_status(env, run_id)
     finally:
         if not keep_flwr_home:
@@ -340,10 +359,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--timeout", type=float, default=None, help="stop streaming after this many seconds"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="echo every Flower/Ray log line (default: fedapp's progress lines and errors; "
+        "everything is always in <output-dir>/flwr_run.log)",
+    )
     args = parser.parse_args(argv)
     exit_cleanly_on_sigterm()
     with user_errors(args.debug):
-        outcome = run_simulation(args.overrides, args.output_dir, timeout=args.timeout)
+        outcome = run_simulation(
+            args.overrides, args.output_dir, timeout=args.timeout, verbose=args.verbose
+        )
         return 0 if outcome.ok else 1
     return 2
 

@@ -572,10 +572,21 @@ def central_dp_refusal(cls: type) -> str | None:
 
 def check_combination(cfg: DictConfig) -> None:
     """Refuse, before any work, a privacy mode the configured strategy cannot honour."""
+    from hydra.utils import get_class
+
     spec = PrivacySpec.from_config(cfg.get("privacy"))
+    if spec.name == "sample_dp":
+        cls = get_class(str(cfg.strategy._target_))
+        needed = sorted(set(getattr(cls, "required_metrics", ())) & set(WITHHELD))
+        if needed:
+            raise PrivacyError(
+                f"privacy=sample_dp cannot be combined with strategy={cfg.strategy.name}: its "
+                f"aggregation needs each client's {', '.join(needed)}, a statistic of the "
+                "client's rows that DP-SGD does not cover, so sample_dp does not send it. "
+                "Use another strategy (e.g. fedavg or fedprox)."
+            )
     if spec.name != "central_dp":
         return
-    from hydra.utils import get_class
 
     compression = cfg.get("compression")
     if compression is not None and compression.get("name", "none") != "none":

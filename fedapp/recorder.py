@@ -192,20 +192,30 @@ class Recorder:
         self._write()
         log(
             INFO,
-            "[fedapp] round %d/%d  test_acc=%.4f  test_loss=%.4f  %sclient_acc=%s  replies=%d/%d  "
-            "sim_t=%.0fs  %.1fs",
+            "[fedapp] round %d/%d  test_acc=%s  test_loss=%s  %sclient_acc=%s  replies=%d/%d  "
+            "sim_t=%.0fs  %.1fs%s",
             server_round,
             int(self.cfg.rounds),
-            row["test_accuracy"],
-            row["test_loss"],
+            _fmt(row["test_accuracy"]),
+            _fmt(row["test_loss"]),
             _extra(row),
             _fmt(row["client_accuracy"]),
             row["num_replies"],
             row["num_sampled"],
             row["sim_time_s"],
             row["wall_s"],
+            self._eta(server_round),
         )
         return MetricRecord({k: float(v) for k, v in test.items() if isinstance(v, int | float)})
+
+    def _eta(self, server_round: int) -> str:
+        """Estimated time to the end of the run, from the mean round so far."""
+        left = int(self.cfg.rounds) - server_round
+        fed = [r["wall_s"] for r in self.rounds if r["round"] > 0]
+        if left <= 0 or not fed:
+            return ""
+        seconds = left * float(np.mean(fed))
+        return f"  eta {seconds / 60:.1f} min" if seconds >= 60 else f"  eta {seconds:.0f}s"
 
     def _privacy(self, rec: RoundRecord) -> dict[str, Any]:
         """dp_epsilon: the largest cumulative epsilon any client has spent so far (sample-level
@@ -358,7 +368,7 @@ def _extra(row: dict[str, Any]) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else "-"
+    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "-"
 
 
 def _yaml(cfg: DictConfig) -> str:

@@ -179,6 +179,9 @@ class FedappStrategyMixin:
     client_units: ClassVar[tuple[type, ...]] = ()
     # ArrayRecords besides the model that replies must carry (SCAFFOLD's control-variate change)
     extra_array_records: ClassVar[tuple[str, ...]] = ()
+    # Reply metrics the aggregation cannot do without (a privacy mode that withholds one of
+    # them is refused at start-up)
+    required_metrics: ClassVar[tuple[str, ...]] = ()
     # Keys of the client MetricRecord copied into the per-client record.
     logged_metrics: ClassVar[tuple[str, ...]] = (
         NUM_EXAMPLES,

@@ -244,7 +244,7 @@ def select_temperature(
 
 def contribution_scores(
     n: np.ndarray,
-    histograms: np.ndarray,
+    histograms: np.ndarray | None,
     loss_before: np.ndarray,
     loss_after: np.ndarray,
     updates: np.ndarray,
@@ -252,14 +252,16 @@ def contribution_scores(
     norm_high: float = 3.0,
     marginal: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every dimension of the module docstring for one round's clients (`marginal` only when
-    given: `leave_one_out` needs the server's validation loss)."""
+    """Every dimension of the module docstring for one round's clients (`diversity` only with
+    the clients' label histograms, `marginal` only when given: `leave_one_out` needs the
+    server's validation loss)."""
     norms = np.linalg.norm(updates, axis=1)
     med = float(np.median(norms))
     ratio = norms / med if med > 0 else np.ones_like(norms)
-    out = {
-        "volume": volume_scores(n),
-        "diversity": diversity_scores(histograms),
+    out = {"volume": volume_scores(n)}
+    if histograms is not None:
+        out["diversity"] = diversity_scores(histograms)
+    out |= {
         "gain": gain_scores(loss_before, loss_after),
         "norm": sanity_scores(ratio, norm_low, norm_high),
         "direction": direction_scores(updates, n),
@@ -447,13 +449,13 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         clients = [layers(reply_arrays(m), keys) for m in accepted]
         n = np.array([num_examples(m) for m in accepted])
         metrics = [reply_metrics(m) for m in accepted]
-        width = max((len(m.get("label-counts", [])) for m in metrics), default=0)
-        hist = np.array(
-            [
-                list(m["label-counts"]) if len(m.get("label-counts", [])) == width else [0] * width
-                for m in metrics
-            ],
-            dtype=np.float64,
+        counts = [list(m["label-counts"]) if "label-counts" in m else None for m in metrics]
+        width = max((len(c) for c in counts if c is not None), default=0)
+        # no histograms at all (privacy=sample_dp does not send them): diversity is left out
+        hist = (
+            np.array([c if c and len(c) == width else [0] * width for c in counts], np.float64)
+            if width
+            else None
         )
         before = np.array([float(m.get("val_loss_before", np.nan)) for m in metrics])
         after = np.array([float(m.get("val_loss_after", np.nan)) for m in metrics])

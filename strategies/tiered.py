@@ -100,6 +100,7 @@ class _Round:
     skipped: list[int] = field(default_factory=list)
     salt: int = 10_000
     ended: bool = False
+    restarted: bool = False  # re-planned from its dispatch time (see open_round)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,47 @@ class TieredPolicy(Policy):
         alive = set(alive or set()) | busy
         tiers, pred = self.book.tiers(alive, self.p.num_tiers, self.full_steps)
         length = self.round_length(tiers, pred)
+        sends = self._plan(rnd, alive, tiers, pred, started, length, now)
+        if sends or self.inflight or not alive:
+            return sends
+        # Nobody's minimum work fits what is left of the planned round after the heartbeats
+        # (a fast wall clock where the heartbeats' overhead is a large part of a short round):
+        # an empty round would learn nothing, so the round starts now and lasts long enough
+        # for the quickest live client's minimum work.
+        need = min(
+            (
+                self.book.predict(p, self.p.min_steps) or math.inf
+                for p in alive
+                if self.book.known(p)
+            ),
+            default=math.inf,
+        )
+        if not math.isfinite(need):
+            return sends
+        longer = max(length, need * self.p.round_slack)
+        log(
+            WARNING,
+            "[tiered] round %d: no client's minimum work fits the %.2fs left after the "
+            "heartbeats; the round restarts now with %.2fs",
+            rnd,
+            max(started + length - now, 0.0),
+            longer,
+        )
+        sends = self._plan(rnd, alive, tiers, pred, now, longer, now)
+        self.cur.restarted = True
+        return sends
+
+    def _plan(
+        self,
+        rnd: int,
+        alive: set[int],
+        tiers: dict[int, int],
+        pred: dict[int, float],
+        started: float,
+        length: float,
+        now: float,
+    ) -> list[Decision]:
+        """The round's tiers, windows and first sends for a round of `length` from `started`."""
         periods = self.periods(tiers, pred, length)
         t = self.p.num_tiers
         members = {i: sorted(p for p, tt in tiers.items() if tt == i) for i in range(t)}
@@ -335,6 +377,7 @@ class TieredPolicy(Policy):
             "alive": len(cur.alive),
             "replaced": cur.replaced,
             "not_scheduled_too_slow": sorted(set(cur.skipped)),
+            "restarted": cur.restarted,
             "late_folded": sorted(x.partition_id for x in cur.landed if x.dispatched_round < rnd),
         }
         return RoundClose(cur.landed, cur.due, schedule, cancel)

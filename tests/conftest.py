@@ -19,6 +19,17 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Flower calls gc.collect() whenever it unpacks a record without keeping it (e.g. in Bulyan's
+# aggregation, once per reply); in a test process every collection walks the millions of
+# objects torch, Flower and Hydra create at import. Those live for the whole session, so they
+# are moved out of the collector's sight once (gc.freeze; later objects are collected as usual).
+import gc  # noqa: E402
+
+import torch  # noqa: E402, F401  (imported here so that its objects are frozen too)
+
+gc.collect()
+gc.freeze()
+
 DATA_DIR = Path(os.environ.get("FEDAPP_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
 
 

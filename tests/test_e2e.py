@@ -153,6 +153,25 @@ def test_local_federation_with_supernodes(tmp_path, data_dir):
     ]
 
 
+def test_encrypted_local_federation_keeps_the_secret_key_off_the_server(tmp_path, data_dir):
+    from fedapp.federation import run_federation
+
+    out = run_federation(
+        3,
+        "task=credit partition=iid partition.num_partitions=3 rounds=1 secure=ckks",
+        tmp_path / "fed",
+    )
+    res = _results(out)
+    assert res["meta"]["status"] == "completed"
+    server_keys = out.output_dir / "server_keys"
+    assert [p.name for p in server_keys.iterdir()] == ["public.ckks"]
+    assert res["config"]["secure"]["key_dir"] == str(server_keys)
+    assert res["meta"]["secure"]["evaluation"].startswith("no evaluator key")
+    last = res["rounds"][-1]
+    assert last["test_loss"] is None  # the server cannot read the model
+    assert last["num_replies"] == 3 and last["client_accuracy"] > 0.6  # the clients can
+
+
 def test_sweep_runs_jobs_and_writes_a_summary(tmp_path, data_dir):
     cmd = [
         sys.executable,

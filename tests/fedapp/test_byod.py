@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,12 @@ def test_fetch_checks_the_sha256_against_a_mirror(tmp_path, data_dir):
     with pytest.raises(Exception, match="sha256"):
         fetch("credit", tmp_path / "data2", str(mirror))
     assert "MISSING" in verify(tmp_path / "empty", ["credit"])[0]
+
+
+def test_every_file_a_task_reads_has_its_source_listed():
+    listed = {f.path for files in DATASETS.values() for f in files}
+    for path in (Path(__file__).parents[2] / "conf" / "task").glob("[!_]*.yaml"):
+        task = yaml.safe_load(path.read_text())
+        for f in task.get("files") or []:
+            assert f["path"] in listed, f"{path.name}: {f['path']} is not in fedapp/datasets.py"
+    assert {"femnist", "insurance_image"} <= set(DATASETS)

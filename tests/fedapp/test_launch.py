@@ -35,3 +35,18 @@ def test_stop_process_group_stops_the_whole_tree_even_other_sessions():
     stop_process_group(proc, grace_s=5)
     assert proc.poll() is not None
     assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_console_shows_progress_and_errors_and_the_log_keeps_the_rest():
+    from fedapp.launch import console_line
+
+    progress = "\x1b[92mINFO \x1b[0m:      [fedapp] round 3/30  test_acc=0.6\n"
+    assert console_line(progress) == "[fedapp] round 3/30  test_acc=0.6\n"
+    assert console_line("\x1b[91mERROR \x1b[0m:     ServerApp raised\n").startswith("ERROR")
+    for noise in (
+        "\x1b[93mWARNING \x1b[0m:   The default number of simulated SuperNodes changed\n",
+        "(ClientAppActor pid=1) FutureWarning: ray ...\n",
+        "Flattening the indices: 100%|##########| 10/10\n",
+    ):
+        assert console_line(noise) is None
+        assert console_line(noise, verbose=True) == noise

@@ -3,6 +3,8 @@ Flower actually aggregated."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
@@ -15,10 +17,15 @@ from strategies.robust import coordinate_shares, median_bounds, trimmed_bounds
 from tests.conftest import FakeGrid, reply
 
 
+@lru_cache(maxsize=64)
+def _compose(overrides: str):
+    return compose(overrides)  # composing (~1 s) dominates these one-coordinate rounds
+
+
 def _run(name, values, n=None, extra="attack=scaled attack.fraction=0.2"):
     """One round of `name` over clients whose 1-coordinate model is `values`."""
     k = len(values)
-    cfg = compose(f"strategy={name} clients_per_round={k} eval_clients_per_round={k} {extra}")
+    cfg = _compose(f"strategy={name} clients_per_round={k} eval_clients_per_round={k} {extra}")
     s = build_strategy(cfg, num_nodes=k)
     nodes = [500 + p for p in range(k)]
     s.bind({nid: p for p, nid in enumerate(nodes)}, seed=0, attackers=[0])

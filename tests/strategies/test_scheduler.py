@@ -52,6 +52,20 @@ def test_tiered_plans_tiers_windows_and_work_from_the_probes():
     assert policy.wake_at() == pytest.approx(2.2)
 
 
+def test_a_round_whose_heartbeats_left_no_time_for_anyone_restarts_from_dispatch():
+    # the heartbeats took 25 s: even the slow tier's 22 s window is over before any dispatch
+    policy = _tiered()
+    sends = policy.open_round(1, 0.0, 25.0, set(STEP_S))
+    assert len(sends) == 3 and policy.cur.restarted
+    assert policy.cur.round_end == pytest.approx(25.0 + 2.2)
+    assert all(policy.inflight[s.ticket].window_end > 25.0 for s in sends)
+    assert policy.cur.skipped == []
+    # an ordinary round is not restarted
+    fresh = _tiered()
+    fresh.open_round(1, 0.0, 0.5, set(STEP_S))
+    assert not fresh.cur.restarted and fresh.cur.round_end == pytest.approx(2.2)
+
+
 def test_a_failed_client_is_replaced_at_once_by_a_standby_of_its_tier():
     policy = _tiered()
     fast = _by_tier(policy, policy.open_round(1, 0.0, 0.0, set(STEP_S)))[0]

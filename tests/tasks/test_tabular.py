@@ -51,7 +51,9 @@ def test_real_files_load_with_declared_schema(name, data_dir):
 
 def test_medical_maps_every_site_into_one_feature_space(data_dir):
     task = _task(data_dir, "task=medical")
-    sites = task.frame["site"].to_numpy()
+    from tasks.tabular import NATURAL
+
+    sites = task.frame[NATURAL].to_numpy()  # the natural id (`site`), kept apart from features
     prep = task.aggregate_stats([task.client_stats(task.load_partition(i)) for i in range(4)])
     from tasks.tabular import featurize
 

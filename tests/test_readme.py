@@ -1,0 +1,49 @@
+"""The README's statements that code can check: the support table of strategies x privacy,
+encryption and compression is what `compose` accepts and refuses."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fedapp.config import PROJECT_ROOT, ConfigError, compose
+
+COLUMNS = {
+    1: ["secure=ckks"],
+    2: ["compression=fp16", "compression=int8", "compression=topk"],
+    3: ["privacy=sample_dp"],
+    4: ["privacy=central_dp"],
+}
+
+
+def _table() -> dict[str, list[str]]:
+    text = (PROJECT_ROOT / "README.md").read_text()
+    block = text.split("<!-- support-table -->")[1].split("<!-- /support-table -->")[0]
+    rows = [r for r in block.strip().splitlines()[2:] if r.startswith("|")]
+    table = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        for name in re.findall(r"`([a-z_]+)`", cells[0]):
+            table[name] = cells
+    return table
+
+
+def test_the_table_lists_every_strategy_once():
+    strategies = sorted(p.stem for p in (PROJECT_ROOT / "conf" / "strategy").glob("*.yaml"))
+    assert sorted(_table()) == strategies
+
+
+@pytest.mark.parametrize("strategy", sorted(_table()))
+def test_each_cell_is_what_the_code_accepts(strategy):
+    cells = _table()[strategy]
+    for column, overrides in COLUMNS.items():
+        claimed = cells[column].split(":")[0]
+        assert claimed in ("yes", "no"), cells[column]
+        for override in overrides:
+            try:
+                compose(f"strategy={strategy} {override}")
+                accepted = "yes"
+            except ConfigError:
+                accepted = "no"
+            assert accepted == claimed, f"README says {claimed} for {strategy} x {override}"
