@@ -16,6 +16,8 @@ The shipped reports were made with (add --reuse to skip runs already in the repo
     .venv/bin/python bench/contribution.py --tasks credit --rounds 20 --early 5 --jobs 2
     .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --jobs 2 \
         --strategies fedavg fedprox fednova contribution
+    .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --jobs 2 \
+        --strategies fedavg fedprox moon --only-splits dirichlet0.5 --clients 50 --reuse
     .venv/bin/python bench/contribution.py --tasks femnist --rounds 10 --early 3 --summarize-only
 
 Each invocation adds its runs to the existing report; it must use the report's rounds, early

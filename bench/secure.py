@@ -8,7 +8,8 @@ round's clients of local training plus encryption (`train_time_s` + `crypto_s`);
 = the round's screening, decoding and aggregation (`aggregate_s`).
 
     .venv/bin/python bench/secure.py --tasks credit --jobs 2
-    .venv/bin/python bench/secure.py --tasks femnist --seeds 0 --jobs 2
+    .venv/bin/python bench/secure.py --tasks femnist --seeds 0 --jobs 2 \
+        --modes plain ckks fp16 int8 topk1 topk10
     .venv/bin/python bench/secure.py --summarize-only --tasks credit femnist
 
 Writes bench/results/secure.{json,md}; runs stay under bench/results/runs_secure/.
@@ -184,7 +185,7 @@ def write_report(args, summary: dict) -> None:
         for c in tc:
             lines.append(
                 f"| {c['mode']} | {fmt_mean_sd(c['final'], 4)} | {fmt_mean_sd(c['diff'], 4)} | "
-                f"{fmt_mean_sd([b / 1e6 for b in c['bytes_up']], 2)} | {fmt_mean_sd(c['up_ratio'], 1)} | "
+                f"{fmt_mean_sd([b / 1e6 for b in c['bytes_up']], 2)} | {fmt_mean_sd(c['up_ratio'], 2)} | "
                 f"{fmt_mean_sd([b / 1e6 for b in c['bytes_down']], 2)} | {fmt_mean_sd(c['client_s'], 2)} | "
                 f"{fmt_mean_sd(c['server_s'], 2)} | {fmt_mean_sd(c['round_ratio'], 2)} | {len(c['seeds'])} |"
             )

@@ -16,6 +16,10 @@ default; conf/compression/).
 - `downlink: fp16` also sends the global model in half precision (the update is then taken
   against the model the client actually received).
 
+Each codec packs all layers into one or two flat arrays per message (every Flower array carries
+a ~130-byte header: on the 4.7k-parameter credit model, per-layer arrays cost int8 a quarter of
+its saving).
+
 Flower has no compression; the codecs are small NumPy functions (tested for their error bounds
 and exact residuals) applied by a Flower mod around the ClientApp's train handler
 (`compression_mod`) and by `decode` in the strategies' reply screening. `bytes_up` and
@@ -34,7 +38,9 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 CODECS = ("none", "fp16", "int8", "topk")
 RESIDUAL_KEY = "fedapp.topk-residual"
-SCALE, INDEX, VALUE = "#scale", "#idx", "#val"
+FP16, INT8, SCALE, INDEX, VALUE = "#fp16", "#int8", "#scale", "#idx", "#val"
+# the packed arrays each codec sends (besides any non-float arrays, which go as they are)
+CODEC_ARRAYS = {"fp16": (FP16,), "int8": (INT8, SCALE), "topk": (INDEX, VALUE)}
 
 
 class CompressionError(ValueError):
@@ -108,29 +114,58 @@ def topk(u: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
     return idx, flat[idx]
 
 
+def _float_keys(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """The floating-point arrays, in the order both sides pack them (sorted by name, so the
+    client's and the server's insertion orders need not agree)."""
+    return sorted(k for k, v in arrays.items() if _floats(v))
+
+
 def encode(
     update: Mapping[str, np.ndarray], spec: CompressionSpec, residual: Mapping[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(encoded arrays, new residual) of an update. Non-float arrays (counters) go as they are."""
-    out: dict[str, np.ndarray] = {}
+    """(encoded arrays, new residual) of an update. Non-float arrays (counters) go as they are.
+
+    The float layers are encoded one by one (int8 blocks and top-k choices never span two
+    layers) and packed into one or two flat arrays (`#fp16`; `#int8` + `#scale`; `#idx`
+    (offsets into the concatenated layers) + `#val`): every array in a Flower message carries
+    a ~130-byte header, which on a small tabular model costs as much as the payload."""
+    if not spec.active:
+        return dict(update), {}
+    out = {k: v for k, v in update.items() if not _floats(v)}
+    parts: dict[str, list[np.ndarray]] = {}
     new_residual: dict[str, np.ndarray] = {}
-    for key, v in update.items():
-        if not _floats(v):
-            out[key] = v
-            continue
+    offset = 0
+    for key in _float_keys(update):
+        v = update[key]
         if spec.name == "fp16":
-            out[key] = v.astype(np.float16)
+            parts.setdefault(FP16, []).append(v.ravel().astype(np.float16))
         elif spec.name == "int8":
-            out[key], out[key + SCALE] = encode_int8(v, spec.block)
-        elif spec.name == "topk":
+            q, scales = encode_int8(v, spec.block)
+            parts.setdefault(INT8, []).append(q)
+            parts.setdefault(SCALE, []).append(scales)
+        else:  # topk
             u = v.astype(np.float32) + residual.get(key, np.zeros_like(v, dtype=np.float32))
             idx, val = topk(u, spec.ratio)
-            out[key + INDEX], out[key + VALUE] = idx, val
+            parts.setdefault(INDEX, []).append(idx.astype(np.int64) + offset)
+            parts.setdefault(VALUE, []).append(val)
             rest = u.ravel().copy()
             rest[idx] = 0.0
             new_residual[key] = rest.reshape(v.shape)
-        else:
-            out[key] = v
+        offset += v.size
+    if offset >= 2**31:
+        raise CompressionError(f"{offset} values: too many for int32 top-k indices")
+    dtypes = {
+        FP16: np.float16,
+        INT8: np.int8,
+        SCALE: np.float32,
+        INDEX: np.int32,
+        VALUE: np.float32,
+    }
+    for name in CODEC_ARRAYS[spec.name]:
+        chunks = parts.get(name, [])
+        out[name] = (
+            np.concatenate(chunks).astype(dtypes[name]) if chunks else np.zeros(0, dtypes[name])
+        )
     return out, new_residual
 
 
@@ -138,25 +173,45 @@ def decode(
     encoded: Mapping[str, np.ndarray], spec: CompressionSpec, layout: Mapping[str, np.ndarray]
 ):
     """The update an encoded record stands for, in `layout`'s keys, shapes and dtypes."""
-    out = {}
-    for key, ref in layout.items():
-        if not _floats(ref):
-            out[key] = np.asarray(encoded[key])
-        elif spec.name == "fp16":
-            out[key] = np.asarray(encoded[key]).astype(ref.dtype).reshape(ref.shape)
-        elif spec.name == "int8":
-            v = decode_int8(np.asarray(encoded[key]), np.asarray(encoded[key + SCALE]), spec.block)
-            out[key] = v.astype(ref.dtype).reshape(ref.shape)
-        elif spec.name == "topk":
-            v = np.zeros(ref.size, dtype=ref.dtype)
-            idx = np.asarray(encoded[key + INDEX])
-            if len(idx) and (idx.min() < 0 or idx.max() >= ref.size):
-                raise CompressionError(f"top-k indices of {key} out of range")
-            v[idx] = np.asarray(encoded[key + VALUE]).astype(ref.dtype)
-            out[key] = v.reshape(ref.shape)
-        else:
-            out[key] = np.asarray(encoded[key]).reshape(ref.shape)
+    out = {k: np.asarray(encoded[k]) for k, ref in layout.items() if not _floats(ref)}
+    keys = _float_keys(layout)
+    if not spec.active:
+        out.update({k: np.asarray(encoded[k]).reshape(layout[k].shape) for k in keys})
+        return out
+    sizes = [layout[k].size for k in keys]
+    total = sum(sizes)
+    arrays = {name: np.asarray(encoded[name]).ravel() for name in CODEC_ARRAYS[spec.name]}
+    if spec.name == "fp16":
+        flat = _exact_length(arrays[FP16], total, FP16).astype(np.float32)
+    elif spec.name == "int8":
+        codes = _exact_length(arrays[INT8], total, INT8)
+        nblocks = [-(-n // spec.block) for n in sizes]
+        scales = _exact_length(arrays[SCALE], sum(nblocks), SCALE)
+        chunks, at, bt = [], 0, 0
+        for n, b in zip(sizes, nblocks, strict=True):
+            chunks.append(decode_int8(codes[at : at + n], scales[bt : bt + b], spec.block))
+            at, bt = at + n, bt + b
+        flat = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    else:  # topk
+        idx, val = arrays[INDEX], arrays[VALUE]
+        if len(idx) != len(val):
+            raise CompressionError(f"{len(idx)} top-k indices but {len(val)} values")
+        if len(idx) and (idx.min() < 0 or idx.max() >= total):
+            raise CompressionError(f"top-k indices outside the model's {total} values")
+        flat = np.zeros(total, dtype=np.float32)
+        flat[idx] = val.astype(np.float32)
+    at = 0
+    for key, n in zip(keys, sizes, strict=True):
+        ref = layout[key]
+        out[key] = flat[at : at + n].astype(ref.dtype).reshape(ref.shape)
+        at += n
     return out
+
+
+def _exact_length(a: np.ndarray, n: int, name: str) -> np.ndarray:
+    if len(a) != n:
+        raise CompressionError(f"{name} holds {len(a)} values, the model needs {n}")
+    return a
 
 
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

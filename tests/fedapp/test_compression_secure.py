@@ -43,7 +43,7 @@ def test_fp16_round_trip_is_within_half_precision(v):
     spec = CompressionSpec("fp16")
     enc, _ = encode({"w": v}, spec, {})
     back = decode(enc, spec, {"w": v})["w"]
-    assert enc["w"].dtype == np.float16 and back.dtype == np.float32
+    assert enc["#fp16"].dtype == np.float16 and back.dtype == np.float32
     np.testing.assert_allclose(back, v, rtol=2**-11, atol=1e-4)
 
 
@@ -67,12 +67,50 @@ def test_topk_sends_the_largest_and_carries_exactly_the_rest(v, ratio, data):
     u = v + old
     # what was sent and what is carried add up to exactly the update plus the old residual
     np.testing.assert_array_equal(sent + residual["w"], u)
-    k = len(enc["w#idx"])
+    k = len(enc["#idx"])
     assert k == max(1, int(np.ceil(ratio * v.size)))
-    kept = np.abs(u.ravel()[enc["w#idx"]])
-    assert kept.min() >= np.abs(np.delete(u.ravel(), enc["w#idx"])).max(initial=0.0)
+    kept = np.abs(u.ravel()[enc["#idx"]])
+    assert kept.min() >= np.abs(np.delete(u.ravel(), enc["#idx"])).max(initial=0.0)
     idx, _ = topk(u, ratio)
-    np.testing.assert_array_equal(idx, enc["w#idx"])
+    np.testing.assert_array_equal(idx, enc["#idx"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layers=st.lists(
+        hnp.arrays(np.float32, st.integers(1, 300), elements=floats), min_size=1, max_size=5
+    ),
+    codec=st.sampled_from(["fp16", "int8", "topk"]),
+)
+def test_layers_are_packed_into_one_message_and_unpacked_in_place(layers, codec):
+    """Each codec sends two arrays at most, whatever the number of layers, and the server puts
+    every value back in its own layer even when its model lists the layers in another order."""
+    spec = CompressionSpec(codec, block=64, ratio=0.1)
+    update = {f"layer{i}": v for i, v in enumerate(layers)}
+    update["num_batches"] = np.array([3], dtype=np.int64)  # non-float arrays go as they are
+    enc, _ = encode(update, spec, {})
+    assert set(enc) - {"num_batches"} == set(
+        {"fp16": ["#fp16"], "int8": ["#int8", "#scale"], "topk": ["#idx", "#val"]}[codec]
+    )
+    layout = dict(reversed(list(update.items())))
+    back = decode(enc, spec, layout)
+    np.testing.assert_array_equal(back["num_batches"], update["num_batches"])
+    for key, v in enumerate(layers):
+        one, _ = encode({"w": v}, spec, {})  # the same as encoding that layer alone
+        np.testing.assert_array_equal(back[f"layer{key}"], decode(one, spec, {"w": v})["w"])
+
+
+def test_a_reply_that_does_not_fit_the_model_is_refused():
+    spec = CompressionSpec("int8", block=4)
+    layout = {"a": np.zeros(10, np.float32), "b": np.zeros(3, np.float32)}
+    enc, _ = encode(layout, spec, {})
+    with pytest.raises(ValueError, match="#int8 holds 13 values, the model needs 14"):
+        decode(enc, spec, {**layout, "c": np.zeros(1, np.float32)})
+    spec = CompressionSpec("topk", ratio=0.5)
+    enc, _ = encode(layout, spec, {})
+    enc["#idx"] = enc["#idx"] + 13
+    with pytest.raises(ValueError, match="outside the model's 13 values"):
+        decode(enc, spec, layout)
 
 
 def test_bad_compression_settings_are_refused():
