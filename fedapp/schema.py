@@ -22,8 +22,6 @@ file at `/path/to/dir/task/NAME.yaml` (the same works for fedapp-inline, fedapp-
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +31,8 @@ import numpy as np
 import pandas as pd
 import yaml
 from sklearn.metrics import roc_auc_score
+
+from tasks.tabular import split_rows
 
 TOKENS = ["", "?", "NA", "N/A", "n/a", "null", "NULL", "None", "-"]
 DELIMITERS = [",", ";", "\t", "|"]
@@ -70,13 +70,11 @@ def infer(
     """(the task config, notes for the YAML's header)."""
     raw = path.read_bytes()
     encoding, delimiter, text = sniff(raw)
-    rows = list(csv.reader(io.StringIO(text, newline=None), delimiter=delimiter))
-    header, body = rows[0], [r for r in rows[1:] if r]
-    good = [r for r in body if len(r) == len(header)]
-    df = pd.DataFrame(good, columns=header, dtype=object)
+    header, good, wrong = split_rows(text, delimiter)  # as the tabular task splits them
+    df = pd.DataFrame([r for _, r in good], columns=header, dtype=object)
     notes = [f"encoding {encoding}, delimiter {delimiter!r}, {len(df)} rows"]
-    if len(good) < len(body):
-        notes.append(f"{len(body) - len(good)} rows have the wrong number of fields")
+    if wrong:
+        notes.append(f"{len(wrong)} rows have the wrong number of fields")
     if label not in df.columns:
         raise SystemExit(f"fedapp-schema: no column {label!r}; columns are {header[:30]}")
     tokens = [t for t in TOKENS if (df == t).to_numpy().any()]

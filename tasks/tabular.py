@@ -151,12 +151,9 @@ def read_file(path: Path, schema: Schema) -> tuple[pd.DataFrame, dict[str, list[
             return _read_arff(text, path), {}
         except (pd.errors.ParserError, ValueError) as exc:
             raise DataError(f"{path}: cannot parse as ARFF: {exc}") from exc
-    rows = list(csv.reader(io.StringIO(text, newline=None), delimiter=schema.delimiter))
-    lines = [i + 1 for i, r in enumerate(rows) if r]  # file line of each non-empty row
-    rows = [r for r in rows if r]
-    if not rows:
+    header, good, wrong = split_rows(text, schema.delimiter)
+    if not header:
         raise DataError(f"{path}: the file is empty")
-    header = rows[0]
     if len(header) == 1 and schema.delimiter == ",":
         for sep in (";", "\t", "|"):
             if sep in header[0]:
@@ -164,14 +161,30 @@ def read_file(path: Path, schema: Schema) -> tuple[pd.DataFrame, dict[str, list[
                     f"{path}: the header is one column {header[0][:60]!r}; the file seems to be "
                     f"separated by {sep!r}: set schema.delimiter: {sep!r}"
                 )
-    wrong = [line for line, r in zip(lines[1:], rows[1:], strict=True) if len(r) != len(header)]
-    good = [(line, r) for line, r in zip(lines[1:], rows[1:], strict=True) if len(r) == len(header)]
     df = pd.DataFrame([r for _, r in good], columns=header, dtype=object)
     tokens = set(schema.missing_tokens)
     df = df.map(lambda v: np.nan if v in tokens else v).astype(object)
     df.attrs["lines"] = [line for line, _ in good]  # file line of each row, for messages
     problems = {"wrong number of fields": wrong} if wrong else {}
     return df, problems
+
+
+def split_rows(
+    text: str, delimiter: str
+) -> tuple[list[str], list[tuple[int, list[str]]], list[int]]:
+    """(header, (file line, fields) of every row with the header's number of fields, file
+    lines of the rows without it) of a delimited text; empty lines are skipped."""
+    rows = [
+        (i + 1, r)
+        for i, r in enumerate(csv.reader(io.StringIO(text, newline=None), delimiter=delimiter))
+        if r
+    ]
+    if not rows:
+        return [], [], []
+    header = rows[0][1]
+    good = [(line, r) for line, r in rows[1:] if len(r) == len(header)]
+    wrong = [line for line, r in rows[1:] if len(r) != len(header)]
+    return header, good, wrong
 
 
 def handle_bad_rows(path: Path, schema: Schema, problems: dict[str, list[int]]) -> None:

@@ -4,6 +4,7 @@ ClientApp as a Flower simulation; equality with one is tested in test_e2e.py).""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -149,32 +150,24 @@ def test_a_raising_client_leaves_its_node_state_as_it_was():
     assert not send(False).has_error() and "x" in context.state.array_records
 
 
-def test_a_federation_that_learns_nothing_fails_with_a_nonzero_exit(tmp_path, data_dir):
+def _inline_main(out: Path, overrides: str) -> tuple[int, dict]:
+    """fedapp-inline's exit code and results.json for a medical run with `overrides`."""
     from fedapp.inline import main
 
-    code = main(
-        [
-            *f"{MEDICAL} attack=crash attack.mode=nan attack.fraction=1.0".split(),
-            "--output-dir",
-            str(tmp_path / "nan"),
-        ]
-    )
-    res = json.loads((tmp_path / "nan" / "results.json").read_text())
+    code = main([*f"{MEDICAL} {overrides}".split(), "--output-dir", str(out)])
+    return code, json.loads((out / "results.json").read_text())
+
+
+def test_a_federation_that_learns_nothing_fails_with_a_nonzero_exit(tmp_path, data_dir):
+    code, res = _inline_main(tmp_path / "nan", "attack=crash attack.mode=nan attack.fraction=1.0")
     assert code == 1 and res["meta"]["status"] == "failed"
     assert "no round aggregated" in res["meta"]["status_detail"]["reason"]
 
 
 def test_rounds_below_quorum_make_a_degraded_run(tmp_path, data_dir):
-    from fedapp.inline import main
-
-    code = main(
-        [
-            *f"{MEDICAL} attack=crash attack.mode=exception attack.fraction=0.75 quorum=0.5".split(),
-            "--output-dir",
-            str(tmp_path / "deg"),
-        ]
+    code, res = _inline_main(
+        tmp_path / "deg", "attack=crash attack.mode=exception attack.fraction=0.75 quorum=0.5"
     )
-    res = json.loads((tmp_path / "deg" / "results.json").read_text())
     assert code == 0 and res["meta"]["status"] == "degraded"
     assert res["meta"]["status_detail"]["rounds_below_quorum"] == [1, 2]
 
