@@ -183,7 +183,7 @@ def attack_of(job: TrainJob) -> AttackSpec | None:
     spec = AttackSpec.from_config(job.cfg.get("attack"))
     if not spec.active or job.partition_id < 0:
         return None
-    attackers = _attackers(job.task.num_partitions(), spec.fraction, int(job.cfg.seed))
+    attackers = _attackers(job.num_clients, spec.fraction, int(job.cfg.seed))
     return spec if job.partition_id in attackers else None
 
 

@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedapp.clients import virtual_client_mod
 from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
 from fedapp.node import client_seed, load_node, round_prep
@@ -26,7 +27,9 @@ from fedapp.secure import secure_mod
 from fedapp.units import TrainJob, compose_units, run_units
 from tasks.training import TrainSettings
 
-app = ClientApp()
+# Outermost: a message for a virtual client (several clients on one simulation SuperNode)
+# runs with that client's partition and state (fedapp.clients).
+app = ClientApp(mods=[virtual_client_mod])
 
 
 def _job(msg: Message, context: Context) -> TrainJob:
@@ -52,6 +55,7 @@ def _job(msg: Message, context: Context) -> TrainJob:
         seed=seed,
         node_config=dict(context.node_config),
         run_id=int(context.run_id),
+        num_clients=node.num_clients,
     )
 
 

@@ -219,6 +219,14 @@ def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = Non
 def resolve_output_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:
     """Absolute output directory of a run (created)."""
     explicit = (run_config or {}).get("output-dir") or cfg.get("output_dir")
+    if cfg.get("resume"):  # a resumed run continues in the folder of the run it resumes
+        resume = Path(str(cfg.resume)).expanduser().resolve()
+        if explicit and Path(str(explicit)).expanduser().resolve() != resume:
+            raise ConfigError(
+                f"resume={cfg.resume} continues in that run's folder; drop the other output "
+                f"folder ({explicit})"
+            )
+        explicit = str(resume)
     if explicit:
         out = Path(str(explicit)).expanduser()
     else:

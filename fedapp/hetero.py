@@ -279,7 +279,7 @@ def device_emulation_mod(msg: Message, context: Context, call_next) -> Message:
 
     node = load_node(context, with_data=False)
     pid = node.partition_id
-    profile = real_clock_profile(node.cfg, node.task.num_partitions(), pid, context.node_config)
+    profile = real_clock_profile(node.cfg, node.num_clients, pid, context.node_config)
     if profile is None:
         return call_next(msg, context)
     seed = int(node.cfg.seed)
@@ -356,6 +356,39 @@ class ClockGrid(Grid):
     @property
     def virtual(self) -> bool:
         return self.spec.virtual
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the clock, messages in flight included (event-driven
+        strategies have them across rounds). On the virtual clock every in-flight reply is
+        collected first (its simulated arrival is already fixed), so a resumed run receives
+        them exactly when the uninterrupted run would have."""
+        if self.virtual:
+            self._collect(block=True)
+        return {
+            "now": self.now,
+            "attempts": dict(self._attempts),
+            "synthetic": self._synthetic,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "flights": dict(self.flights),
+        }
+
+    def restore(self, state: dict) -> None:
+        """A resumed run. On the wall clock, replies that had not come back to the dead server
+        never will: those messages fail now (as a crashed client's would)."""
+        self._virtual_now = float(state["now"])
+        self._t0 = time.monotonic() - float(state["now"])
+        self._attempts = dict(state["attempts"])
+        self._synthetic = int(state["synthetic"])
+        self.bytes_up, self.bytes_down = int(state["bytes_up"]), int(state["bytes_down"])
+        self.flights = dict(state.get("flights", {}))
+        for f in self.flights.values():
+            if f.reply is None:
+                f.reply = Message(
+                    Error(ErrorCode.MESSAGE_UNAVAILABLE, "lost with the server before the resume"),
+                    reply_to=_stub(f),
+                )
+                f.arrival = self.now
 
     @property
     def now(self) -> float:
@@ -526,6 +559,14 @@ class ClockGrid(Grid):
                 flight = self.flights.get(reply.metadata.reply_to_message_id)
                 if flight is not None:
                     self._land(flight, reply)
+            if not self.virtual:  # wall clock: no message is waited for longer than the limit
+                for f in self.flights.values():
+                    if f.reply is None and self.now - f.dispatched_at > self.real_timeout_s:
+                        f.reply = Message(
+                            Error(ErrorCode.MESSAGE_UNAVAILABLE, "no reply within round_timeout_s"),
+                            reply_to=_stub(f),
+                        )
+                        f.arrival = self.now
             if not block or all(f.reply is not None for f in self.flights.values()):
                 return
             if time.monotonic() - started > self.real_timeout_s:

@@ -109,9 +109,15 @@ class InlineGrid(Grid):
 
 
 def run_inline(
-    overrides: str | Sequence[str] | None = None, output_dir: Path | str | None = None
+    overrides: str | Sequence[str] | None = None,
+    output_dir: Path | str | None = None,
+    nodes: int | None = None,
 ) -> Path:
-    """Run one job of the composed config in this process; return its output folder."""
+    """Run one job of the composed config in this process; return its output folder.
+
+    `nodes`: how many in-process SuperNodes serve the clients (default: one per partition;
+    fewer makes the server spread virtual clients over them, as on Flower's default
+    2-SuperNode local simulation)."""
     from fedapp.client_app import app as client_app
     from fedapp.server_app import app as server_app
     from tasks import get_task
@@ -122,7 +128,7 @@ def run_inline(
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
     cfg, ovr = with_keys(cfg, ovr, out)
     run_config = run_config_values(ovr, out, data_dir)
-    n = get_task(cfg, data_dir).num_partitions()
+    n = nodes or get_task(cfg, data_dir).num_partitions()
     contexts = {
         # Node ids that are not partition ids, as in Flower, so nothing can confuse the two.
         10_000 + 7 * p: Context(
@@ -152,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument(
+        "--nodes", type=int, default=None, help="in-process SuperNodes (default: one per client)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     args = parser.parse_args(argv)
     try:
-        out = run_inline(args.overrides, args.output_dir)
+        out = run_inline(args.overrides, args.output_dir, args.nodes)
     except (DataError, ConfigError) as err:  # the message says what to change
         if args.debug:
             raise

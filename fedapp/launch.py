@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from fedapp.config import (
     run_config_values,
     with_keys,
 )
+from fedapp.tls import Credentials
 
 CONNECTION = "fedapp"
 
@@ -106,14 +108,26 @@ def bin_path(name: str) -> str:
 
 
 def wait_healthy(
-    port: int, proc: subprocess.Popen, timeout: float = 60.0, log_file: Path | None = None
+    port: int,
+    proc: subprocess.Popen,
+    timeout: float = 60.0,
+    log_file: Path | None = None,
+    ca_cert: Path | None = None,
 ) -> None:
+    """Wait for the SuperLink's /health endpoint (HTTPS checked against `ca_cert` when given)."""
     deadline = time.monotonic() + timeout
+    if ca_cert is not None:
+        url, context = (
+            f"https://localhost:{port}/health",
+            ssl.create_default_context(cafile=str(ca_cert)),
+        )
+    else:
+        url, context = f"http://127.0.0.1:{port}/health", None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"SuperLink exited with code {proc.returncode}; see {log_file}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -146,10 +160,17 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         proc.wait(timeout=1)
 
 
-def write_connection(flwr_home: Path, name: str, port: int) -> None:
+def write_connection(flwr_home: Path, name: str, port: int, ca_cert: Path | None = None) -> None:
+    """The `flwr` CLI's connection to our SuperLink (TLS checked against `ca_cert` if given)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = (
+        f"root-certificates = {json.dumps(str(Path(ca_cert).resolve()))}"
+        if ca_cert is not None
+        else "insecure = true"
+    )
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\n'
+        f'address = "127.0.0.1:{port}"\n{security}\n'
     )
 
 
@@ -161,27 +182,44 @@ def exit_cleanly_on_sigterm() -> None:
 
 @contextmanager
 def superlink(
-    flwr_home: Path, log_file: Path, env: dict[str, str], simulation: bool = True
+    flwr_home: Path,
+    log_file: Path,
+    env: dict[str, str],
+    simulation: bool = True,
+    credentials: Credentials | None = None,
+    port: int | None = None,
 ) -> Iterator[int]:
-    """Start a SuperLink on free loopback ports; yield its HTTP port; stop it afterwards."""
-    port, control = free_port(), free_port()
+    """Start a SuperLink on loopback (a free port unless given); yield its HTTP port; stop it
+    afterwards. With `credentials` it serves TLS with their SuperLink certificate and
+    accepts registered SuperNodes only (`--enable-supernode-auth`); otherwise it is
+    insecure, for local runs on this machine."""
+    port = port or free_port()
     cmd = [
         bin_path("flower-superlink"),
-        "--insecure",
         "--isolation",
         "subprocess",
         "--host",
         "127.0.0.1",
         "--port",
         str(port),
-        "--control-api-address",
-        f"127.0.0.1:{control}",
         "--database",
         str(flwr_home / "state.db"),
         "--disable-runtime-dependency-installation",
         "--log-file",
         str(log_file),
     ]
+    if credentials is not None:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(credentials.ca_cert),
+            "--ssl-certfile",
+            str(credentials.superlink_cert),
+            "--ssl-keyfile",
+            str(credentials.superlink_key),
+            "--enable-supernode-auth",
+        ]
+    else:
+        cmd.append("--insecure")
     if simulation:
         cmd.append("--simulation")
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -189,9 +227,10 @@ def superlink(
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+    ca = credentials.ca_cert if credentials is not None else None
     try:
-        wait_healthy(port, proc, log_file=log_file)
-        write_connection(flwr_home, CONNECTION, port)
+        wait_healthy(port, proc, log_file=log_file, ca_cert=ca)
+        write_connection(flwr_home, CONNECTION, port, ca)
         yield port
     finally:
         stop_process_group(proc)
@@ -312,7 +351,8 @@ def run_simulation(
         flush=True,
     )
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
-    fed = f"num-supernodes={num_clients} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
+    nodes = int(cfg.simulation.get("num_supernodes") or 0) or num_clients
+    fed = f"num-supernodes={nodes} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
     try:
         with superlink(flwr_home, out / "superlink.log", env):
             rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log", verbose)

@@ -22,6 +22,20 @@ class Node:
     task: Task
     partition_id: int  # -1: a deployed node with its own data and no partition id
     data_path: str  # "" in simulation
+    federation_size: int = -1  # `num-partitions` of the node config (-1: not given)
+
+    @property
+    def num_clients(self) -> int:
+        """The federation's number of clients: a deployed node (its own data) is told in its
+        node config and never reads the pooled data; in simulation the partitioner says."""
+        if not self.data_path:
+            return self.task.num_partitions()
+        if self.federation_size <= 0:
+            raise DataError(
+                "this node holds its own data: give the federation's size in its node config, "
+                "e.g. --node-config 'data-path=... partition-id=0 num-partitions=3'"
+            )
+        return self.federation_size
 
     @property
     def data(self) -> ClientData:
@@ -54,11 +68,12 @@ def load_node(context: Context, with_data: bool = True) -> Node:
         expected, have = task.num_partitions(), int(node_config.get("num-partitions", -1))
         if have != expected:
             raise DataError(
-                f"the federation has num-partitions={have} but partition={cfg.partition.name} of "
-                f"task {cfg.task.name} makes {expected} clients; run with "
-                f"--federation-config 'num-supernodes={expected}' (fedapp-run sets it for you)"
+                f"this node is partition-id={pid} of num-partitions={have}, but "
+                f"partition={cfg.partition.name} of task {cfg.task.name} makes {expected} clients "
+                "and the message did not name its client (fedapp.clients maps clients to "
+                "SuperNodes); is the ServerApp from another fedapp version?"
             )
-    node = Node(cfg, task, pid, data_path)
+    node = Node(cfg, task, pid, data_path, int(node_config.get("num-partitions", -1)))
     if with_data:
         _ = node.data  # load (and validate) now, so errors surface at the start
     return node

@@ -528,7 +528,7 @@ def plan_dp_sgd(ledger: Ledger, spec: PrivacySpec, job: TrainJob, steps_per_epoc
     participations = spec.participations
     if participations == "auto":
         participations = planned_participations(
-            int(cfg.rounds), int(cfg.clients_per_round), job.task.num_partitions()
+            int(cfg.rounds), int(cfg.clients_per_round), job.num_clients
         )
     ledger.participations = int(participations)
     ledger.sample_rate = 1.0 / steps_per_epoch
@@ -672,6 +672,12 @@ class CentralDP:
         from strategies.base import FedappStrategyMixin
 
         return FedappStrategyMixin.start(self, grid, initial_arrays, *args, **kwargs)
+
+    def resumed(self) -> None:
+        """A resumed run: the dead server may have aggregated one more round after its last
+        checkpoint and sent that model to evaluation clients; count that release too (an
+        upper bound: the epsilon reported never understates what was released)."""
+        self.releases += 1
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,9 @@ class Recorder:
         what is left of it after the server's validation rows)."""
         self.prep = prep or {}
         self.clock = clock  # simulated (or wall) seconds since the start
+        self.nodes_fn: Callable[[], dict[str, Any]] | None = None  # results.json `nodes`
+        # called after every round's records are written (fedapp.checkpoint)
+        self.checkpoint_fn: Callable[[int, ArrayRecord], None] | None = None
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -187,8 +191,13 @@ class Recorder:
             row["aggregation"] = rec.aggregation
         self.t_last = now
         self.rounds.append(row)
-        if arrays is not None:
-            self._checkpoint(server_round, arrays, row)
+        improved = arrays is not None and self._update_best(server_round, row)
+        # The checkpoint first: nothing of this round leaves the server (files, logs) before
+        # a resume would know about it.
+        if server_round > 0 and self.checkpoint_fn is not None:
+            self.checkpoint_fn(server_round, arrays)
+        if improved and bool(self.cfg.get("checkpoint", True)):
+            torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
         self._write()
         log(
             INFO,
@@ -243,18 +252,33 @@ class Recorder:
             "dp_epsilon_mean": float(np.mean(spent)) if spent else 0.0,
         }
 
-    def _checkpoint(self, server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+    def _update_best(self, server_round: int, row: dict[str, Any]) -> bool:
+        """Is this round's model the best so far (by server test accuracy)?"""
         acc = row.get("test_accuracy")
         if acc is None or not math.isfinite(acc):
-            return
+            return False
         if self.best is None or acc > self.best["test_accuracy"]:
             self.best = {
                 "round": server_round,
                 "test_accuracy": acc,
                 "test_loss": row.get("test_loss"),
             }
-            if bool(self.cfg.get("checkpoint", True)):
-                torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
+            return True
+        return False
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the recorder."""
+        return {
+            "rounds": self.rounds,
+            "best": self.best,
+            "dp_spent": self.dp_spent,
+            "elapsed_s": time.perf_counter() - self.t_start,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rounds, self.best, self.dp_spent = state["rounds"], state["best"], state["dp_spent"]
+        self.t_last = time.perf_counter()
+        self.t_start = self.t_last - float(state["elapsed_s"])
 
     def finish(self, final_arrays: ArrayRecord | None, error: str | None = None) -> dict[str, Any]:
         """Write the final model, plots and the `final` section with the run's honest status
@@ -265,6 +289,10 @@ class Recorder:
         status, detail = run_status(
             self.rounds, int(self.cfg.rounds), error, getattr(self.strategy, "stop_reason", None)
         )
+        if self.nodes_fn is not None:  # clients whose SuperNode never came back: said plainly
+            gone = [int(p) for p, n in self.nodes_fn().items() if not n.get("connected", True)]
+            if gone:
+                detail["clients_disconnected_at_end"] = gone
         self.meta["status"] = status
         self.meta["status_detail"] = detail
         results = self._write(final=True)
@@ -311,6 +339,8 @@ class Recorder:
             "rounds": self.rounds,
             "final": self.final_summary() if final else None,
         }
+        if self.nodes_fn is not None:  # per client: its SuperNodes, replies, failures, rejoins
+            results["nodes"] = self.nodes_fn()
         write_json_atomic(self.out_dir / "results.json", results)
         _write_csv(self.out_dir / "rounds.csv", ROUND_KEYS, self.rounds)
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]

@@ -16,11 +16,13 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
+from fedapp import checkpoint
 from fedapp.attacks import AttackSpec, attacker_partitions
+from fedapp.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.compression import CompressionSpec
-from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir
+from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir, to_dict
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
-from fedapp.privacy import with_privacy
+from fedapp.privacy import CentralDP, with_privacy
 from fedapp.recorder import Recorder
 from fedapp.secure import designated_evaluator, secure_meta, server_aggregator
 from strategies import build_strategy
@@ -40,71 +42,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, dict[str, int]]:
-    """Ask nodes for their partition id, the federation size they know, and own-data flag."""
-    msgs = [
-        Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
-    ]
-    info: dict[int, dict[str, int]] = {}
-    for reply in grid.send_and_receive(msgs, timeout=wait_s):
-        src = reply.metadata.src_node_id
-        if reply.has_error():
-            log(WARNING, "node %d did not answer the discovery query: %s", src, reply.error.reason)
-            continue
-        info[src] = {k: int(v) for k, v in reply.content["metrics"].items()}
-    return info
-
-
-def discover_nodes(
-    grid: Grid, min_nodes: int, wait_s: float, num_partitions: int | None = None
-) -> dict[int, int]:
-    """Map node id -> partition id by asking every connected node (one QUERY message each).
+def discover_nodes(grid: Grid, min_nodes: int, wait_s: float) -> dict[int, NodeInfo]:
+    """Ask every connected SuperNode what it holds (one QUERY message each): node id -> info.
 
     Waits until `min_nodes` nodes answered, or all the nodes the federation says it has (the
-    `num-partitions` in their node config). Nodes without their own data files (simulation)
-    load partition `partition-id` of the configured partitioner, so the federation size must
-    equal its number of partitions: otherwise every client would fail in every round, and
-    the run stops here instead.
+    `num-partitions` in their node config: Flower's simulation sets it to its number of
+    SuperNodes), and at most `wait_s` seconds. Which node serves which client is decided
+    from the answers (`fedapp.clients.assign_clients`): simulation nodes can serve any
+    number of clients, so the federation's size no longer has to equal the partitioning's.
     """
     deadline = time.monotonic() + wait_s
-    info: dict[int, dict[str, int]] = {}
+    info: dict[int, NodeInfo] = {}
     while True:
         new = [nid for nid in grid.get_node_ids() if nid not in info]
         if new:
-            info.update(_query_nodes(grid, new, wait_s))
-        for i in info.values():
-            if (
-                num_partitions is not None
-                and not i.get("has-data-path")
-                and i["num-partitions"] != num_partitions
-            ):
-                raise ConfigError(
-                    f"the federation has {i['num-partitions']} SuperNodes but the configured "
-                    f"partitioning makes {num_partitions} clients: run with --federation-config "
-                    f"'num-supernodes={num_partitions}' (fedapp-run sets it for you), or choose e.g. "
-                    f"partition=iid partition.num_partitions={i['num-partitions']}"
-                )
-        size = max((i["num-partitions"] for i in info.values()), default=-1)
+            info.update(query_nodes(grid, new, max(deadline - time.monotonic(), 1.0)))
+        size = max((i.num_partitions for i in info.values()), default=-1)
         if info and len(info) >= (min(min_nodes, size) if size > 0 else min_nodes):
-            break
+            return info
         if time.monotonic() > deadline:
             raise ConfigError(
                 f"only {len(info)} SuperNodes answered within {wait_s:.0f}s, need {min_nodes}. "
                 "Start more SuperNodes or lower clients_per_round."
             )
         time.sleep(1.0)
-    mapping = {nid: i["partition-id"] for nid, i in info.items()}
-    seen: dict[int, int] = {}
-    for nid, pid in mapping.items():
-        if pid >= 0 and pid in seen:
-            raise ConfigError(f"nodes {seen[pid]} and {nid} both claim partition-id {pid}")
-        seen[pid] = nid
-    # Deployment nodes holding their own files without a partition-id get stable ids.
-    free = sorted(n for n, p in mapping.items() if p < 0)
-    next_id = max([p for p in mapping.values() if p >= 0], default=-1) + 1
-    for i, nid in enumerate(free):
-        mapping[nid] = next_id + i
-    return mapping
 
 
 def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -> list[dict]:
@@ -154,11 +115,16 @@ def server_loss_fn(task, dataset, prep: dict[str, list[float]]):
     return loss
 
 
+def num_clients(node_partitions: dict[int, int]) -> int:
+    """The federation's size by partition ids (a deployment's may have gaps)."""
+    return max(node_partitions.values(), default=-1) + 1
+
+
 def bind_strategy(strategy, cfg: DictConfig, task: Task, node_partitions: dict[int, int]):
     """Attach the federation to the strategy; the attack harness's clients (reported only)."""
     attack = AttackSpec.from_config(cfg.get("attack"))
     attackers = (
-        attacker_partitions(task.num_partitions(), attack.fraction, int(cfg.seed))
+        attacker_partitions(num_clients(node_partitions), attack.fraction, int(cfg.seed))
         if attack.active
         else []
     )
@@ -180,7 +146,7 @@ def make_clock(
     """The one clock every strategy talks to the clients through (fedapp.hetero): simulated
     seconds under a virtual hetero profile, wall seconds otherwise."""
     hetero = HeteroSpec.from_config(cfg.get("hetero"))
-    profiles = dict(enumerate(assign_profiles(hetero, task.num_partitions(), int(cfg.seed))))
+    profiles = dict(enumerate(assign_profiles(hetero, num_clients(node_partitions), int(cfg.seed))))
     clock = ClockGrid(
         grid, hetero, profiles, node_partitions, int(cfg.seed), float(cfg.round_timeout_s)
     )
@@ -232,6 +198,59 @@ def run_meta(context: Context, cfg: DictConfig, initial: ArrayRecord, **extra) -
     }
 
 
+def live_objects(strategy, task, grid, clients, clock, recorder) -> dict[str, Any]:
+    """Objects of this server the strategy may refer to, rebuilt on resume, never written
+    into a checkpoint (fedapp.checkpoint)."""
+    inner = getattr(strategy, "strategy", strategy)
+    return {
+        "strategy": strategy,
+        "inner_strategy": inner,
+        "task": task,
+        "grid": grid,
+        "clients": clients,
+        "clock": clock,
+        "recorder": recorder,
+        "secure": inner.secure,
+        "server_loss": getattr(inner, "server_loss", None),
+    }
+
+
+def checkpointer(out_dir, cfg, strategy, live, recorder, clock, clients, prep):
+    """The function the recorder calls after every round: writes `checkpoint.pt`. A
+    checkpoint that fails is stated in `meta.checkpoint` (and logged once); the run goes on."""
+    if not bool(cfg.get("checkpoint", True)):
+        recorder.meta["checkpoint"] = "not written: checkpoint=false"
+        return None
+
+    def write(server_round: int, arrays: ArrayRecord) -> None:
+        if str(recorder.meta.get("checkpoint", "")).startswith("failed"):
+            return
+        try:
+            checkpoint.write(
+                out_dir,
+                {
+                    "round": server_round,
+                    "arrays": arrays,
+                    "config": to_dict(cfg),
+                    "prep": prep,
+                    "meta": recorder.meta,
+                    "strategy": checkpoint.strategy_state(strategy, live),
+                    "recorder": recorder.state(),
+                    "clock": clock.state(),
+                    "clients": clients.state(),
+                    "rng": checkpoint.rng_state(),
+                    "lineage": clients.lineage,
+                    "history": clients.history,
+                },
+            )
+            recorder.meta["checkpoint"] = f"round {server_round}"
+        except checkpoint.CheckpointError as exc:
+            recorder.meta["checkpoint"] = f"failed: {exc}"
+            log(WARNING, "[fedapp] %s; this run cannot be resumed", exc)
+
+    return write
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -247,23 +266,37 @@ def main(grid: Grid, context: Context) -> None:
         cfg.seed,
     )
     log(INFO, "[fedapp] results will be written to %s", out_dir)
+    saved = checkpoint.read(cfg.resume) if cfg.get("resume") else None
+    if saved is not None:
+        checkpoint.check_compatible(saved["config"], cfg, int(saved["round"]))
+        log(INFO, "[fedapp] resuming after round %d of %s", saved["round"], cfg.resume)
     seed_everything(int(cfg.seed))
     task = get_task(cfg, resolve_data_dir(cfg, run_config))
-    node_partitions = discover_nodes(
-        grid, int(cfg.clients_per_round), float(cfg.round_timeout_s), task.num_partitions()
+    task.load_central_test()  # bad data fails here, before any node is waited for
+    nodes = discover_nodes(grid, int(cfg.clients_per_round), float(cfg.round_timeout_s))
+    clients = ClientGrid(
+        grid,
+        nodes,
+        None if all(i.has_data_path for i in nodes.values()) else task.num_partitions(),
+        out_dir / "client_state",
+        query_timeout_s=min(float(cfg.round_timeout_s), 60.0),
+        history=({**saved["history"], saved["lineage"]: int(saved["round"])} if saved else None),
     )
-    log(INFO, "[fedapp] %d clients connected", len(node_partitions))
+    node_partitions = clients.node_partitions
+    log(INFO, "[fedapp] %d clients on %d SuperNodes", len(node_partitions), len(nodes))
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.compression = CompressionSpec.from_config(cfg.get("compression"))
     strategy.secure = server_aggregator(cfg)
     strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
-    if task.needs_stats:  # before the clock starts, as discovery
+    if saved is not None:  # the same parameters, and no privacy spent on asking again
+        prep = saved["prep"]
+    elif task.needs_stats:  # before the clock starts, as discovery
         prep = task.aggregate_stats(
-            collect_stats(grid, sorted(node_partitions), float(cfg.round_timeout_s), task)
+            collect_stats(clients, sorted(node_partitions), float(cfg.round_timeout_s), task)
         )
-    clock, profiles = make_clock(grid, cfg, task, node_partitions)
+    clock, profiles = make_clock(clients, cfg, task, node_partitions)
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
@@ -275,6 +308,7 @@ def main(grid: Grid, context: Context) -> None:
         output_dir=str(out_dir),
         attackers=attackers,
         server_val_rows=server_val_rows,
+        clients_started_unix=clients.started_unix,
     )
     if clock.spec.active:
         meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}
@@ -284,9 +318,30 @@ def main(grid: Grid, context: Context) -> None:
         }
     if strategy.secure is not None:
         meta["secure"] = secure_meta(cfg)
+    start_round = 1
+    if saved is not None:
+        initial, start_round = saved["arrays"], int(saved["round"]) + 1
+        resumed = {
+            "after_round": int(saved["round"]),
+            "at": meta["started"],
+            "run_id": meta["run_id"],
+        }
+        meta = {**saved["meta"], "resumed": [*saved["meta"].get("resumed", []), resumed]}
     recorder = Recorder(out_dir, cfg, task, strategy, meta, test_set, prep=prep, clock=clock)
+    recorder.nodes_fn = clients.report
     if strategy.secure is not None:
         recorder.evaluator = designated_evaluator(cfg, task)
+    live = live_objects(strategy, task, grid, clients, clock, recorder)
+    if saved is not None:
+        checkpoint.restore_strategy(strategy, saved["strategy"], live)
+        recorder.restore(saved["recorder"])
+        clock.restore(saved["clock"])
+        clients.restore(saved["clients"])
+        if isinstance(strategy, CentralDP):  # a possible release after the checkpoint
+            strategy.resumed()
+    recorder.checkpoint_fn = checkpointer(
+        out_dir, cfg, strategy, live, recorder, clock, clients, prep
+    )
     settings = TrainSettings(
         local_epochs=int(cfg.train.local_epochs),
         max_steps=int(cfg.train.max_steps),
@@ -297,6 +352,8 @@ def main(grid: Grid, context: Context) -> None:
         seed=int(cfg.seed),
     )
     final, error = None, None
+    if saved is not None:  # as they were at the end of the checkpointed round
+        checkpoint.set_rng_state(saved["rng"])
     try:
         result = strategy.start(
             grid=clock,
@@ -308,6 +365,7 @@ def main(grid: Grid, context: Context) -> None:
             train_config=ConfigRecord({**settings.to_config(), **prep}),
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
+            start_round=start_round,
         )
         final = result.arrays
     except BaseException as exc:

@@ -60,6 +60,7 @@ class TrainJob:
     seed: int  # this client's seed for this round
     node_config: dict[str, Any] = field(default_factory=dict)  # Flower's, of this node
     run_id: int = 0
+    num_clients: int = 0  # the federation's size (fedapp.node.Node.num_clients)
     hooks: list[TrainHook] = field(default_factory=list)  # added to the training loop
     # False: a unit sends made-up weights instead of training (attack harness); it then sets
     # `metrics` itself.

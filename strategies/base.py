@@ -252,17 +252,22 @@ class FedappStrategyMixin:
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn=None,
+        start_round: int = 1,
     ) -> Result:
         """Flower's synchronous loop (`Strategy.start`): per round, training, federated
         evaluation and server-side evaluation (`evaluate_fn`, also once before round 1).
-        Stops starting rounds once the simulated-time budget is spent."""
+        Stops starting rounds once the simulated-time budget is spent. `start_round` > 1:
+        a resumed run (fedapp.checkpoint), `initial_arrays` being the model after the round
+        before it."""
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
         result, arrays = Result(), initial_arrays
         self._global_arrays = arrays
-        if evaluate_fn:
+        if start_round > 1:
+            result.arrays = arrays
+        elif evaluate_fn:
             evaluate_fn(0, arrays)
-        for rnd in range(1, num_rounds + 1):
+        for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
             replies = grid.send_and_receive(

@@ -206,6 +206,7 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn=None,
+        start_round: int = 1,
     ) -> Result:
         from fedapp.hetero import ClockGrid
 
@@ -216,17 +217,23 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         self._clock = grid
         self._train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        self._arrays = arrays = initial_arrays
-        self._global_arrays = arrays
-        self._tickets: dict[str, int] = {}  # message id -> ticket
-        self._partition: dict[int, int] = {}  # ticket -> partition id
-        policy = self.policy = self.make_policy(self._train_config, timeout)
         result = Result()
-        if evaluate_fn:
-            evaluate_fn(0, arrays)
-        if policy.probes:
-            self._probe(grid, arrays)
-        for rnd in range(1, num_rounds + 1):
+        if start_round > 1:
+            # Resumed (fedapp.checkpoint): the policy, the tickets in flight and the model
+            # were restored with the strategy's state, the flights with the clock's.
+            policy, arrays = self.policy, self._arrays
+            result.arrays = arrays
+        else:
+            self._arrays = arrays = initial_arrays
+            self._global_arrays = arrays
+            self._tickets: dict[str, int] = {}  # message id -> ticket
+            self._partition: dict[int, int] = {}  # ticket -> partition id
+            policy = self.policy = self.make_policy(self._train_config, timeout)
+            if evaluate_fn:
+                evaluate_fn(0, arrays)
+            if policy.probes:
+                self._probe(grid, arrays)
+        for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
             self._round = rnd

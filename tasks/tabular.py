@@ -21,6 +21,7 @@ import gzip
 import io
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -492,6 +493,10 @@ def featurize(rows: Rows, schema: Schema, prep: dict[str, list[float]]) -> Tenso
 
 
 def feature_dim(schema: Schema) -> int:
+    if schema.numeric == ["all"]:  # a bug in the caller, not in the user's input
+        raise RuntimeError(
+            "schema `numeric: all` is resolved from a file's columns: read one first"
+        )
     n = len(schema.numeric)
     return n * (2 if schema.missing_indicators else 1) + sum(
         len(v) + 2 for v in schema.categorical.values()
@@ -552,10 +557,33 @@ class TabularTask(Task):
             # DP statistics need bounded contributions: squash every value row by row (no
             # pooled statistic), then clip it (fedapp.privacy)
             self.schema.numeric_transform = "signed_log"
+        self._partitioner = None
+        self._test_file_rows: Rows | None = None
+
+    # -- the pooled files, read on first use ---------------------------------------------------
+    # A deployed SuperNode reads its own file only (`load_node_data`) and never touches these:
+    # an institution has its own rows and nothing else. Simulation, partitioning, the
+    # centralized baseline and (without `test_file`) the server's test set read them.
+    @cached_property
+    def _pooled(self) -> tuple[pd.DataFrame, pd.DataFrame, Rows, np.ndarray, np.ndarray]:
         files = OmegaConf.to_container(self.task_cfg.files, resolve=True)
         assert isinstance(files, list)
-        self.frame, self.raw = load_frame(files, self.schema, self.data_dir)
-        self.rows, unknown = encode(self.frame, self.schema, self.num_classes)
+        frame, raw = load_frame(files, self.schema, self.data_dir)
+        rows = self._encode(frame)
+        if len(np.unique(rows.y)) < 2:
+            raise DataError(
+                f"task {self.name}: the label has one class only; check schema.positive"
+            )
+        train_idx, test_idx = train_test_split(
+            np.arange(len(rows)),
+            test_size=float(self.task_cfg.test_fraction),
+            random_state=self.seed,
+            stratify=rows.y,
+        )
+        return frame, raw, rows, train_idx, test_idx
+
+    def _encode(self, frame: pd.DataFrame) -> Rows:
+        rows, unknown = encode(frame, self.schema, self.num_classes)
         for col, n in unknown.items():
             log(
                 WARNING,
@@ -564,18 +592,27 @@ class TabularTask(Task):
                 n,
                 col,
             )
-        if len(np.unique(self.rows.y)) < 2:
-            raise DataError(
-                f"task {self.name}: the label has one class only; check schema.positive"
-            )
-        idx = np.arange(len(self.rows))
-        self.train_idx, self.test_idx = train_test_split(
-            idx,
-            test_size=float(self.task_cfg.test_fraction),
-            random_state=self.seed,
-            stratify=self.rows.y,
-        )
-        self._partitioner = None
+        return rows
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return self._pooled[0]
+
+    @property
+    def raw(self) -> pd.DataFrame:
+        return self._pooled[1]
+
+    @property
+    def rows(self) -> Rows:
+        return self._pooled[2]
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        return self._pooled[3]
+
+    @property
+    def test_idx(self) -> np.ndarray:
+        return self._pooled[4]
 
     # -- partitioning through flwr-datasets -----------------------------------------------------
     @property
@@ -656,20 +693,36 @@ class TabularTask(Task):
         self.raw.iloc[idx].to_csv(path, index=False)
         return len(idx)
 
+    def export_central_test(self, path: Path) -> Path:
+        """Write the server's test rows (as read) to `path`, a file `task.test_file` reads."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.raw.iloc[self.test_idx].to_csv(path, index=False)
+        return path
+
+    @property
+    def test_file(self) -> str:
+        """The operator's own labelled file the server tests on (`task.test_file`), if any."""
+        return str(self.task_cfg.get("test_file") or "")
+
     def load_central_test(self) -> Rows:
-        return self.rows.take(self.test_idx)
+        if not self.test_file:
+            return self.rows.take(self.test_idx)
+        if self._test_file_rows is None:
+            frame, _ = load_frame([{"path": self.test_file}], self.schema, self.data_dir)
+            self._test_file_rows = self._encode(frame)
+        return self._test_file_rows
 
     def load_centralized_train(self) -> Rows:
         return self.rows.take(self.train_idx)
 
     def test_labels(self) -> np.ndarray:
-        return self.rows.y[self.test_idx]
+        return self.load_central_test().y
 
     def dataset_labels(self, dataset: Rows) -> np.ndarray:
         return dataset.y
 
     def central_test_subset(self, positions: np.ndarray) -> Rows:
-        return self.rows.take(self.test_idx[positions])
+        return self.load_central_test().take(positions)
 
     # -- federated preprocessing --------------------------------------------------------------
     def client_stats(self, data: ClientData, clip: float | None = None) -> dict[str, list[float]]:

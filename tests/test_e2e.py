@@ -106,6 +106,47 @@ def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_flwr_run_on_flowers_default_supernodes_gives_the_same_models(tmp_path, data_dir):
+    """`flwr run .` as a Flower user types it, with no federation config: Flower's local
+    simulation then has 2 SuperNodes for 6 clients. The server spreads the clients over them
+    (virtual clients, each with its own state: SCAFFOLD's control variates here), and the
+    run gives the same models as the in-process engine with one node per client."""
+    import torch
+
+    from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir
+    from fedapp.launch import prepare_run, run_status, submit, superlink
+
+    overrides = (
+        "task=credit partition=iid partition.num_partitions=6 rounds=3 clients_per_round=4 "
+        "eval_clients_per_round=3 strategy=scaffold"
+    )
+    ovr = parse_overrides(overrides)
+    cfg = compose(ovr)
+    out = tmp_path / "flwr"
+    out.mkdir()
+    flwr_home, env, run_cfg = prepare_run(cfg, ovr, resolve_data_dir(cfg), out)
+    with superlink(flwr_home, out / "superlink.log", env):
+        rc, run_id = submit(PROJECT_ROOT, run_cfg, env, None, 900, out / "flwr_run.log")
+        assert run_status(env, run_id) == "completed", (out / "flwr_run.log").read_text()[-3000:]
+    flower = json.loads((out / "results.json").read_text())
+    nodes = flower["nodes"]
+    assert sorted(map(int, nodes)) == list(range(6))
+    assert len({n["node_id"] for n in nodes.values()}) == 2  # Flower's default
+    assert all(n["virtual"] and n["failures"] == 0 for n in nodes.values())
+    assert len(list((out / "client_state").glob("client-*/r*.state"))) >= 6
+    inline_dir = run_inline(overrides, tmp_path / "inline")
+    inline = json.loads((inline_dir / "results.json").read_text())
+    assert not any(n["virtual"] for n in inline["nodes"].values())
+    for rf, ri in zip(flower["rounds"], inline["rounds"], strict=True):
+        assert rf["test_loss"] == ri["test_loss"]
+        assert sorted(c["partition_id"] for c in rf["clients"]) == sorted(
+            c["partition_id"] for c in ri["clients"]
+        )
+    a = torch.load(out / "final_model.pt")
+    b = torch.load(inline_dir / "final_model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_event_driven_strategy_runs_on_flowers_grid(tmp_path, data_dir):
     """The tiered scheduler pushes and pulls through Flower's simulation Grid (as FedAsync does,
     through the same ClockGrid calls); on the virtual clock its schedule (who trains when, with

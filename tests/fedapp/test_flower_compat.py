@@ -8,7 +8,15 @@ import re
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from fedapp.config import PROJECT_ROOT
 from fedapp.flower_compat import (
@@ -16,8 +24,11 @@ from fedapp.flower_compat import (
     ErrorCode,
     aggregate_arrayrecords,
     aggregate_metricrecords,
+    recorddict_from_bytes,
+    recorddict_to_bytes,
     select_multikrum,
     set_message_id,
+    set_src_node_id,
     set_task_identity,
 )
 
@@ -34,6 +45,32 @@ def test_message_ids_can_be_assigned_and_replies_point_to_them():
     error = Message(Error(ErrorCode.NODE_UNAVAILABLE, "gone"), reply_to=msg)
     assert error.has_error() and error.error.code == ErrorCode.NODE_UNAVAILABLE
     set_task_identity(run_id=1, task_id=1, node_id=0)
+
+
+def test_a_replys_sender_can_be_restamped():
+    msg = Message(RecordDict(), dst_node_id=42, message_type=MessageType.TRAIN)
+    set_message_id(msg, "m-2")
+    reply = Message(RecordDict(), reply_to=msg)
+    set_src_node_id(reply, 7)
+    assert reply.metadata.src_node_id == 7 and reply.metadata.reply_to_message_id == "m-2"
+
+
+def test_recorddicts_survive_the_wire_format_with_their_arrays():
+    records = RecordDict(
+        {
+            "arrays": ArrayRecord([np.arange(5, dtype=np.float32), np.ones((2, 3), np.int64)]),
+            "metrics": MetricRecord({"a": 1, "b": [0.5, 2.0]}),
+            "config": ConfigRecord({"s": "text", "raw": b"\x00\x01"}),
+        }
+    )
+    back = recorddict_from_bytes(recorddict_to_bytes(records))
+    assert set(back) == set(records)
+    for a, b in zip(
+        back["arrays"].to_numpy_ndarrays(), records["arrays"].to_numpy_ndarrays(), strict=True
+    ):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert dict(back["metrics"]) == dict(records["metrics"])
+    assert dict(back["config"]) == dict(records["config"])
 
 
 def test_error_codes_fedapp_uses_exist_and_differ():

@@ -165,3 +165,18 @@ def test_availability_draws_are_reproducible_and_near_their_probability():
 def test_a_supernode_states_its_own_profile():
     prof = profile_from_node_config({"speed": "0.25", "up-mbps": 3, "other": 1}, DeviceProfile())
     assert prof.speed == 0.25 and prof.up_mbps == 3 and prof.down_mbps == DeviceProfile().down_mbps
+
+
+def test_the_wall_clock_never_waits_for_a_reply_longer_than_the_round_timeout():
+    """A ClientApp that hangs (its node still heartbeats) must not hold an event-driven
+    strategy's unbounded `next_event()` forever: after `round_timeout_s` it is an error."""
+    clock = _clock({0: FAST}, virtual=False)
+    clock.real_timeout_s = 0.3
+    clock.grid.push_messages = lambda msgs: [f"hung-{i}" for i, _ in enumerate(msgs)]
+    clock.grid.pull_messages = lambda ids: []
+    clock.submit([_train(0)])
+    start = time.monotonic()
+    event = clock.next_event()  # until=inf
+    assert time.monotonic() - start < 2.0
+    assert event.reply.has_error()
+    assert event.reply.error.code == ErrorCode.MESSAGE_UNAVAILABLE

@@ -196,6 +196,7 @@ def _job(data_dir, overrides: str, state: RecordDict, rnd: int = 1) -> TrainJob:
         prep=task.aggregate_stats([task.client_stats(data)]),
         state=state,
         seed=rnd,
+        num_clients=task.num_partitions(),
     )
 
 

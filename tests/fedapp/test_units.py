@@ -38,6 +38,7 @@ def _job(data_dir, overrides: str, config: dict, partition_id: int = 0, extra=No
         prep={},
         state=RecordDict(),
         seed=0,
+        num_clients=task.num_partitions(),
     )
 
 

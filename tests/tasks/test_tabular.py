@@ -115,13 +115,13 @@ def test_corrupted_copies_fail_with_file_and_column(edit, message, data_dir, tmp
     dst.parent.mkdir()
     dst.write_text(edit(_read(src)), newline="")
     with pytest.raises(DataError, match=message) as err:
-        TabularTask(compose("task=credit_lending"), tmp_path)
+        _ = TabularTask(compose("task=credit_lending"), tmp_path).rows  # read on first use
     assert "loan_data.csv" in str(err.value) or "no rows" in message
 
 
 def test_missing_file_and_unknown_categories(data_dir, tmp_path):
     with pytest.raises(DataError, match="file not found"):
-        TabularTask(compose("task=bankruptcy_taiwan"), tmp_path)
+        _ = TabularTask(compose("task=bankruptcy_taiwan"), tmp_path).rows
     src = data_dir / "lending_club_loan_data" / "loan_data.csv"
     dst = tmp_path / "lending_club_loan_data" / "loan_data.csv"
     dst.parent.mkdir()
@@ -144,7 +144,7 @@ def test_taiwan_bankruptcy_by_path(tmp_path):
     task = TabularTask(
         compose("task=bankruptcy_taiwan partition=iid partition.num_partitions=3"), tmp_path
     )
-    assert len(task.schema.numeric) == 5 and task.num_partitions() == 3
+    assert task.num_partitions() == 3 and len(task.schema.numeric) == 5  # resolved on reading
     with pytest.raises(DataError, match="natural_id"):
         TabularTask(compose("task=bankruptcy_taiwan partition=natural"), tmp_path).num_partitions()
 
@@ -208,3 +208,28 @@ def test_label_flip_changes_only_training_labels(data_dir):
     ).all()
     assert flipped.val is data.val
     assert flipped.label_counts.tolist() == data.label_counts[::-1].tolist()
+
+
+def test_a_deployed_node_and_the_server_need_only_their_own_files(data_dir, tmp_path):
+    """An institution's SuperNode has its own file and nothing else; the operator tests on
+    its own labelled file (`task.test_file`). Neither ever reads the pooled dataset."""
+    full = get_task(compose("task=credit partition=iid partition.num_partitions=3"), data_dir)
+    own, test = tmp_path / "bank-a.csv", tmp_path / "operator-test.csv"
+    full.export_partitions([0], own)
+    full.raw.iloc[full.test_idx[:500]].to_csv(test, index=False)
+    empty = tmp_path / "no-pooled-data"
+    empty.mkdir()
+    node = TabularTask(compose("task=credit"), empty)
+    data = node.load_node_data(own)
+    assert data.num_train + len(data.val) == len(full.partition_rows(0))
+    model = node.make_model()  # the schema alone fixes the model
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in full.make_model().parameters()
+    )
+    server = TabularTask(compose(f"task=credit task.test_file={test}"), empty)
+    assert len(server.load_central_test()) == 500
+    np.testing.assert_array_equal(server.test_labels(), full.rows.y[full.test_idx[:500]])
+    assert len(server.central_test_subset(np.arange(10))) == 10
+    assert "_pooled" not in vars(node) and "_pooled" not in vars(server)  # never read
+    with pytest.raises(DataError, match="file not found"):
+        _ = node.rows  # the pooled file is not there, and nothing needed it

@@ -1,0 +1,164 @@
+"""Checkpoint after every round; resume a run that stopped: `resume=<run dir>` (with
+`rounds=` the new total, if it should run longer).
+
+Flower 1.41 has no resume (`Strategy.start` has no start round, `flwr run` no resume flag),
+so the ServerApp writes, after every round, atomically, `<run dir>/checkpoint.pt`:
+
+- the global model and the round number;
+- the strategy's full state (every attribute: trust scores, contribution ledger, SCAFFOLD's
+  server control, momentum, the central-DP accountant's releases, the per-round records...);
+- the run's random states (Python, NumPy, PyTorch), the clock (simulated time, bytes), the
+  recorder (rounds so far, best model), the clients' status, the federated preprocessing
+  parameters (a resumed run does not ask the clients again: same numbers, no privacy spent);
+- the lineage of client state (`fedapp.clients.ClientStateStore`): clients keep their own
+  state (SCAFFOLD's control, MOON's previous model, compression residuals, DP ledgers) in
+  files, one version per round, and a resumed run reads the versions as of the checkpoint.
+
+Objects of the running server that the strategy refers to but that are rebuilt on resume
+(the task, the grid, the encryption context, the server's validation loss) are not written:
+they are replaced by name (pickle's persistent ids) and bound to the new run's objects.
+
+The checkpoint is a pickle: load only checkpoints your own runs wrote.
+
+Event-driven strategies (tiered, FedAsync, TiFL) have messages in flight across rounds: the
+clock's flights are part of the checkpoint. On the virtual clock their replies are collected
+before it is written, so the resumed run gets them when the uninterrupted one did; on the
+wall clock a reply that had not reached the dead server is lost, and that message fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from fedapp.config import ConfigError, to_dict
+
+CHECKPOINT = "checkpoint.pt"
+MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
+VERSION = 1
+NOT_COMPARED = ("rounds", "resume", "output_dir")  # what a resume may change
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read."""
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, live: dict[str, Any]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._names = {id(obj): name for name, obj in live.items() if obj is not None}
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return self._names.get(id(obj))
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Arrays received over Flower's transport hold memoryviews (not picklable): as bytes.
+        if isinstance(obj, memoryview):
+            return bytes, (obj.tobytes(),)
+        return NotImplemented
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, live: dict[str, Any]) -> None:
+        super().__init__(file)
+        self._live = live
+
+    def persistent_load(self, pid: str) -> Any:
+        if pid not in self._live:
+            raise CheckpointError(f"the checkpoint refers to '{pid}', which this run lacks")
+        return self._live[pid]
+
+
+def dumps(value: Any, live: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    try:
+        _Pickler(buf, live).dump(value)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot write the checkpoint: {exc}") from exc
+    return buf.getvalue()
+
+
+def loads(data: bytes, live: dict[str, Any]) -> Any:
+    return _Unpickler(io.BytesIO(data), live).load()
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def strategy_state(strategy, live: dict[str, Any]) -> bytes:
+    """Every attribute of the strategy, and of the inner strategy of a wrapper (central DP).
+    The strategy objects themselves are live: a policy holding a bound method of its strategy
+    is bound to the resumed run's strategy."""
+    inner = getattr(strategy, "strategy", None)
+    return dumps({"outer": vars(strategy), "inner": vars(inner) if inner else None}, live)
+
+
+def restore_strategy(strategy, blob: bytes, live: dict[str, Any]) -> None:
+    state = loads(blob, live)
+    vars(strategy).update(state["outer"])
+    if state["inner"] is not None:
+        vars(strategy.strategy).update(state["inner"])
+
+
+def write(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write the checkpoint atomically (a crash mid-write leaves the previous one)."""
+    data = dumps({"version": VERSION, **state}, live={})
+    path = Path(run_dir) / CHECKPOINT
+    tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    marker = {"round": int(state["round"]), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = path.with_name(f".{MARKER}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(marker))
+    os.replace(tmp, path.with_name(MARKER))
+
+
+def read(run_dir: Path | str) -> dict[str, Any]:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: no {CHECKPOINT} there (runs write one after every round; "
+            "was this run started before checkpoints existed, or with checkpoint=false?)"
+        )
+    state = pickle.loads(path.read_bytes())
+    if state.get("version") != VERSION:
+        raise ConfigError(f"{path}: checkpoint version {state.get('version')}, need {VERSION}")
+    return state
+
+
+def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
+    """A resume continues the same experiment: only `rounds` may change, and upwards."""
+    now = to_dict(cfg)
+    differ = sorted(
+        k for k in set(saved) | set(now) if k not in NOT_COMPARED and saved.get(k) != now.get(k)
+    )
+    if differ:
+        raise ConfigError(
+            f"resume: the config differs from the checkpointed run's in {differ}; a resume "
+            "continues the same experiment (only rounds= may change)"
+        )
+    if int(cfg.rounds) <= done:
+        raise ConfigError(
+            f"resume: the run already has {done} rounds; set rounds= to more than that"
+        )
