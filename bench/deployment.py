@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import fmt_mean_sd  # noqa: E402
 from fedapp.config import PROJECT_ROOT, compose, parse_overrides  # noqa: E402
 from fedapp.federation import (  # noqa: E402
-    export_node_data,
-    export_operator_test,
+    export_operator_files,
     node_config_line,
     run_federation,
     start_supernode,
@@ -97,8 +96,7 @@ def killed_node_run(out: Path, overrides: str, nodes: int = NODES) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ovr = parse_overrides(overrides)
     rounds = int(compose(ovr).rounds)
-    files = export_node_data(ovr, nodes, out)
-    test = export_operator_test(ovr, out)
+    files, test = export_operator_files(ovr, nodes, out)
     ovr = [*ovr, f"task.test_file={test}"]
     flwr_home, env, run_cfg = prepare_run(compose(ovr), ovr, test.parent, out)
     procs: dict[str, object] = {}

@@ -132,10 +132,16 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--k", type=int, default=2)
     args = parser.parse_args()
-    rows = [one(t, s, args.k) for t in args.tasks for s in args.strategies]
-    (OUT / "resume.json").write_text(
-        json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=1)
-    )
+    # Cells measured by earlier invocations are kept; a cell run again replaces its row.
+    path = OUT / "resume.json"
+    kept = json.loads(path.read_text()) if path.exists() else {"commands": [], "runs": []}
+    done: dict[tuple[str, str], dict] = {(r["task"], r["strategy"]): r for r in kept["runs"]}
+    for t in args.tasks:
+        for s in args.strategies:
+            done[(t, s)] = one(t, s, args.k)
+            rows = list(done.values())
+            commands = [*kept.get("commands", []), " ".join(sys.argv)]
+            path.write_text(json.dumps({"commands": commands, "runs": rows}, indent=1))
     (OUT / "resume.md").write_text(report(rows))
     print(report(rows))
     return 0

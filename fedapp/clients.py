@@ -45,6 +45,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedapp.config import ConfigError
 from fedapp.flower_compat import recorddict_from_bytes, recorddict_to_bytes, set_src_node_id
 
 CLIENT_RECORD = "fedapp.client"  # ConfigRecord naming the virtual client a message is for
@@ -126,8 +127,6 @@ def assign_clients(
             while pid in served:
                 pid += 1
         if pid in served:
-            from fedapp.config import ConfigError
-
             raise ConfigError(f"nodes {served[pid]} and {nid} both claim partition-id {pid}")
         served[pid] = nid
     if not hosts:

@@ -55,8 +55,14 @@ from fedapp.launch import (
 from fedapp.tls import Credentials, create_credentials
 
 
-def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Path]:
-    """Write one data file per node; node i gets partitions {j : j % nodes == i}."""
+def export_operator_files(
+    overrides: list[str], nodes: int, out_dir: Path
+) -> tuple[list[Path], Path | None]:
+    """One data file per node, `<out>/nodes/node-i/data<suffix>` (node i gets partitions
+    {j : j % nodes == i}), and the operator's test file `<out>/operator/test.csv`, so that
+    the ServerApp runs with `task.test_file` and a data folder holding that file only, as
+    the SuperNodes hold theirs: no process of the federation reads the pooled dataset. The
+    test file is None for tasks without `test_file` (images)."""
     from tasks import get_task
 
     cfg = compose(overrides)
@@ -71,21 +77,10 @@ def export_node_data(overrides: list[str], nodes: int, out_dir: Path) -> list[Pa
         target = out_dir / "nodes" / f"node-{i}" / f"data{task.node_file_suffix}"
         task.export_partitions(list(range(i, n, nodes)), target)
         paths.append(target)
-    return paths
-
-
-def export_operator_test(overrides: list[str], out_dir: Path) -> Path | None:
-    """Tabular tasks: the server's test rows as the operator's own file,
-    `<out>/operator/test.csv`, so that the ServerApp runs with `task.test_file` and a data
-    folder holding that file only, as the SuperNodes hold theirs: no process of the
-    federation can read the pooled dataset. None for tasks without `test_file` (images)."""
-    from tasks import get_task
-
-    cfg = compose(overrides)
-    task = get_task(cfg, resolve_data_dir(cfg))
-    if not hasattr(task, "export_central_test"):
-        return None
-    return task.export_central_test(out_dir / "operator" / "test.csv")
+    test = None
+    if hasattr(task, "export_central_test"):
+        test = task.export_central_test(out_dir / "operator" / "test.csv")
+    return paths, test
 
 
 def split_keys(cfg, overrides: list[str], out: Path) -> tuple[list[str], Path | None]:
@@ -218,8 +213,7 @@ def run_federation(
         f"({'insecure' if creds is None else 'TLS, registered SuperNodes only'}) -> {out}",
         flush=True,
     )
-    node_files = export_node_data(ovr, nodes, out)
-    test_file = export_operator_test(ovr, out)
+    node_files, test_file = export_operator_files(ovr, nodes, out)
     if test_file is not None:
         ovr, data_dir = [*ovr, f"task.test_file={test_file}"], test_file.parent
     ovr, secret = split_keys(cfg, ovr, out)

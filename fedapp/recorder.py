@@ -289,13 +289,14 @@ class Recorder:
         status, detail = run_status(
             self.rounds, int(self.cfg.rounds), error, getattr(self.strategy, "stop_reason", None)
         )
-        if self.nodes_fn is not None:  # clients whose SuperNode never came back: said plainly
-            gone = [int(p) for p, n in self.nodes_fn().items() if not n.get("connected", True)]
+        nodes = self.nodes_fn() if self.nodes_fn is not None else None  # one refresh
+        if nodes is not None:  # clients whose SuperNode never came back: said plainly
+            gone = [int(p) for p, n in nodes.items() if not n.get("connected", True)]
             if gone:
                 detail["clients_disconnected_at_end"] = gone
         self.meta["status"] = status
         self.meta["status_detail"] = detail
-        results = self._write(final=True)
+        results = self._write(final=True, nodes=nodes)
         try:  # e.g. the contribution ledger
             self.strategy.write_reports(self.out_dir)
         except Exception as exc:  # a report problem must never lose the numbers
@@ -331,7 +332,7 @@ class Recorder:
             "clock_bytes_up": self.clock.bytes_up if self.clock is not None else None,
         }
 
-    def _write(self, final: bool = False) -> dict[str, Any]:
+    def _write(self, final: bool = False, nodes: dict[str, Any] | None = None) -> dict[str, Any]:
         results = {
             "schema_version": SCHEMA_VERSION,
             "meta": self.meta,
@@ -339,8 +340,10 @@ class Recorder:
             "rounds": self.rounds,
             "final": self.final_summary() if final else None,
         }
-        if self.nodes_fn is not None:  # per client: its SuperNodes, replies, failures, rejoins
-            results["nodes"] = self.nodes_fn()
+        if nodes is None and self.nodes_fn is not None:
+            nodes = self.nodes_fn()
+        if nodes is not None:  # per client: its SuperNodes, replies, failures, rejoins
+            results["nodes"] = nodes
         write_json_atomic(self.out_dir / "results.json", results)
         _write_csv(self.out_dir / "rounds.csv", ROUND_KEYS, self.rounds)
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir
-from fedapp.federation import export_node_data, node_config_line, register_node, start_supernode
+from fedapp.federation import (
+    export_operator_files,
+    node_config_line,
+    register_node,
+    start_supernode,
+)
 from fedapp.launch import prepare_run, run_status, stop_process_group, submit, superlink
 from fedapp.tls import create_credentials
 
@@ -36,7 +41,7 @@ def _federation(tmp_path: Path, overrides: str, nodes: int):
     cfg = compose(ovr)
     out = tmp_path / "run"
     out.mkdir()
-    files = export_node_data(ovr, nodes, out)
+    files, _ = export_operator_files(ovr, nodes, out)
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, resolve_data_dir(cfg), out)
     return out, files, flwr_home, env, run_cfg
 
