@@ -169,9 +169,9 @@ def audit(run_dir: Path, n: int = 2000, seed: int = 0, model_file: str = "final_
     prep = json.loads(prep_path.read_text()) if prep_path.exists() else {}
     if task.needs_stats and not prep:
         raise ConfigError(f"{prep_path} not found: the run's preprocessing is needed to audit it")
+    test = task.load_central_test()  # first: a schema's `numeric: all` is resolved on reading
     model = task.make_model()
     model.load_state_dict(torch.load(model_path, map_location="cpu"))
-    test = task.load_central_test()
     n = min(n, len(task.dataset_labels(test)))  # as many members as non-members
     outside = draw(task, test, n, seed + 1)
     member_rows = draw(task, members(task, n, seed), n, seed + 2)

@@ -3,6 +3,8 @@
 Named handlers, one per kind of message the server sends:
 - `train`: the round's units (fedapp/units.py: attack harness, the strategy's client part)
   around the task's local training;
+- `train.generator`, `train.synthesize`: the synthetic-data generator's local rounds and
+  the synthetic rows a client sends once (fedapp/synthetic.py);
 - `evaluate`: the global model on this client's validation rows;
 - `query` (discovery: which partition this node holds), `query.stats` (sufficient statistics
   of its training rows), `query.probe` (a timed few local steps, for schedulers) and
@@ -18,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedapp import synthetic
 from fedapp.clients import virtual_client_mod
 from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
@@ -64,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     run_units(job, compose_units(job))
     metrics = {
-        "num-examples": job.data.num_train,
+        "num-examples": job.data.num_train - job.synthetic_rows,  # its own rows only
         "train_loss": float(job.metrics["train_loss"]),
         "train_steps": float(job.metrics["train_steps"]),
         "train_time_s": float(job.metrics["train_time_s"]),
@@ -77,6 +80,18 @@ def train(msg: Message, context: Context) -> Message:
     for name, record in job.reply_records.items():
         content[name] = record
     return Message(content, reply_to=msg)
+
+
+@app.train("generator", mods=[device_emulation_mod])
+def train_generator(msg: Message, context: Context) -> Message:
+    """Local (DP) epochs of the synthetic-data generator (fedapp.synthetic)."""
+    return synthetic.generator_round(msg, context)
+
+
+@app.train("synthesize", mods=[device_emulation_mod])
+def train_synthesize(msg: Message, context: Context) -> Message:
+    """Synthetic rows from the locally fine-tuned generator, sent once (strategy=synthetic)."""
+    return synthetic.synthesize(msg, context)
 
 
 @app.evaluate(mods=[secure_mod])

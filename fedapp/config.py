@@ -146,6 +146,9 @@ def validate(cfg: DictConfig) -> None:
         from fedapp.secure import check_combination as check_secure
 
         check_secure(cfg)
+    from fedapp.synthetic import check as check_synthetic
+
+    check_synthetic(cfg)
 
 
 def _fraction(

@@ -63,6 +63,7 @@ from tasks.training import TrainHook
 MODES = ("none", "sample_dp", "central_dp")
 ACCOUNTANTS = ("rdp", "prv")
 STATE_KEY = "fedapp.dp"  # the ConfigRecord in Context.state holding the ledger (JSON)
+LABELS_KEY = "fedapp.dp-labels"  # the client's DP-released label histogram (Context.state)
 # What a client sends that sample-level DP does not cover (results.json meta.privacy.outside).
 OUTSIDE = (
     "num-examples (the number of training rows) and train_steps (a function of it)",
@@ -295,6 +296,9 @@ class Ledger:
     steps_per_round: int = 0
     participations: int = 0
     stats_noise_multiplier: float = 0.0
+    generator_noise_multiplier: float = (
+        0.0  # DP-SGD of the synthetic-data generator (fedapp.synthetic)
+    )
     history: History = field(default_factory=list)
 
     def epsilon(self, extra: History = ()) -> float:
@@ -447,7 +451,7 @@ class SampleDP(ClientUnit):
             spec, job.task, job.partition_id, job.node_config
         )
         n = job.data.num_train
-        if ledger.delta >= 1.0 / n:
+        if ledger.delta >= 1.0 / (n - job.synthetic_rows):  # the client's own rows
             raise PrivacyError(
                 f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{n} for client "
                 f"{job.partition_id}; lower privacy.delta"
@@ -511,6 +515,9 @@ def private_stats(node, context) -> dict[str, list[float]]:
     noisy = privatize_stats(stats, spec.stats_clip, ledger.stats_noise_multiplier, seed)
     ledger.record(ledger.stats_noise_multiplier, 1.0, 1)
     save_ledger(ledger, context.state, path)
+    # kept by the client: its released (noisy) label histogram, which later uses read for free
+    # (post-processing; fedapp.synthetic draws its synthetic rows' labels from it)
+    context.state.config_records[LABELS_KEY] = ConfigRecord({"counts": noisy["stats.labels"]})
     return noisy
 
 
@@ -526,10 +533,10 @@ def plan_dp_sgd(ledger: Ledger, spec: PrivacySpec, job: TrainJob, steps_per_epoc
     """Calibrate DP-SGD's noise once for the whole planned run, after what was already spent."""
     cfg = job.cfg
     participations = spec.participations
-    if participations == "auto":
-        participations = planned_participations(
-            int(cfg.rounds), int(cfg.clients_per_round), job.num_clients
-        )
+    if participations == "auto":  # `dp-rounds`: the rounds that train the task model, when
+        # a run spends its first rounds otherwise (fedapp.synthetic's generator rounds)
+        rounds = int(job.config.get("dp-rounds", cfg.rounds))
+        participations = planned_participations(rounds, int(cfg.clients_per_round), job.num_clients)
     ledger.participations = int(participations)
     ledger.sample_rate = 1.0 / steps_per_epoch
     ledger.steps_per_round = job.settings.steps_per_round(job.data.num_train)

@@ -16,7 +16,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedapp import checkpoint
+from fedapp import checkpoint, synthetic
 from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.compression import CompressionSpec
@@ -273,6 +273,7 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(int(cfg.seed))
     task = get_task(cfg, resolve_data_dir(cfg, run_config))
     task.load_central_test()  # bad data fails here, before any node is waited for
+    synthetic.check(cfg, task)  # before any statistic is asked for (privacy spent)
     nodes = discover_nodes(grid, int(cfg.clients_per_round), float(cfg.round_timeout_s))
     clients = ClientGrid(
         grid,
@@ -300,6 +301,16 @@ def main(grid: Grid, context: Context) -> None:
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
+    settings = TrainSettings(
+        local_epochs=int(cfg.train.local_epochs),
+        max_steps=int(cfg.train.max_steps),
+        batch_size=int(cfg.train.batch_size),
+        lr=float(cfg.train.lr),
+        momentum=float(cfg.train.momentum),
+        weight_decay=float(cfg.train.weight_decay),
+        seed=int(cfg.seed),
+    )
+    synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class
     meta = run_meta(
         context,
         cfg,
@@ -341,15 +352,6 @@ def main(grid: Grid, context: Context) -> None:
             strategy.resumed()
     recorder.checkpoint_fn = checkpointer(
         out_dir, cfg, strategy, live, recorder, clock, clients, prep
-    )
-    settings = TrainSettings(
-        local_epochs=int(cfg.train.local_epochs),
-        max_steps=int(cfg.train.max_steps),
-        batch_size=int(cfg.train.batch_size),
-        lr=float(cfg.train.lr),
-        momentum=float(cfg.train.momentum),
-        weight_decay=float(cfg.train.weight_decay),
-        seed=int(cfg.seed),
     )
     final, error = None, None
     if saved is not None:  # as they were at the end of the checkpointed round

@@ -9,6 +9,7 @@ belong to:
 | stage | units | home |
 |---|---|---|
 | attack | the attack harness (label flip, poisoning, free riders, crashes) | `fedapp/attacks.py` |
+| augment | synthetic rare-class rows from the federation's DP generator (`augment=rare_class`) | `fedapp/synthetic.py` |
 | privacy | sample-level DP-SGD with Opacus, its accountant and budget | `fedapp/privacy.py` |
 | strategy | a strategy's client part (FedProx's proximal term, SCAFFOLD's controls, contribution's validation gain and distillation, MOON's contrastive term) | its module in `strategies/`, listed in the strategy class's `client_units` |
 
@@ -39,7 +40,7 @@ from tasks import ClientData, Task
 from tasks.training import TrainHook, TrainSettings
 
 # Composition order, outermost first: before_train in this order, after_train in reverse.
-STAGES = ("attack", "privacy", "strategy")
+STAGES = ("attack", "augment", "privacy", "strategy")
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainJob:
     reply_metrics: dict[str, Any] = field(default_factory=dict)  # extra reply metrics
     reply_records: dict[str, ArrayRecord] = field(default_factory=dict)  # extra ArrayRecords
     withheld: set[str] = field(default_factory=set)  # reply metrics not to send (privacy)
+    synthetic_rows: int = 0  # rows a unit added to `data.train` (augment); not the client's own
     # The model to send, when a unit replaces it by something else than the trained model's
     # state dict (compressed or encrypted arrays); None: ArrayRecord(model.state_dict()).
     outgoing: ArrayRecord | None = None
@@ -118,6 +120,12 @@ def attack_units(cfg: DictConfig) -> list[type[ClientUnit]]:
     return [AttackHarness]
 
 
+def augment_units(cfg: DictConfig) -> list[type[ClientUnit]]:
+    from fedapp.synthetic import RareClassAugment
+
+    return [RareClassAugment]
+
+
 def privacy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
     from fedapp.privacy import CentralDPClient, SampleDP
 
@@ -126,6 +134,7 @@ def privacy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
 
 RESOLVERS: dict[str, StageResolver] = {
     "attack": attack_units,
+    "augment": augment_units,
     "privacy": privacy_units,
     "strategy": strategy_units,
 }

@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import Result
 from fedapp.compression import CompressionError, CompressionSpec, decode_reply, downlink
 from fedapp.flower_compat import aggregate_metricrecords
 from fedapp.secure import CT, CT_DELTA, SecureAggregator
+from fedapp.synthetic import GEN_KEY
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from tasks.metrics import confusion_metrics
 
@@ -194,6 +195,7 @@ class FedappStrategyMixin:
         "dp_target_epsilon",
         "dp_noise_multiplier",
         "crypto_s",
+        "synthetic-rows",
     )
 
     seed: int = 0
@@ -204,6 +206,9 @@ class FedappStrategyMixin:
     # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
     # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
     server_loss: Any = None
+    # augment=rare_class (fedapp.synthetic.GeneratorPhase, set by the ServerApp): generator
+    # rounds before the first training round; the generator then goes with every model.
+    generator_phase: Any = None
 
     def bind(
         self,
@@ -267,6 +272,11 @@ class FedappStrategyMixin:
             result.arrays = arrays
         elif evaluate_fn:
             evaluate_fn(0, arrays)
+        if self.generator_phase is not None:  # augment=rare_class
+            self._num_rounds = num_rounds
+            phase = self.generator_phase
+            phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
+            start_round = max(start_round, phase.spec.rounds + 1)
         for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
@@ -316,6 +326,8 @@ class FedappStrategyMixin:
     ) -> Iterable[Message]:
         self._round, self._global_arrays = server_round, arrays
         extra = self.round_config(server_round, config)
+        if self.generator_phase is not None:  # DP-SGD planned for the rounds after the generator's
+            extra["dp-rounds"] = max(1, self._num_rounds - self.generator_phase.spec.rounds)
         if self.secure is not None and self.secure.fednova_momentum is not None:
             extra["ckks-fednova"] = 1  # clients also encrypt their change per effective step
         config = ConfigRecord({**dict(config), **extra, "server-round": server_round})
@@ -344,7 +356,7 @@ class FedappStrategyMixin:
 
         The sample size is Flower's (`max(int(connected x fraction), min nodes)`), capped at
         the clients available; unlike Flower's sampler it never waits for more nodes."""
-        train = message_type == MessageType.TRAIN
+        train = message_type.split(".")[0] == MessageType.TRAIN  # train.generator too
         fraction = self.fraction_train if train else self.fraction_evaluate
         if fraction == 0.0:
             return []
@@ -365,6 +377,10 @@ class FedappStrategyMixin:
             arrays = downlink(arrays, self.compression)
         rec.bytes_down += arrays.count_bytes() * len(chosen)
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        if message_type == MessageType.TRAIN and self.generator_phase is not None:
+            # augment=rare_class: the federation's generator travels with the model
+            content[GEN_KEY] = self.generator_phase.arrays
+            rec.bytes_down += self.generator_phase.arrays.count_bytes() * len(chosen)
         return [
             Message(content=content, message_type=message_type, dst_node_id=self.partition_nodes[p])
             for p in chosen

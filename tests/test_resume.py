@@ -70,6 +70,10 @@ def _same_run(a: Path, b: Path) -> None:
         # event-driven on the virtual clock: late updates in flight across the checkpoint
         "strategy=tiered hetero=both",
         "strategy=fedasync hetero=both",
+        # generator rounds (their model in the strategy's state), the sharing round, FedAvg
+        "strategy=synthetic strategy.mode=hybrid strategy.generator.rounds=2 "
+        "strategy.generator.epochs=1 strategy.generator.finetune_epochs=1",
+        "strategy=fedavg augment=rare_class augment.generator.rounds=1 augment.generator.epochs=1",
     ],
 )
 def test_a_killed_inline_run_resumes_bit_for_bit(strategy, tmp_path, data_dir):

@@ -42,8 +42,20 @@ def _job(data_dir, overrides: str, config: dict, partition_id: int = 0, extra=No
     )
 
 
-def test_the_stages_are_stated_once_outermost_first():
-    assert STAGES == ("attack", "privacy", "strategy")
+def test_the_stages_are_stated_once_outermost_first(data_dir):
+    assert STAGES == ("attack", "augment", "privacy", "strategy")
+    # the attack harness corrupts real rows; synthetic rare-class rows are added before
+    # DP-SGD samples from them (fedapp.synthetic)
+    from fedapp.privacy import SampleDP
+    from fedapp.synthetic import RareClassAugment
+
+    job = _job(
+        data_dir,
+        "strategy=fedavg augment=rare_class privacy=sample_dp attack=label_flip "
+        "attack.fraction=1.0",
+        {},
+    )
+    assert [type(u) for u in compose_units(job)] == [AttackHarness, RareClassAugment, SampleDP]
 
 
 def test_a_strategy_brings_its_client_part_and_each_unit_decides_if_it_takes_part(data_dir):

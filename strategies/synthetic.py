@@ -1,0 +1,273 @@
+"""strategy=synthetic: privacy-distilled synthetic data instead of (or before) model updates.
+
+Seed 004's method (fedapp/synthetic.py has the generator, its privacy and what was left out):
+
+1. rounds 1..G (`generator.rounds`): the generator is trained federatedly, FedAvg of the
+   clients' local (DP-SGD) epochs;
+2. round G+1, the sharing round: every client fine-tunes the global generator on its own rows
+   (DP-SGD, `generator.finetune_epochs`) and sends `rows_factor` x its training rows of
+   synthetic rows, once; the server screens them against the schema, trains the task model
+   on their union for `server_epochs` (each client's rows in proportion to its size: the
+   weighted aggregation of samples) and evaluates it as any round's model;
+3. `mode=oneshot` stops there (rounds G+1 < `rounds`: the stop is stated in results.json);
+   `mode=hybrid` continues with FedAvg rounds on real data from that warm start, to `rounds`.
+
+Everything a client sends is in its one DP ledger under privacy=sample_dp (statistics,
+generator steps and, in hybrid, DP-SGD of the task model, calibrated for the rounds that
+remain). Bytes: the generator both ways in its rounds, the generator down and the rows up in
+the sharing round. Synthetic-data quality goes to `synthetic.json` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp import strategy as flwr_strategy
+from flwr.serverapp.strategy import Result
+
+from fedapp.synthetic import (
+    GeneratorPhase,
+    GeneratorSpec,
+    Layout,
+    SyntheticError,
+    SyntheticRoundFailed,
+    concat_rows,
+    quality,
+    screen_rows,
+)
+from strategies.base import FedappStrategyMixin, reply_metrics
+from tasks.base import ClientData
+from tasks.training import TrainSettings
+
+MODES = ("oneshot", "hybrid")
+
+
+class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        mode: str = "oneshot",
+        generator: dict[str, Any] | None = None,
+        rows_factor: float = 1.0,
+        max_rows: int = 20000,
+        server_epochs: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise SyntheticError(f"strategy.mode={mode}: use oneshot or hybrid")
+        if not rows_factor > 0 or int(max_rows) < 1 or int(server_epochs) < 1:
+            raise SyntheticError(
+                "strategy.rows_factor must be > 0, max_rows and server_epochs >= 1"
+            )
+        self.mode = mode
+        self.spec = GeneratorSpec.from_config(generator)
+        self.rows_factor, self.max_rows = float(rows_factor), int(max_rows)
+        self.server_epochs = int(server_epochs)
+        self.phase: GeneratorPhase | None = None
+        self.report: dict[str, Any] = {}
+        self.synthetic_rows = None  # the union the server trained on (tasks.tabular.Rows)
+        self._received: dict[int, Any] = {}  # sharing round: rows by the reply's node id
+        self._sharing = False  # replies being screened are synthetic rows
+
+    def bind_task(self, task, prep, settings: TrainSettings, phase: GeneratorPhase) -> None:
+        """The server-side pieces (fedapp.server_app): the task (model, training, test set),
+        the federated preprocessing parameters, the clients' training settings, the generator."""
+        self.task, self.prep, self.settings, self.phase = task, dict(prep), settings, phase
+        self.layout = Layout.of(task)
+
+    @property
+    def share_round(self) -> int:
+        return self.spec.rounds + 1
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> dict[str, Any]:
+        # hybrid: DP-SGD of the task model is planned for the rounds after the sharing round
+        return {"dp-rounds": max(1, self._num_rounds - self.share_round)}
+
+    # -- the run -------------------------------------------------------------------------------
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+        start_round: int = 1,
+    ) -> Result:
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        if num_rounds < self.share_round:
+            raise SyntheticError(
+                f"rounds={num_rounds} leaves no sharing round after generator.rounds="
+                f"{self.spec.rounds}; set rounds >= {self.share_round}"
+            )
+        self._num_rounds = num_rounds
+        result, arrays = Result(), initial_arrays
+        self._global_arrays = arrays
+        if start_round > 1:
+            result.arrays = arrays
+        elif evaluate_fn:
+            evaluate_fn(0, arrays)
+        self.phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
+        if start_round <= self.share_round:
+            if self.stop_for_budget(grid):
+                return result
+            arrays = result.arrays = self.sharing_round(grid, arrays, train_config, timeout)
+            self.evaluate_round(grid, self.share_round, arrays, evaluate_config, timeout)
+            if evaluate_fn:
+                evaluate_fn(self.share_round, arrays)
+        if self.mode == "oneshot":
+            if num_rounds > self.share_round:
+                self.stop_reason = (
+                    f"one-shot mode: {self.spec.rounds} generator rounds and one sharing round; "
+                    f"rounds={num_rounds} are for mode=hybrid"
+                )
+            return result
+        rest = FedappStrategyMixin.start(
+            self,
+            grid,
+            arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+            start_round=max(start_round, self.share_round + 1),
+        )
+        if rest.arrays is not None:
+            result.arrays = rest.arrays
+        return result
+
+    def sharing_round(
+        self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> ArrayRecord:
+        """Every client sends synthetic rows once; the server trains the task model on them."""
+        rnd = self.share_round
+        self._round = rnd
+        rec = self.round_log(rnd)
+        rec.aggregation["phase"] = "synthesize"
+        chosen = sorted(
+            self.node_partitions[n] for n in grid.get_node_ids() if n in self.node_partitions
+        )
+        rec.expected, rec.dispatched = chosen, len(chosen)
+        # no generator rounds: clients start from the run's common initial generator, unsent
+        generator = self.phase.arrays if self.spec.rounds else ArrayRecord()
+        rec.bytes_down += generator.count_bytes() * len(chosen)
+        content_config = ConfigRecord({**dict(config), "server-round": rnd})
+        messages = [
+            Message(
+                content=_content(generator, content_config),
+                message_type=f"{MessageType.TRAIN}.synthesize",
+                dst_node_id=self.partition_nodes[p],
+            )
+            for p in chosen
+        ]
+        self._received = {}
+        self._sharing = True
+        try:
+            accepted = self.screen_replies(
+                rnd, list(grid.send_and_receive(messages, timeout=timeout)), "train"
+            )
+        finally:
+            self._sharing = False
+        rec.num_replies = len(accepted)
+        rec.num_failures = len(chosen) - len(accepted)
+        if len(accepted) < self.min_replies:
+            raise SyntheticRoundFailed(
+                f"round {rnd}: {len(accepted)} clients sent usable synthetic rows (min_replies="
+                f"{self.min_replies}); the task model was not trained. See results.json "
+                "rounds[].clients for each client's status"
+            )
+        parts = [self._received[m.metadata.src_node_id] for m in accepted]
+        union = concat_rows(parts)
+        sizes = np.array([len(p) for p in parts], dtype=np.float64)
+        self.set_weights(rec, accepted, (sizes / sizes.sum()).tolist())
+        t0 = time.perf_counter()
+        model = self.task.make_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        settings = TrainSettings(
+            **{**self.settings.__dict__, "local_epochs": self.server_epochs, "max_steps": 0}
+        )
+        data = ClientData(
+            train=union,
+            val=union.take(np.arange(0)),
+            label_counts=np.bincount(union.y, minlength=self.task.num_classes),
+        )
+        with torch.random.fork_rng():  # dropout: the same draws whatever ran in this process
+            torch.manual_seed(self.seed * 1_000_003 + rnd)
+            trained = self.task.train(model, data, settings, self.prep)
+        rec.aggregated = True
+        rec.train_metrics = {"server_train_loss": float(trained["train_loss"])}
+        rec.aggregation.update(
+            synthetic_rows=int(len(union)),
+            server_train_s=time.perf_counter() - t0,
+            rows_bytes=int(sum(m.content["rows"].count_bytes() for m in accepted)),
+        )
+        self.synthetic_rows = union
+        self.report = {
+            "mode": self.mode,
+            "sharing_round": rnd,
+            "generator": self.spec.__dict__,
+            "clients": len(accepted),
+            "rows": int(len(union)),
+            "rows_per_client": {
+                str(self.partition_of(m.metadata.src_node_id)): int(len(p))
+                for m, p in zip(accepted, parts, strict=True)
+            },
+            "label_counts": np.bincount(union.y, minlength=self.task.num_classes).tolist(),
+            # train on synthetic, test on real: the test metrics of this round's model
+            "quality_vs_server_test": quality(
+                union, self.task.load_central_test(), self.task, self.prep
+            ),
+        }
+        log(
+            INFO,
+            "round %d: task model trained on %d synthetic rows from %d clients",
+            rnd,
+            len(union),
+            len(accepted),
+        )
+        return ArrayRecord(model.state_dict())
+
+    def _screen_train_arrays(self, msg: Message, rec) -> str | None:
+        if not self._sharing:
+            return super()._screen_train_arrays(msg, rec)
+        record = msg.content.array_records.get("rows")
+        if record is None or len(msg.content.array_records) != 1:
+            return "rejected: a sharing-round reply must carry exactly the ArrayRecord 'rows'"
+        rec.bytes_up += record.count_bytes()
+        rows, why = screen_rows(record, self.layout, self.prep, self.spec.zclip, self.max_rows)
+        if why:
+            return why
+        metrics = reply_metrics(msg)
+        if metrics is not None and int(metrics.get("synthetic-rows", -1)) != len(rows):
+            return "rejected: 'synthetic-rows' does not match the rows sent"
+        self._received[msg.metadata.src_node_id] = rows
+        return None
+
+    def write_reports(self, out_dir: Path) -> None:
+        if not self.report:
+            return
+        (Path(out_dir) / "synthetic.json").write_text(json.dumps(self.report, indent=1))
+        rows = self.synthetic_rows
+        np.savez_compressed(
+            Path(out_dir) / "synthetic_rows.npz", numeric=rows.numeric, codes=rows.codes, y=rows.y
+        )
+
+
+def _content(arrays: ArrayRecord, config: ConfigRecord):
+    from flwr.app import RecordDict
+
+    return RecordDict({"arrays": arrays, "config": config})
