@@ -14,8 +14,7 @@ through the in-process engine (single-threaded subprocesses, `--jobs` at a time)
   epsilon), then 30 FedAvg rounds whose clients add synthetic minority rows up to 30 %.
 
 Reported per cell (mean ± sd over seeds): ROC-AUC, PR-AUC, recall at the prevalence operating
-point (the model flags as many test rows as the positive share of the federation's training
-labels), total bytes (both ways) and the ratio to FedAvg's, communication rounds, the largest
+point (the model flags as many test rows as there are positives among them), total bytes (both ways) and the ratio to FedAvg's, communication rounds, the largest
 epsilon any client spent, the best membership-inference AUC of `fedapp-audit` on the final
 model, and, for the synthetic rows, the share whose nearest real record is a member (a
 client's training row) rather than a non-member (a validation row of the same client, never
@@ -51,6 +50,7 @@ from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
 TASKS = ["credit", "insurance", "bankruptcy", "medical"]
 EPSILONS = ["3", "1", "8"]
 SEEDS = [0, 1, 2]
+EXTRA_VERSION = 2  # of extra.json; older files are recomputed from the run folder
 METHODS = {
     "fedavg": (["strategy=fedavg"], 30),
     "oneshot": (["strategy=synthetic", "strategy.mode=oneshot"], 1),
@@ -89,8 +89,11 @@ def plan(args) -> list[tuple[dict, list[str], str, int]]:
 
 def finished(out: Path, rounds: int) -> dict | None:
     res = completed(out / "results.json", rounds)
-    if res is None or not (out / "audit.json").exists() or not (out / "extra.json").exists():
+    if res is None or not (out / "audit.json").exists():
         return None
+    extra = out / "extra.json"
+    if not extra.exists() or json.loads(extra.read_text()).get("version") != EXTRA_VERSION:
+        extra.write_text(json.dumps(extra_metrics(out)))  # what this script measures changed
     return res
 
 
@@ -143,10 +146,15 @@ def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
     model.load_state_dict(torch.load(run_dir / "final_model.pt", map_location="cpu"))
     logits, y = predict_logits(model, task.eval_dataset(test, prep))
     score = logits[:, 1] - logits[:, 0]
-    counts = np.asarray(prep["prep.label_counts"], dtype=np.float64)
-    k = int(round(len(y) * counts[1] / counts.sum()))  # flag the federation's prevalence
+    # flag as many test rows as there are positives (recall = precision there). Not the
+    # federation's DP-released prevalence: for wide tables its noise can swamp the count.
+    k = int(y.sum())
     flagged = np.argsort(-score, kind="stable")[:k]
-    out = {"recall_at_prevalence": float(y[flagged].sum() / max(y.sum(), 1)), "flagged": k}
+    out = {
+        "version": EXTRA_VERSION,
+        "recall_at_prevalence": float(y[flagged].sum() / max(k, 1)),
+        "flagged": k,
+    }
     npz = run_dir / "synthetic_rows.npz"
     if npz.exists():
         data = np.load(npz)
@@ -236,7 +244,7 @@ def write_report(args, summary: dict) -> None:
         "splits, every run under privacy=sample_dp at the given epsilon (delta 1e-5). AUC gap "
         "= FedAvg's ROC-AUC minus the method's (paired by seed; positive = worse than FedAvg); "
         "PR gain = the method's PR-AUC minus FedAvg's. recall@prev = recall when the model "
-        "flags as many test rows as the federation's positive share. bytes = total both ways; "
+        "flags as many test rows as there are positives. bytes = total both ways; "
         "x fewer = FedAvg's bytes / the method's. MIA AUC = best fedapp-audit attack (0.5 = "
         "guessing). member share = share of synthetic rows nearer a member than a non-member "
         "(0.5 = no sign of copying). Mean ± sd over seeds.",

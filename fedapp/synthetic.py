@@ -45,13 +45,36 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import log
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedapp.config import ConfigError
+from fedapp.node import client_seed, load_node, round_prep
+from fedapp.privacy import (
+    LABELS_KEY,
+    DPSGDHook,
+    PrivacyBudgetExhausted,
+    PrivacyError,
+    PrivacySpec,
+    calibrate,
+    ledger_file,
+    load_ledger,
+    new_ledger,
+    planned_participations,
+    save_ledger,
+)
 from fedapp.units import ClientUnit, TrainJob
 from tasks.base import ClientData
 from tasks.training import TrainHook, TrainSettings, train_classifier
@@ -397,18 +420,6 @@ def generator_ledger(
     planned generator rounds, plus the fine-tuning of strategy=synthetic), after its
     statistics release, to `epsilon_share` of its target; a round that would take it beyond
     that share raises PrivacyBudgetExhausted (it does not train)."""
-    from fedapp.privacy import (
-        DPSGDHook,
-        PrivacyBudgetExhausted,
-        PrivacyError,
-        PrivacySpec,
-        calibrate,
-        ledger_file,
-        load_ledger,
-        new_ledger,
-        planned_participations,
-    )
-
     pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if not pspec.sample_level:
         return None, None, None
@@ -445,8 +456,6 @@ def generator_ledger(
 
 
 def _account(ledger, path, hook, context) -> dict[str, float]:
-    from fedapp.privacy import save_ledger
-
     if ledger is None:
         return {}
     hook.finish()
@@ -465,8 +474,6 @@ def _local_generator(msg: Message, context: Context, sharing: bool):
     """Load the node and the received generator, and train it locally (DP when configured):
     `generator.epochs` in a generator round, `generator.finetune_epochs` before sharing.
     Returns (node, spec, generator, prep, seed, reply metrics)."""
-    from fedapp.node import client_seed, load_node, round_prep
-
     node = load_node(context)
     spec = generator_spec(node.cfg)
     epochs = spec.finetune_epochs if sharing else spec.epochs
@@ -523,8 +530,6 @@ def own_label_counts(node, context: Context) -> list[float]:
     released with its statistics (post-processing, no further budget), else its own counts.
     Labels drawn from the federation's histogram instead would misstate how a client's kind
     of rows relates to the label whenever clients differ (they do: natural splits)."""
-    from fedapp.privacy import LABELS_KEY, PrivacySpec
-
     if not PrivacySpec.from_config(node.cfg.get("privacy")).sample_level:
         return [float(c) for c in node.data.label_counts]
     if LABELS_KEY not in context.state.config_records:
@@ -641,8 +646,7 @@ class GeneratorPhase:
     def run(
         self, strategy, grid, config, timeout, evaluate_fn, task_arrays, start_round: int
     ) -> None:
-        from flwr.app import MessageType
-
+        # strategies.base imports this module (GEN_KEY): its helpers are imported here
         from strategies.aggregation import weighted_aggregate
         from strategies.base import layers, num_examples, to_record
 

@@ -205,9 +205,17 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
             val=union.take(np.arange(0)),
             label_counts=np.bincount(union.y, minlength=self.task.num_classes),
         )
-        with torch.random.fork_rng():  # dropout: the same draws whatever ran in this process
+        # The same bits in every engine: dropout draws independent of whatever else ran in this
+        # process, and one thread (a ServerApp process's default thread count sums in
+        # another order than the in-process engine's)
+        threads = torch.get_num_threads()
+        with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + rnd)
-            trained = self.task.train(model, data, settings, self.prep)
+            torch.set_num_threads(1)
+            try:
+                trained = self.task.train(model, data, settings, self.prep)
+            finally:
+                torch.set_num_threads(threads)
         rec.aggregated = True
         rec.train_metrics = {"server_train_loss": float(trained["train_loss"])}
         rec.aggregation.update(

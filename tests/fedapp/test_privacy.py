@@ -324,9 +324,16 @@ def test_a_strategy_that_needs_what_sample_dp_withholds_is_refused():
 def test_every_strategy_runs_under_sample_dp_within_each_target(tmp_path, data_dir, strategy):
     """The README's support table says sample DP works with every strategy but q-FedAvg: each
     client's epsilon, however the strategy schedules its work, stays within its target."""
+    # synthetic data: the one-shot model, then FedAvg rounds, in one ledger
+    extra = (
+        "strategy.mode=hybrid strategy.generator.epsilon_share=0.5"
+        if strategy == "synthetic"
+        else ""
+    )
     out = run_inline(
         f"task=medical strategy={strategy} rounds=3 clients_per_round=3 eval_clients_per_round=0 "
-        "checkpoint=false privacy=sample_dp privacy.target_epsilon=3 privacy.levels={cleveland:1.5}",
+        "checkpoint=false privacy=sample_dp privacy.target_epsilon=3 privacy.levels={cleveland:1.5} "
+        f"{extra}",
         tmp_path / strategy,
     )
     res = json.loads((out / "results.json").read_text())
