@@ -296,10 +296,10 @@ class Ledger:
     steps_per_round: int = 0
     participations: int = 0
     stats_noise_multiplier: float = 0.0
-    generator_noise_multiplier: float = (
-        0.0  # DP-SGD of the synthetic-data generator (fedapp.synthetic)
-    )
     history: History = field(default_factory=list)
+    # DP-SGD of the synthetic-data generator (fedapp.synthetic); last, so that positional
+    # construction of older ledgers keeps its meaning
+    generator_noise_multiplier: float = 0.0
 
     def epsilon(self, extra: History = ()) -> float:
         return epsilon_of([*self.history, *extra], self.delta, self.accountant)

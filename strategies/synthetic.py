@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
@@ -168,7 +168,7 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         content_config = ConfigRecord({**dict(config), "server-round": rnd})
         messages = [
             Message(
-                content=_content(generator, content_config),
+                content=RecordDict({"arrays": generator, "config": content_config}),
                 message_type=f"{MessageType.TRAIN}.synthesize",
                 dst_node_id=self.partition_nodes[p],
             )
@@ -273,9 +273,3 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         np.savez_compressed(
             Path(out_dir) / "synthetic_rows.npz", numeric=rows.numeric, codes=rows.codes, y=rows.y
         )
-
-
-def _content(arrays: ArrayRecord, config: ConfigRecord):
-    from flwr.app import RecordDict
-
-    return RecordDict({"arrays": arrays, "config": config})

@@ -51,10 +51,7 @@ def _context(overrides: str, partition: int = 0) -> Context:
 
 def _message(arrays: ArrayRecord, prep: dict, rnd: int, action: str) -> Message:
     config = ConfigRecord({"seed": 0, "server-round": rnd, **prep})
-    msg = Message(RecordDict({"arrays": arrays, "config": config}), 100, f"train.{action}")
-    # a message as a ClientApp receives it (Flower sets these on delivery)
-    msg.metadata.__dict__["_message_id"] = f"m{rnd}{action}"
-    return msg
+    return Message(RecordDict({"arrays": arrays, "config": config}), 100, f"train.{action}")
 
 
 def _prep(task):
