@@ -77,3 +77,29 @@ def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -
                 proc.kill()
             raise
     return proc.returncode == 0
+
+
+def run_and_audit(overrides: list[str], out: Path, cwd: Path) -> bool:
+    """`run_inline_job` into `out`, then `fedapp-audit` on it (log: `out/audit.log`). True
+    when both succeeded."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not run_inline_job(overrides, out, out / "inline.log", cwd):
+        return False
+    with (out / "audit.log").open("w") as fh:
+        cmd = [sys.executable, "-m", "fedapp.audit", str(out)]
+        return subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT) == 0
+
+
+def run_pool(todo: list, jobs: int, work) -> None:
+    """`work(item) -> (name, ok)` over `todo`, `jobs` at a time, one progress line each."""
+    from concurrent.futures import ThreadPoolExecutor
+    from time import perf_counter
+
+    t0 = perf_counter()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for i, (name, ok) in enumerate(pool.map(work, todo), 1):
+            print(
+                f"[bench] {i}/{len(todo)} {name}: {'ok' if ok else 'FAILED'}  "
+                f"{(perf_counter() - t0) / 60:.1f} min",
+                flush=True,
+            )

@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
+from bench.common import completed, fmt_mean_sd, run_and_audit, run_pool  # noqa: E402
 
 TASKS = {
     # natural splits: education levels, forecasting horizons, hospitals
@@ -93,32 +90,12 @@ def execute(args, jobs) -> None:
         )
     ]
     print(f"[bench] {len(jobs)} runs planned, {len(todo)} to run", flush=True)
-    t0 = time.perf_counter()
 
     def work(item):
         ovr, out = item
-        out.mkdir(parents=True, exist_ok=True)
-        ok = run_inline_job(ovr, out, out / "inline.log", ROOT)
-        if ok:
-            with (out / "audit.log").open("w") as fh:
-                ok = (
-                    subprocess.call(
-                        [sys.executable, "-m", "fedapp.audit", str(out)],
-                        cwd=ROOT,
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                    )
-                    == 0
-                )
-        return out.name, ok
+        return out.name, run_and_audit(ovr, out, ROOT)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for i, (name, ok) in enumerate(pool.map(work, todo), 1):
-            print(
-                f"[bench] {i}/{len(todo)} {name}: {'ok' if ok else 'FAILED'}  "
-                f"{(time.perf_counter() - t0) / 60:.1f} min",
-                flush=True,
-            )
+    run_pool(todo, args.jobs, work)
 
 
 def _rounds(overrides: list[str]) -> int:

@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
+from bench.common import completed, fmt_mean_sd, run_and_audit, run_pool  # noqa: E402
 
 TASKS = ["credit", "insurance", "bankruptcy", "medical"]
 EPSILONS = ["3", "1", "8"]
@@ -102,27 +99,15 @@ def execute(args, jobs) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     todo = [(o, runs / n) for _, o, n, r in jobs if not (args.reuse and finished(runs / n, r))]
     print(f"[bench] {len(jobs)} runs planned, {len(todo)} to run", flush=True)
-    t0 = time.perf_counter()
 
     def work(item):
         ovr, out = item
-        out.mkdir(parents=True, exist_ok=True)
-        ok = run_inline_job(ovr, out, out / "inline.log", ROOT)
-        if ok:
-            with (out / "audit.log").open("w") as fh:
-                cmd = [sys.executable, "-m", "fedapp.audit", str(out)]
-                ok = subprocess.call(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT) == 0
+        ok = run_and_audit(ovr, out, ROOT)
         if ok:
             (out / "extra.json").write_text(json.dumps(extra_metrics(out)))
         return out.name, ok
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for i, (name, ok) in enumerate(pool.map(work, todo), 1):
-            print(
-                f"[bench] {i}/{len(todo)} {name}: {'ok' if ok else 'FAILED'}  "
-                f"{(time.perf_counter() - t0) / 60:.1f} min",
-                flush=True,
-            )
+    run_pool(todo, args.jobs, work)
 
 
 def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
