@@ -39,6 +39,18 @@ from fedapp.config import compose  # noqa: E402
 from strategies import build_strategy  # noqa: E402
 from tasks.femnist import MODELS  # noqa: E402
 
+DEFAULT_STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "qfedavg",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "trust",
+)
+
 
 class _Grid:
     def __init__(self, nodes):
@@ -86,21 +98,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--model", default="cnn_small")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--strategies",
-        nargs="+",
-        default=[
-            "fedavg",
-            "fedprox",
-            "qfedavg",
-            "fedmedian",
-            "fedtrimmedavg",
-            "krum",
-            "multikrum",
-            "bulyan",
-            "trust",
-        ],
-    )
+    p.add_argument("--strategies", nargs="+", default=list(DEFAULT_STRATEGIES))
     p.add_argument("--attackers", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()

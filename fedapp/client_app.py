@@ -16,6 +16,8 @@ server as Flower error replies (the run continues without this client).
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -100,8 +102,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = node.data
     model = node.task.make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    t0 = time.perf_counter()
     metrics = node.task.evaluate(model, data.val, round_prep(msg.content["config"]))
     reply = {
+        "eval_time_s": time.perf_counter() - t0,  # compute only (the overhead profile's part)
         "num-examples": len(data.val),  # 0 -> the server leaves this client out of the average
         "eval_loss": float(metrics["loss"]) if len(data.val) else 0.0,
         "eval_accuracy": float(metrics["accuracy"]) if len(data.val) else 0.0,

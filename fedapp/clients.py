@@ -37,9 +37,10 @@ import os
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common import log
@@ -90,6 +91,14 @@ class ClientStatus:
     last_failure_s: float | None = None
     rejoined_s: float | None = None  # when it last came back
     connected: bool = True  # its SuperNode was connected at the last check
+
+    # Shallow copies (the one list copied): `dataclasses.asdict` recurses field by field and
+    # cost seconds per round with 10,000 clients (checkpoint and results.json, every round).
+    def to_dict(self) -> dict[str, Any]:
+        return {**vars(self), "node_ids": list(self.node_ids)}
+
+    def copy(self) -> ClientStatus:
+        return ClientStatus(**self.to_dict())
 
 
 def query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, NodeInfo]:
@@ -363,7 +372,7 @@ class ClientGrid(Grid):
         return replies
 
     def state(self) -> dict[int, ClientStatus]:
-        return {cid: ClientStatus(**asdict(s)) for cid, s in self.status.items()}
+        return {cid: s.copy() for cid, s in self.status.items()}
 
     def restore(self, saved: Mapping[int, ClientStatus]) -> None:
         """A resumed run: each client's history so far, then the SuperNode serving it now."""
@@ -381,7 +390,7 @@ class ClientGrid(Grid):
             self.refresh(force=True)
         except Exception as exc:  # the SuperLink may be gone; the numbers must still be written
             log(WARNING, "[fedapp] could not check the SuperNodes at the end: %s", exc)
-        out = {str(s.partition_id): asdict(s) for s in self.status.values()}
+        out = {str(s.partition_id): s.to_dict() for s in self.status.values()}
         lost = [s.partition_id for s in self.status.values() if not s.connected]
         if lost:
             log(WARNING, "[fedapp] clients whose SuperNode is gone at the end: %s", lost)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shlex
 import threading
 import time
@@ -97,6 +98,13 @@ def strip_hydra(cfg: DictConfig) -> DictConfig:
     return out
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject settings that would silently produce a meaningless run."""
     if int(cfg.rounds) < 1:
@@ -119,6 +127,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.max_steps and train.local_epochs must be >= 0")
     if int(cfg.seed) < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
+    device = str(cfg.get("device", "auto")).strip().lower()
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise ConfigError(f"device={device} is not one of auto, cpu, cuda, cuda:<index>")
+    gpus = str(cfg.simulation.get("client_num_gpus", "auto"))
+    if gpus != "auto" and not (_is_number(gpus) and 0 <= float(gpus) <= 1024):
+        raise ConfigError(
+            f"simulation.client_num_gpus={gpus}: use auto or a number of GPUs >= 0 "
+            "(0.25: four ClientApps share a GPU)"
+        )
     _fraction(cfg, "quorum", 0.0, 1.0, low_open=False, high_open=False)
     _fraction(cfg, "server_val_fraction", 0.0, 1.0, low_open=False)
     if cfg.task.get("test_fraction") is not None:

@@ -115,7 +115,8 @@ def run_inline(
 ) -> Path:
     """Run one job of the composed config in this process; return its output folder.
 
-    `nodes`: how many in-process SuperNodes serve the clients (default: one per partition;
+    `nodes`: how many in-process SuperNodes serve the clients (default:
+    `simulation.num_supernodes`, else one per partition;
     fewer makes the server spread virtual clients over them, as on Flower's default
     2-SuperNode local simulation)."""
     from fedapp.client_app import app as client_app
@@ -128,7 +129,8 @@ def run_inline(
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
     cfg, ovr = with_keys(cfg, ovr, out)
     run_config = run_config_values(ovr, out, data_dir)
-    n = nodes or get_task(cfg, data_dir).num_partitions()
+    n = nodes or int(cfg.simulation.get("num_supernodes") or 0)  # as fedapp-run sizes it
+    n = n or get_task(cfg, data_dir).num_partitions()
     contexts = {
         # Node ids that are not partition ids, as in Flower, so nothing can confuse the two.
         10_000 + 7 * p: Context(
@@ -159,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument(
-        "--nodes", type=int, default=None, help="in-process SuperNodes (default: one per client)"
+        "--nodes",
+        type=int,
+        default=None,
+        help="in-process SuperNodes (default: simulation.num_supernodes, else one per client)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     args = parser.parse_args(argv)

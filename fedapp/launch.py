@@ -328,6 +328,42 @@ def prepare_run(
     return flwr_home, env, run_cfg
 
 
+def client_gpu_share(cfg, cuda_devices: int | None = None, cpu_count: int | None = None) -> float:
+    """GPUs Ray reserves per ClientApp (`simulation.client_num_gpus`).
+
+    auto: 0 with device=cpu or without CUDA; else the GPUs divided among the CPU slots of the
+    pool (os.cpu_count() // client_num_cpus), so every slot holds a ClientApp and they share
+    the GPUs. Ray's pool is min(CPUs / num_cpus, GPUs / num_gpus) wide: a larger share (say 1
+    GPU each) would leave all but one core idle, and the small models here use little of a GPU.
+    Raises ValueError when the config names a CUDA device this machine does not have."""
+    setting = str(cfg.simulation.get("client_num_gpus", "auto"))
+    if setting != "auto":
+        return float(setting)
+    if str(cfg.get("device", "auto")).strip().lower() == "cpu":
+        return 0.0
+    from tasks.training import resolve_device
+
+    if resolve_device(cfg.get("device", "auto")).type != "cuda":
+        return 0.0
+    import torch
+
+    gpus = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    slots = max(
+        (cpu_count or os.cpu_count() or 1) // max(int(cfg.simulation.client_num_cpus), 1), 1
+    )
+    return min(1.0, gpus / slots)
+
+
+def federation_resources(cfg, nodes: int, **machine) -> str:
+    """`flwr run --federation-config` for this simulation: SuperNodes, CPUs and GPUs per ClientApp."""
+    fed = f"num-supernodes={nodes} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
+    try:
+        gpus = client_gpu_share(cfg, **machine)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return fed + (f" client-resources-num-gpus={gpus:.6g}" if gpus > 0 else "")
+
+
 def run_simulation(
     overrides: str | Sequence[str] | None = None,
     output_dir: Path | str | None = None,
@@ -350,9 +386,15 @@ def run_simulation(
         f"[fedapp] {cfg.task.name} / {cfg.strategy.name}: {num_clients} clients, {cfg.rounds} rounds -> {out}",
         flush=True,
     )
-    flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     nodes = int(cfg.simulation.get("num_supernodes") or 0) or num_clients
-    fed = f"num-supernodes={nodes} client-resources-num-cpus={int(cfg.simulation.client_num_cpus)}"
+    fed = federation_resources(
+        cfg, nodes
+    )  # before any process: device=cuda without a GPU fails here
+    flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
+    if cfg.simulation.get(
+        "ray_address"
+    ):  # Flower's Ray backend joins it (ray.init reads RAY_ADDRESS)
+        env["RAY_ADDRESS"] = str(cfg.simulation.ray_address)
     try:
         with superlink(flwr_home, out / "superlink.log", env):
             rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log", verbose)

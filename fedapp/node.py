@@ -47,6 +47,13 @@ def _cfg(overrides: str) -> DictConfig:
     return compose(overrides)
 
 
+@lru_cache(maxsize=4)
+def _task(overrides: str, data_dir: str) -> Task:
+    # get_task's own cache is keyed by the resolved config's YAML, which took ~40 ms to
+    # render on every message; the overrides string names the same config.
+    return get_task(_cfg(overrides), Path(data_dir))
+
+
 @lru_cache(maxsize=256)
 def _data(task: Task, partition_id: int, data_path: str) -> ClientData:
     if data_path:
@@ -56,9 +63,10 @@ def _data(task: Task, partition_id: int, data_path: str) -> ClientData:
 
 def load_node(context: Context, with_data: bool = True) -> Node:
     """The node of this message's context; checks that it can serve the configured task."""
-    cfg = _cfg(str(context.run_config.get("overrides", "")))
+    overrides = str(context.run_config.get("overrides", ""))
+    cfg = _cfg(overrides)
     torch.set_num_threads(max(int(cfg.simulation.client_num_cpus), 1))
-    task = get_task(cfg, resolve_data_dir(cfg, context.run_config))
+    task = _task(overrides, str(resolve_data_dir(cfg, context.run_config)))
     node_config = context.node_config
     data_path = str(node_config.get("data-path", ""))
     if "partition-id" not in node_config and not data_path:

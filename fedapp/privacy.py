@@ -39,7 +39,6 @@ included.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -51,14 +50,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from fedapp.config import ConfigError
 from fedapp.units import ClientUnit, TrainJob
-from tasks.training import TrainHook
+from tasks.dp_sgd import DPSGDHook, PrivateStep, opacus  # noqa: F401 (re-exported)
 
 MODES = ("none", "sample_dp", "central_dp")
 ACCOUNTANTS = ("rdp", "prv")
@@ -67,30 +64,12 @@ LABELS_KEY = "fedapp.dp-labels"  # the client's DP-released label histogram (Con
 # What a client sends that sample-level DP does not cover (results.json meta.privacy.outside).
 OUTSIDE = (
     "num-examples (the number of training rows) and train_steps (a function of it)",
-    "train_time_s (compute time)",
+    "train_time_s and eval_time_s (compute time)",
     "metrics on the clients' validation rows (federated evaluation; contribution's "
     "val_loss_before/val_loss_after)",
     "probe and heartbeat timings (scheduling strategies)",
 )
 WITHHELD = ("train_loss", "label-counts")  # reply metrics a client does not send under sample_dp
-
-
-# Opacus' hooks warn on every backward through a first layer whose input needs no gradient.
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def opacus(module: str = "opacus"):
-    """Import an Opacus module. Opacus calls `logging.basicConfig` when it is first imported,
-    which would print every Flower log line twice; the root logger is put back as it was."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        return importlib.import_module(module)
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-        root.setLevel(level)
 
 
 class PrivacyError(ConfigError):
@@ -373,67 +352,6 @@ def privatize_stats(
 
 
 # -- DP-SGD in the training loop --------------------------------------------------------------------
-class PrivateStep:
-    """A DPOptimizer's step with the sample-independent gradient terms (proximal, SCAFFOLD's
-    correction) added after clipping and noise, where they cost no privacy."""
-
-    def __init__(self, optimizer, model: nn.Module, after_noise: Sequence[TrainHook]) -> None:
-        self.optimizer, self.model, self.after_noise = optimizer, model, list(after_noise)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none)
-
-    def step(self) -> None:
-        if self.optimizer.pre_step():  # clip per sample, add noise, scale, account
-            for hook in self.after_noise:
-                hook.private_gradient(self.model)
-            self.optimizer.original_optimizer.step()
-
-
-class DPSGDHook(TrainHook):
-    """Opacus' DP-SGD around the local training loop; counts the steps it takes."""
-
-    privatizes = True
-
-    def __init__(self, noise_multiplier: float, max_grad_norm: float, seed: int) -> None:
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
-        self.seed = int(seed)
-        self.steps = 0
-        self.sample_rate = 0.0
-
-    def wrap(self, model: nn.Module, optimizer, loader, after_noise: Sequence[TrainHook]):
-        GradSampleModule = opacus().GradSampleModule
-        DPDataLoader = opacus("opacus.data_loader").DPDataLoader
-        DPOptimizer = opacus("opacus.optimizers").DPOptimizer
-        errors = opacus("opacus.validators").ModuleValidator.validate(model, strict=False)
-        if errors:
-            raise PrivacyError(
-                f"the model cannot be trained with DP-SGD ({errors[0]}); use a model without "
-                "BatchNorm (GroupNorm instead)"
-            )
-        private_loader = DPDataLoader.from_data_loader(loader)  # Poisson, the loader's generator
-        self.sample_rate = 1.0 / len(loader)
-        self.gsm = GradSampleModule(model)
-        noise = torch.Generator(device="cpu").manual_seed(self.seed % (2**63))
-        dp_optimizer = DPOptimizer(
-            optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=loader.batch_size,
-            generator=noise if next(model.parameters()).device.type == "cpu" else None,
-        )
-        dp_optimizer.attach_step_hook(self._count)
-        return self.gsm, PrivateStep(dp_optimizer, model, after_noise), private_loader
-
-    def _count(self, optimizer) -> None:
-        self.steps += 1
-
-    def finish(self) -> None:
-        if hasattr(self, "gsm"):
-            self.gsm.cleanup()
-
-
 class SampleDP(ClientUnit):
     """Sample-level DP-SGD as a client-side unit (stage "privacy", between the attack harness
     and the strategy's part): plan, refuse over budget, train privately, account, report."""

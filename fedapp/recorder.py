@@ -63,6 +63,7 @@ ROUND_KEYS = (
     "dp_epsilon",
     "dp_epsilon_mean",
 )
+NODES_EVERY_ROUND = 1000  # federations up to this size get `nodes` in every round's results.json
 # Federated evaluation metrics (pooled over the evaluated clients) recorded as client_<name>.
 CLIENT_METRICS = ("accuracy", "loss", "balanced_accuracy", "precision", "recall", "f1")
 CLIENT_KEYS = (
@@ -77,6 +78,7 @@ CLIENT_KEYS = (
     "train_time_s",
     "eval_loss",
     "eval_accuracy",
+    "eval_time_s",
     "weight",
 )
 
@@ -153,6 +155,7 @@ class Recorder:
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         arrays = self.plaintext(arrays)
         test: dict[str, Any] = dict.fromkeys(("loss", "accuracy"))
+        t_eval = time.perf_counter()
         if arrays is not None:
             model = self.task.make_model()
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -180,6 +183,7 @@ class Recorder:
             "wall_s": now - self.t_last,
             "elapsed_s": now - self.t_start,
             "aggregate_s": rec.aggregate_s,
+            "server_eval_s": now - t_eval,
             "clients": [c.to_json() for c in rec.clients],
         }
         row.update(self._privacy(rec))
@@ -332,6 +336,12 @@ class Recorder:
             "clock_bytes_up": self.clock.bytes_up if self.clock is not None else None,
         }
 
+    def nodes_every_round(self) -> bool:
+        """Whether the per-round results.json carries `nodes`. Above NODES_EVERY_ROUND clients
+        the table (and asking Flower for every node's status) would make each round's cost
+        grow with the federation's size, so it is written when the run ends only."""
+        return int(self.meta.get("num_clients") or 0) <= NODES_EVERY_ROUND
+
     def _write(self, final: bool = False, nodes: dict[str, Any] | None = None) -> dict[str, Any]:
         results = {
             "schema_version": SCHEMA_VERSION,
@@ -340,7 +350,7 @@ class Recorder:
             "rounds": self.rounds,
             "final": self.final_summary() if final else None,
         }
-        if nodes is None and self.nodes_fn is not None:
+        if nodes is None and self.nodes_fn is not None and self.nodes_every_round():
             nodes = self.nodes_fn()
         if nodes is not None:  # per client: its SuperNodes, replies, failures, rejoins
             results["nodes"] = nodes

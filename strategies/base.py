@@ -191,6 +191,7 @@ class FedappStrategyMixin:
         "train_time_s",
         "eval_loss",
         "eval_accuracy",
+        "eval_time_s",
         "dp_epsilon",
         "dp_target_epsilon",
         "dp_noise_multiplier",

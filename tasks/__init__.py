@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-from tasks.base import ClientData, DataError, Task
+    from tasks.base import ClientData, DataError, Task
 
 __all__ = ["ClientData", "DataError", "Task", "get_task", "TASKS"]
+
+
+def __getattr__(name: str):
+    # The package imports nothing heavy itself: `tasks.training`, `tasks.dp_sgd` and
+    # `tasks.models` need only torch (bench/throughput.py runs where Hydra and Flower are not).
+    if name in ("ClientData", "DataError", "Task"):
+        from tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")
 
 
 def _femnist():
@@ -36,12 +48,18 @@ TASKS = {"femnist": _femnist, "tabular": _tabular, "damage_images": _damage_imag
 
 @lru_cache(maxsize=4)
 def _cached(cfg_yaml: str, data_dir: str) -> Task:
+    from omegaconf import OmegaConf
+
     cfg = OmegaConf.create(cfg_yaml)
     return TASKS[str(cfg.task.kind)]()(cfg, Path(data_dir))
 
 
 def get_task(cfg: DictConfig, data_dir: Path) -> Task:
     """Return the task of kind `cfg.task.kind` (cached per config, so a Ray actor reuses it)."""
+    from omegaconf import OmegaConf
+
+    from tasks.base import DataError
+
     kind = str(cfg.task.get("kind", cfg.task.name))
     if kind not in TASKS:
         raise DataError(

@@ -15,7 +15,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from tasks.metrics import majority_accuracy
-from tasks.training import TrainHook, TrainSettings, evaluate_classifier, train_classifier
+from tasks.training import (
+    TrainHook,
+    TrainSettings,
+    evaluate_classifier,
+    resolve_device,
+    train_classifier,
+)
 
 
 class DataError(ValueError):
@@ -231,4 +237,5 @@ class Task(ABC):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """Where this process trains and evaluates (`device=`, see `resolve_device`)."""
+        return resolve_device(self.cfg.get("device", "auto"))

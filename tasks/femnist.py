@@ -32,6 +32,7 @@ from torch.utils.data import TensorDataset
 
 from tasks.base import DataError
 from tasks.hf_images import HFImageTask
+from tasks.models import MODELS, FemnistCNN  # noqa: F401 (FemnistCNN: re-exported)
 from tasks.partitioning import make_partitioner
 
 CLASSES = (
@@ -46,39 +47,6 @@ FEATURES = Features(
     }
 )
 CACHE_ENV = "FEDAPP_CACHE_DIR"
-
-
-# ------------------------------------------------------------------------------------------
-# Models
-# ------------------------------------------------------------------------------------------
-class FemnistCNN(nn.Module):
-    """Two 5x5 conv layers + two FC layers (LEAF's FEMNIST CNN when hidden=2048: 6.6M params)."""
-
-    def __init__(self, num_classes: int = 62, hidden: int = 2048) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(7 * 7 * 64, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-MODELS = {
-    "leaf_cnn": lambda n: FemnistCNN(n, hidden=2048),  # 6.6M parameters (Caldas et al., 2018)
-    "cnn_small": lambda n: FemnistCNN(n, hidden=352),  # 1.2M parameters, practical on CPU
-}
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,9 +10,35 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from tasks.metrics import classification_report
+DEVICES = "auto, cpu, cuda or cuda:<index>"
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device of a `device=` setting: `auto` is CUDA when this process sees a GPU,
+    else the CPU. `cpu` never touches CUDA. Naming CUDA on a machine without it is an error
+    that says what to set, not a silent fallback."""
+    name = "auto" if spec is None else str(spec).strip().lower()
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name} but PyTorch sees no CUDA GPU on this machine "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+                "set device=auto or device=cpu"
+            )
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name} but this process sees {torch.cuda.device_count()} GPU(s); "
+                "set device=cuda or device=auto"
+            )
+        return torch.device(name)
+    raise ValueError(f"device={spec!r} is not one of {DEVICES}")
 
 
 @dataclass(frozen=True)
@@ -152,23 +178,58 @@ def train_classifier(
     finally:
         for hook in hooks:
             hook.finish()
+        # Models live on the CPU between calls (serialization, aggregation, units' deltas);
+        # only training and evaluation run on the device. A no-op on the CPU.
+        model.to("cpu")
+
+
+class TensorBatches:
+    """What `DataLoader(TensorDataset, shuffle=True, generator=g)` yields, batch for batch,
+    sliced from whole tensors on the device instead of collated row by row (the collation was
+    most of a small model's step time on the CPU; on a GPU the rows are copied once per call).
+
+    It draws from `g` exactly as the DataLoader does (torch 2.x, no workers): per epoch one
+    int64 base seed, one `randperm` for the order and, once the sampler is exhausted, one more
+    `randperm`; so results are bit for bit those of the DataLoader
+    (tests/tasks/test_training.py checks it)."""
+
+    def __init__(self, dataset: TensorDataset, batch_size: int, generator, device) -> None:
+        self.tensors = [t.to(device) for t in dataset.tensors]
+        self.batch_size, self.generator = int(batch_size), generator
+        self.n = len(self.tensors[0])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        g = self.generator
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader's base seed
+        order = torch.randperm(self.n, generator=g).to(self.tensors[0].device)
+        for start in range(0, self.n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield tuple(t[idx] for t in self.tensors)
+        torch.randperm(self.n, generator=g)  # RandomSampler's draw for the remainder
 
 
 def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, float]:
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.batch_size,
-        shuffle=True,
-        generator=seeded_generator(settings.seed),
-        drop_last=False,
-    )
+    private = [h for h in hooks if h.privatizes]
+    generator = seeded_generator(settings.seed)
+    if isinstance(dataset, TensorDataset) and len(dataset) and not private:
+        loader = TensorBatches(dataset, settings.batch_size, generator, device)
+    else:  # DP-SGD's Poisson loader is built from a DataLoader; other datasets collate rows
+        loader = DataLoader(
+            dataset,
+            batch_size=settings.batch_size,
+            shuffle=True,
+            generator=generator,
+            drop_last=False,
+        )
     opt = torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
     )
-    private = [h for h in hooks if h.privatizes]
     after_noise = [h for h in hooks if h.sample_independent] if private else []
     in_loop = [h for h in hooks if h not in after_noise]
     forward, batches = model, loader
@@ -227,9 +288,19 @@ def predict_logits(
     model.to(device)
     model.eval()
     outs, labels = [], []
-    for xb, yb in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        outs.append(model(xb.to(device)).float().cpu())
-        labels.append(yb)
+    try:
+        if isinstance(dataset, TensorDataset):  # slices, not row-by-row collation
+            x, y = dataset.tensors[0], dataset.tensors[1]
+            batches = (
+                (x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)
+            )
+        else:
+            batches = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for xb, yb in batches:
+            outs.append(model(xb.to(device)).float().cpu())
+            labels.append(yb)
+    finally:
+        model.to("cpu")
     if not outs:
         return np.zeros((0, 0), dtype=np.float32), np.zeros((0,), dtype=np.int64)
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
@@ -243,6 +314,8 @@ def evaluate_classifier(
     device: str | torch.device = "cpu",
 ) -> dict:
     """Every metric of `tasks.metrics.classification_report` plus `num_examples`."""
+    from tasks.metrics import classification_report  # scikit-learn: only when evaluating
+
     logits, labels = predict_logits(model, dataset, batch_size, device)
     out = classification_report(logits, labels, num_classes)
     out["num_examples"] = float(len(labels))

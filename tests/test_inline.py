@@ -71,6 +71,7 @@ def test_fedavg_gives_attackers_their_share_and_trust_takes_it_away(tmp_path, da
             "elapsed_s",
             "sim_time_s",
             "aggregate_s",
+            "server_eval_s",
             "clients",
         )  # wall-clock numbers
         return {k: v for k, v in r.items() if k not in volatile}
@@ -79,7 +80,10 @@ def test_fedavg_gives_attackers_their_share_and_trust_takes_it_away(tmp_path, da
 
     def clients(res):
         return [
-            [{k: v for k, v in c.items() if k != "train_time_s"} for c in r["clients"]]
+            [
+                {k: v for k, v in c.items() if k not in ("train_time_s", "eval_time_s")}
+                for c in r["clients"]
+            ]
             for r in res["rounds"]
         ]
 

@@ -7,8 +7,15 @@ import time
 import tomllib
 
 import psutil
+import pytest
+import torch
 
-from fedapp.launch import stop_process_group, write_run_config
+from fedapp.config import ConfigError, compose
+from fedapp.launch import (
+    federation_resources,
+    stop_process_group,
+    write_run_config,
+)
 
 
 def test_run_config_survives_quotes_and_spaces(tmp_path):
@@ -50,3 +57,40 @@ def test_the_console_shows_progress_and_errors_and_the_log_keeps_the_rest():
     ):
         assert console_line(noise) is None
         assert console_line(noise, verbose=True) == noise
+
+
+# --- GPUs for ClientApps (issue 19) ----------------------------------------------------------
+def test_no_gpu_resources_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fed = federation_resources(compose([]), 5)
+    assert fed == "num-supernodes=5 client-resources-num-cpus=1"
+
+
+def test_gpus_are_shared_by_every_cpu_slot_when_cuda_is_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fed = federation_resources(compose([]), 5, cuda_devices=1, cpu_count=16)
+    assert fed.endswith("client-resources-num-gpus=0.0625")  # 16 slots on one GPU
+    two = compose(["simulation.client_num_cpus=2"])
+    assert federation_resources(two, 5, cuda_devices=2, cpu_count=16).endswith("gpus=0.25")
+    # device=cpu keeps ClientApps off the GPU; an explicit share is used as given
+    assert "gpus" not in federation_resources(compose(["device=cpu"]), 5, cuda_devices=1)
+    fixed = compose(["simulation.client_num_gpus=0.5"])
+    assert federation_resources(fixed, 5, cuda_devices=1, cpu_count=16).endswith("gpus=0.5")
+
+
+def test_naming_a_gpu_this_machine_lacks_stops_before_any_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="set device=auto or device=cpu"):
+        federation_resources(compose(["device=cuda"]), 5)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("device=gpu", "device=gpu is not one of"),
+        ("simulation.client_num_gpus=-1", "client_num_gpus"),
+    ],
+)
+def test_bad_device_settings_are_refused_when_composed(override, match):
+    with pytest.raises(ConfigError, match=match):
+        compose([override])

@@ -101,3 +101,38 @@ def test_json_safe():
         "a": [None, 1.5],
         "b": None,
     }
+
+
+def _nodes_table_run(tmp_path, num_clients: int):
+    cfg = compose("rounds=1 clients_per_round=1")
+    strat = build_strategy(cfg, num_nodes=1)
+    strat.bind({9: 0}, seed=0)
+    tmp_path.mkdir()
+    rec = Recorder(
+        tmp_path, cfg, TinyTask(), strat, {"num_clients": num_clients}, test_set=[0, 1, 1]
+    )
+    calls = []
+    rec.nodes_fn = lambda: calls.append(1) or {"0": {"replies": len(calls)}}
+    arrays = ArrayRecord(nn.Linear(2, 2).state_dict())
+    rec.evaluate_fn(0, arrays)
+    strat.rounds[1] = RoundRecord(
+        expected=[0],
+        num_replies=1,
+        aggregated=True,
+        clients=[ClientRecord("train", 0, 9, "ok", {"num-examples": 5}, weight=1.0)],
+    )
+    rec.evaluate_fn(1, arrays)
+    during = json.loads((tmp_path / "results.json").read_text())
+    rec.finish(arrays)
+    after = json.loads((tmp_path / "results.json").read_text())
+    return during, after, calls
+
+
+def test_large_federations_write_the_nodes_table_once_at_the_end(tmp_path):
+    # per-round cost must not grow with the federation (issue 19): above 1,000 clients the
+    # per-client table is neither built nor written after every round, only when the run ends
+    during, after, calls = _nodes_table_run(tmp_path / "big", 1001)
+    assert "nodes" not in during and after["nodes"] == {"0": {"replies": 1}} and len(calls) == 1
+    during, after, calls = _nodes_table_run(tmp_path / "small", 1000)
+    assert during["nodes"] == {"0": {"replies": 2}} and len(calls) == 3
+    assert after["rounds"][1]["server_eval_s"] >= 0.0  # the server-side evaluation's seconds

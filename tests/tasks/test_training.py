@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from strategies.fedprox import ProximalHook
 from tasks.training import (
+    TensorBatches,
     TrainHook,
     TrainSettings,
     evaluate_classifier,
     proximal_term,
+    resolve_device,
+    seeded_generator,
     train_classifier,
 )
 
@@ -140,3 +145,84 @@ def test_training_improves_accuracy():
     before = evaluate_classifier(model, data, num_classes=3)["accuracy"]
     train_classifier(model, data, TrainSettings(local_epochs=20, lr=0.1))
     assert evaluate_classifier(model, data, num_classes=3)["accuracy"] > before + 0.3
+
+
+# --- device selection and the tensor-batch fast path (issue 19) ------------------------------
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 70),
+    batch=st.integers(1, 32),
+    epochs=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+)
+def test_tensor_batches_are_the_dataloaders_batches(n, batch, epochs, seed):
+    x, y = torch.arange(n * 2, dtype=torch.float32).view(n, 2), torch.arange(n)
+    data = TensorDataset(x, y)
+    fast = TensorBatches(data, batch, seeded_generator(seed), "cpu")
+    slow = DataLoader(data, batch_size=batch, shuffle=True, generator=seeded_generator(seed))
+    assert len(fast) == len(slow)
+    for _ in range(epochs):  # the generator's state carries over epochs in both
+        got, want = list(fast), list(slow)
+        assert len(got) == len(want)
+        for (gx, gy), (wx, wy) in zip(got, want, strict=True):
+            assert torch.equal(gx, wx) and torch.equal(gy, wy)
+
+
+class _Rows(Dataset):
+    """The same rows behind a plain Dataset, so training takes the DataLoader path."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+@pytest.mark.parametrize("epochs,max_steps", [(3, 0), (4, 50)])
+def test_the_fast_path_trains_bit_for_bit_like_the_dataloader(epochs, max_steps):
+    data = _data(n=100)
+    fast, slow = _model(), _model()
+    work = TrainSettings(local_epochs=epochs, max_steps=max_steps, batch_size=7, seed=11)
+    out_fast = train_classifier(fast, data, work)
+    out_slow = train_classifier(slow, _Rows(data), work)
+    assert _distance(fast, slow) == 0.0
+    assert out_fast["train_loss"] == out_slow["train_loss"]
+    assert out_fast["train_steps"] == out_slow["train_steps"]
+
+
+def test_auto_is_the_cpu_without_cuda_and_never_initializes_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    assert not torch.cuda.is_initialized()
+
+
+def test_cpu_does_not_even_ask_for_cuda(monkeypatch):
+    def boom():
+        raise AssertionError("device=cpu asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", boom)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+
+
+def test_auto_takes_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_naming_cuda_without_a_gpu_says_what_to_set(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="set device=auto or device=cpu"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="set device=auto or device=cpu"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="sees 1 GPU"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_device("tpu")
