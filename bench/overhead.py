@@ -118,10 +118,16 @@ def local_compute(overrides: list[str], flower_results: dict) -> dict:
     )
     test = task.central_test_split(0.0, int(cfg.seed))[1]
     model = task.make_model()
-    task.evaluate(model, test)  # warm-up
-    t0 = time.perf_counter()
-    task.evaluate(model, test)
-    server_eval = time.perf_counter() - t0
+    server_eval = {}
+    # The ServerApp evaluates with torch's default threads under fedapp-run (its own process)
+    # and with the ClientApp's one thread in the in-process engine (set by the first client).
+    for threads in (os.cpu_count() or 1, max(int(cfg.simulation.client_num_cpus), 1)):
+        torch.set_num_threads(threads)
+        task.evaluate(model, test)  # warm-up
+        t0 = time.perf_counter()
+        task.evaluate(model, test)
+        server_eval[threads] = time.perf_counter() - t0
+    torch.set_num_threads(max(int(cfg.simulation.client_num_cpus), 1))
     rounds = []
     for r in flower_results["rounds"]:
         if r["round"] < 1:
@@ -136,7 +142,11 @@ def local_compute(overrides: list[str], flower_results: dict) -> dict:
             loop += task.train(m, data, settings)["train_time_s"]
             total += time.perf_counter() - t0
         rounds.append({"round": r["round"], "train_loop_s": loop, "with_setup_s": total})
-    return {"server_eval_s": server_eval, "rounds": rounds}
+    many, one = (
+        server_eval[os.cpu_count() or 1],
+        server_eval[max(int(cfg.simulation.client_num_cpus), 1)],
+    )
+    return {"server_eval_s": one, "server_eval_all_threads_s": many, "rounds": rounds}
 
 
 def local_in_checkout(overrides: list[str], flower_results: dict, checkout: Path) -> dict:
@@ -212,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default="current")
     p.add_argument("--checkout", type=Path, default=ROOT, help="the code to run (another worktree)")
     p.add_argument("--engines", default="flower,inline,local", help="comma-separated")
+    p.add_argument("--summarize-only", action="store_true", help="recompute from the run folders")
     p.add_argument("--local-from", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--local-to", type=Path, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the job")
@@ -227,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = compose(overrides)
     path = RESULTS / "overhead.json"
     report = json.loads(path.read_text()) if path.exists() else {"labels": {}}
+    if args.summarize_only:
+        for label in report["labels"]:
+            summarize_label(report, label)
+        path.write_text(json.dumps(report, indent=2))
+        (RESULTS / "overhead.md").write_text(markdown(report))
+        return 0
     report.update(
         overrides=overrides,
         cpus=os.cpu_count(),
@@ -262,25 +279,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[overhead] {args.label}: local training of the same clients ...", flush=True)
         local = local_in_checkout(overrides, source, args.checkout.resolve())
         entry["local"] = local
-    for engine, e in entry.items():
-        if engine == "local":
-            continue
-        fallback = local["server_eval_s"] if local else None
-        e["rounds"] = split_rounds(e.pop("_results"), e["workers"], fallback)
-        e["summary"] = summarize(e["rounds"])
-        s = e["summary"]
-        print(
-            f"[overhead] {args.label} {engine}: median round {fmt(s['median_wall_s'])} s, train compute "
-            f"{fmt(s['median_train_compute_s'])} s, server eval {fmt(s['median_server_eval_s'])} s, "
-            f"rest {fmt(s['median_rest_s'])} s -> ratio {fmt(s['overhead_ratio'])}x",
-            flush=True,
-        )
     report["labels"][args.label] = entry
+    summarize_label(report, args.label)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     (RESULTS / "overhead.md").write_text(markdown(report))
     print(f"[overhead] wrote {path} and overhead.md", flush=True)
     return 0
+
+
+def summarize_label(report: dict, label: str) -> None:
+    """Split each engine's rounds (read from its run folder) and print the summary. Code
+    without `server_eval_s` in its rounds (older checkouts) gets the local measurement with
+    the thread count its ServerApp had."""
+    entry = report["labels"][label]
+    local = entry.get("local")
+    for engine, e in entry.items():
+        if engine == "local":
+            continue
+        results = json.loads((ROOT / e["results"] / "results.json").read_text())
+        fallback = None
+        if local:
+            key = "server_eval_all_threads_s" if engine == "flower" else "server_eval_s"
+            fallback = local.get(key, local["server_eval_s"])
+        e.pop("_results", None)
+        e["rounds"] = split_rounds(results, e["workers"], fallback)
+        e["summary"] = summarize(e["rounds"])
+        s = e["summary"]
+        print(
+            f"[overhead] {label} {engine}: median round {fmt(s['median_wall_s'])} s, train compute "
+            f"{fmt(s['median_train_compute_s'])} s, server eval {fmt(s['median_server_eval_s'])} s, "
+            f"rest {fmt(s['median_rest_s'])} s -> ratio {fmt(s['overhead_ratio'])}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

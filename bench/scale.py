@@ -1,7 +1,9 @@
 """Round time, start-up time and memory against federation size at fixed clients per round.
 
 FEMNIST's 31,225 images split uniformly (partition=iid) into 100, 1,000 or 10,000 clients;
-FedAvg with 20 clients per round and 10 evaluated, `--rounds` rounds, served by
+FedAvg with 20 clients per round and 10 evaluated, one local step each (`train.max_steps=1`:
+the same work per client at every size, so that what grows is the federation and not the
+clients' data), `--rounds` rounds, served by
 min(N, `--supernodes`) SuperNodes (the rest are virtual clients on them, with the same results
 as one SuperNode each). Each engine runs as a child process whose whole process tree (for
 `fedapp-run`: SuperLink, simulation, Ray) is sampled for resident memory every 0.25 s.
@@ -60,6 +62,7 @@ def run(engine: str, size: int, rounds: int, supernodes: int) -> dict:
         f"rounds={rounds}",
         "clients_per_round=20",
         "eval_clients_per_round=10",
+        "train.max_steps=1",
         f"simulation.num_supernodes={nodes}",
         "seed=0",
     ]
@@ -107,7 +110,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# Federation size: round time, start-up and memory",
         "",
-        f"FEMNIST split iid into N clients; FedAvg, 20 clients per round (10 evaluated), "
+        f"FEMNIST split iid into N clients; FedAvg, 20 clients per round (10 evaluated), one local "
+        f"step each, "
         f"{report['rounds']} rounds; SuperNodes = min(N, {report['supernodes']}). "
         f"{report['cpus']} CPUs. Command: `{report['command']}`",
         "",
@@ -123,7 +127,8 @@ def markdown(report: dict) -> str:
             )
         if len(rows) > 1:
             per = report["memory_per_idle_client_kb"][engine]
-            lines.append(f"| {engine} | memory per idle client | | | | | {per:.1f} KB |")
+            text = f"{per:.1f} KB" if per > 0 else f"none measured ({per:.1f} KB: within noise)"
+            lines.append(f"| {engine} | memory per idle client | | | | | {text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--supernodes", type=int, default=100)
+    p.add_argument("--summarize-only", action="store_true", help="rewrite scale.md from scale.json")
     args = p.parse_args(argv)
+    if args.summarize_only:
+        report = json.loads((RESULTS / "scale.json").read_text())
+        (RESULTS / "scale.md").write_text(markdown(report))
+        return 0
     report = {
         "rounds": args.rounds,
         "supernodes": args.supernodes,

@@ -387,14 +387,9 @@ def run_simulation(
         flush=True,
     )
     nodes = int(cfg.simulation.get("num_supernodes") or 0) or num_clients
-    fed = federation_resources(
-        cfg, nodes
-    )  # before any process: device=cuda without a GPU fails here
+    # Before any process starts: device=cuda on a machine without a GPU fails here.
+    fed = federation_resources(cfg, nodes)
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
-    if cfg.simulation.get(
-        "ray_address"
-    ):  # Flower's Ray backend joins it (ray.init reads RAY_ADDRESS)
-        env["RAY_ADDRESS"] = str(cfg.simulation.ray_address)
     try:
         with superlink(flwr_home, out / "superlink.log", env):
             rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log", verbose)

@@ -98,13 +98,34 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Lower weighted median along axis 0: per column, the smallest value whose cumulative
     weight reaches half the total (NumPy's weighted `inverted_cdf` quantile). Equal weights
     give the lower median."""
-    return np.quantile(
-        np.asarray(values, dtype=np.float64),
-        0.5,
-        axis=0,
-        weights=np.asarray(weights, dtype=np.float64),
-        method="inverted_cdf",
-    )
+    values = np.asarray(values, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if values.ndim == 1:
+        return _weighted_median_columns(values[:, None], weights)[0]
+    flat = values.reshape(len(values), -1)
+    out = np.empty(flat.shape[1])
+    for start in range(0, flat.shape[1], MEDIAN_CHUNK):
+        cols = slice(start, start + MEDIAN_CHUNK)
+        out[cols] = _weighted_median_columns(flat[:, cols], weights)
+    return out.reshape(values.shape[1:])
+
+
+MEDIAN_CHUNK = 1 << 17  # columns per step: bounded memory for 6.6M-parameter models
+
+
+def _weighted_median_columns(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`np.quantile(values, 0.5, axis=0, weights=weights, method="inverted_cdf")` for a (K, d)
+    block, bit for bit (the same sort, cumulative sum and normalization), but vectorized:
+    NumPy's weighted quantile searches each of the d columns in a Python-level loop, which
+    made trust's aggregation take 10 s per round for the 1.2M-parameter FEMNIST model."""
+    order = np.argsort(values, axis=0)
+    ordered = np.take_along_axis(values, order, axis=0)
+    cdf = weights[order].cumsum(axis=0, dtype=np.float64)
+    cdf /= cdf[-1]
+    if np.isnan(cdf[-1]).any():
+        raise ValueError("Weights included NaN, inf or were all zero.")
+    first = np.argmax(cdf >= 0.5, axis=0)  # the first i with cdf[i] >= 1/2 (searchsorted left)
+    return np.take_along_axis(ordered, first[None, :], axis=0)[0]
 
 
 def reference_direction(

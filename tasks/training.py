@@ -185,8 +185,10 @@ def train_classifier(
 
 class TensorBatches:
     """What `DataLoader(TensorDataset, shuffle=True, generator=g)` yields, batch for batch,
-    sliced from whole tensors on the device instead of collated row by row (the collation was
-    most of a small model's step time on the CPU; on a GPU the rows are copied once per call).
+    sliced from whole tensors kept on the training device instead of collated row by row and
+    copied to the device batch by batch. This is for GPUs (a small task's rows are copied once
+    per call); on the CPU it trains as fast as the DataLoader, within noise
+    (bench/results/throughput.md, `--loader both`).
 
     It draws from `g` exactly as the DataLoader does (torch 2.x, no workers): per epoch one
     int64 base seed, one `randperm` for the order and, once the sampler is exhausted, one more

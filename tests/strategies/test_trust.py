@@ -230,6 +230,36 @@ def test_weighted_median(values, data):
     assert np.allclose(weighted_median(values, np.ones(k)), np.sort(values, 0)[(k - 1) // 2])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 9), st.integers(1, 7)),
+        elements=st.sampled_from([-2.0, -0.5, 0.0, 0.5, 1.0, 3.0]) | finite,  # ties too
+    ),
+    data=st.data(),
+    chunk=st.integers(1, 4),
+)
+def test_weighted_median_is_numpys_weighted_quantile_bit_for_bit(values, data, chunk):
+    from strategies import trust
+
+    k = values.shape[0]
+    w = np.array(
+        data.draw(st.lists(st.sampled_from([0.0, 0.25, 1.0, 3.0]), min_size=k, max_size=k))
+    )
+    if w.sum() == 0:
+        w[0] = 1.0
+    want = np.quantile(values, 0.5, axis=0, weights=w, method="inverted_cdf")
+    saved, trust.MEDIAN_CHUNK = trust.MEDIAN_CHUNK, chunk  # columns over several steps
+    try:
+        assert np.array_equal(trust.weighted_median(values, w), want)
+    finally:
+        trust.MEDIAN_CHUNK = saved
+    assert trust.weighted_median(values[:, 0], w) == want[0]  # 1-D (norms)
+    cube = values.reshape(k, -1, 1)
+    assert np.array_equal(trust.weighted_median(cube, w), want.reshape(-1, 1))
+
+
 def test_caught_attackers_cannot_take_over_the_reference():
     """Most of the round attacks; those already caught (trust 0) do not get to set the median."""
     rng = np.random.default_rng(3)
