@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedapp.config import compose  # noqa: E402
 from strategies import build_strategy  # noqa: E402
-from tasks.femnist import MODELS  # noqa: E402
+from tasks.models import MODELS  # noqa: E402
 
 DEFAULT_STRATEGIES = (
     "fedavg",

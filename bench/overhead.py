@@ -107,15 +107,9 @@ def local_compute(overrides: list[str], flower_results: dict) -> dict:
     cfg = compose(overrides)
     torch.set_num_threads(max(int(cfg.simulation.client_num_cpus), 1))
     task = get_task(cfg, resolve_data_dir(cfg))
-    settings = TrainSettings(
-        local_epochs=int(cfg.train.local_epochs),
-        max_steps=int(cfg.train.max_steps),
-        batch_size=int(cfg.train.batch_size),
-        lr=float(cfg.train.lr),
-        momentum=float(cfg.train.momentum),
-        weight_decay=float(cfg.train.weight_decay),
-        seed=int(cfg.seed),
-    )
+    # What the ServerApp sends each round, read by the parser clients use (in every checkout)
+    work = {key.replace("_", "-"): value for key, value in cfg.train.items()}
+    settings = TrainSettings.from_config({**work, "seed": int(cfg.seed)})
     test = task.central_test_split(0.0, int(cfg.seed))[1]
     model = task.make_model()
     server_eval = {}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shlex
 import threading
 import time
@@ -127,9 +126,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.max_steps and train.local_epochs must be >= 0")
     if int(cfg.seed) < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
-    device = str(cfg.get("device", "auto")).strip().lower()
-    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
-        raise ConfigError(f"device={device} is not one of auto, cpu, cuda, cuda:<index>")
+    from tasks.training import device_name  # the parser resolve_device uses
+
+    try:
+        device_name(cfg.get("device", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     gpus = str(cfg.simulation.get("client_num_gpus", "auto"))
     if gpus != "auto" and not (_is_number(gpus) and 0 <= float(gpus) <= 1024):
         raise ConfigError(

@@ -339,9 +339,7 @@ def client_gpu_share(cfg, cuda_devices: int | None = None, cpu_count: int | None
     setting = str(cfg.simulation.get("client_num_gpus", "auto"))
     if setting != "auto":
         return float(setting)
-    if str(cfg.get("device", "auto")).strip().lower() == "cpu":
-        return 0.0
-    from tasks.training import resolve_device
+    from tasks.training import resolve_device  # device=cpu: no CUDA call
 
     if resolve_device(cfg.get("device", "auto")).type != "cuda":
         return 0.0

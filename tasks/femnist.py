@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 
 from tasks.base import DataError
 from tasks.hf_images import HFImageTask
-from tasks.models import MODELS, FemnistCNN  # noqa: F401 (FemnistCNN: re-exported)
+from tasks.models import MODELS
 from tasks.partitioning import make_partitioner
 
 CLASSES = (

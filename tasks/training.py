@@ -15,30 +15,37 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 DEVICES = "auto, cpu, cuda or cuda:<index>"
 
 
+def device_name(spec: str | torch.device | None = "auto") -> str:
+    """A `device=` setting, normalized (auto, cpu, cuda, cuda:<i>), without touching CUDA;
+    anything else is a ValueError naming the choices."""
+    name = "auto" if spec is None else str(spec).strip().lower()
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"device={name} is not one of {DEVICES}")
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch device of a `device=` setting: `auto` is CUDA when this process sees a GPU,
     else the CPU. `cpu` never touches CUDA. Naming CUDA on a machine without it is an error
     that says what to set, not a silent fallback."""
-    name = "auto" if spec is None else str(spec).strip().lower()
+    name = device_name(spec)
     if name == "cpu":
         return torch.device("cpu")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"device={name} but PyTorch sees no CUDA GPU on this machine "
-                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
-                "set device=auto or device=cpu"
-            )
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={name} but this process sees {torch.cuda.device_count()} GPU(s); "
-                "set device=cuda or device=auto"
-            )
-        return torch.device(name)
-    raise ValueError(f"device={spec!r} is not one of {DEVICES}")
+    if not torch.cuda.is_available():  # cuda or cuda:<i>
+        raise ValueError(
+            f"device={name} but PyTorch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+            "set device=auto or device=cpu"
+        )
+    index = int(name[5:]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={name} but this process sees {torch.cuda.device_count()} GPU(s); "
+            "set device=cuda or device=auto"
+        )
+    return torch.device(name)
 
 
 @dataclass(frozen=True)
