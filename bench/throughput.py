@@ -77,7 +77,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_training(model_name, batch, steps, data, device, dp: bool, repeats: int) -> dict:
+def time_training(
+    model_name, batch, steps, data, device, dp: bool, repeats: int, precision: str = "fp32"
+) -> dict:
     """examples/s of `steps` local steps (median of `repeats`, after one warm-up call)."""
     rates, seconds = [], []
     for rep in range(repeats + 1):
@@ -90,7 +92,12 @@ def time_training(model_name, batch, steps, data, device, dp: bool, repeats: int
                 return {"skipped": "Opacus is not installed"}
             hooks = [hook]
         work = TrainSettings(
-            local_epochs=1000, max_steps=steps, batch_size=batch, lr=0.01, seed=rep
+            local_epochs=1000,
+            max_steps=steps,
+            batch_size=batch,
+            lr=0.01,
+            seed=rep,
+            precision=precision,
         )
         sync(device)
         t0 = time.perf_counter()

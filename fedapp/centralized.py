@@ -1,8 +1,9 @@
 """Centralized baseline: `fedapp-centralized [overrides...]`.
 
 Trains the task's model on the union of all clients' training data and evaluates it on the
-same held-out test set the federated runs use. This is the upper bound that every federated
-number is compared to; it writes results.json with the same `config`/`final` layout.
+same held-out test rows the federated runs use (without `server_val_fraction`'s rows). This is
+the upper bound that every federated number is compared to; it writes results.json with the
+same `config`/`final` layout.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def train_centralized(
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
     torch.manual_seed(int(cfg.seed))
     model = task.make_model()
-    train, test = task.load_centralized_train(), task.load_central_test()
+    train = task.load_centralized_train()
+    # The federated runs' test rows: with server_val_fraction > 0 they report on the central
+    # test set minus the operator's validation rows, and so does this baseline (it never
+    # reads the validation rows).
+    _, test = task.central_test_split(float(cfg.get("server_val_fraction") or 0.0), int(cfg.seed))
     pooled = ClientData(train=train, val=train, label_counts=np.zeros(0))
     # Centralized: the "federated" statistics are simply those of the pooled training rows.
     prep = task.aggregate_stats([task.client_stats(pooled)]) if task.needs_stats else {}
@@ -47,6 +52,7 @@ def train_centralized(
             lr=float(c.lr),
             momentum=float(cfg.train.momentum),
             weight_decay=float(cfg.train.weight_decay),
+            precision=str(cfg.train.get("precision", "fp32")),
             seed=int(cfg.seed) * 1_000_003 + epoch,
         )
         fit = task.train(model, pooled, settings, prep)

@@ -76,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
         "label-counts": [int(c) for c in job.data.label_counts],
         **job.reply_metrics,
     }
+    if "train_skipped_steps" in job.metrics:  # train.precision=fp16 (never under sample_dp)
+        metrics["train_skipped_steps"] = float(job.metrics["train_skipped_steps"])
     reply = MetricRecord({k: v for k, v in metrics.items() if k not in job.withheld})
     arrays = job.outgoing if job.outgoing is not None else ArrayRecord(job.model.state_dict())
     content = RecordDict({"arrays": arrays, "metrics": reply})

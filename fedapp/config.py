@@ -126,7 +126,13 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.max_steps and train.local_epochs must be >= 0")
     if int(cfg.seed) < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg.seed}")
-    from tasks.training import device_name  # the parser resolve_device uses
+    from tasks.training import PRECISIONS, device_name  # the parser resolve_device uses
+
+    if str(cfg.train.get("precision", "fp32")) not in PRECISIONS:
+        raise ConfigError(
+            f"train.precision={cfg.train.precision}: use one of {', '.join(PRECISIONS)} "
+            "(mixed precision of local training; fp32 = none)"
+        )
 
     try:
         device_name(cfg.get("device", "auto"))

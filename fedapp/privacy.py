@@ -500,6 +500,12 @@ def check_combination(cfg: DictConfig) -> None:
     from hydra.utils import get_class
 
     spec = PrivacySpec.from_config(cfg.get("privacy"))
+    if spec.name == "sample_dp" and str(cfg.train.get("precision", "fp32")) == "fp16":
+        raise PrivacyError(
+            "privacy=sample_dp cannot be combined with train.precision=fp16: fp16's loss "
+            "scaling scales the per-sample gradients DP-SGD clips. Use train.precision=bf16 "
+            "or fp32."
+        )
     if spec.name == "sample_dp":
         cls = get_class(str(cfg.strategy._target_))
         needed = sorted(set(getattr(cls, "required_metrics", ())) & set(WITHHELD))

@@ -103,14 +103,14 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -
 
 def server_loss_fn(task, dataset, prep: dict[str, list[float]]):
     """arrays (in the model's state-dict order) -> the task's loss on `dataset`."""
-    keys = list(task.make_model().state_dict().keys())
+    model = task.make_model()  # one instance: every call loads all of its state
+    keys = list(model.state_dict().keys())
 
     def loss(arrays) -> float:
-        model = task.make_model()
         model.load_state_dict(
             {k: torch.as_tensor(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
         )
-        return float(task.evaluate(model, dataset, prep)["loss"])
+        return task.loss(model, dataset, prep)
 
     return loss
 
@@ -308,6 +308,7 @@ def main(grid: Grid, context: Context) -> None:
         lr=float(cfg.train.lr),
         momentum=float(cfg.train.momentum),
         weight_decay=float(cfg.train.weight_decay),
+        precision=str(cfg.train.get("precision", "fp32")),
         seed=int(cfg.seed),
     )
     synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class

@@ -189,6 +189,7 @@ class FedappStrategyMixin:
         "train_loss",
         "train_steps",
         "train_time_s",
+        "train_skipped_steps",
         "eval_loss",
         "eval_accuracy",
         "eval_time_s",

@@ -338,7 +338,7 @@ def validation_loss(job: TrainJob) -> float:
     # evaluating draws from torch's global generator (DataLoader seeds); fork it so that the
     # training that follows (dropout) is the same whether or not the server asked for this
     with torch.random.fork_rng(devices=[]):
-        loss = float(job.task.evaluate(job.model, job.data.val, job.prep)["loss"])
+        loss = job.task.loss(job.model, job.data.val, job.prep)
     return loss if np.isfinite(loss) else 0.0
 
 

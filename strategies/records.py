@@ -22,9 +22,10 @@ class ClientRecord:
     node_id: int  # the SuperNode that served it
     status: str = "pending"  # "ok", "error: <reason>" or "rejected: <why>"
     # What the client reported and the server logs: num-examples, train_loss, train_steps,
-    # train_time_s, eval_loss, eval_accuracy, eval_time_s, the DP ledger's dp_* and synthetic-rows (the
-    # synthetic rows a client sent, or added to its training: fedapp.synthetic); a strategy
-    # may log more, see `logged_metrics`.
+    # train_time_s, train_skipped_steps (train.precision=fp16 only: steps skipped for
+    # overflowing gradients), eval_loss, eval_accuracy, eval_time_s, the DP ledger's dp_* and
+    # synthetic-rows (the synthetic rows a client sent, or added to its training:
+    # fedapp.synthetic); a strategy may log more, see `logged_metrics`.
     metrics: dict[str, Any] = field(default_factory=dict)
     # Share of the new global model that came from this client's update: weights sum to 1 over
     # a round's clients for averaging strategies (FedAvg family, trust, contribution, tiered);

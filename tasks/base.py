@@ -14,11 +14,12 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from tasks.metrics import majority_accuracy
+from tasks.metrics import cross_entropy, majority_accuracy
 from tasks.training import (
     TrainHook,
     TrainSettings,
     evaluate_classifier,
+    predict_logits,
     resolve_device,
     train_classifier,
 )
@@ -234,6 +235,16 @@ class Task(ABC):
         return evaluate_classifier(
             model, self.eval_dataset(dataset, prep), self.num_classes, batch_size, self.device
         )
+
+    def loss(self, model: nn.Module, dataset: Any, prep=None) -> float:
+        """`evaluate(...)["loss"]`, bit for bit, without the confusion matrix and ranking
+        metrics (NaN on no rows). For callers that score many models per round:
+        contribution's leave-one-out and validation gain."""
+        batch_size = int(self.task_cfg.get("eval_batch_size", self.eval_batch_size))
+        logits, labels = predict_logits(
+            model, self.eval_dataset(dataset, prep), batch_size, self.device
+        )
+        return cross_entropy(logits, labels) if len(labels) else float("nan")
 
     @property
     def device(self) -> torch.device:

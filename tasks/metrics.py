@@ -90,6 +90,16 @@ MAX_CONFUSION_CLASSES = (
 )
 
 
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of logits against integer labels (the `loss` of every report)."""
+    return float(
+        torch.nn.functional.cross_entropy(
+            torch.from_numpy(np.asarray(logits)).float(),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+        )
+    )
+
+
 def classification_report(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """All metrics of a model's logits on a labelled set (loss included).
 
@@ -108,11 +118,7 @@ def classification_report(logits: np.ndarray, labels: np.ndarray, num_classes: i
         if num_classes <= MAX_CONFUSION_CLASSES:
             out["confusion"] = empty.ravel().tolist()
         return out
-    loss = float(
-        torch.nn.functional.cross_entropy(
-            torch.from_numpy(logits).float(), torch.from_numpy(labels)
-        )
-    )
+    loss = cross_entropy(logits, labels)
     probs = softmax(logits)
     cm = confusion_matrix(labels, probs.argmax(axis=1), num_classes)
     out: dict = {"loss": loss, **confusion_metrics(cm), **ranking_metrics(probs, labels)}

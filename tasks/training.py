@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -48,6 +49,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What a client needs to run one round of local training (sent in the round's ConfigRecord).
@@ -63,6 +67,15 @@ class TrainSettings:
     momentum: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
+    # Mixed precision of local training: fp32 (none), bf16 or fp16 under torch.autocast; the
+    # weights, their updates, evaluation and everything sent stay fp32 (PRECISIONS).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"train.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
@@ -244,6 +257,7 @@ def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, fl
     forward, batches = model, loader
     for hook in private:
         forward, opt, batches = hook.wrap(model, opt, loader, after_noise)
+    amp = MixedPrecision(settings.precision, device, private=bool(private))
     t0 = time.perf_counter()
     steps, seen, loss_sum = 0, 0, 0.0
     epochs = max(settings.local_epochs, 1)
@@ -252,27 +266,29 @@ def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, fl
         for xb, yb in batches:
             xb, yb = xb.to(device), yb.to(device)
             opt.zero_grad(set_to_none=True)
-            logits = forward(xb)
+            with amp.autocast():
+                logits = forward(xb)
             if len(yb) == 0:  # Poisson sampling drew no row: a noise-only step (DP-SGD)
                 (logits.sum() * 0.0).backward()
                 opt.step()
                 steps += 1
                 continue
-            data_loss = loss_fn(logits, yb)
-            loss = data_loss
-            for hook in in_loop:
-                extra = hook.extra_loss(model, xb, yb, logits)
-                if extra is not None:
-                    loss = loss + extra
+            with amp.autocast():
+                data_loss = loss_fn(logits, yb)
+                loss = data_loss
+                for hook in in_loop:
+                    extra = hook.extra_loss(model, xb, yb, logits)
+                    if extra is not None:
+                        loss = loss + extra
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"local training diverged at step {steps} (loss={loss.item()}); "
                     "lower train.lr or check the data"
                 )
-            loss.backward()
+            amp.backward(loss, opt)  # hooks below see true (unscaled) gradients
             for hook in in_loop:
                 hook.after_backward(model)
-            opt.step()
+            amp.step(opt)
             steps += 1
             seen += len(yb)
             loss_sum += float(data_loss.detach()) * len(yb)
@@ -281,12 +297,58 @@ def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, fl
                 break
         if done:
             break
-    return {
+    out = {
         "train_loss": loss_sum / max(seen, 1),
         "train_steps": float(steps),
         "train_samples_seen": float(seen),
         "train_time_s": time.perf_counter() - t0,
     }
+    if amp.scaler is not None:
+        out["train_skipped_steps"] = float(amp.skipped)
+    return out
+
+
+class MixedPrecision:
+    """torch.autocast for one local training call, with fp16's loss scaling.
+
+    bf16 has fp32's range, so it needs no scaling. fp16 does: `torch.amp.GradScaler` scales the
+    loss, unscales the gradients before the hooks see them (SCAFFOLD's correction is added to
+    true gradients) and skips a step whose gradients overflowed, lowering the scale. Skipped
+    steps are counted (`train_skipped_steps`), never hidden. DP-SGD clips per-sample gradients
+    inside the optimizer, which loss scaling would shift, so fp16 is refused there; bf16 runs
+    under Opacus (its per-sample gradients are cast back to fp32 before clipping)."""
+
+    def __init__(self, precision: str, device: torch.device, private: bool = False) -> None:
+        self.dtype = PRECISIONS[precision]
+        self.device_type = torch.device(device).type
+        if precision == "fp16" and private:
+            raise ValueError(
+                "train.precision=fp16 cannot be combined with DP-SGD (loss scaling changes what "
+                "per-sample clipping bounds); use bf16 or fp32"
+            )
+        self.scaler = torch.amp.GradScaler(self.device_type) if precision == "fp16" else None
+        self.skipped = 0
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor, opt) -> None:
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(opt)
+
+    def step(self, opt) -> None:
+        if self.scaler is None:
+            opt.step()
+            return
+        scale = self.scaler.get_scale()
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.skipped += int(self.scaler.get_scale() < scale)  # update() lowers it on overflow
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedapp.config import compose
+from fedapp.config import ConfigError, compose
 from fedapp.inline import run_inline
 from fedapp.privacy import (
     DPSGDHook,
@@ -348,3 +348,23 @@ def test_every_strategy_runs_under_sample_dp_within_each_target(tmp_path, data_d
     assert spent and all(eps <= (1.5 if pid == 0 else 3.0) + 1e-9 for pid, eps in spent)
     assert 0 < res["final"]["dp_epsilon"] <= 3.0
     assert np.isfinite(res["rounds"][-1]["test_loss"])
+
+
+def test_bf16_trains_under_dp_sgd_and_spends_what_fp32_spends(data_dir):
+    overrides = "privacy=sample_dp privacy.target_epsilon=2 rounds=5"
+    spent = {}
+    for precision in ("fp32", "bf16"):
+        job = _job(data_dir, overrides, RecordDict())
+        job.settings = TrainSettings(batch_size=32, local_epochs=1, seed=1, precision=precision)
+        run_units(job, compose_units(job))
+        spent[precision] = job.reply_metrics["dp_epsilon"]
+        assert job.metrics["train_steps"] > 0 and math.isfinite(job.metrics["train_loss"])
+    # the accountant sees steps, sample rate and noise, none of which precision changes
+    assert spent["bf16"] == spent["fp32"]
+
+
+def test_fp16_with_sample_dp_is_refused_when_the_config_is_composed():
+    with pytest.raises(PrivacyError, match="fp16"):
+        compose("privacy=sample_dp train.precision=fp16")
+    with pytest.raises(ConfigError, match="precision"):
+        compose("train.precision=half")

@@ -233,3 +233,14 @@ def test_a_deployed_node_and_the_server_need_only_their_own_files(data_dir, tmp_
     assert "_pooled" not in vars(node) and "_pooled" not in vars(server)  # never read
     with pytest.raises(DataError, match="file not found"):
         _ = node.rows  # the pooled file is not there, and nothing needed it
+
+
+def test_loss_only_evaluation_is_the_reports_loss_bit_for_bit(data_dir):
+    task = _task(data_dir, "task=medical")
+    data = task.load_partition(1)
+    prep = task.aggregate_stats([task.client_stats(data)])
+    model = task.make_model()
+    task.train(model, data, TrainSettings(batch_size=16), prep)
+    for rows in (data.val, task.load_central_test()):
+        assert task.loss(model, rows, prep) == task.evaluate(model, rows, prep)["loss"]
+    assert np.isnan(task.loss(model, data.val.take(np.arange(0)), prep))

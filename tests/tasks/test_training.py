@@ -226,3 +226,78 @@ def test_naming_cuda_without_a_gpu_says_what_to_set(monkeypatch):
         resolve_device("cuda:1")
     with pytest.raises(ValueError, match="not one of"):
         resolve_device("tpu")
+
+
+# --- mixed precision of local training (issue 19) ---------------------------------------------
+def test_bf16_trains_under_autocast_close_to_fp32_and_keeps_fp32_weights():
+    data = _data()
+    full, mixed = _model(), _model()
+    a = train_classifier(full, data, TrainSettings(local_epochs=5, lr=0.1, seed=2))
+    b = train_classifier(
+        mixed, data, TrainSettings(local_epochs=5, lr=0.1, seed=2, precision="bf16")
+    )
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    assert _distance(full, mixed) > 0.0  # autocast did change the arithmetic
+    # ... but not the outcome: same data order, losses within bf16's ~3 significant digits
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    acc = [evaluate_classifier(m, data, num_classes=3)["accuracy"] for m in (full, mixed)]
+    assert abs(acc[0] - acc[1]) <= 0.03
+    assert "train_skipped_steps" not in b
+
+
+class _Overflow(TrainHook):
+    """A loss term whose gradient on the fp16 logits (times the loss scale) is beyond fp16."""
+
+    def extra_loss(self, model, xb, yb, logits):
+        return 1e5 * logits.float().sum()
+
+
+def test_fp16_skips_and_counts_steps_whose_gradients_overflow():
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    out = train_classifier(
+        model,
+        _data(),
+        TrainSettings(batch_size=8, max_steps=3, precision="fp16"),
+        hooks=[_Overflow()],
+    )
+    assert out["train_steps"] == 3 and out["train_skipped_steps"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    fine = train_classifier(
+        _model(), _data(), TrainSettings(batch_size=8, max_steps=3, precision="fp16")
+    )
+    assert fine["train_skipped_steps"] == 0
+
+
+class _SeesGradients(TrainHook):
+    def __init__(self):
+        self.norms = []
+
+    def after_backward(self, model):
+        self.norms.append(float(sum(p.grad.float().norm() ** 2 for p in model.parameters()) ** 0.5))
+
+
+def test_fp16_hooks_see_unscaled_gradients():
+    seen = {}
+    for precision in ("fp32", "fp16"):
+        hook = _SeesGradients()
+        train_classifier(
+            _model(),
+            _data(),
+            TrainSettings(batch_size=8, max_steps=1, precision=precision),
+            hooks=[hook],
+        )
+        seen[precision] = hook.norms[0]
+    # the loss scale is 65536: a scaled gradient would be off by that factor, not by rounding
+    assert seen["fp16"] == pytest.approx(seen["fp32"], rel=0.02)
+
+
+def test_unknown_precision_and_fp16_under_dp_sgd_are_refused():
+    from tasks.training import MixedPrecision
+
+    with pytest.raises(ValueError, match="precision"):
+        TrainSettings(precision="fp8")
+    with pytest.raises(ValueError, match="DP-SGD"):
+        MixedPrecision("fp16", torch.device("cpu"), private=True)
+    s = TrainSettings(precision="bf16")
+    assert TrainSettings.from_config(s.to_config()) == s
