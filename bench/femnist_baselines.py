@@ -197,7 +197,14 @@ def main() -> int:
     cmd = (
         f"bench/femnist_baselines.py --seeds {' '.join(map(str, args.seeds))} --rounds {args.rounds}"
         + (f" --name {args.name}" if args.name != "femnist_baselines" else "")
+        + f" --strategies {' '.join(args.strategies)}"
         + (f" --extra {' '.join(args.extra)}" if args.extra else "")
+        + (
+            f" --report-rounds {' '.join(map(str, args.report_rounds))}"
+            if args.report_rounds
+            else ""
+        )
+        + " --reuse"
     )
     if args.name != "femnist_baselines":
         lines = [
