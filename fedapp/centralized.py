@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +45,16 @@ def train_centralized(
     t0 = time.perf_counter()
     test_metrics = _scalars(task.evaluate(model, test, prep))
     epochs.append({"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()}, "wall_s": 0.0})
+    # The clients' momentum, weight decay and precision; one epoch per step of this loop.
+    local = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
     for epoch in range(1, int(c.epochs) + 1):
         t = time.perf_counter()
-        settings = TrainSettings(
+        settings = replace(
+            local,
             local_epochs=1,
+            max_steps=0,
             batch_size=int(c.batch_size),
             lr=float(c.lr),
-            momentum=float(cfg.train.momentum),
-            weight_decay=float(cfg.train.weight_decay),
-            precision=str(cfg.train.get("precision", "fp32")),
             seed=int(cfg.seed) * 1_000_003 + epoch,
         )
         fit = task.train(model, pooled, settings, prep)

@@ -301,16 +301,7 @@ def main(grid: Grid, context: Context) -> None:
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
     torch.manual_seed(int(cfg.seed))
     initial = ArrayRecord(task.make_model().state_dict())
-    settings = TrainSettings(
-        local_epochs=int(cfg.train.local_epochs),
-        max_steps=int(cfg.train.max_steps),
-        batch_size=int(cfg.train.batch_size),
-        lr=float(cfg.train.lr),
-        momentum=float(cfg.train.momentum),
-        weight_decay=float(cfg.train.weight_decay),
-        precision=str(cfg.train.get("precision", "fp32")),
-        seed=int(cfg.seed),
-    )
+    settings = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
     synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class
     meta = run_meta(
         context,

@@ -87,6 +87,13 @@ class TrainSettings:
                 kwargs[f.name] = type(f.default)(config[key])
         return cls(**kwargs)
 
+    @classmethod
+    def from_train_config(cls, train: Mapping[str, Any], seed: int) -> TrainSettings:
+        """From the run config's `train:` block (underscored keys) and the run's seed."""
+        return cls.from_config(
+            {**{str(k).replace("_", "-"): v for k, v in train.items()}, "seed": seed}
+        )
+
     def to_config(self) -> dict[str, Any]:
         """Flat dict with dash-separated keys, ready for a ConfigRecord."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

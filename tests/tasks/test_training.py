@@ -301,3 +301,20 @@ def test_unknown_precision_and_fp16_under_dp_sgd_are_refused():
         MixedPrecision("fp16", torch.device("cpu"), private=True)
     s = TrainSettings(precision="bf16")
     assert TrainSettings.from_config(s.to_config()) == s
+
+
+def test_settings_from_the_run_configs_train_block():
+    from fedapp.config import compose
+
+    cfg = compose(["train.lr=0.2", "train.max_steps=7", "train.precision=bf16"])
+    s = TrainSettings.from_train_config(cfg.train, 5)
+    assert s == TrainSettings(
+        local_epochs=int(cfg.train.local_epochs),
+        max_steps=7,
+        batch_size=int(cfg.train.batch_size),
+        lr=0.2,
+        momentum=float(cfg.train.momentum),
+        weight_decay=float(cfg.train.weight_decay),
+        seed=5,
+        precision="bf16",
+    )
