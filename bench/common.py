@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,12 +80,23 @@ def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -
     return proc.returncode == 0
 
 
-def run_and_audit(overrides: list[str], out: Path, cwd: Path) -> bool:
+def run_and_audit(
+    overrides: list[str], out: Path, cwd: Path, rounds: int, reuse: bool = True
+) -> bool:
     """`run_inline_job` into `out`, then `fedapp-audit` on it (log: `out/audit.log`). True
-    when both succeeded."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not run_inline_job(overrides, out, out / "inline.log", cwd):
-        return False
+    when both succeeded.
+
+    With `reuse`, a run of `rounds` rounds that already finished in `out` is only audited again
+    (its audit was interrupted). Any other earlier attempt in `out` is removed first, with a
+    line saying so: its clients' saved state (their privacy ledgers above all) belongs to that
+    attempt, and a new run on top of it would be refused as a second release."""
+    if not (reuse and completed(out / "results.json", rounds) is not None):
+        if out.exists() and any(out.iterdir()):
+            print(f"[bench] {out.name}: removing an earlier attempt", flush=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not run_inline_job(overrides, out, out / "inline.log", cwd):
+            return False
     with (out / "audit.log").open("w") as fh:
         cmd = [sys.executable, "-m", "fedapp.audit", str(out)]
         return subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT) == 0

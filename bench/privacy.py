@@ -81,7 +81,7 @@ def execute(args, jobs) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     rounds = {t: _rounds(TASKS[t]["overrides"]) for t in args.tasks}
     todo = [
-        (o, runs / n)
+        (o, runs / n, rounds[k["task"]])
         for k, o, n in jobs
         if not (
             args.reuse
@@ -92,8 +92,8 @@ def execute(args, jobs) -> None:
     print(f"[bench] {len(jobs)} runs planned, {len(todo)} to run", flush=True)
 
     def work(item):
-        ovr, out = item
-        return out.name, run_and_audit(ovr, out, ROOT)
+        ovr, out, n_rounds = item
+        return out.name, run_and_audit(ovr, out, ROOT, n_rounds, args.reuse)
 
     run_pool(todo, args.jobs, work)
 

@@ -2,12 +2,16 @@
 
 Grid: task x target epsilon x method x seed, every run under privacy=sample_dp at that
 epsilon (one ledger per client covering everything it sends), on the task's natural split,
-through the in-process engine (single-threaded subprocesses, `--jobs` at a time):
+through the in-process engine (single-threaded subprocesses, `--jobs` at a time). Epsilon
+`none` runs without DP, only `fedavg`, `oneshot` and `oneshot_refined` (whether the
+discriminator's refinement helps when its training is not noised):
 
 - `fedavg`: FedAvg on real data, 30 rounds (the tabular tasks' class-weighted loss: the
   weighted-loss baseline of rare-class augmentation);
 - `oneshot`: strategy=synthetic, mode=oneshot: each client trains its own DP generator and
   sends synthetic rows once (one communication round); the server trains on their union;
+- `oneshot_refined`: `oneshot` with generator.refine=discriminator: each client draws 4
+  candidates per row it sends and a DP discriminator (30 % of its epsilon) picks which to send;
 - `hybrid`: strategy=synthetic, mode=hybrid: the one-shot model, then 9 FedAvg rounds on real
   data (10 rounds in all; half of each client's epsilon for the generator);
 - `rare_class`: FedAvg with augment=rare_class: 3 federated generator rounds (30 % of the
@@ -45,12 +49,17 @@ sys.path.insert(0, str(ROOT))
 from bench.common import completed, fmt_mean_sd, run_and_audit, run_pool  # noqa: E402
 
 TASKS = ["credit", "insurance", "bankruptcy", "medical"]
-EPSILONS = ["3", "1", "8"]
+EPSILONS = ["3", "1", "8", "none"]
+NO_DP_METHODS = ("fedavg", "oneshot", "oneshot_refined")
 SEEDS = [0, 1, 2]
 EXTRA_VERSION = 2  # of extra.json; older files are recomputed from the run folder
 METHODS = {
     "fedavg": (["strategy=fedavg"], 30),
     "oneshot": (["strategy=synthetic", "strategy.mode=oneshot"], 1),
+    "oneshot_refined": (
+        ["strategy=synthetic", "strategy.mode=oneshot", "strategy.generator.refine=discriminator"],
+        1,
+    ),
     "hybrid": (
         ["strategy=synthetic", "strategy.mode=hybrid", "strategy.generator.epsilon_share=0.5"],
         10,
@@ -66,13 +75,18 @@ def plan(args) -> list[tuple[dict, list[str], str, int]]:
         for seed in args.seeds:
             for task in args.tasks:
                 for method in args.methods:
+                    if eps == "none" and method not in NO_DP_METHODS:
+                        continue
                     ovr, rounds = METHODS[method]
                     overrides = [
                         f"task={task}",
                         *ovr,
                         f"rounds={rounds}",
-                        "privacy=sample_dp",
-                        f"privacy.target_epsilon={eps}",
+                        *(
+                            ["privacy=none"]
+                            if eps == "none"
+                            else ["privacy=sample_dp", f"privacy.target_epsilon={eps}"]
+                        ),
                         f"seed={seed}",
                         "eval_clients_per_round=0",
                     ]
@@ -97,12 +111,12 @@ def finished(out: Path, rounds: int) -> dict | None:
 def execute(args, jobs) -> None:
     runs = args.out / "runs_synthetic"
     runs.mkdir(parents=True, exist_ok=True)
-    todo = [(o, runs / n) for _, o, n, r in jobs if not (args.reuse and finished(runs / n, r))]
+    todo = [(o, runs / n, r) for _, o, n, r in jobs if not (args.reuse and finished(runs / n, r))]
     print(f"[bench] {len(jobs)} runs planned, {len(todo)} to run", flush=True)
 
     def work(item):
-        ovr, out = item
-        ok = run_and_audit(ovr, out, ROOT)
+        ovr, out, n_rounds = item
+        ok = run_and_audit(ovr, out, ROOT, n_rounds, args.reuse)
         if ok:
             (out / "extra.json").write_text(json.dumps(extra_metrics(out)))
         return out.name, ok
@@ -214,8 +228,27 @@ def summarize(args, jobs) -> dict:
                     base[s]["bytes"] / recs[s]["bytes"] for s in seeds if base.get(s)
                 ]
                 cells.append(cell)
+    refinement = []  # oneshot_refined minus oneshot, paired by seed
+    for task in args.tasks:
+        for eps in args.epsilons:
+            seeds = [
+                s
+                for s in args.seeds
+                if (task, eps, "oneshot", s) in records
+                and (task, eps, "oneshot_refined", s) in records
+            ]
+            if seeds:
+                row = {"task": task, "epsilon": eps, "seeds": seeds}
+                for metric in ("roc_auc", "pr_auc"):
+                    row[f"{metric}_diff"] = [
+                        records[(task, eps, "oneshot_refined", s)][metric]
+                        - records[(task, eps, "oneshot", s)][metric]
+                        for s in seeds
+                    ]
+                refinement.append(row)
     return {
         "cells": cells,
+        "refinement": refinement,
         "methods": {m: METHODS[m][0] + [f"rounds={METHODS[m][1]}"] for m in METHODS},
     }
 
@@ -226,7 +259,8 @@ def write_report(args, summary: dict) -> None:
         "# DP synthetic data vs FedAvg on real data",
         "",
         "`bench/synthetic.py` (commands in its docstring): in-process engine, CPU, natural "
-        "splits, every run under privacy=sample_dp at the given epsilon (delta 1e-5). AUC gap "
+        "splits, every run under privacy=sample_dp at the given epsilon (delta 1e-5; eps none: "
+        "without DP). AUC gap "
         "= FedAvg's ROC-AUC minus the method's (paired by seed; positive = worse than FedAvg); "
         "PR gain = the method's PR-AUC minus FedAvg's. recall@prev = recall when the model "
         "flags as many test rows as there are positives. bytes = total both ways; "
@@ -250,22 +284,51 @@ def write_report(args, summary: dict) -> None:
             f"{fmt_mean_sd(c['mia_auc'])} | {fmt_mean_sd(c['dcr_member_share'])} | "
             f"{len(c['seeds'])} |"
         )
+    if summary["refinement"]:
+        lines += [
+            "",
+            "## Refinement by a DP discriminator: oneshot_refined minus oneshot",
+            "",
+            "Paired by seed (positive = the refinement helped); mean ± sd, and the seeds where "
+            "it helped.",
+            "",
+            "| task | eps | ROC-AUC | helped | PR-AUC | helped | seeds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in summary["refinement"]:
+            roc, pr = r["roc_auc_diff"], r["pr_auc_diff"]
+            lines.append(
+                f"| {r['task']} | {r['epsilon']} | {fmt_mean_sd(roc)} | "
+                f"{sum(d > 0 for d in roc)}/{len(roc)} | {fmt_mean_sd(pr)} | "
+                f"{sum(d > 0 for d in pr)}/{len(pr)} | {len(r['seeds'])} |"
+            )
     (args.out / "synthetic.md").write_text("\n".join(lines) + "\n")
     plot(args, summary)
     print("\n".join(lines))
 
 
 def plot(args, summary: dict) -> None:
+    """ROC-AUC (mean, sd over seeds) against total bytes: a panel per task, the marker says
+    the method and the colour the epsilon; one legend for all panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     tasks = sorted({c["task"] for c in summary["cells"]}, key=args.tasks.index)
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
-    markers = {"fedavg": "o", "oneshot": "*", "hybrid": "s", "rare_class": "^"}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
+    markers = {
+        "fedavg": "o",
+        "oneshot": "*",
+        "oneshot_refined": "P",
+        "hybrid": "s",
+        "rare_class": "^",
+    }
+    epsilons = list(dict.fromkeys(c["epsilon"] for c in summary["cells"]))
+    colours = {e: ("0.45" if e == "none" else f"C{i}") for i, e in enumerate(epsilons)}
     for ax, task in zip(axes[0], tasks, strict=True):
         for c in (c for c in summary["cells"] if c["task"] == task):
             ax.errorbar(
@@ -273,15 +336,24 @@ def plot(args, summary: dict) -> None:
                 np.mean(c["roc_auc"]),
                 yerr=np.std(c["roc_auc"], ddof=1) if len(c["roc_auc"]) > 1 else None,
                 marker=markers.get(c["method"], "x"),
-                label=f"{c['method']} eps={c['epsilon']}",
+                color=colours[c["epsilon"]],
+                markersize=7,
+                alpha=0.85,
                 linestyle="none",
             )
         ax.set_xscale("log")
         ax.set_xlabel("total bytes (MB, log)")
         ax.set_ylabel("test ROC-AUC")
         ax.set_title(task)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    methods = [m for m in markers if any(c["method"] == m for c in summary["cells"])]
+    handles = [
+        Line2D([], [], marker=markers[m], color="k", linestyle="none", label=m) for m in methods
+    ] + [
+        Line2D([], [], marker="o", color=colours[e], linestyle="none", label=f"eps={e}")
+        for e in epsilons
+    ]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(args.out / "synthetic_bytes.png", dpi=120)
     plt.close(fig)
 
@@ -289,7 +361,9 @@ def plot(args, summary: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=TASKS)
-    parser.add_argument("--epsilons", nargs="+", default=EPSILONS)
+    parser.add_argument(
+        "--epsilons", nargs="+", default=EPSILONS, help="target epsilons; none = without DP"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--jobs", type=int, default=2)

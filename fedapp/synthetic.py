@@ -19,12 +19,19 @@ Seed 004's pipeline, for the tabular tasks (credit, insurance, bankruptcy, medic
 - **Federated generator rounds** (`generator.rounds`, the seed's "global representation"):
   clients train the generator locally and the server averages it (FedAvg, whatever the
   run's strategy), `GeneratorPhase`.
-- **Left out, and why.** The seed's density-aware selection of candidates by clustering
-  *real* records and its perturbation of real rows' latent codes read records outside
-  DP-SGD; accounting them would need a DP clustering we do not have, so synthetic rows come
-  only from the generator's prior. The seed's GAN refinement stage is not built: a
-  discriminator trained on real rows would need its own DP-SGD and budget, and nothing
-  measured here says it would pay for that budget.
+- **Refinement** (`generator.refine=discriminator`, the seed's generator-discriminator pair
+  and its density-aware selection, done so that DP covers them): a discriminator trained with
+  DP-SGD on the client's real rows against candidates from its generator picks which
+  candidates to send (`refine_rows`). Its steps are in the same ledger, within the
+  generator's `epsilon_share`.
+- **Left out, and why.** The seed's selection by clustering *real* records and its
+  perturbation of real rows' latent codes read records outside DP-SGD; accounting them would
+  need a DP clustering we do not have, so candidates come only from the generator's prior
+  and the DP discriminator stands in for the selection. The generator is not trained
+  adversarially against the discriminator: that would be a DP-GAN, whose discriminator
+  trains throughout the generator's training (many more DP-SGD steps from the same budget,
+  and GAN training is fragile under DP noise); one discriminator trained after the generator
+  buys the density-ratio correction for a fraction of that.
 
 Client and server sides:
 - `generator_round` / `synthesize`: the ClientApp's `train.generator` and `train.synthesize`
@@ -105,6 +112,15 @@ class GeneratorSpec:
     momentum: float = 0.9
     zclip: float = 5.0  # numeric features are modelled (and generated) within +-zclip std
     epsilon_share: float = 1.0  # share of each client's target epsilon the generator may spend
+    refine: str = "none"  # none | discriminator (strategy=synthetic: `refine_rows`)
+    refine_epochs: int = 5  # the discriminator's local epochs
+    refine_candidates: int = 4  # candidates drawn per row sent
+    refine_share: float = 0.3  # of the generator's epsilon, for the discriminator
+
+    @property
+    def vae_share(self) -> float:
+        """The share of the generator's epsilon the VAE itself may spend."""
+        return 1.0 - self.refine_share if self.refine == "discriminator" else 1.0
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | DictConfig | None) -> GeneratorSpec:
@@ -130,6 +146,12 @@ class GeneratorSpec:
             raise SyntheticError(f"generator.epsilon_share={self.epsilon_share} must be in (0, 1]")
         if not self.zclip > 0:
             raise SyntheticError("generator.zclip must be > 0")
+        if self.refine not in ("none", "discriminator"):
+            raise SyntheticError(f"generator.refine={self.refine!r}: use none or discriminator")
+        if self.refine_epochs < 1 or self.refine_candidates < 2:
+            raise SyntheticError("generator: refine_epochs >= 1 and refine_candidates >= 2")
+        if not 0 < self.refine_share < 1:
+            raise SyntheticError(f"generator.refine_share={self.refine_share} must be in (0, 1)")
 
 
 def generator_spec(cfg: DictConfig) -> GeneratorSpec:
@@ -336,6 +358,133 @@ def sample_rows(
     return Rows(numeric, codes, labels.copy())
 
 
+# -- refinement by a DP discriminator (generator.refine=discriminator) --------------------------
+# The seed's last two client steps, density-aware selection of representative candidates and
+# refinement with a generator-discriminator pair, read real records; here only a discriminator
+# trained with DP-SGD reads them. It learns to tell the client's real rows from candidates the
+# DP generator drew; its odds estimate the density ratio p_real(x, y) / p_generator(x, y)
+# (Azadi et al. 2019, discriminator rejection sampling), and the rows sent are drawn from the
+# candidates with weights proportional to those odds, without replacement and within each
+# label, so the label histogram is the one drawn before. The generator itself is not trained
+# against the discriminator (no adversarial updates); candidates and selection are
+# post-processing of DP outputs, so the discriminator's DP-SGD is all the refinement spends.
+class Discriminator(nn.Module):
+    """Real against generated, on generator inputs (featurized rows, one-hot label appended)."""
+
+    def __init__(self, in_features: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 2),  # logits: generated, real
+        )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+
+def select_by_odds(
+    log_odds: np.ndarray, labels: np.ndarray, wanted: np.ndarray, seed: int
+) -> np.ndarray:
+    """Indices of `len(wanted)` candidates, as many of each label as `wanted` holds, drawn
+    without replacement with probability proportional to exp(log_odds) (Efraimidis-Spirakis
+    keys: log(u) / w, the largest per label)."""
+    rng = np.random.default_rng([int(seed) % (2**32), 0xD15])
+    w = np.exp(np.clip(np.asarray(log_odds, dtype=np.float64), -30.0, 30.0))
+    keys = np.log(rng.random(len(w))) / w
+    chosen = []
+    for c, k in zip(*np.unique(wanted, return_counts=True), strict=True):
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < k:
+            raise ValueError(f"{len(pool)} candidates of label {c} for {k} rows")
+        chosen.append(pool[np.argsort(-keys[pool], kind="stable")[:k]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def discriminator_log_odds(
+    real: torch.Tensor, fake: torch.Tensor, spec: GeneratorSpec, seed: int, hook=None
+) -> np.ndarray:
+    """Train a `Discriminator` on generator inputs (`generator_inputs`) of real rows against
+    generated ones, `spec.refine_epochs` epochs (DP-SGD when `hook` is the DP hook, its batches
+    drawn from real and generated rows alike); return its log-odds of "real" for each
+    generated row."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(seed) % (2**63))
+        disc = Discriminator(real.shape[1], spec.hidden)
+    target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).long()
+    dataset = TensorDataset(torch.cat([real, fake]), target)
+    settings = discriminator_settings(spec, len(dataset), seed)
+    train_classifier(disc, dataset, settings, hooks=[hook] if hook is not None else [])
+    disc.eval()
+    with torch.no_grad():
+        logits = disc(fake)
+    return (logits[:, 1] - logits[:, 0]).double().numpy()
+
+
+def discriminator_settings(spec: GeneratorSpec, n: int, seed: int) -> TrainSettings:
+    return TrainSettings(
+        local_epochs=spec.refine_epochs,
+        batch_size=generator_batch(spec, n),
+        lr=spec.lr,
+        momentum=spec.momentum,
+        seed=int(seed) ^ 0xD15,
+    )
+
+
+def refine_rows(node, context, spec: GeneratorSpec, vae, prep, labels, seed: int):
+    """Rows for `labels`, selected from `refine_candidates` x as many candidates by a
+    discriminator trained on the client's real rows against them (DP-SGD under sample_dp,
+    calibrated so that the client's generator spending ends at its `epsilon_share`). Returns
+    (rows, metrics)."""
+    task = node.task
+    candidates = sample_rows(
+        vae, np.repeat(labels, spec.refine_candidates), prep, spec.zclip, seed ^ 0x5E7
+    )
+    real = generator_inputs(task, node.data.train, prep, spec.zclip).tensors[0]
+    fake = generator_inputs(task, candidates, prep, spec.zclip).tensors[0]
+    metrics: dict[str, Any] = {"synthetic-candidates": len(fake)}
+    ledger = hook = None
+    pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
+    if pspec.sample_level:
+        path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
+        ledger = load_ledger(context.state, path) or new_ledger(
+            pspec, task, node.partition_id, context.node_config
+        )
+        if ledger.delta >= 1.0 / len(real):
+            raise PrivacyError(
+                f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{len(real)} for client "
+                f"{node.partition_id}; lower privacy.delta"
+            )
+        share = ledger.target_epsilon * spec.epsilon_share
+        if ledger.epsilon() >= share * (1 - 1e-6):
+            raise PrivacyBudgetExhausted(
+                f"client {node.partition_id}: nothing of the generator's epsilon share "
+                f"{share:g} is left for the discriminator (spent {ledger.epsilon():.3f})"
+            )
+        n = len(real) + len(fake)
+        steps_per_epoch = math.ceil(n / discriminator_settings(spec, n, seed).batch_size)
+        sigma = calibrate(
+            share,
+            ledger.delta,
+            1.0 / steps_per_epoch,
+            spec.refine_epochs * steps_per_epoch,
+            ledger.accountant,
+            prefix=ledger.history,
+        )
+        hook = DPSGDHook(sigma, pspec.max_grad_norm, seed * 1_000_003 + 0xD15)
+        metrics["dp_refine_noise_multiplier"] = sigma
+    log_odds = discriminator_log_odds(real, fake, spec, seed, hook)
+    if ledger is not None:
+        if hook.steps:
+            ledger.record(hook.noise_multiplier, hook.sample_rate, hook.steps)
+        save_ledger(ledger, context.state, path)
+        metrics["dp_epsilon"] = ledger.epsilon()
+    keep = select_by_odds(log_odds, candidates.y, labels, seed)
+    return candidates.take(keep), metrics
+
+
 # -- rows on the wire --------------------------------------------------------------------------
 def rows_record(rows, prep: Mapping[str, list[float]]) -> ArrayRecord:
     """Synthetic rows as they travel: numerics as float16 z-scores (the federation's means and
@@ -418,7 +567,8 @@ def generator_ledger(
     (None, None, None) without sample-level DP. The noise multiplier is calibrated once, at a
     client's first generator step, for every generator step it may take in the run (the
     planned generator rounds, plus the fine-tuning of strategy=synthetic), after its
-    statistics release, to `epsilon_share` of its target; a round that would take it beyond
+    statistics release, to `epsilon_share` of its target (`vae_share` of that when a
+    discriminator refines the rows and spends the rest); a round that would take it beyond
     that share raises PrivacyBudgetExhausted (it does not train)."""
     pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if not pspec.sample_level:
@@ -434,7 +584,7 @@ def generator_ledger(
         )
     steps_per_epoch = max(1, math.ceil(n / generator_batch(spec, n)))
     q = 1.0 / steps_per_epoch
-    target = ledger.target_epsilon * spec.epsilon_share
+    target = ledger.target_epsilon * spec.epsilon_share * spec.vae_share
     if not ledger.generator_noise_multiplier:
         cfg = node.cfg
         rounds = planned_participations(spec.rounds, int(cfg.clients_per_round), node.num_clients)
@@ -519,7 +669,11 @@ def synthesize(msg: Message, context: Context) -> Message:
         int(strategy.max_rows), max(1, round(float(strategy.rows_factor) * node.data.num_train))
     )
     labels = draw_labels({"prep.label_counts": own_label_counts(node, context)}, n_rows, seed)
-    rows = sample_rows(vae, labels, prep, spec.zclip, seed ^ 0x5E7)
+    if spec.refine == "discriminator":
+        rows, refined = refine_rows(node, context, spec, vae, prep, labels, seed)
+        metrics.update(refined)
+    else:
+        rows = sample_rows(vae, labels, prep, spec.zclip, seed ^ 0x5E7)
     metrics["synthetic-rows"] = n_rows
     content = RecordDict({"rows": rows_record(rows, prep), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
@@ -774,7 +928,12 @@ def check(cfg: DictConfig, task=None) -> None:
         raise SyntheticError("strategy=synthetic shares synthetic rows already; use augment=none")
     if task is not None:
         Layout.of(task)
-    generator_spec(cfg)
+    if generator_spec(cfg).refine != "none" and not synthetic:
+        raise SyntheticError(
+            "augment.generator.refine: the discriminator refines the rows strategy=synthetic "
+            "sends; rare-class augmentation samples from the federation's generator as it is "
+            "(set augment.generator.refine=none)"
+        )
     privacy = str((cfg.get("privacy") or {}).get("name", "none"))
     if privacy not in ("none", "sample_dp"):
         raise SyntheticError(

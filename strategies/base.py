@@ -198,6 +198,8 @@ class FedappStrategyMixin:
         "dp_noise_multiplier",
         "crypto_s",
         "synthetic-rows",
+        "synthetic-candidates",
+        "dp_refine_noise_multiplier",
     )
 
     seed: int = 0

@@ -25,7 +25,9 @@ class ClientRecord:
     # train_time_s, train_skipped_steps (train.precision=fp16 only: steps skipped for
     # overflowing gradients), eval_loss, eval_accuracy, eval_time_s, the DP ledger's dp_* and
     # synthetic-rows (the synthetic rows a client sent, or added to its training:
-    # fedapp.synthetic); a strategy may log more, see `logged_metrics`.
+    # fedapp.synthetic), synthetic-candidates and dp_refine_noise_multiplier (the candidates
+    # its DP discriminator chose them from, and that discriminator's noise multiplier:
+    # generator.refine=discriminator); a strategy may log more, see `logged_metrics`.
     metrics: dict[str, Any] = field(default_factory=dict)
     # Share of the new global model that came from this client's update: weights sum to 1 over
     # a round's clients for averaging strategies (FedAvg family, trust, contribution, tiered);

@@ -23,13 +23,16 @@ from fedapp.synthetic import (
     Layout,
     SyntheticRoundFailed,
     check,
+    discriminator_log_odds,
     generator_batch,
+    generator_inputs,
     generator_round,
     make_generator,
     rare_class_count,
     rows_record,
     sample_rows,
     screen_rows,
+    select_by_odds,
     synthesize,
     train_generator,
 )
@@ -171,12 +174,9 @@ def test_synthetic_rows_respect_the_schema_and_bad_rows_are_refused(data_dir):
     assert "max_rows" in screen_rows(record, layout, prep, 3.0, 10)[1]
 
 
-def test_the_generator_recovers_a_toy_tables_marginals(tmp_path):
-    """A toy table (two numeric columns, one with missing values, a three-value category,
-    a label that shifts a numeric column): without DP, 20 epochs of batch 64 on 3,000 rows. Stated
-    tolerances: numeric means within 0.15 standard deviations and standard deviations within
-    20 %, the missing share within 0.05, category and label frequencies within 0.06 (total
-    variation), the label's shift of x1 within 0.3 standard deviations."""
+def _toy_task(tmp_path):
+    """A toy table (two numeric columns, one with missing values, a three-value category, a
+    label that shifts a numeric column), 3,000 rows, one client: (task, its data, prep)."""
     rng = np.random.default_rng(0)
     n = 3000
     y = (rng.random(n) < 0.25).astype(int)
@@ -202,7 +202,15 @@ def test_the_generator_recovers_a_toy_tables_marginals(tmp_path):
     }
     task = TabularTask(cfg, tmp_path)
     data = task.load_partition(0)
-    prep = task.aggregate_stats([task.client_stats(data)])
+    return task, data, task.aggregate_stats([task.client_stats(data)])
+
+
+def test_the_generator_recovers_a_toy_tables_marginals(tmp_path):
+    """The toy table, without DP, 20 epochs of batch 64 on its rows. Stated tolerances:
+    numeric means within 0.15 standard deviations and standard deviations within 20 %, the
+    missing share within 0.05, category and label frequencies within 0.06 (total variation),
+    the label's shift of x1 within 0.3 standard deviations."""
+    task, data, prep = _toy_task(tmp_path)
     spec = GeneratorSpec(batch_size=64, lr=0.01)  # 940 steps without DP
     vae = make_generator(task, spec)
     import torch
@@ -230,6 +238,108 @@ def test_the_generator_recovers_a_toy_tables_marginals(tmp_path):
     assert abs(shift_syn - shift_real) < 0.3 * np.std(real.numeric[:, 0])
 
 
+def _distances(rows, real) -> list[float]:
+    """Kolmogorov-Smirnov distance of x1 and of x2's observed values, the gap in x2's missing
+    share, the category's total variation distance."""
+    from scipy.stats import ks_2samp
+
+    out = []
+    for j in range(2):
+        a, b = rows.numeric[:, j], real.numeric[:, j]
+        out.append(ks_2samp(a[~np.isnan(a)], b[~np.isnan(b)]).statistic)
+    out.append(abs(np.isnan(rows.numeric[:, 1]).mean() - np.isnan(real.numeric[:, 1]).mean()))
+    fa = np.bincount(rows.codes[:, 0], minlength=5) / len(rows)
+    fb = np.bincount(real.codes[:, 0], minlength=5) / len(real)
+    out.append(0.5 * np.abs(fa - fb).sum())
+    return out
+
+
+def test_the_discriminator_picks_candidates_nearer_the_real_rows(tmp_path):
+    """An untrained generator's candidates, 4 per real row: the rows a discriminator (no DP,
+    5 epochs) selects fit every marginal better than as many candidates taken in order with
+    the same labels, and the toy's four distances together fall by more than 30 %."""
+    import torch
+
+    task, data, prep = _toy_task(tmp_path)
+    spec = GeneratorSpec(batch_size=64, lr=0.01, refine_epochs=5)
+    torch.manual_seed(0)
+    vae = make_generator(task, spec)
+    real = data.train
+    cand = sample_rows(vae, np.repeat(real.y, 4), prep, spec.zclip, seed=3)
+
+    def inputs(rows):
+        return generator_inputs(task, rows, prep, spec.zclip).tensors[0]
+
+    log_odds = discriminator_log_odds(inputs(real), inputs(cand), spec, seed=0)
+    chosen = cand.take(select_by_odds(log_odds, cand.y, real.y, seed=0))
+    labels, counts = np.unique(real.y, return_counts=True)
+    firsts = [np.flatnonzero(cand.y == c)[:k] for c, k in zip(labels, counts, strict=True)]
+    in_order = cand.take(np.sort(np.concatenate(firsts)))
+    assert np.array_equal(np.bincount(chosen.y), np.bincount(real.y))
+    before, after = _distances(in_order, real), _distances(chosen, real)
+    assert all(a < b for a, b in zip(after, before, strict=True)), (before, after)
+    assert sum(after) < 0.7 * sum(before), (before, after)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(0, 2), min_size=1, max_size=40),
+    st.integers(2, 5),
+    st.integers(0, 2**31 - 1),
+)
+def test_selection_keeps_the_label_counts_and_takes_the_favoured_candidates(wanted, k, seed):
+    """Each label's count is the one wanted, no candidate twice, and candidates whose odds
+    dwarf the others' (e^25 against at most about e^4) are the ones taken."""
+    wanted = np.asarray(wanted)
+    labels = np.repeat(wanted, k)
+    rng = np.random.default_rng(seed)
+    favoured = np.zeros(len(labels), dtype=bool)
+    for c, count in zip(*np.unique(wanted, return_counts=True), strict=True):
+        favoured[rng.choice(np.flatnonzero(labels == c), count, replace=False)] = True
+    log_odds = np.where(favoured, 25.0, rng.normal(0.0, 1.0, len(labels)))
+    keep = select_by_odds(log_odds, labels, wanted, seed)
+    assert len(np.unique(keep)) == len(keep) == len(wanted)
+    assert np.array_equal(np.bincount(labels[keep], minlength=3), np.bincount(wanted, minlength=3))
+    assert favoured[keep].all()
+
+
+def test_refinement_spends_the_rest_of_the_generators_share_in_the_same_ledger(data_dir):
+    """generator.refine=discriminator under sample_dp: the VAE is calibrated to 70 % of the
+    generator's share, the discriminator's DP-SGD to the rest, both in the client's one
+    ledger; the epsilon the client reports is an independent Opacus accountant's over the
+    whole history, and within the share."""
+    overrides = (
+        f"{MEDICAL} strategy=synthetic rounds=1 privacy=sample_dp privacy.target_epsilon=2 "
+        "strategy.generator.finetune_epochs=1 strategy.generator.epsilon_share=0.5 "
+        "strategy.generator.refine=discriminator strategy.generator.refine_epochs=2"
+    )
+    cfg = compose(overrides)
+    task = get_task(cfg, data_dir)
+    spec = _spec(cfg)
+    context = _context(overrides)
+    from fedapp.node import load_node
+
+    private_stats(load_node(context), context)
+    reply = synthesize(_message(ArrayRecord(), _prep(task), 1, "synthesize"), context)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    rows = int(metrics["synthetic-rows"])
+    assert len(reply.content["rows"]["y"].numpy()) == rows
+    assert metrics["synthetic-candidates"] == 4 * rows
+    n = task.load_partition(0).num_train + 4 * rows  # the discriminator's rows
+    per_epoch = math.ceil(n / generator_batch(spec, n))
+    ledger = _ledger(context.state)
+    stats, vae, disc = ledger.history
+    assert disc == (metrics["dp_refine_noise_multiplier"], 1.0 / per_epoch, 2 * per_epoch)
+    assert epsilon_of([stats, vae], 1e-5) <= 2.0 * 0.5 * 0.7 * (1 + 1e-9)
+    acc = opacus("opacus.accountants").RDPAccountant()
+    for sigma, q, steps in ledger.history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert metrics["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert 1.0 - 0.02 <= metrics["dp_epsilon"] <= 1.0 * (1 + 1e-9)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 500),
@@ -246,10 +356,13 @@ def test_rare_class_count_is_the_fewest_rows_that_reach_the_fraction(n, minority
         assert (minority + k - 1) / (n + k - 1) < fraction
 
 
-def test_one_shot_bytes_are_the_generator_rounds_plus_the_rows(tmp_path, data_dir):
+@pytest.mark.parametrize("refine", ["none", "discriminator"])
+def test_one_shot_bytes_are_the_generator_rounds_plus_the_rows(tmp_path, data_dir, refine):
+    """Also with the discriminator's refinement: its candidates stay on the client."""
     overrides = (
         f"{MEDICAL} strategy=synthetic rounds=2 strategy.generator.rounds=1 "
-        "strategy.generator.epochs=1 strategy.server_epochs=2 strategy.rows_factor=0.5"
+        "strategy.generator.epochs=1 strategy.server_epochs=2 strategy.rows_factor=0.5 "
+        f"strategy.generator.refine={refine} strategy.generator.refine_epochs=1"
     )
     out = run_inline(overrides, tmp_path / "run")
     res = json.loads((out / "results.json").read_text())
@@ -271,6 +384,11 @@ def test_one_shot_bytes_are_the_generator_rounds_plus_the_rows(tmp_path, data_di
     assert sharing["bytes_up"] == rows_bytes == sharing["aggregation"]["rows_bytes"]
     assert res["final"]["total_bytes_up"] == 4 * gen_bytes + rows_bytes
     assert sharing["aggregated"] and sharing["test_roc_auc"] > 0.5
+    sent = [c for c in sharing["clients"] if c["phase"] == "train"]
+    if refine == "discriminator":
+        assert all(c["synthetic-candidates"] == 4 * c["synthetic-rows"] for c in sent)
+    else:
+        assert all("synthetic-candidates" not in c for c in sent)
     assert syn["rows"] == sum(syn["rows_per_client"].values())
     q = syn["quality_vs_server_test"]
     assert 0 <= q["ks_numeric_mean"] <= 1 and q["dcr_median"] > 0
@@ -308,6 +426,11 @@ def test_rare_class_augmentation_adds_minority_rows_within_one_budget(tmp_path):
         (f"{MEDICAL} strategy=synthetic augment=rare_class", "augment=none"),
         (f"{MEDICAL} strategy=synthetic strategy.generator.epsilon_share=0", "epsilon_share"),
         (f"{MEDICAL} strategy=synthetic +strategy.generator.depth=3", "unknown keys"),
+        (f"{MEDICAL} strategy=synthetic strategy.generator.refine=gan", "none or discriminator"),
+        (
+            f"{MEDICAL} strategy=fedavg augment=rare_class +augment.generator.refine=discriminator",
+            "refine=none",
+        ),
     ],
 )
 def test_combinations_that_cannot_be_honest_are_refused(overrides, message, data_dir):
