@@ -448,15 +448,7 @@ def refine_rows(node, context, spec: GeneratorSpec, vae, prep, labels, seed: int
     ledger = hook = None
     pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if pspec.sample_level:
-        path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
-        ledger = load_ledger(context.state, path) or new_ledger(
-            pspec, task, node.partition_id, context.node_config
-        )
-        if ledger.delta >= 1.0 / len(real):
-            raise PrivacyError(
-                f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{len(real)} for client "
-                f"{node.partition_id}; lower privacy.delta"
-            )
+        ledger, path = client_ledger(node, context, pspec, len(real))
         share = ledger.target_epsilon * spec.epsilon_share
         if ledger.epsilon() >= share * (1 - 1e-6):
             raise PrivacyBudgetExhausted(
@@ -560,6 +552,21 @@ def concat_rows(parts: list):
 
 
 # -- privacy of the generator (one ledger per client, fedapp.privacy) ------------------------------
+def client_ledger(node, context, pspec: PrivacySpec, n: int):
+    """(the client's ledger, its file) for DP-SGD on its `n` real rows; refuses a delta that
+    is not below 1 / n."""
+    path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
+    ledger = load_ledger(context.state, path) or new_ledger(
+        pspec, node.task, node.partition_id, context.node_config
+    )
+    if ledger.delta >= 1.0 / n:
+        raise PrivacyError(
+            f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{n} for client "
+            f"{node.partition_id}; lower privacy.delta"
+        )
+    return ledger, path
+
+
 def generator_ledger(
     node, context, job_config: ConfigRecord, spec: GeneratorSpec, n: int, epochs: int
 ):
@@ -573,15 +580,7 @@ def generator_ledger(
     pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if not pspec.sample_level:
         return None, None, None
-    path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
-    ledger = load_ledger(context.state, path) or new_ledger(
-        pspec, node.task, node.partition_id, context.node_config
-    )
-    if ledger.delta >= 1.0 / n:
-        raise PrivacyError(
-            f"privacy.delta={ledger.delta:g} is not below 1/n = 1/{n} for client "
-            f"{node.partition_id}; lower privacy.delta"
-        )
+    ledger, path = client_ledger(node, context, pspec, n)
     steps_per_epoch = max(1, math.ceil(n / generator_batch(spec, n)))
     q = 1.0 / steps_per_epoch
     target = ledger.target_epsilon * spec.epsilon_share * spec.vae_share
