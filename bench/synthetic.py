@@ -12,6 +12,9 @@ discriminator's refinement helps when its training is not noised):
   sends synthetic rows once (one communication round); the server trains on their union;
 - `oneshot_refined`: `oneshot` with generator.refine=discriminator: each client draws 4
   candidates per row it sends and a DP discriminator (30 % of its epsilon) picks which to send;
+- `oneshot_70pct`: `oneshot` whose generator may spend only 70 % of the epsilon, what the VAE
+  gets inside `oneshot_refined` (the ablation: `oneshot_refined` minus it is the
+  discriminator's selection at an equal VAE budget; not run without DP);
 - `hybrid`: strategy=synthetic, mode=hybrid: the one-shot model, then 9 FedAvg rounds on real
   data (10 rounds in all; half of each client's epsilon for the generator);
 - `rare_class`: FedAvg with augment=rare_class: 3 federated generator rounds (30 % of the
@@ -50,7 +53,7 @@ from bench.common import completed, fmt_mean_sd, run_and_audit, run_pool  # noqa
 
 TASKS = ["credit", "insurance", "bankruptcy", "medical"]
 EPSILONS = ["3", "1", "8", "none"]
-NO_DP_METHODS = ("fedavg", "oneshot", "oneshot_refined")
+NO_DP_METHODS = ("fedavg", "oneshot", "oneshot_refined")  # oneshot_70pct: no budget to split
 SEEDS = [0, 1, 2]
 EXTRA_VERSION = 2  # of extra.json; older files are recomputed from the run folder
 METHODS = {
@@ -58,6 +61,10 @@ METHODS = {
     "oneshot": (["strategy=synthetic", "strategy.mode=oneshot"], 1),
     "oneshot_refined": (
         ["strategy=synthetic", "strategy.mode=oneshot", "strategy.generator.refine=discriminator"],
+        1,
+    ),
+    "oneshot_70pct": (
+        ["strategy=synthetic", "strategy.mode=oneshot", "strategy.generator.epsilon_share=0.7"],
         1,
     ),
     "hybrid": (
@@ -228,23 +235,33 @@ def summarize(args, jobs) -> dict:
                     base[s]["bytes"] / recs[s]["bytes"] for s in seeds if base.get(s)
                 ]
                 cells.append(cell)
-    refinement = []  # oneshot_refined minus oneshot, paired by seed
+    # oneshot_refined against oneshot (all it changes) and against oneshot_70pct (its VAE's
+    # budget: the discriminator's selection alone), and oneshot_70pct against oneshot (the
+    # budget the VAE gives up); each paired by seed over the seeds both have
+    comparisons = {
+        "": ("oneshot_refined", "oneshot"),
+        "_vs_70pct": ("oneshot_refined", "oneshot_70pct"),
+        "_70pct_vs_oneshot": ("oneshot_70pct", "oneshot"),
+    }
+    refinement = []
     for task in args.tasks:
         for eps in args.epsilons:
-            seeds = [
-                s
-                for s in args.seeds
-                if (task, eps, "oneshot", s) in records
-                and (task, eps, "oneshot_refined", s) in records
-            ]
-            if seeds:
-                row = {"task": task, "epsilon": eps, "seeds": seeds}
+            row = {"task": task, "epsilon": eps}
+            for suffix, (a, b) in comparisons.items():
+                seeds = [
+                    s
+                    for s in args.seeds
+                    if (task, eps, a, s) in records and (task, eps, b, s) in records
+                ]
+                if not seeds:
+                    continue
+                row[f"seeds{suffix}"] = seeds
                 for metric in ("roc_auc", "pr_auc"):
-                    row[f"{metric}_diff"] = [
-                        records[(task, eps, "oneshot_refined", s)][metric]
-                        - records[(task, eps, "oneshot", s)][metric]
+                    row[f"{metric}_diff{suffix}"] = [
+                        records[(task, eps, a, s)][metric] - records[(task, eps, b, s)][metric]
                         for s in seeds
                     ]
+            if "seeds" in row:
                 refinement.append(row)
     return {
         "cells": cells,
@@ -287,20 +304,29 @@ def write_report(args, summary: dict) -> None:
     if summary["refinement"]:
         lines += [
             "",
-            "## Refinement by a DP discriminator: oneshot_refined minus oneshot",
+            "## Refinement by a DP discriminator",
             "",
-            "Paired by seed (positive = the refinement helped); mean ± sd, and the seeds where "
-            "it helped.",
+            "Paired by seed, mean ± sd (positive = the first is better), with the seeds where "
+            "it is better. refined = oneshot_refined; 70pct = oneshot_70pct, one-shot with the "
+            "VAE's budget inside oneshot_refined (70 % of the epsilon), so refined − 70pct is "
+            "the discriminator's selection alone and 70pct − oneshot the budget it takes from "
+            "the VAE.",
             "",
-            "| task | eps | ROC-AUC | helped | PR-AUC | helped | seeds |",
-            "|---|---|---|---|---|---|---|",
+            "| task | eps | refined − oneshot: ROC-AUC | PR-AUC | refined − 70pct: ROC-AUC | "
+            "PR-AUC | 70pct − oneshot: ROC-AUC | seeds |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+
+        def diff(row, key):
+            d = row.get(key)
+            return f"{fmt_mean_sd(d)} ({sum(x > 0 for x in d)}/{len(d)})" if d else "-"
+
         for r in summary["refinement"]:
-            roc, pr = r["roc_auc_diff"], r["pr_auc_diff"]
             lines.append(
-                f"| {r['task']} | {r['epsilon']} | {fmt_mean_sd(roc)} | "
-                f"{sum(d > 0 for d in roc)}/{len(roc)} | {fmt_mean_sd(pr)} | "
-                f"{sum(d > 0 for d in pr)}/{len(pr)} | {len(r['seeds'])} |"
+                f"| {r['task']} | {r['epsilon']} | {diff(r, 'roc_auc_diff')} | "
+                f"{diff(r, 'pr_auc_diff')} | {diff(r, 'roc_auc_diff_vs_70pct')} | "
+                f"{diff(r, 'pr_auc_diff_vs_70pct')} | {diff(r, 'roc_auc_diff_70pct_vs_oneshot')} | "
+                f"{len(r['seeds'])} |"
             )
     (args.out / "synthetic.md").write_text("\n".join(lines) + "\n")
     plot(args, summary)
@@ -324,6 +350,7 @@ def plot(args, summary: dict) -> None:
         "fedavg": "o",
         "oneshot": "*",
         "oneshot_refined": "P",
+        "oneshot_70pct": "x",
         "hybrid": "s",
         "rare_class": "^",
     }
