@@ -32,9 +32,12 @@ median distance to the closest member.
     .venv/bin/python bench/synthetic.py --tasks credit --epsilons 3 --jobs 2
     .venv/bin/python bench/synthetic.py --summarize-only
 
-Runs are reused when finished (`--no-reuse` to redo). Writes bench/results/synthetic.{json,md}
+The report always covers the whole grid: a partial invocation runs its part and reports it
+with every other cell. Runs are reused when finished (`--no-reuse` to redo). Writes bench/results/synthetic.{json,md}
 and synthetic_bytes.png (metric against total bytes per method); runs stay under
-bench/results/runs_synthetic/ (ignored by git).
+bench/results/runs_synthetic/ (ignored by git). A (task, epsilon, method, seed) whose run is not
+on this machine keeps its numbers from the existing synthetic.json, so re-running some cells
+in a fresh checkout does not drop the others.
 """
 
 from __future__ import annotations
@@ -188,9 +191,38 @@ def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
     return out
 
 
+PER_SEED = (
+    "roc_auc",
+    "pr_auc",
+    "recall_at_prevalence",
+    "bytes",
+    "rounds",
+    "epsilon_spent",
+    "mia_auc",
+    "dcr_member_share",
+    "dcr_member_median",
+    "majority",
+)
+
+
+def stored_records(path: Path) -> dict:
+    """Per-seed numbers of an earlier report (its `cells`), by (task, epsilon, method, seed):
+    the run folders are not in git, so a fresh checkout that re-runs some cells keeps the
+    others from the committed report."""
+    if not path.exists():
+        return {}
+    out = {}
+    for cell in json.loads(path.read_text()).get("cells", []):
+        for i, seed in enumerate(cell["seeds"]):
+            key = (cell["task"], cell["epsilon"], cell["method"], seed)
+            out[key] = {m: cell[m][i] for m in PER_SEED if m in cell}
+    return out
+
+
 def summarize(args, jobs) -> dict:
     runs = args.out / "runs_synthetic"
-    records = {}
+    # a run on disk replaces the stored numbers of its cell and seed
+    records = stored_records(args.out / "synthetic.json")
     for key, _, name, rounds in jobs:
         res = finished(runs / name, rounds)
         if res is None:
@@ -398,11 +430,21 @@ def main() -> int:
     parser.add_argument("--summarize-only", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    jobs = plan(args)
     if not args.summarize_only:
-        execute(args, jobs)
-    write_report(args, summarize(args, jobs))
+        execute(args, plan(args))
+    # the report covers the whole grid (and anything asked for beyond it), not only this
+    # invocation's part: cells run earlier come from their run folders or the stored report
+    full = argparse.Namespace(**vars(args))
+    for name, grid in (("tasks", TASKS), ("epsilons", EPSILONS), ("seeds", SEEDS)):
+        setattr(full, name, union(grid, getattr(args, name)))
+    full.methods = union(list(METHODS), args.methods)
+    write_report(full, summarize(full, plan(full)))
     return 0
+
+
+def union(first: list, second: list) -> list:
+    """`first`, then what `second` adds, in order."""
+    return [*first, *(x for x in second if x not in first)]
 
 
 if __name__ == "__main__":

@@ -342,6 +342,8 @@ def main(grid: Grid, context: Context) -> None:
         clients.restore(saved["clients"])
         if isinstance(strategy, CentralDP):  # a possible release after the checkpoint
             strategy.resumed()
+        if getattr(strategy, "generator_phase", None) is not None:  # augment: copies may be lost
+            strategy.generator_phase.resumed()
     recorder.checkpoint_fn = checkpointer(
         out_dir, cfg, strategy, live, recorder, clock, clients, prep
     )

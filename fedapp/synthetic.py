@@ -37,15 +37,18 @@ Client and server sides:
 - `generator_round` / `synthesize`: the ClientApp's `train.generator` and `train.synthesize`
   handlers (fedapp/client_app.py);
 - `RareClassAugment`: `augment=rare_class`, a client-side unit (stage "augment") adding
-  synthetic minority-class rows from the federation's generator to local training;
+  synthetic minority-class rows from the federation's generator to local training. The
+  generator is sent to each client once and kept in its state (`GEN_CACHE_KEY`); later
+  messages carry only its fingerprint (`GEN_DIGEST`, `GeneratorPhase.holders`);
 - `GeneratorPhase`, `rows_record` / `screen_rows` and `quality`: the server's side
   (strategies/synthetic.py, fedapp/server_app.py) and the reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from logging import INFO, WARNING
 from typing import Any
@@ -87,6 +90,8 @@ from tasks.base import ClientData
 from tasks.training import TrainHook, TrainSettings, train_classifier
 
 GEN_KEY = "fedapp.generator"  # the generator's ArrayRecord in augment's training messages
+GEN_CACHE_KEY = "fedapp.generator-cache"  # a client's copy of it (augment), in its state
+GEN_DIGEST = "generator-digest"  # round config (augment): the generator a client must use
 ROW_KEYS = ("numeric", "codes", "y")  # a synthetic rows reply's ArrayRecord
 
 
@@ -735,6 +740,47 @@ class AugmentSpec:
         return cls(name, frac, GeneratorSpec.from_config(raw.get("generator")))
 
 
+def generator_digest(arrays: ArrayRecord) -> str:
+    """A fingerprint of the generator's weights: a client's cached copy is used only when it is
+    the generator the server means (an integrity check across rounds and resumed runs, not a
+    security measure; the transport is authenticated by TLS)."""
+    h = hashlib.sha256()
+    for name, arr in arrays.items():
+        h.update(f"{name}|{arr.dtype}|{arr.shape}|".encode())
+        h.update(arr.data)
+    return h.hexdigest()[:16]
+
+
+def client_generator(job: TrainJob) -> ArrayRecord:
+    """augment=rare_class: the federation's generator for this training message: the copy it
+    carries (then kept in the client's state), else the client's kept copy, if it is the one
+    the server names. A client that lost its copy (a restarted node without a `state-dir`)
+    fails this message with the reason; the server sends the generator with its next one."""
+    wanted = str(job.config.get(GEN_DIGEST, ""))
+    sent = job.content.array_records.get(GEN_KEY)
+    if sent is not None:
+        if wanted and generator_digest(sent) != wanted:
+            raise SyntheticError(
+                "augment=rare_class: the generator in the message does not match the round "
+                "config's generator-digest; is the ServerApp from another fedapp version?"
+            )
+        job.state.array_records[GEN_CACHE_KEY] = sent
+        return sent
+    kept = job.state.array_records.get(GEN_CACHE_KEY)
+    if not wanted:
+        raise SyntheticError(
+            "augment=rare_class: the training message carries no generator and no "
+            "generator-digest; is the ServerApp from another fedapp version?"
+        )
+    if kept is None or generator_digest(kept) != wanted:
+        raise SyntheticError(
+            "augment=rare_class: this client holds no copy of the federation's generator "
+            f"{wanted} (its node restarted or lost its state); the server sends it again "
+            "with this client's next training message"
+        )
+    return kept
+
+
 def rare_class_count(labels: np.ndarray, minority: int, fraction: float) -> int:
     """How many minority rows to add so that they make `fraction` of the training rows."""
     n = len(labels)
@@ -745,7 +791,8 @@ def rare_class_count(labels: np.ndarray, minority: int, fraction: float) -> int:
 class RareClassAugment(ClientUnit):
     """augment=rare_class: before local training, add synthetic rows of the federation's
     minority class (by the DP-released label histogram) from the federation's generator (sent
-    with the message) until they make `target_fraction` of this client's training rows. DP-SGD
+    with the client's first training message and kept; `client_generator`) until they make
+    `target_fraction` of this client's training rows. DP-SGD
     (stage "privacy", after this one) then samples from real and synthetic rows alike; the
     synthetic ones are a function of the DP generator, so the accounting of real rows holds."""
 
@@ -756,14 +803,10 @@ class RareClassAugment(ClientUnit):
         return augment_active(job.cfg)
 
     def before_train(self, job: TrainJob) -> None:
-        if GEN_KEY not in job.content.array_records:
-            raise SyntheticError(
-                "augment=rare_class: the training message carries no generator; is the "
-                "ServerApp from another fedapp version?"
-            )
+        generator = client_generator(job)
         spec = AugmentSpec.from_config(job.cfg.get("augment"))
         vae = make_generator(job.task, spec.generator)
-        vae.load_state_dict(job.content.array_records[GEN_KEY].to_torch_state_dict())
+        vae.load_state_dict(generator.to_torch_state_dict())
         minority = int(np.argmin(np.asarray(job.prep["prep.label_counts"])))
         k = rare_class_count(job.data.train.y, minority, spec.target_fraction)
         job.reply_metrics["synthetic-rows"] = k
@@ -790,11 +833,28 @@ class GeneratorPhase:
     """Rounds 1..`spec.rounds` of a run: the generator trained federatedly (FedAvg of the
     clients' local, DP, epochs), through the run's strategy's sampling, screening and round
     records, whatever its own aggregation rule (a trust or robust rule is about task-model
-    updates). Its state (`arrays`) is an attribute of the strategy, so checkpoints carry it."""
+    updates). Its state (`arrays`) is an attribute of the strategy, so checkpoints carry it.
+
+    augment=rare_class then sends the final generator to each client once: `holders` are the
+    partitions whose last training message (after the generator rounds) carried it or found
+    it kept, and that replied without an error. A client that errs or does not reply leaves
+    them (it may have lost its copy) and gets the generator again the next time."""
 
     def __init__(self, spec: GeneratorSpec, initial: ArrayRecord) -> None:
         self.spec = spec
         self.arrays = initial
+        self.holders: set[int] = set()
+
+    def note_replies(self, expected: Iterable[int], ok: Iterable[int]) -> None:
+        """A training round's outcome: the partitions that replied without an error hold the
+        generator; the other expected ones may not."""
+        ok = set(ok)
+        self.holders = (self.holders | ok) - (set(expected) - ok)
+
+    def resumed(self) -> None:
+        """A resumed run cannot know whether clients kept their copies (a deployed node
+        without `state-dir` keeps `Context.state` for one Flower run only): send it again."""
+        self.holders = set()
 
     def run(
         self, strategy, grid, config, timeout, evaluate_fn, task_arrays, start_round: int

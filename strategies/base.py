@@ -44,7 +44,7 @@ from flwr.serverapp.strategy import Result
 from fedapp.compression import CompressionError, CompressionSpec, decode_reply, downlink
 from fedapp.flower_compat import aggregate_metricrecords
 from fedapp.secure import CT, CT_DELTA, SecureAggregator
-from fedapp.synthetic import GEN_KEY
+from fedapp.synthetic import GEN_DIGEST, GEN_KEY, generator_digest
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from tasks.metrics import confusion_metrics
 
@@ -332,6 +332,7 @@ class FedappStrategyMixin:
         extra = self.round_config(server_round, config)
         if self.generator_phase is not None:  # DP-SGD planned for the rounds after the generator's
             extra["dp-rounds"] = max(1, self._num_rounds - self.generator_phase.spec.rounds)
+            extra[GEN_DIGEST] = generator_digest(self.generator_phase.arrays)
         if self.secure is not None and self.secure.fednova_momentum is not None:
             extra["ckks-fednova"] = 1  # clients also encrypt their change per effective step
         config = ConfigRecord({**dict(config), **extra, "server-round": server_round})
@@ -381,12 +382,20 @@ class FedappStrategyMixin:
             arrays = downlink(arrays, self.compression)
         rec.bytes_down += arrays.count_bytes() * len(chosen)
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        if message_type == MessageType.TRAIN and self.generator_phase is not None:
-            # augment=rare_class: the federation's generator travels with the model
-            content[GEN_KEY] = self.generator_phase.arrays
-            rec.bytes_down += self.generator_phase.arrays.count_bytes() * len(chosen)
+        contents = dict.fromkeys(chosen, content)
+        phase = self.generator_phase
+        if message_type == MessageType.TRAIN and phase is not None:
+            # augment=rare_class: the federation's generator goes with a client's model until
+            # the client has replied with it once (it keeps a copy; GeneratorPhase.holders)
+            needing = [p for p in chosen if p not in phase.holders]
+            with_generator = RecordDict({**dict(content.items()), GEN_KEY: phase.arrays})
+            contents.update(dict.fromkeys(needing, with_generator))
+            rec.bytes_down += phase.arrays.count_bytes() * len(needing)
+            rec.aggregation["generator_sent"] = len(needing)
         return [
-            Message(content=content, message_type=message_type, dst_node_id=self.partition_nodes[p])
+            Message(
+                content=contents[p], message_type=message_type, dst_node_id=self.partition_nodes[p]
+            )
             for p in chosen
         ]
 
@@ -457,6 +466,13 @@ class FedappStrategyMixin:
                 continue
             client.status = "ok"
             candidates.append((msg, client))
+        gen = self.generator_phase
+        if gen is not None and phase == "train" and server_round > gen.spec.rounds:
+            # augment=rare_class: a client that replied (even if rejected) keeps the generator
+            gen.note_replies(
+                rec.expected,
+                [c.partition_id for c in rec.clients if c.phase == phase and c.replied],
+            )
         # Flower aborts the whole run on replies with different metric keys; drop the odd ones.
         if candidates:
             key_sets = Counter(tuple(sorted(reply_metrics(m).keys())) for m, _ in candidates)

@@ -45,6 +45,11 @@ class ClientRecord:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def replied(self) -> bool:
+        """The client ran the message to the end (its reply may still have been rejected)."""
+        return self.status != "pending" and not self.status.startswith("error")
+
     def to_json(self) -> dict[str, Any]:
         """The flat dict of `results.json` rounds[].clients[] and of a clients.csv row."""
         out: dict[str, Any] = {
@@ -81,7 +86,11 @@ class RoundRecord:
     eval_metrics: dict[str, Any] = field(default_factory=dict)  # pooled federated evaluation
     clients: list[ClientRecord] = field(default_factory=list)
     schedule: dict[str, Any] = field(default_factory=dict)  # scheduling strategies' plan
-    aggregation: dict[str, Any] = field(default_factory=dict)  # round-level choices (contribution)
+    # Round-level choices and facts: contribution's temperature and candidates' losses;
+    # synthetic data's `phase` (generator | synthesize), `synthetic_rows`, `rows_bytes`,
+    # `server_train_s`; augment=rare_class's `generator_sent` (training messages that carried
+    # the generator; the others named the copy their client keeps).
+    aggregation: dict[str, Any] = field(default_factory=dict)
     aggregate_s: float = 0.0  # server seconds spent screening, decoding and aggregating updates
 
     def add_client(self, phase: str, partition_id: int, node_id: int) -> ClientRecord:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,14 +20,21 @@ from fedapp.config import ConfigError, compose
 from fedapp.inline import run_inline
 from fedapp.privacy import Ledger, epsilon_of, opacus, private_stats
 from fedapp.synthetic import (
+    GEN_CACHE_KEY,
+    GEN_DIGEST,
+    GEN_KEY,
     GeneratorSpec,
     Layout,
+    SyntheticError,
     SyntheticRoundFailed,
     check,
+    client_generator,
     discriminator_log_odds,
     generator_batch,
+    generator_digest,
     generator_inputs,
     generator_round,
+    initial_generator,
     make_generator,
     rare_class_count,
     rows_record,
@@ -412,6 +420,71 @@ def test_rare_class_augmentation_adds_minority_rows_within_one_budget(tmp_path):
         assert all(c["dp_epsilon"] <= 3.0 for c in train)
     # the generator's share (0.3 of 3) after round 1, the rest by the end
     assert res["rounds"][1]["dp_epsilon"] <= 0.9 + 1e-6 < res["rounds"][3]["dp_epsilon"] <= 3.0
+
+
+def test_rare_class_sends_the_generator_once_per_client_and_again_after_a_failure(
+    tmp_path, data_dir
+):
+    """Each client gets the generator with its first training message after the generator
+    rounds and keeps it; one that crashed (its state is rolled back, as Flower does) gets it
+    again. Bytes down are the models plus exactly the generators sent, and no client ever
+    trains without the generator (no "holds no copy" error)."""
+    overrides = (
+        f"{MEDICAL} strategy=fedavg augment=rare_class rounds=6 augment.generator.rounds=1 "
+        "augment.generator.epochs=1 attack=crash attack.fraction=0.25 attack.probability=0.5"
+    )
+    out = run_inline(overrides, tmp_path / "aug")
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["status"] == "completed"
+    cfg = compose(overrides)
+    task = get_task(cfg, data_dir)
+    gen_bytes = ArrayRecord(make_generator(task, _spec(cfg)).state_dict()).count_bytes()
+    model_bytes = ArrayRecord(task.make_model().state_dict()).count_bytes()
+    holders: set[int] = set()
+    for r in res["rounds"][2:]:
+        train = [c for c in r["clients"] if c["phase"] == "train"]
+        assert len(train) == 4
+        ok = {c["partition_id"] for c in train if not c["status"].startswith("error")}
+        for c in train:
+            if c["status"].startswith("error"):
+                assert "holds no copy" not in c["status"] and "crash" in c["status"].lower()
+        needing = {c["partition_id"] for c in train} - holders
+        assert r["aggregation"]["generator_sent"] == len(needing)
+        assert r["bytes_down"] == 4 * model_bytes + len(needing) * gen_bytes
+        holders = (holders | ok) - ({c["partition_id"] for c in train} - ok)
+    sent = [r["aggregation"]["generator_sent"] for r in res["rounds"][2:]]
+    assert sent[0] == 4  # everyone with its first training message
+    assert sum(sent[1:]) > 0  # a client that crashed got it again
+    assert sum(sent) < 4 * len(sent)  # not with every model
+
+
+def test_a_client_uses_its_kept_generator_only_when_it_is_the_servers(data_dir):
+    task = get_task(compose(MEDICAL), data_dir)
+    gen = ArrayRecord(initial_generator(task, GeneratorSpec(), 0).state_dict())
+    other = ArrayRecord(initial_generator(task, GeneratorSpec(), 1).state_dict())
+    digest = generator_digest(gen)
+    assert digest == generator_digest(ArrayRecord(gen.to_torch_state_dict()))
+    assert digest != generator_digest(other)
+
+    def job(state, carries=None, wanted=digest):
+        content = RecordDict({"config": ConfigRecord({GEN_DIGEST: wanted} if wanted else {})})
+        if carries is not None:
+            content[GEN_KEY] = carries
+        return SimpleNamespace(config=content["config"], content=content, state=state)
+
+    state = RecordDict()
+    with pytest.raises(SyntheticError, match="holds no copy"):
+        client_generator(job(state))  # never received it
+    assert client_generator(job(state, gen)) is gen  # received: kept
+    assert GEN_CACHE_KEY in state.array_records
+    kept = client_generator(job(state))
+    assert generator_digest(kept) == digest
+    with pytest.raises(SyntheticError, match="holds no copy"):
+        client_generator(job(state, wanted=generator_digest(other)))  # a different generator
+    with pytest.raises(SyntheticError, match="does not match"):
+        client_generator(job(RecordDict(), other))  # the message's generator is not the named one
+    with pytest.raises(SyntheticError, match="another fedapp version"):
+        client_generator(job(RecordDict(), wanted=""))
 
 
 @pytest.mark.parametrize(
