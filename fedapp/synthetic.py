@@ -785,7 +785,11 @@ def rare_class_count(labels: np.ndarray, minority: int, fraction: float) -> int:
     """How many minority rows to add so that they make `fraction` of the training rows."""
     n = len(labels)
     have = int((np.asarray(labels) == minority).sum())
-    return max(0, math.ceil((fraction * n - have) / (1.0 - fraction)))
+    k = max(0, math.ceil((fraction * n - have) / (1.0 - fraction)))
+    # the closed form can land one above in floating point (n=1, fraction=0.9: 9.000...02)
+    while k > 0 and (have + k - 1) / (n + k - 1) >= fraction:
+        k -= 1
+    return k
 
 
 class RareClassAugment(ClientUnit):

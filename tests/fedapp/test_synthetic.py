@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -354,6 +354,8 @@ def test_refinement_spends_the_rest_of_the_generators_share_in_the_same_ledger(d
     st.integers(0, 500),
     st.floats(0.01, 0.95),
 )
+@example(1, 0, 0.9)  # the closed form gives 10 (0.9 / (1 - 0.9) = 9.000...02); 9 reach 90 %
+@example(33, 5, 0.3)  # an insurance client: 7, not 8
 def test_rare_class_count_is_the_fewest_rows_that_reach_the_fraction(n, minority, fraction):
     minority = min(minority, n)
     labels = np.array([1] * minority + [0] * (n - minority))
