@@ -3,6 +3,12 @@ numbers with the committed report: the check that a refactor left the benches' r
 
     .venv/bin/python bench/recheck.py                 # ~10 min on 2 cores; writes recheck.json
     .venv/bin/python bench/recheck.py --only hetero
+    .venv/bin/python bench/recheck.py --baseline OTHER/bench/results/recheck.json
+
+`--baseline`: the same cells run by another checkout on this machine (e.g. the previous main,
+`git worktree add /tmp/old <commit>`, then in /tmp/old `PYTHONPATH=/tmp/old
+.venv/bin/python bench/recheck.py`): the published cells were measured on another machine, and
+a different library build can move the last digits of a float.
 
 Cells (seed 0, the benches' own run plans and settings):
 - robustness: credit, trust under the scaled (-4) attack at 30% (`bench/results/robustness.json`);
@@ -131,6 +137,10 @@ def contribution_cell(work: Path) -> dict:
     return _compare(name, before, after)
 
 
+def _afters(cell: dict):
+    return [p["after"] for p in cell["parts"]] if "parts" in cell else cell["after"]
+
+
 CELLS = {"robustness": robustness_cell, "hetero": hetero_cell, "contribution": contribution_cell}
 
 
@@ -138,12 +148,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=list(CELLS), default=list(CELLS))
     parser.add_argument("--out", type=Path, default=RESULTS / "recheck.json")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout's recheck.json (run on this machine): also compare with its "
+        "numbers, which separates a change of the code from a change of the machine or the "
+        "libraries (the published cells were measured elsewhere)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedapp-recheck-"))
     results = [CELLS[name](work / name) for name in args.only]
+    if args.baseline is not None:
+        base = {c["cell"]: c for c in json.loads(args.baseline.read_text())}
+        for r in results:
+            if r["cell"] in base:
+                r["identical_to_baseline"] = _afters(r) == _afters(base[r["cell"]])
     args.out.write_text(json.dumps(results, indent=1))
     for r in results:
-        print(f"{r['cell']}: {'identical' if r['identical'] else 'DIFFERENT'}")
+        same = r.get("identical_to_baseline")
+        tail = (
+            ""
+            if same is None
+            else f"; the baseline checkout's: {'identical' if same else 'DIFFERENT'}"
+        )
+        print(f"{r['cell']}: {'identical' if r['identical'] else 'DIFFERENT'}{tail}")
     print(f"details in {args.out}; runs in {work}")
     return 0 if all(r["identical"] for r in results) else 1
 

@@ -7,9 +7,10 @@ so the ServerApp writes, after every round, atomically, `<run dir>/checkpoint.pt
 - the global model and the round number;
 - the strategy's full state (every attribute: trust scores, contribution ledger, SCAFFOLD's
   server control, momentum, the central-DP accountant's releases, the per-round records...);
-- the run's random states (Python, NumPy, PyTorch), the clock (simulated time, bytes), the
-  recorder (rounds so far, best model), the clients' status, the federated preprocessing
-  parameters (a resumed run does not ask the clients again: same numbers, no privacy spent);
+- the run's seeded random states (Python, NumPy, PyTorch: client sampling, screening, the
+  initial model...), the clock (simulated time, bytes), the recorder (rounds so far, best
+  model), the clients' status, the federated preprocessing parameters (a resumed run does
+  not ask the clients again: same numbers, no privacy spent);
 - the lineage of client state (`fedapp.clients.ClientStateStore`): clients keep their own
   state (SCAFFOLD's control, MOON's previous model, compression residuals, DP ledgers) in
   files, one version per round, and a resumed run reads the versions as of the checkpoint.
@@ -17,6 +18,16 @@ so the ServerApp writes, after every round, atomically, `<run dir>/checkpoint.pt
 Objects of the running server that the strategy refers to but that are rebuilt on resume
 (the task, the grid, the encryption context, the server's validation loss) are not written:
 they are replaced by name (pickle's persistent ids) and bound to the new run's objects.
+
+No DP noise generator state is written. DP noise comes from generators seeded with fresh
+operating-system entropy that live only while they draw (`tasks.dp_sgd.noise_generator`;
+`fedapp.privacy.secret_numpy_noise` around Flower's central-DP wrappers, which draw from
+NumPy's global generator, and which puts the seeded global state back afterwards): no
+object the checkpoint holds is one, and the seeded states it holds are not moved by noise
+draws. Whoever holds a checkpoint (or knows the seed) cannot recompute the noise of any
+round: two resumes from one checkpoint of a central-DP run release models that differ by
+fresh noise of the calibrated size, and that checkpoint holds no generator object
+(`tests/fedapp/test_checkpoint.py`).
 
 The checkpoint is a pickle: load only checkpoints your own runs wrote.
 
@@ -93,6 +104,7 @@ def loads(data: bytes, live: dict[str, Any]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
+    """The seeded global random states (never a DP noise generator's: see the module doc)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),

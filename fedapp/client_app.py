@@ -19,16 +19,17 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedapp import synthetic
-from fedapp.clients import virtual_client_mod
+from fedapp.clients import IDENTITY_RECORD, virtual_client_mod
 from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
+from fedapp.identity import sign_claim
 from fedapp.node import client_seed, load_node, round_prep
-from fedapp.privacy import central_clipping_mod, private_stats
-from fedapp.secure import secure_mod
+from fedapp.privacy import PrivacySpec, central_clipping_mod, private_stats, run_key
+from fedapp.secure import keys_reply, secure_mod
 from fedapp.units import TrainJob, compose_units, run_units
 from tasks.training import TrainSettings
 
@@ -60,6 +61,7 @@ def _job(msg: Message, context: Context) -> TrainJob:
         seed=seed,
         node_config=dict(context.node_config),
         run_id=int(context.run_id),
+        run_key=run_key(context),
         num_clients=node.num_clients,
     )
 
@@ -112,7 +114,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         "eval_loss": float(metrics["loss"]) if len(data.val) else 0.0,
         "eval_accuracy": float(metrics["accuracy"]) if len(data.val) else 0.0,
     }
-    if "confusion" in metrics:  # pooled into precision/recall/F1 over clients by the server
+    # pooled into precision/recall/F1 over clients by the server; not under sample_dp, where
+    # exact counts on the validation rows, for any model the server sends, would reveal rows
+    if "confusion" in metrics and not PrivacySpec.from_config(node.cfg.get("privacy")).sample_level:
         reply["eval-confusion"] = [int(c) for c in metrics["confusion"]]
     return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
 
@@ -120,14 +124,22 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def discovery(msg: Message, context: Context) -> Message:
     """Which partition this node holds (node ids are random in Flower), the federation size
-    it was told, and whether it holds its own data file."""
+    it was told, and whether it holds its own data file; a node with its own data signs its
+    partition claim with its SuperNode key when it has one (`auth-key`)."""
     node = context.node_config
     metrics = {
         "partition-id": int(node.get("partition-id", -1)),
         "num-partitions": int(node.get("num-partitions", -1)),
         "has-data-path": int(bool(node.get("data-path"))),
     }
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    config = msg.content.config_records.get("config")
+    nonce = str(config.get("nonce", "")) if config is not None else ""
+    if nonce and node.get("auth-key") and node.get("data-path"):
+        # its partition id, signed with its SuperNode key (fedapp.identity)
+        signature = sign_claim(str(node["auth-key"]), nonce, metrics["partition-id"])
+        content[IDENTITY_RECORD] = ConfigRecord({"signature": signature})
+    return Message(content, reply_to=msg)
 
 
 @app.query("stats")
@@ -137,6 +149,13 @@ def stats(msg: Message, context: Context) -> Message:
     node = load_node(context)
     values = private_stats(node, context)
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+@app.query("keys")
+def keys(msg: Message, context: Context) -> Message:
+    """secure=ckks: this node's key fingerprint (and, when asked, its public context; never the
+    secret key), from its own node config (fedapp.secure.keys_reply)."""
+    return keys_reply(msg, context)
 
 
 @app.query("probe", mods=[device_emulation_mod])

@@ -48,8 +48,12 @@ from flwr.serverapp import Grid
 
 from fedapp.config import ConfigError
 from fedapp.flower_compat import recorddict_from_bytes, recorddict_to_bytes, set_src_node_id
+from fedapp.identity import claim_refusal, new_nonce
+from fedapp.node import natural_names
+from fedapp.policy import REFUSED, PolicyRefusal, check_lineage, client_policy
 
 CLIENT_RECORD = "fedapp.client"  # ConfigRecord naming the virtual client a message is for
+IDENTITY_RECORD = "fedapp.identity"  # a discovery reply's signed partition claim
 
 
 def client_id(partition_id: int) -> int:
@@ -64,13 +68,19 @@ class NodeInfo:
     partition_id: int  # -1: none given
     num_partitions: int  # the federation size it was told (-1: none)
     has_data_path: bool
+    nonce: str = ""  # the discovery query's (fedapp.identity)
+    signature: bytes = b""  # its signature of its partition claim (b"": none)
 
     @classmethod
-    def from_metrics(cls, metrics: Mapping[str, int]) -> NodeInfo:
+    def from_metrics(
+        cls, metrics: Mapping[str, int], nonce: str = "", signature: bytes = b""
+    ) -> NodeInfo:
         return cls(
             int(metrics.get("partition-id", -1)),
             int(metrics.get("num-partitions", -1)),
             bool(metrics.get("has-data-path", 0)),
+            nonce,
+            bytes(signature),
         )
 
 
@@ -86,6 +96,7 @@ class ClientStatus:
     last_seen_s: float | None = None  # last reply of any kind
     replies: int = 0
     failures: int = 0  # error replies (crashed, unreachable, timed out)
+    refusals: int = 0  # of those, refused by the institution's policy (fedapp.policy)
     rejoins: int = 0  # came back (a new SuperNode, or its node reconnected)
     last_error: str = ""
     last_failure_s: float | None = None
@@ -102,9 +113,16 @@ class ClientStatus:
 
 
 def query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, NodeInfo]:
-    """Ask nodes (Flower node ids) which partition they hold (one QUERY message each)."""
+    """Ask nodes (Flower node ids) which partition they hold (one QUERY message each, with a
+    fresh nonce that a node holding its own data signs: fedapp.identity)."""
+    nonces = {nid: new_nonce() for nid in node_ids}
     msgs = [
-        Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids
+        Message(
+            RecordDict({"config": ConfigRecord({"nonce": nonces[nid]})}),
+            dst_node_id=nid,
+            message_type=MessageType.QUERY,
+        )
+        for nid in node_ids
     ]
     info: dict[int, NodeInfo] = {}
     for reply in grid.send_and_receive(msgs, timeout=wait_s):
@@ -112,7 +130,9 @@ def query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, Nod
         if reply.has_error():
             log(WARNING, "node %d did not answer the discovery query: %s", src, reply.error.reason)
             continue
-        info[src] = NodeInfo.from_metrics(reply.content["metrics"])
+        identity = reply.content.config_records.get(IDENTITY_RECORD)
+        signature = identity.get("signature", b"") if identity is not None else b""
+        info[src] = NodeInfo.from_metrics(reply.content["metrics"], nonces.get(src, ""), signature)
     return info
 
 
@@ -163,6 +183,7 @@ class ClientGrid(Grid):
         rediscover_every_s: float = 2.0,
         lineage: str | None = None,
         history: Mapping[str, int] | None = None,
+        node_keys: Mapping[int, Any] | None = None,
     ) -> None:
         self.grid = grid
         self.nodes = dict(nodes)  # every node ever seen (Flower node id -> what it said)
@@ -177,6 +198,14 @@ class ClientGrid(Grid):
         self._t0 = time.monotonic()
         self.started_unix = time.time()  # the `*_s` times in the status count from here
         self._last_check = -float("inf")
+        self.node_keys = node_keys
+        self.ignored: dict[int, str] = {}  # node id -> why it is not used
+        for nid, info in sorted(nodes.items()):
+            why = self._identity_refusal(info)
+            if why:
+                self.ignored[nid] = why
+                log(WARNING, "[fedapp] node %d refused: %s", nid, why)
+        nodes = {n: i for n, i in nodes.items() if n not in self.ignored}
         served, virtual = assign_clients(nodes, num_clients)
         self.status = {
             client_id(p): ClientStatus(
@@ -184,7 +213,6 @@ class ClientGrid(Grid):
             )
             for p, n in sorted(served.items())
         }
-        self.ignored: dict[int, str] = {}  # node id -> why it is not used
         self._sent: dict[str, int] = {}  # message id -> client id
         self._retry_at: dict[int, float] = {}  # new nodes that did not answer: ask again then
         self._connected: set[int] = set(nodes)
@@ -240,9 +268,20 @@ class ClientGrid(Grid):
                 log(WARNING, "[fedapp] client %d's node %d disconnected", s.partition_id, s.node_id)
             s.connected = back
 
+    def _identity_refusal(self, info: NodeInfo) -> str | None:
+        """Why a node may not serve the partition it claims (fedapp.identity); None: it may."""
+        if not info.has_data_path or info.partition_id < 0:
+            return None
+        return claim_refusal(self.node_keys, info.partition_id, info.nonce, info.signature)
+
     def _adopt(self, nid: int, info: NodeInfo) -> None:
         """A SuperNode that connected after discovery: the same institution back, or not ours."""
         self.nodes[nid] = info
+        why = self._identity_refusal(info)
+        if why:
+            self.ignored[nid] = why
+            log(WARNING, "[fedapp] node %d refused: %s", nid, why)
+            return
         cid = client_id(info.partition_id)
         status = self.status.get(cid)
         if not info.has_data_path or info.partition_id < 0 or status is None or status.virtual:
@@ -341,6 +380,7 @@ class ClientGrid(Grid):
             status.last_seen_s = self._elapsed()
             if reply.has_error():
                 status.failures += 1
+                status.refusals += int(REFUSED in reply.error.reason)
                 status.last_error = reply.error.reason[:300]
                 status.last_failure_s = status.last_seen_s
             else:
@@ -380,7 +420,14 @@ class ClientGrid(Grid):
             old = saved.get(cid)
             if old is None:
                 continue
-            for name in ("replies", "failures", "rejoins", "last_error", "last_failure_s"):
+            for name in (
+                "replies",
+                "failures",
+                "refusals",
+                "rejoins",
+                "last_error",
+                "last_failure_s",
+            ):
                 setattr(now, name, getattr(old, name))
             now.node_ids = [*old.node_ids, *(n for n in now.node_ids if n not in old.node_ids)]
 
@@ -466,39 +513,67 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)  # atomic: a crash leaves the previous file
 
 
+RUN_KEY = "fedapp.run-key"  # run_config key (client side): the server run chain a plan is for
+
+
 def virtual_client_mod(msg: Message, context: Context, call_next) -> Message:
-    """ClientApp mod: run a message as its client (see the module docstring). A message for a
-    virtual client runs as if its node were that client's own (its partition in the node
-    config); a client's state comes from its files (`state-dir` in the message in simulation,
-    in the node config in deployment) rather than the node's `Context.state`, so it is the
-    client's own and survives the server. A deployed node without `state-dir` keeps using
-    `Context.state` (lost when the run ends)."""
-    if CLIENT_RECORD not in msg.content.config_records:
-        return call_next(msg, context)
-    rec = msg.content.config_records[CLIENT_RECORD]
-    del msg.content[CLIENT_RECORD]
+    """ClientApp mod: run a message as its client (see the module docstring), under the
+    client's own configuration.
+
+    A message for a virtual client runs as if its node were that client's own (its partition
+    in the node config, and in simulation its policy from `$FEDAPP_CLIENT_POLICY`,
+    `fedapp.policy.client_policy`); a client's state comes from its files rather than the
+    node's `Context.state`, so it is the client's own and survives the server. A node holding
+    its own data (deployment) takes no partition id and no folder from a message (a message
+    that names one is refused): its state lives under the `state-dir` of its node config
+    (without one it keeps `Context.state`, lost when the run ends). A simulated client's state
+    lives under its policy's `state-dir`, else the run's folder named by the server."""
+    rec = msg.content.config_records.get(CLIENT_RECORD)
+    if rec is not None:
+        del msg.content[CLIENT_RECORD]
     node_config = dict(context.node_config)
-    if "partition-id" in rec:
+    deployed = bool(node_config.get("data-path"))
+    named = {k for k in ("partition-id", "num-partitions", "state-dir") if rec and k in rec}
+    if deployed and named:
+        raise PolicyRefusal(
+            f"this node holds its own data: it takes no {', '.join(sorted(named))} from the "
+            "server (they come from its node config)"
+        )
+    if rec is not None and "partition-id" in rec:
         node_config.update(
             {"partition-id": int(rec["partition-id"]), "num-partitions": int(rec["num-partitions"])}
         )
-    state_dir = str(rec.get("state-dir") or node_config.get("state-dir") or "")
+    if not deployed:  # simulation: this client's policy, as a deployed node's own keys
+        pid = int(node_config.get("partition-id", -1))
+        extra = client_policy(pid, lambda: natural_names(context, node_config, pid))
+        node_config.update({k: v for k, v in extra.items() if k not in _IDENTITY_KEYS})
+    if rec is None:
+        return call_next(msg, _with(context, node_config, context.state, context.run_config))
+    lineage = check_lineage(rec["lineage"])
+    lineages = [check_lineage(x) for x in rec["lineages"]]
+    history = dict(zip(lineages, [int(u) for u in rec["lineage-upto"]], strict=True))
+    run_config = {**context.run_config, RUN_KEY: next((x for x in lineages if x), lineage)}
+    state_dir = str(node_config.get("state-dir") or ("" if deployed else rec.get("state-dir", "")))
     if not state_dir:
-        return call_next(msg, context)
-    history = dict(zip(rec["lineages"], rec["lineage-upto"], strict=True))
-    store = ClientStateStore(
-        state_dir, int(node_config.get("partition-id", -1)), str(rec["lineage"]), history
-    )
+        return call_next(msg, _with(context, node_config, context.state, run_config))
+    store = ClientStateStore(state_dir, int(node_config.get("partition-id", -1)), lineage, history)
     config = msg.content.config_records.get("config")
     server_round = int(config.get("server-round", 0)) if config is not None else 0
-    client = Context(
-        run_id=context.run_id,
-        node_id=context.node_id,
-        node_config=node_config,
-        state=store.load(server_round),
-        run_config=context.run_config,
-    )
+    client = _with(context, node_config, store.load(server_round), run_config)
     reply = call_next(msg, client)
     if not reply.has_error():
         store.save(client.state, server_round)
     return reply
+
+
+_IDENTITY_KEYS = ("partition-id", "num-partitions", "data-path")
+
+
+def _with(context: Context, node_config: dict, state: RecordDict, run_config) -> Context:
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=node_config,
+        state=state,
+        run_config=run_config,
+    )

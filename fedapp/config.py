@@ -209,17 +209,11 @@ def run_config_values(overrides: Sequence[str], output_dir: Path, data_dir: Path
 
 
 def with_keys(cfg: DictConfig, overrides: list[str], out: Path) -> tuple[DictConfig, list[str]]:
-    """Under secure=ckks without a key folder, make the federation's keys in `<out>/keys`
-    (what `fedapp-keys` does) and point the run at them."""
-    secure = cfg.get("secure")
-    if secure is None or secure.get("name") != "ckks" or secure.get("key_dir"):
-        return cfg, overrides
-    from fedapp.secure import SecureSpec, create_keys
-
-    keys = out / "keys"
-    create_keys(keys, SecureSpec.from_config(secure))
-    overrides = [*overrides, f"secure.key_dir={keys}"]
-    return compose(overrides), overrides
+    """The run's config and overrides, unchanged: under secure=ckks the launchers make no key.
+    The secret key is the institutions' (a client's `ckks-secret`, or in simulation the client
+    side's key folder, fedapp.secure.client_key_dir), never the operator's nor in `out`; the
+    server gets the public context from the clients."""
+    return cfg, overrides
 
 
 def resolve_data_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = None) -> Path:

@@ -5,28 +5,40 @@
 1. Composes the config and writes each node's own data file (partition i of the configured
    partitioner, regrouped into N nodes) under `<output>/nodes/node-<i>/` - in a real
    consortium every institution already has this file and nothing else.
-2. Makes the federation's credentials (`fedapp.tls`: a CA, the SuperLink's certificate, one
-   ECDSA P-384 key pair per SuperNode; or takes them from `--credentials`), starts
-   `flower-superlink` on 127.0.0.1 with TLS and `--enable-supernode-auth`, registers each
-   node's public key (`flwr supernode register`) and starts N `flower-supernode` processes,
-   each with the CA certificate, its own private key and
+2. Makes the federation's credentials (`fedapp.tls`: a CA, the operator's app-signing key,
+   the SuperLink's certificate, one ECDSA P-384 key pair per SuperNode) in a private
+   temporary folder that is removed at the end, never in the results folder; or takes
+   them from `--credentials DIR` (kept), or keeps them in `$FEDAPP_CREDENTIALS_DIR/<run
+   name>` when that is set. Builds the app's FAB and signs it with the operator's key
+   (`fedapp.appsign`), serves it on loopback to the SuperLink, starts `flower-superlink` on
+   127.0.0.1 with TLS and `--enable-supernode-auth`, registers each node's public key
+   (`flwr supernode register`) and starts N `flower-supernode` processes, each with its own
+   folder of credentials (the CA certificate, its private key, `--trusted-entities`: it
+   runs only the app signed by the operator's key) and
    `--node-config 'partition-id=i num-partitions=N data-path="..."'`. `--insecure` skips
-   all of that (no TLS, anyone may join), with a warning: local experiments only.
-3. Submits the app with `flwr run --stream`, checks the final status and stops every process.
+   all of that (no TLS, anyone may join, any app runs), with a warning: local experiments
+   only.
+3. Submits the app (`flwr run @fedapp/fedapp==<version> --stream`: the signed FAB, by name;
+   the folder itself with `--insecure`), checks the final status and stops every process.
 
-Under `secure=ckks` it splits the key material as a deployment must: the SuperNodes get
-`--node-config ckks-secret=<output>/keys/secret.ckks`, the ServerApp's `secure.key_dir` is
-`<output>/server_keys` with `public.ckks` only, so nobody on the server side can decrypt (and
+Under `secure=ckks` it splits the key material as a deployment must, playing the institutions'
+side: the SuperNodes get `--node-config ckks-secret=...` of a key made outside the output
+folder (`secure.key_dir=DIR` from `fedapp-keys create DIR`, else the client side's key folder,
+fedapp.secure.client_key_dir), the ServerApp's `secure.key_dir` is `<output>/server_keys` with
+`public.ckks` only (which the clients' keys must match), so nobody on the server side can decrypt (and
 server-side test metrics stay empty; the clients' federated evaluation remains).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,22 +97,30 @@ def export_operator_files(
 
 def split_keys(cfg, overrides: list[str], out: Path) -> tuple[list[str], Path | None]:
     """secure=ckks: (overrides pointing the server at a folder with the public context only,
-    the secret context's path for the SuperNodes). Keys are made in `<out>/keys` unless
-    `secure.key_dir` names a folder from `fedapp-keys`."""
-    from fedapp.secure import PUBLIC, SECRET, SecureError, SecureSpec, create_keys
+    the secret context's path for the SuperNodes). The key is the institutions': the folder
+    `secure.key_dir` names (from `fedapp-keys create`), else the client side's key folder
+    (made once); never made in, nor read from, `out`. The server's copy of the public context
+    goes to `<out>/server_keys`."""
+    from fedapp.secure import PUBLIC, SECRET, SecureError, SecureSpec, _within, ensure_client_key
 
     spec = SecureSpec.from_config(cfg.get("secure"))
     if not spec.active:
         return overrides, None
-    keys = Path(spec.key_dir) if spec.key_dir else out / "keys"
-    if not spec.key_dir:
-        create_keys(keys, spec)
+    keys = Path(spec.key_dir).expanduser() if spec.key_dir else ensure_client_key(spec).parent
     if not (keys / SECRET).is_file() or not (keys / PUBLIC).is_file():
-        raise SecureError(f"{keys} must hold {SECRET} and {PUBLIC} (make them with fedapp-keys)")
+        raise SecureError(
+            f"{keys} must hold {SECRET} and {PUBLIC} (make them with `fedapp-keys create DIR`)"
+        )
+    if _within(keys / SECRET, out):
+        raise SecureError(
+            f"{keys / SECRET} is inside the run's output folder {out}; the secret key lives on "
+            "the institutions' side (fedapp-keys create DIR outside any results folder)"
+        )
     server = out / "server_keys"
     server.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(keys / PUBLIC, server / PUBLIC)
-    return [*overrides, f"secure.key_dir={server}"], keys / SECRET
+    kept = [o for o in overrides if not o.lstrip("+").startswith("secure.key_dir=")]
+    return [*kept, f"secure.key_dir={server}"], keys / SECRET
 
 
 def register_node(env: dict[str, str], public_key: Path) -> int:
@@ -131,14 +151,18 @@ def start_supernode(
     *,
     ca_cert: Path | None = None,
     private_key: Path | None = None,
+    trusted_entities: Path | None = None,
 ) -> subprocess.Popen:
     """One `flower-supernode` connected to the SuperLink on loopback `port`: over TLS checked
-    against `ca_cert` (insecure without one), authenticated with `private_key` if given."""
+    against `ca_cert` (insecure without one), authenticated with `private_key` if given,
+    running only apps signed by a key of `trusted_entities` if given."""
     home.mkdir(parents=True, exist_ok=True)
     cmd = [bin_path("flower-supernode"), "--superlink", f"127.0.0.1:{port}"]
     cmd += ["--root-certificates", str(ca_cert)] if ca_cert is not None else ["--insecure"]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
+    if trusted_entities is not None:
+        cmd += ["--trusted-entities", str(trusted_entities)]
     cmd += ["--port", str(free_port()), "--isolation", "subprocess"]
     if node_config:
         cmd += ["--node-config", node_config]
@@ -153,15 +177,28 @@ def start_supernode(
         )
 
 
-def node_config_line(i: int, nodes: int, data: Path, secret: Path | None) -> str:
+def node_config_line(
+    i: int, nodes: int, data: Path, secret: Path | None, auth_key: Path | None = None
+) -> str:
     """Node i's config: its partition id, the federation's size, its own data file and, next
-    to it, the folder where its client state lives (kept across SuperNode restarts and
-    resumed runs)."""
+    to it, the folders where its client state and its DP ledger live (kept across SuperNode
+    restarts, resumed runs and new runs), and the key that signs its partition claim (its
+    SuperNode key, fedapp.identity)."""
     line = (
         f'partition-id={i} num-partitions={nodes} data-path="{data}" '
-        f'state-dir="{data.parent / "state"}"'
+        f'state-dir="{data.parent / "state"}" ledger-dir="{data.parent / "ledger"}"'
     )
+    line += f' auth-key="{auth_key}"' if auth_key else ""
     return line + (f' ckks-secret="{secret}"' if secret else "")
+
+
+def write_node_keys(creds: Credentials, nodes: int) -> Path:
+    """The operator's registry of the institutions' public keys by partition id (the keys
+    it registers with the SuperLink), for `node_keys=` (fedapp.identity)."""
+    path = creds.root / "node_keys.yaml"
+    lines = [f'{i}: "{creds.node_public_key(f"node-{i}")}"' for i in range(nodes)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 INSECURE_WARNING = (
@@ -171,20 +208,59 @@ INSECURE_WARNING = (
 )
 
 
+CREDENTIALS_ENV = "FEDAPP_CREDENTIALS_DIR"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def federation_credentials(
     out: Path, nodes: int, credentials: Path | str | None, insecure: bool
-) -> Credentials | None:
-    """The federation's TLS and node keys: `credentials` (from `fedapp-certs`, with keys for
-    node-0..node-N-1), or new ones under `<out>/credentials`; None with `insecure`."""
+) -> tuple[Credentials | None, Path | None]:
+    """The federation's credentials and the folder to remove at the end (None: keep them).
+
+    `credentials` (from `fedapp-certs DIR --nodes node-0 ...`) are used and kept; else
+    new ones in `$FEDAPP_CREDENTIALS_DIR/<run name>` (kept) when that is set; else new ones
+    in a private temporary folder (mode 0700, outside the results), removed when the
+    federation stops. Never inside the results folder `out`: refused. None with `insecure`."""
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-        return None
+        return None, None
     names = [f"node-{i}" for i in range(nodes)]
     if credentials is not None:
-        creds = Credentials(Path(credentials))
-        creds.check(names)
-        return creds
-    return create_credentials(out / "credentials", nodes=names)
+        root, remove = Path(credentials), None
+    elif os.environ.get(CREDENTIALS_ENV):
+        root, remove = Path(os.environ[CREDENTIALS_ENV]) / out.name, None
+    else:
+        root = Path(tempfile.mkdtemp(prefix="fedapp-credentials-"))  # 0700
+        remove = root
+        atexit.register(shutil.rmtree, root, True)  # also if setup fails before the run
+    if _inside(root, out) or _inside(out, root):
+        raise ValueError(
+            f"credentials {root} and results {out}: a results folder must not hold keys "
+            f"(use another folder, or unset {CREDENTIALS_ENV} for a temporary one)"
+        )
+    try:
+        if credentials is not None:
+            creds = Credentials(root)
+            creds.check(names)
+            return creds, None
+        return create_credentials(root, nodes=names), remove
+    except BaseException:
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        raise
+
+
+def signed_app(app_dir: Path, creds: Credentials, folder: Path):
+    """Build `app_dir`'s FAB, sign it with the operator's key and serve it on loopback:
+    (the index, to stop at the end; the app spec to `flwr run`)."""
+    from fedapp.appsign import build_fab, serve_apps, sign_fab
+
+    app = sign_fab(build_fab(app_dir), creds.signing_key, folder)
+    return serve_apps(folder), app.spec
 
 
 def run_federation(
@@ -197,7 +273,10 @@ def run_federation(
     verbose: bool = False,
     insecure: bool = False,
     credentials: Path | str | None = None,
+    node_config: str = "",
 ) -> RunOutcome:
+    """`node_config`: extra node-config keys for every SuperNode (the institutions' own
+    policy, e.g. "max-epsilon=3 require-secure=ckks"; fedapp.policy)."""
     ovr = parse_overrides(overrides)
     cfg = compose(ovr)
     if int(cfg.clients_per_round) > nodes:
@@ -207,7 +286,7 @@ def run_federation(
     cfg = compose(ovr)
     data_dir = resolve_data_dir(cfg)
     out = resolve_output_dir(cfg, {"output-dir": str(output_dir) if output_dir else ""})
-    creds = federation_credentials(out, nodes, credentials, insecure)
+    creds, remove_creds = federation_credentials(out, nodes, credentials, insecure)
     print(
         f"[fedapp] local federation: 1 SuperLink + {nodes} SuperNodes "
         f"({'insecure' if creds is None else 'TLS, registered SuperNodes only'}) -> {out}",
@@ -217,27 +296,54 @@ def run_federation(
     if test_file is not None:
         ovr, data_dir = [*ovr, f"task.test_file={test_file}"], test_file.parent
     ovr, secret = split_keys(cfg, ovr, out)
+    if creds is not None:  # partition ids bound to the registered node keys
+        ovr = [*ovr, f"node_keys={write_node_keys(creds, nodes)}"]
     cfg = compose(ovr)
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     supernodes: list[subprocess.Popen] = []
+    index, app = None, str(app_dir)
     try:
+        superlink_env = env
+        if creds is not None:  # SuperNodes run only the app signed by the operator's key
+            index, app = signed_app(app_dir, creds, flwr_home / "apps")
+            superlink_env = {
+                **env,
+                "FLWR_SUPERGRID_API_URL": index.url,
+                "NO_PROXY": ",".join(filter(None, ["127.0.0.1,localhost", env.get("NO_PROXY")])),
+            }
         with superlink(
-            flwr_home, out / "superlink.log", env, simulation=False, credentials=creds
+            flwr_home, out / "superlink.log", superlink_env, simulation=False, credentials=creds
         ) as port:
             for i, path in enumerate(node_files):
-                key = None
+                node = f"node-{i}"
                 if creds is not None:
-                    key = creds.node_key(f"node-{i}")
-                    register_node(env, creds.node_public_key(f"node-{i}"))
+                    register_node(env, creds.node_public_key(node))
                 supernodes.append(
                     start_supernode(
                         port,
                         flwr_home / f"supernode-{i}",
                         env,
-                        out / "nodes" / f"node-{i}" / "supernode.log",
-                        node_config_line(i, nodes, path, secret),
-                        ca_cert=creds.ca_cert if creds is not None else None,
-                        private_key=key,
+                        out / "nodes" / node / "supernode.log",
+                        " ".join(
+                            filter(
+                                None,
+                                [
+                                    node_config_line(
+                                        i,
+                                        nodes,
+                                        path,
+                                        secret,
+                                        creds.node_key(node) if creds else None,
+                                    ),
+                                    node_config,
+                                ],
+                            )
+                        ),
+                        ca_cert=creds.node_ca_cert(node) if creds is not None else None,
+                        private_key=creds.node_key(node) if creds is not None else None,
+                        trusted_entities=(
+                            creds.node_trusted_entities(node) if creds is not None else None
+                        ),
                     )
                 )
             time.sleep(1.0)
@@ -246,12 +352,16 @@ def run_federation(
                     raise RuntimeError(
                         f"SuperNode {i} exited with code {p.returncode}; see {out}/nodes/node-{i}/supernode.log"
                     )
-            rc, run_id = submit(app_dir, run_cfg, env, None, timeout, out / "flwr_run.log", verbose)
+            rc, run_id = submit(app, run_cfg, env, None, timeout, out / "flwr_run.log", verbose)
             status = run_status(env, run_id)
     finally:
         for p in supernodes:
             stop_process_group(p)
+        if index is not None:
+            index.shutdown()
         shutil.rmtree(flwr_home, ignore_errors=True)
+        if remove_creds is not None:
+            shutil.rmtree(remove_creds, ignore_errors=True)
     outcome = RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)
     report(outcome)
     return outcome
@@ -266,12 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--credentials",
         default=None,
-        help="folder from `fedapp-certs DIR --nodes node-0 ...` (default: new ones in the output)",
+        help="folder from `fedapp-certs DIR --nodes node-0 ...` (default: new ones in a "
+        "temporary folder removed at the end, or in $FEDAPP_CREDENTIALS_DIR/<run name>)",
     )
     parser.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS, no SuperNode authentication: local experiments only",
+    )
+    parser.add_argument(
+        "--node-config",
+        default="",
+        help="extra node-config keys for every SuperNode: the institutions' own protections, "
+        'e.g. "max-epsilon=3 require-secure=ckks" (see the README\'s trust boundary)',
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     parser.add_argument(
@@ -288,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=args.verbose,
             insecure=args.insecure,
             credentials=args.credentials,
+            node_config=args.node_config,
         )
         return 0 if outcome.ok else 1
     return 2

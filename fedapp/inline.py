@@ -20,7 +20,9 @@ Use `fedapp-run` (simulation) or `fedapp-federation` (SuperLink + SuperNodes) fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import os
 import sys
 import time
 import traceback
@@ -42,6 +44,7 @@ from fedapp.config import (
     with_keys,
 )
 from fedapp.flower_compat import SUPERLINK_NODE_ID, ErrorCode, set_message_id, set_task_identity
+from fedapp.launch import client_env
 from fedapp.server_app import RunFailed
 from tasks.base import DataError
 
@@ -108,6 +111,20 @@ class InlineGrid(Grid):
             set_task_identity(node_id=SUPERLINK_NODE_ID)
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_inline(
     overrides: str | Sequence[str] | None = None,
     output_dir: Path | str | None = None,
@@ -145,7 +162,8 @@ def run_inline(
     set_task_identity(run_id=RUN_ID, task_id=1, node_id=SUPERLINK_NODE_ID)
     server_context = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), dict(run_config))
     t0 = time.perf_counter()
-    server_app(InlineGrid(client_app, contexts), server_context)
+    with _environment(client_env(ovr)):  # the in-process clients' own side
+        server_app(InlineGrid(client_app, contexts), server_context)
     print(
         f"[fedapp] inline run done in {time.perf_counter() - t0:.0f}s: results in {out}", flush=True
     )

@@ -318,12 +318,25 @@ def run_status(env: dict[str, str], run_id: str | None) -> str:
     return status.split(":")[-1]  # "finished:completed" -> "completed"
 
 
+def client_env(overrides: list[str]) -> dict[str, str]:
+    """The clients' side of the user's own `hydra.searchpath` (their task YAMLs): on this
+    machine the user is every party, so the simulated clients get the same folders in their
+    own environment (a client never takes a search path from the server's overrides)."""
+    from fedapp.policy import CLIENT_SEARCHPATH_ENV, searchpath_from_overrides
+
+    folders = searchpath_from_overrides(overrides)
+    if not folders or os.environ.get(CLIENT_SEARCHPATH_ENV):
+        return {}
+    return {CLIENT_SEARCHPATH_ENV: ":".join(folders)}
+
+
 def prepare_run(
     cfg, overrides: list[str], data_dir: Path, out: Path
 ) -> tuple[Path, dict[str, str], Path]:
     """Private FLWR_HOME, the Flower processes' environment, and the run-config file."""
     flwr_home = Path(tempfile.mkdtemp(prefix="fedapp-flwr-home-"))
     env = flower_env(flwr_home, data_dir, offline=cfg.task.get("source", "local") == "local")
+    env.update(client_env(overrides))  # the simulated clients' own task folders
     run_cfg = write_run_config(out / "run_config.toml", run_config_values(overrides, out, data_dir))
     return flwr_home, env, run_cfg
 

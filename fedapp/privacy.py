@@ -10,13 +10,18 @@ included.
   multiplier once, from its target (epsilon, delta) over the whole planned run: the federated
   statistics release (tabular tasks, below) plus `participations` rounds of its local steps
   (`calibrate`). Its accountant (Opacus RDP or PRV) keeps the history of every step it has
-  taken; the history lives in the node's Flower `Context.state` and, when the node config
-  names a `dp-state-dir` (deployment), in a file there, so a restarted SuperNode does not
-  forget what it spent. A client whose next round would take it over its target refuses to
-  train (`PrivacyBudgetExhausted`, an error reply; the round goes on without it).
+  taken in **one ledger per institution, across runs** (`Ledger`): a file under the node's
+  own `ledger-dir` (required for DP on a deployed node; `dp-state-dir` is the older name),
+  named by its `institution` id, never by a run; in simulation without one, in the client's
+  state. A new run re-plans for what is left (`Ledger.start_run`), never from zero. A client
+  whose next round would take it over its target refuses to train
+  (`PrivacyBudgetExhausted`, an error reply; the round goes on without it).
 - **Per-client targets** (seed 001's privacy by data sensitivity): `levels` maps a client's
-  natural id (hospital, state, education level...) or partition id to its own epsilon; a
-  deployed SuperNode may state `--node-config "target-epsilon=1.0"`; the strictest applies.
+  natural id (hospital, state, education level...) or partition id to its own epsilon (an
+  unknown id stops the run); the node's own `max-epsilon` / `target-epsilon`
+  (fedapp.policy); the strictest of every target that applies, stored or new, holds.
+- **The noise is secret** (`NOISE`, tasks.dp_sgd): drawn from generators seeded with fresh
+  OS entropy, never from the run seed.
 - **What a client sends under sample_dp**, and what the guarantee covers:
   - the model update: DP-SGD (covered); SCAFFOLD's control change and anything else computed
     from the trained model and public values is post-processing (covered);
@@ -39,10 +44,12 @@ included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,7 +62,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedapp.config import ConfigError
 from fedapp.units import ClientUnit, TrainJob
-from tasks.dp_sgd import DPSGDHook, PrivateStep, opacus  # noqa: F401 (re-exported)
+from tasks.dp_sgd import (  # noqa: F401 (re-exported)
+    DPSGDHook,
+    PrivateStep,
+    noise_seed,
+    opacus,
+    seeded_noise,
+)
 
 MODES = ("none", "sample_dp", "central_dp")
 ACCOUNTANTS = ("rdp", "prv")
@@ -65,8 +78,9 @@ LABELS_KEY = "fedapp.dp-labels"  # the client's DP-released label histogram (Con
 OUTSIDE = (
     "num-examples (the number of training rows) and train_steps (a function of it)",
     "train_time_s and eval_time_s (compute time)",
-    "metrics on the clients' validation rows (federated evaluation; contribution's "
-    "val_loss_before/val_loss_after)",
+    "loss and accuracy on the clients' validation rows (federated evaluation; contribution's "
+    "val_loss_before/val_loss_after), whose share each node fixes; exact confusion counts "
+    "are not sent under sample_dp",
     "probe and heartbeat timings (scheduling strategies)",
 )
 WITHHELD = ("train_loss", "label-counts")  # reply metrics a client does not send under sample_dp
@@ -144,6 +158,29 @@ class PrivacySpec:
         return self.name == "sample_dp"
 
 
+NOISE = (
+    "every DP noise draw (DP-SGD's Gaussian noise and Poisson sampling, the statistics "
+    "release, the generator's and discriminator's DP-SGD, central DP) comes from a generator "
+    "seeded with 63 bits of fresh OS entropy (Python's secrets) on the party that adds it, "
+    "never from the run seed, and is never stored; PyTorch's and numpy's generators "
+    "(statistical, not cryptographic); DP-SGD noise as a sum of four draws (Opacus' "
+    "floating-point-attack mitigation)"
+)
+
+
+def mark_seeded_noise(meta: dict[str, Any], who: Any) -> None:
+    """A client (or the server) ran the insecure seeded-noise test mode: say so."""
+    seeded = meta.setdefault("noise_seeded", [])
+    if str(who) not in seeded:
+        seeded.append(str(who))
+    meta["guarantee"] = (
+        "DOES NOT HOLD: the DP noise of "
+        + ", ".join(seeded)
+        + " was seeded from the run seed (FEDAPP_INSECURE_SEEDED_DP_NOISE=1, a test mode); "
+        "whoever knows the seed can subtract it"
+    )
+
+
 def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
     """results.json `meta.privacy`: the mode, its parameters and what the guarantee leaves out
     (the recorder adds each client's noise multiplier and target as they report them)."""
@@ -161,6 +198,9 @@ def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
             "stats_clip": spec.stats_clip,
             "not_sent": list(WITHHELD),
             "outside": list(OUTSIDE),
+            "noise": NOISE,
+            "ledger": "one per institution across runs (a node's ledger-dir; in simulation "
+            "without one, the client's state folder of the run); epsilons are lifetime totals",
         }
     return {
         "mode": spec.name,
@@ -172,6 +212,7 @@ def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
         "clipping": spec.clipping,
         "target_epsilon": spec.target_epsilon,
         "outside": ["the clients' metrics (num-examples, losses, label histograms)"],
+        "noise": NOISE,
     }
 
 
@@ -254,11 +295,14 @@ def planned_participations(rounds: int, per_round: int, clients: int) -> int:
 
 def client_target(spec: PrivacySpec, names: Sequence[str], node_config: Mapping[str, Any]) -> float:
     """A client's target epsilon: the run's, or its level (by natural id or partition id,
-    `names`), or its node's own `target-epsilon`, whichever is strictest."""
+    `names`), or its node's own `max-epsilon` / `target-epsilon`, whichever is strictest."""
+    from fedapp.policy import NodePolicy
+
     targets = [spec.target_epsilon]
     targets += [spec.levels[n] for n in names if n in spec.levels]
-    if "target-epsilon" in node_config:
-        targets.append(float(node_config["target-epsilon"]))
+    cap = NodePolicy.from_node_config(node_config).epsilon_cap(node_config)
+    if cap is not None:
+        targets.append(cap)
     return min(targets)
 
 
@@ -279,9 +323,38 @@ class Ledger:
     # DP-SGD of the synthetic-data generator (fedapp.synthetic); last, so that positional
     # construction of older ledgers keeps its meaning
     generator_noise_multiplier: float = 0.0
+    # The ledger is the institution's, across runs: `run` is the server run (chain of resumed
+    # runs) the plan above is for, `run_start_epsilon` what was spent before it began, and
+    # `stats_released` whether this run's statistics release happened.
+    run: str = ""
+    run_start_epsilon: float = 0.0
+    stats_released: bool = False
 
     def epsilon(self, extra: History = ()) -> float:
         return epsilon_of([*self.history, *extra], self.delta, self.accountant)
+
+    def share(self, fraction: float) -> float:
+        """The epsilon after spending `fraction` of what this run may spend (its budget left
+        at the start of the run)."""
+        return self.run_start_epsilon + fraction * (self.target_epsilon - self.run_start_epsilon)
+
+    def start_run(self, run: str, target_epsilon: float, who: str) -> None:
+        """A new server run: the strictest target so far applies (stored or new), the plan is
+        made again for what is left, and the history is kept (PrivacyBudgetExhausted when
+        nothing is left)."""
+        self.target_epsilon = min(self.target_epsilon, float(target_epsilon))
+        if run == self.run:
+            return
+        spent = self.epsilon()
+        if spent >= self.target_epsilon * (1 - 1e-6):
+            raise PrivacyBudgetExhausted(
+                f"{who} has spent epsilon={spent:.3f} of its lifetime {self.target_epsilon:g} "
+                "in earlier runs; it trains no more (its ledger is kept across runs)"
+            )
+        self.run, self.run_start_epsilon, self.stats_released = run, spent, False
+        self.noise_multiplier = self.stats_noise_multiplier = 0.0
+        self.generator_noise_multiplier = self.sample_rate = 0.0
+        self.steps_per_round = self.participations = 0
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         """Add steps to the history (merged with the last entry when it is the same mechanism,
@@ -302,12 +375,55 @@ class Ledger:
         return cls(**data)
 
 
-def ledger_file(node_config: Mapping[str, Any], run_id: int, partition_id: int) -> Path | None:
-    """The node-local file of a deployed node's ledger (`dp-state-dir` in its node config)."""
-    folder = node_config.get("dp-state-dir")
+def ledger_dir(node_config: Mapping[str, Any]) -> str:
+    """The node's own folder for its DP ledger: `ledger-dir` (or `dp-state-dir`) in its node
+    config; '' when it names none."""
+    return str(node_config.get("ledger-dir") or node_config.get("dp-state-dir") or "")
+
+
+def ledger_file(node_config: Mapping[str, Any], partition_id: int) -> Path | None:
+    """The file of an institution's ledger (one per institution, across runs): under the
+    node's `ledger-dir`, named by its `institution` id (default `client-<partition id>`).
+    None: the ledger lives in the client's state (simulation: its state folder)."""
+    folder = ledger_dir(node_config)
     if not folder:
         return None
-    return Path(str(folder)) / f"dp-ledger-run{run_id}-client{partition_id}.json"
+    name = str(node_config.get("institution") or f"client-{int(partition_id)}")
+    return Path(folder).expanduser() / f"{name}.dp-ledger.json"
+
+
+def run_key(context) -> str:
+    """The server run (chain of resumed runs) this message belongs to, for the ledger's plan."""
+    from fedapp.clients import RUN_KEY
+
+    return str(context.run_config.get(RUN_KEY) or f"flower-run-{int(context.run_id)}")
+
+
+def require_persistent_ledger(node_config: Mapping[str, Any]) -> None:
+    """A deployed node spends privacy only into a ledger that survives runs and restarts."""
+    if node_config.get("data-path") and not ledger_dir(node_config):
+        raise PrivacyError(
+            "privacy=sample_dp on a deployed node needs a persistent DP ledger: start the "
+            "SuperNode with --node-config 'ledger-dir=/var/lib/fedapp/ledger ...' (the ledger "
+            "is kept there across runs and restarts)"
+        )
+
+
+def open_ledger(
+    spec: PrivacySpec,
+    task,
+    partition_id: int,
+    state: RecordDict,
+    node_config: Mapping[str, Any],
+    run: str,
+) -> tuple[Ledger, Path | None]:
+    """This client's ledger, started for server run `run` (see `Ledger.start_run`)."""
+    require_persistent_ledger(node_config)
+    path = ledger_file(node_config, partition_id)
+    ledger = load_ledger(state, path) or new_ledger(spec, task, partition_id, node_config)
+    names = [str(partition_id), *task.natural_ids(partition_id)]
+    ledger.start_run(run, client_target(spec, names, node_config), f"client {partition_id}")
+    return ledger, path
 
 
 def load_ledger(state: RecordDict, path: Path | None) -> Ledger | None:
@@ -326,7 +442,7 @@ def save_ledger(ledger: Ledger, state: RecordDict, path: Path | None) -> None:
     state.config_records[STATE_KEY] = ConfigRecord({"json": text})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, path)
 
@@ -343,7 +459,7 @@ def privatize_stats(
     d = len(stats["stats.count"])
     scale = {"stats.count": 1.0, "stats.sum": clip, "stats.sumsq": clip**2, "stats.labels": 1.0}
     std = noise_multiplier * math.sqrt(3 * d + 1)
-    rng = np.random.default_rng([int(seed) % (2**32), 0xD9])
+    rng = np.random.default_rng(noise_seed(int(seed) * 0xD9))  # secret (tasks.dp_sgd)
     out = {}
     for key, values in stats.items():
         v = np.asarray(values, dtype=np.float64)
@@ -364,9 +480,8 @@ class SampleDP(ClientUnit):
 
     def before_train(self, job: TrainJob) -> None:
         spec = PrivacySpec.from_config(job.cfg.get("privacy"))
-        self.path = ledger_file(job.node_config, job.run_id, job.partition_id)
-        ledger = load_ledger(job.state, self.path) or new_ledger(
-            spec, job.task, job.partition_id, job.node_config
+        ledger, self.path = open_ledger(
+            spec, job.task, job.partition_id, job.state, job.node_config, job.run_key
         )
         n = job.data.num_train
         if ledger.delta >= 1.0 / (n - job.synthetic_rows):  # the client's own rows
@@ -404,6 +519,7 @@ class SampleDP(ClientUnit):
                 "dp_target_epsilon": ledger.target_epsilon,
                 "dp_noise_multiplier": ledger.noise_multiplier,
                 "dp_delta": ledger.delta,
+                **({"dp_noise_seeded": 1} if seeded_noise() else {}),
             }
         )
 
@@ -419,19 +535,19 @@ def private_stats(node, context) -> dict[str, list[float]]:
     spec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if not spec.sample_level:
         return node.task.client_stats(node.data)
-    path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
-    ledger = load_ledger(context.state, path) or new_ledger(
-        spec, node.task, node.partition_id, context.node_config
+    ledger, path = open_ledger(
+        spec, node.task, node.partition_id, context.state, context.node_config, run_key(context)
     )
-    if any(q == 1.0 and n == 1 for _, q, n in ledger.history):
+    if ledger.stats_released:
         raise PrivacyBudgetExhausted(
             f"client {node.partition_id} has released its statistics in this run already"
         )
     plan_stats(ledger, spec)
     stats = node.task.client_stats(node.data, clip=spec.stats_clip)
-    seed = int(node.cfg.seed) * 1_000_003 + node.partition_id
+    seed = int(node.cfg.seed) * 1_000_003 + node.partition_id  # the seeded test mode only
     noisy = privatize_stats(stats, spec.stats_clip, ledger.stats_noise_multiplier, seed)
     ledger.record(ledger.stats_noise_multiplier, 1.0, 1)
+    ledger.stats_released = True
     save_ledger(ledger, context.state, path)
     # kept by the client: its released (noisy) label histogram, which later uses read for free
     # (post-processing; fedapp.synthetic draws its synthetic rows' labels from it)
@@ -440,10 +556,16 @@ def private_stats(node, context) -> dict[str, list[float]]:
 
 
 def plan_stats(ledger: Ledger, spec: PrivacySpec) -> None:
-    """Noise of the statistics release: a share of the target epsilon by itself."""
-    share = spec.stats_share * ledger.target_epsilon
-    ledger.stats_noise_multiplier = gaussian_noise_multiplier(
-        share, ledger.delta, ledger.accountant
+    """Noise of the statistics release: a share of what the run may spend (by itself in a
+    client's first run; after what earlier runs spent otherwise)."""
+    if not ledger.history:
+        share = spec.stats_share * ledger.target_epsilon
+        ledger.stats_noise_multiplier = gaussian_noise_multiplier(
+            share, ledger.delta, ledger.accountant
+        )
+        return
+    ledger.stats_noise_multiplier = calibrate(
+        ledger.share(spec.stats_share), ledger.delta, 1.0, 1, ledger.accountant, ledger.history
     )
 
 
@@ -611,7 +733,8 @@ class CentralDP:
         self.releases += 1
 
     def aggregate_train(self, server_round, replies):
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        with secret_numpy_noise(int(server_round)):  # Flower's wrapper draws np.random.normal
+            arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             self.releases += 1
             rec = self.strategy.round_log(server_round)
@@ -619,6 +742,24 @@ class CentralDP:
             for client in accepted:
                 client.weight = 1.0 / len(accepted)
         return arrays, metrics
+
+
+@contextlib.contextmanager
+def secret_numpy_noise(reproducible: int):
+    """Run a block that draws DP noise from numpy's global generator (Flower's central-DP
+    wrappers do) with that generator seeded from fresh OS entropy; the seeded state of
+    before is put back after it, so that everything else stays reproducible and a checkpoint
+    of numpy's state never predicts the noise. (In the seeded test mode the noise comes from
+    a generator seeded by the round instead.)"""
+    saved = np.random.get_state()
+    try:
+        seed = noise_seed(reproducible * 0xCD9)
+        np.random.seed([(seed >> (32 * i)) & 0xFFFFFFFF for i in range(2)])
+        if not seeded_noise():
+            np.random.seed([secrets.randbits(32) for _ in range(4)])
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 class CentralDPClient(ClientUnit):
@@ -643,3 +784,58 @@ def central_clipping_mod(msg, context, call_next):
     from flwr.clientapp.mod import fixedclipping_mod
 
     return fixedclipping_mod(msg, context, call_next)
+
+
+# -- fedapp-ledger: what an institution has spent ---------------------------------------------------
+def ledger_report(path: Path) -> list[dict[str, Any]]:
+    """One row per ledger file (`<institution>.dp-ledger.json`) under `path` (a file or a
+    node's ledger-dir): its lifetime target, what it has spent and what is left."""
+    files = [path] if path.is_file() else sorted(path.glob("*.dp-ledger.json"))
+    rows = []
+    for f in files:
+        ledger = Ledger.from_json(f.read_text())
+        spent = ledger.epsilon()
+        rows.append(
+            {
+                "institution": f.name.removesuffix(".dp-ledger.json"),
+                "target_epsilon": ledger.target_epsilon,
+                "spent_epsilon": spent,
+                "left_epsilon": max(ledger.target_epsilon - spent, 0.0),
+                "delta": ledger.delta,
+                "accountant": ledger.accountant,
+                "steps": sum(int(n) for *_, n in ledger.history),
+                "last_run": ledger.run,
+            }
+        )
+    return rows
+
+
+def ledger_main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="fedapp-ledger",
+        description="What an institution has spent of its differential-privacy budget, over "
+        "every run: its node's ledger-dir (or one ledger file).",
+    )
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.path.exists():
+        print(f"fedapp-ledger: {args.path} does not exist", file=sys.stderr)
+        return 2
+    rows = ledger_report(args.path)
+    if not rows:
+        print(f"fedapp-ledger: no *.dp-ledger.json in {args.path}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(
+            f"{r['institution']}: spent epsilon {r['spent_epsilon']:.3f} of {r['target_epsilon']:g} "
+            f"(left {r['left_epsilon']:.3f}) at delta {r['delta']:g}, {r['steps']} steps, "
+            f"{r['accountant']} accountant"
+        )
+    return 0

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from fedapp.config import to_dict
 from fedapp.hetero import ClockGrid
-from fedapp.privacy import PrivacySpec, privacy_meta
+from fedapp.privacy import PrivacySpec, mark_seeded_noise, privacy_meta, seeded_noise
 from strategies.base import FedappStrategyMixin
 from strategies.records import RoundRecord
 from tasks import Task
@@ -238,6 +238,8 @@ class Recorder:
             return {"dp_epsilon": None, "dp_epsilon_mean": None}
         central = getattr(self.strategy, "privacy_epsilon", None)
         if central is not None:
+            if seeded_noise():
+                mark_seeded_noise(self.meta["privacy"], "server")
             eps = float(central())
             return {"dp_epsilon": eps, "dp_epsilon_mean": eps}
         noise = self.meta["privacy"].setdefault("noise_multipliers", {})
@@ -250,6 +252,8 @@ class Recorder:
                 )
                 noise[str(pid)] = c.metrics.get("dp_noise_multiplier")
                 targets[str(pid)] = c.metrics.get("dp_target_epsilon")
+                if c.metrics.get("dp_noise_seeded"):
+                    mark_seeded_noise(self.meta["privacy"], pid)
         spent = list(self.dp_spent.values())
         return {
             "dp_epsilon": max(spent, default=0.0),

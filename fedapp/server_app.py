@@ -22,9 +22,16 @@ from fedapp.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.compression import CompressionSpec
 from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir, to_dict
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
-from fedapp.privacy import CentralDP, with_privacy
+from fedapp.identity import load_node_keys
+from fedapp.policy import REFUSED
+from fedapp.privacy import CentralDP, PrivacyError, PrivacySpec, with_privacy
 from fedapp.recorder import Recorder
-from fedapp.secure import designated_evaluator, secure_meta, server_aggregator
+from fedapp.secure import (
+    check_resumed_key,
+    designated_evaluator,
+    secure_meta,
+    server_aggregator,
+)
 from strategies import build_strategy
 from tasks import DataError, Task, get_task
 from tasks.training import TrainSettings
@@ -80,11 +87,13 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -
         Message(RecordDict(), dst_node_id=nid, message_type=f"{MessageType.QUERY}.stats")
         for nid in node_ids
     ]
-    stats = []
+    stats, refusals = [], []
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         src = reply.metadata.src_node_id
         if reply.has_error():
             log(WARNING, "node %d sent no statistics: %s", src, reply.error.reason)
+            if REFUSED in reply.error.reason:
+                refusals.append(reply.error.reason[reply.error.reason.index(REFUSED) :])
             continue
         values = {k: list(v) for k, v in reply.content["metrics"].items()}
         why = task.screen_stats(values)
@@ -94,9 +103,15 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -
         stats.append(values)
     log(INFO, "[fedapp] preprocessing statistics from %d of %d clients", len(stats), len(node_ids))
     if not stats:
+        why = (
+            f"; {len(refusals)} refused by their institution's policy, e.g. "
+            f"{refusals[0].splitlines()[0]}"
+            if refusals
+            else ""
+        )
         raise DataError(
             "no client sent usable preprocessing statistics (see the warnings above); the "
-            "features cannot be scaled"
+            f"features cannot be scaled{why}"
         )
     return stats
 
@@ -251,6 +266,28 @@ def checkpointer(out_dir, cfg, strategy, live, recorder, clock, clients, prep):
     return write
 
 
+def check_levels(spec: PrivacySpec, task, partitions) -> None:
+    """privacy.levels: every id must name a client of this run (a partition id or a natural
+    id); an unknown one stops the run at start-up, naming the valid ids (a misspelt hospital
+    would otherwise silently get the run-wide target)."""
+    if spec.name == "none" or not spec.levels:
+        return
+    valid: dict[str, None] = {}
+    for pid in sorted(partitions):
+        valid[str(pid)] = None
+        try:
+            names = task.natural_ids(pid)
+        except Exception:  # a deployed node's partition: the server holds no pooled data
+            names = []
+        valid.update(dict.fromkeys(str(n) for n in names))
+    unknown = sorted(set(spec.levels) - set(valid))
+    if unknown:
+        raise PrivacyError(
+            f"privacy.levels names {unknown}, which match no client of this run; valid ids: "
+            f"{', '.join(valid)} (natural ids are case-sensitive)"
+        )
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
@@ -282,12 +319,22 @@ def main(grid: Grid, context: Context) -> None:
         out_dir / "client_state",
         query_timeout_s=min(float(cfg.round_timeout_s), 60.0),
         history=({**saved["history"], saved["lineage"]: int(saved["round"])} if saved else None),
+        node_keys=load_node_keys(cfg.get("node_keys")),
     )
     node_partitions = clients.node_partitions
+    if not node_partitions:
+        raise ConfigError(
+            "no SuperNode may serve a client: "
+            + "; ".join(f"node {n}: {why}" for n, why in clients.ignored.items())
+        )
     log(INFO, "[fedapp] %d clients on %d SuperNodes", len(node_partitions), len(nodes))
+    check_levels(PrivacySpec.from_config(cfg.get("privacy")), task, node_partitions.values())
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.compression = CompressionSpec.from_config(cfg.get("compression"))
-    strategy.secure = server_aggregator(cfg)
+    # the clients' key: public context only (fedapp.secure), checked against every client's
+    strategy.secure = server_aggregator(
+        cfg, clients, node_partitions, task, min(float(cfg.round_timeout_s), 60.0)
+    )
     strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
@@ -313,16 +360,21 @@ def main(grid: Grid, context: Context) -> None:
         server_val_rows=server_val_rows,
         clients_started_unix=clients.started_unix,
     )
+    meta["nodes_refused"] = clients.ignored  # node id -> why (kept up to date by the grid)
     if clock.spec.active:
         meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}
     if prep:
         meta["preprocessing"] = {
             k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
         }
-    if strategy.secure is not None:
-        meta["secure"] = secure_meta(cfg)
+    evaluator = None
+    if strategy.secure is not None:  # simulation: all nodes are hosts without their own data
+        simulation = not any(i.has_data_path for i in nodes.values())
+        evaluator = designated_evaluator(cfg, task, strategy.secure, simulation)
+        meta["secure"] = secure_meta(cfg, strategy.secure, evaluator)
     start_round = 1
     if saved is not None:
+        check_resumed_key(saved["meta"], strategy.secure)
         initial, start_round = saved["arrays"], int(saved["round"]) + 1
         resumed = {
             "after_round": int(saved["round"]),
@@ -333,7 +385,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = Recorder(out_dir, cfg, task, strategy, meta, test_set, prep=prep, clock=clock)
     recorder.nodes_fn = clients.report
     if strategy.secure is not None:
-        recorder.evaluator = designated_evaluator(cfg, task)
+        recorder.evaluator = evaluator
     live = live_objects(strategy, task, grid, clients, clock, recorder)
     if saved is not None:
         checkpoint.restore_strategy(strategy, saved["strategy"], live)

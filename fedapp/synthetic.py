@@ -79,11 +79,11 @@ from fedapp.privacy import (
     PrivacyError,
     PrivacySpec,
     calibrate,
-    ledger_file,
-    load_ledger,
-    new_ledger,
+    open_ledger,
     planned_participations,
+    run_key,
     save_ledger,
+    seeded_noise,
 )
 from fedapp.units import ClientUnit, TrainJob
 from tasks.base import ClientData
@@ -454,7 +454,7 @@ def refine_rows(node, context, spec: GeneratorSpec, vae, prep, labels, seed: int
     pspec = PrivacySpec.from_config(node.cfg.get("privacy"))
     if pspec.sample_level:
         ledger, path = client_ledger(node, context, pspec, len(real))
-        share = ledger.target_epsilon * spec.epsilon_share
+        share = ledger.share(spec.epsilon_share)
         if ledger.epsilon() >= share * (1 - 1e-6):
             raise PrivacyBudgetExhausted(
                 f"client {node.partition_id}: nothing of the generator's epsilon share "
@@ -560,9 +560,8 @@ def concat_rows(parts: list):
 def client_ledger(node, context, pspec: PrivacySpec, n: int):
     """(the client's ledger, its file) for DP-SGD on its `n` real rows; refuses a delta that
     is not below 1 / n."""
-    path = ledger_file(context.node_config, int(context.run_id), node.partition_id)
-    ledger = load_ledger(context.state, path) or new_ledger(
-        pspec, node.task, node.partition_id, context.node_config
+    ledger, path = open_ledger(
+        pspec, node.task, node.partition_id, context.state, context.node_config, run_key(context)
     )
     if ledger.delta >= 1.0 / n:
         raise PrivacyError(
@@ -588,7 +587,7 @@ def generator_ledger(
     ledger, path = client_ledger(node, context, pspec, n)
     steps_per_epoch = max(1, math.ceil(n / generator_batch(spec, n)))
     q = 1.0 / steps_per_epoch
-    target = ledger.target_epsilon * spec.epsilon_share * spec.vae_share
+    target = ledger.share(spec.epsilon_share * spec.vae_share)
     if not ledger.generator_noise_multiplier:
         cfg = node.cfg
         rounds = planned_participations(spec.rounds, int(cfg.clients_per_round), node.num_clients)
@@ -621,6 +620,7 @@ def _account(ledger, path, hook, context) -> dict[str, float]:
         "dp_target_epsilon": ledger.target_epsilon,
         "dp_noise_multiplier": ledger.generator_noise_multiplier,
         "dp_delta": ledger.delta,
+        **({"dp_noise_seeded": 1} if seeded_noise() else {}),
     }
 
 
@@ -783,8 +783,12 @@ def client_generator(job: TrainJob) -> ArrayRecord:
 
 def rare_class_count(labels: np.ndarray, minority: int, fraction: float) -> int:
     """How many minority rows to add so that they make `fraction` of the training rows."""
-    n = len(labels)
-    have = int((np.asarray(labels) == minority).sum())
+    return rare_class_rows(len(labels), int((np.asarray(labels) == minority).sum()), fraction)
+
+
+def rare_class_rows(n: int, have: int, fraction: float) -> int:
+    """How many rows to add to `have` of `n` so that they make `fraction` of the rows."""
+    n, have = int(n), int(have)
     k = max(0, math.ceil((fraction * n - have) / (1.0 - fraction)))
     # the closed form can land one above in floating point (n=1, fraction=0.9: 9.000...02)
     while k > 0 and (have + k - 1) / (n + k - 1) >= fraction:
@@ -812,7 +816,20 @@ class RareClassAugment(ClientUnit):
         vae = make_generator(job.task, spec.generator)
         vae.load_state_dict(generator.to_torch_state_dict())
         minority = int(np.argmin(np.asarray(job.prep["prep.label_counts"])))
-        k = rare_class_count(job.data.train.y, minority, spec.target_fraction)
+        if PrivacySpec.from_config(job.cfg.get("privacy")).sample_level:
+            # the reply's row count must not reveal the exact minority count: it comes from
+            # the noisy histogram the client released with its statistics (post-processing)
+            released = job.state.config_records.get(LABELS_KEY)
+            if released is None:
+                raise SyntheticError(
+                    f"client {job.partition_id} has no released label histogram in its state "
+                    "(kept from its statistics release); was its state-dir lost?"
+                )
+            n = len(job.data.train.y)
+            have = min(max(round(float(released["counts"][minority])), 0), n)
+            k = rare_class_rows(n, have, spec.target_fraction)
+        else:
+            k = rare_class_count(job.data.train.y, minority, spec.target_fraction)
         job.reply_metrics["synthetic-rows"] = k
         job.synthetic_rows = k
         if not k:

@@ -61,6 +61,7 @@ class TrainJob:
     seed: int  # this client's seed for this round
     node_config: dict[str, Any] = field(default_factory=dict)  # Flower's, of this node
     run_id: int = 0
+    run_key: str = ""  # the server run (chain of resumed runs): fedapp.privacy.run_key
     num_clients: int = 0  # the federation's size (fedapp.node.Node.num_clients)
     hooks: list[TrainHook] = field(default_factory=list)  # added to the training loop
     # False: a unit sends made-up weights instead of training (attack harness); it then sets
@@ -111,7 +112,10 @@ def strategy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
     """The configured strategy's client part (`client_units` of its class)."""
     from hydra.utils import get_class
 
-    return list(getattr(get_class(str(cfg.strategy._target_)), "client_units", ()))
+    from fedapp.policy import registered_strategy
+
+    target = registered_strategy(str(cfg.strategy._target_))  # only the node's own components
+    return list(getattr(get_class(target), "client_units", ()))
 
 
 def attack_units(cfg: DictConfig) -> list[type[ClientUnit]]:

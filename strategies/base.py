@@ -196,6 +196,7 @@ class FedappStrategyMixin:
         "dp_epsilon",
         "dp_target_epsilon",
         "dp_noise_multiplier",
+        "dp_noise_seeded",  # only in the insecure seeded-noise test mode (tasks.dp_sgd)
         "crypto_s",
         "synthetic-rows",
         "synthetic-candidates",
@@ -410,7 +411,8 @@ class FedappStrategyMixin:
             need = [CT] + ([CT_DELTA] if self.secure.fednova_momentum is not None else [])
             if arrays is None or any(k not in arrays or arrays[k].dtype != "uint8" for k in need):
                 return f"rejected: an encrypted reply must carry {need} (uint8 ciphertexts)"
-            return None
+            # size, CKKS parameters, level and scale against the public context (fedapp.secure)
+            return self.secure.screen(msg.metadata.src_node_id, arrays)
         extra = set(content.array_records) - {"arrays", *self.extra_array_records}
         if arrays is None or (len(content.array_records) > 1 and extra):
             return "rejected: reply must carry exactly one model ArrayRecord"
@@ -542,7 +544,17 @@ class FedappStrategyMixin:
         n = np.array([num_examples(m) for m in accepted])
         weights = (n / n.sum()).tolist()
         steps = [float(reply_metrics(m).get("train_steps", 0.0)) for m in accepted]
-        arrays = self.secure.aggregate(accepted, weights, steps)
+        try:  # screened already; a sum that still fails keeps the previous global model
+            arrays = self.secure.aggregate(accepted, weights, steps)
+        except Exception as exc:
+            log(
+                WARNING,
+                "round %d: the encrypted sum failed (%s); keeping the previous global model",
+                self._round,
+                exc,
+            )
+            rec.aggregation["encrypted_sum_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+            return None, None
         self.set_weights(rec, accepted, weights)
         metrics = aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
         rec.aggregated = True

@@ -92,3 +92,23 @@ def error_reply(node_id: int, reason: str = "boom") -> Message:
     msg = instruction(node_id)
     set_task_identity(node_id=node_id)
     return Message(Error(code=2, reason=reason), reply_to=msg)
+
+
+def independent_epsilon(history, delta: float) -> float:
+    """Epsilon of a history of (noise multiplier, sample rate, steps) by an accountant that is
+    not the code's own: Google's dp_accounting (RDP of Poisson-subsampled Gaussians), with the
+    same RDP orders as fedapp.privacy (so the two agree to ~1e-3; the orders are a choice of
+    bound, not of mechanism)."""
+    from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedapp.privacy import DEFAULT_ORDERS, LARGE_ORDERS
+
+    full = all(float(q) == 1.0 for _, q, _ in history)
+    acc = RdpAccountant(orders=LARGE_ORDERS if full else DEFAULT_ORDERS)
+    for sigma, q, steps in history:
+        event = GaussianDpEvent(float(sigma))
+        if float(q) < 1.0:
+            event = PoissonSampledDpEvent(float(q), event)
+        acc.compose(SelfComposedDpEvent(event, int(steps)))
+    return float(acc.get_epsilon(delta))

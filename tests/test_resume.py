@@ -116,7 +116,8 @@ def test_central_dp_counts_a_possible_release_after_the_checkpoint(tmp_path, dat
     """A resumed central-DP run counts one more release than it checkpointed (the dead
     server may have aggregated and sent out one more model): epsilon is an upper bound."""
     from fedapp.config import compose
-    from fedapp.privacy import PrivacySpec, epsilon_of
+    from fedapp.privacy import PrivacySpec
+    from tests.conftest import independent_epsilon
 
     base = SMALL.replace("rounds=4", "") + (
         " privacy=central_dp privacy.noise_multiplier=4 privacy.target_epsilon=50"
@@ -126,9 +127,9 @@ def test_central_dp_counts_a_possible_release_after_the_checkpoint(tmp_path, dat
     run_inline(f"{base} rounds=2 resume={out}")
     rounds = json.loads((out / "results.json").read_text())["rounds"]
     spec = PrivacySpec.from_config(compose(base).privacy)
-    eps = lambda n: epsilon_of([(spec.noise_multiplier, 1.0, n)], spec.delta, spec.accountant)  # noqa: E731
-    assert rounds[1]["dp_epsilon"] == pytest.approx(eps(1))
-    assert rounds[2]["dp_epsilon"] == pytest.approx(eps(3))  # 1 + the possible one + 1
+    eps = lambda n: independent_epsilon([(spec.noise_multiplier, 1.0, n)], spec.delta)  # noqa: E731
+    assert rounds[1]["dp_epsilon"] == pytest.approx(eps(1), abs=2e-3)
+    assert rounds[2]["dp_epsilon"] == pytest.approx(eps(3), abs=2e-3)  # 1 + the possible one + 1
 
 
 def _stop_launcher_after(cmd: list[str], out: Path, k: int, timeout: float = 1500) -> None:

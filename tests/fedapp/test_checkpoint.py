@@ -54,3 +54,69 @@ def test_a_resumed_run_writes_into_the_folder_it_resumes(tmp_path):
     assert resolve_output_dir(compose(f"resume={run}"), {"output-dir": str(run)}) == run
     with pytest.raises(ConfigError, match="continues in that run's folder"):
         resolve_output_dir(compose(f"resume={run}"), {"output-dir": str(tmp_path / "other")})
+
+
+def _generators(obj, seen=None) -> list[str]:
+    """Every random generator object reachable from `obj` (containers and object attributes)."""
+    import random
+
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    kinds = (np.random.Generator, np.random.RandomState, np.random.BitGenerator)
+    if isinstance(obj, (*kinds, torch.Generator, random.Random)):
+        return [type(obj).__name__]
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [g for item in items for g in _generators(item, seen)]
+
+
+def test_a_central_dp_checkpoint_does_not_predict_the_noise(tmp_path, data_dir):
+    """The checkpoint after round 1 of a central-DP run (in-process engine) is all a thief
+    of the results folder, or the server, has: rerunning round 2 from it is the attack that
+    recomputes the noise. Two such reruns release models that differ, by Gaussian noise of
+    the calibrated size on every coordinate (sigma = z C / m, so the difference has
+    standard deviation sigma * sqrt(2)), so the checkpoint does not determine the noise; and
+    the checkpoint holds no random generator object, and the seeded NumPy state in it is the
+    one the run started with (the noise draws do not move it)."""
+    import pickle
+    import shutil
+
+    import torch
+
+    from fedapp.inline import run_inline
+    from fedapp.server_app import seed_everything
+
+    z, clip, m = 2.0, 1.0, 3
+    base = (
+        "task=credit partition=iid partition.num_partitions=3 clients_per_round=3 "
+        "eval_clients_per_round=0 train.local_epochs=1 privacy=central_dp "
+        f"privacy.noise_multiplier={z} privacy.clipping_norm={clip} privacy.target_epsilon=100"
+    )
+    first = run_inline(f"{base} rounds=1", tmp_path / "r1")
+    saved = pickle.loads((first / "checkpoint.pt").read_bytes())
+    assert _generators(saved) == []
+    seed_everything(int(saved["config"]["seed"]))
+    kept, seeded = saved["rng"]["numpy"], np.random.get_state()
+    assert kept[0] == seeded[0] and kept[2:] == seeded[2:]
+    np.testing.assert_array_equal(kept[1], seeded[1])
+    finals = []
+    for k in (1, 2):  # two thieves, each replaying round 2 from the same checkpoint
+        copy = tmp_path / f"resume-{k}"
+        shutil.copytree(first, copy)
+        run_inline(f"{base} rounds=2 resume={copy}")
+        finals.append(torch.load(copy / "final_model.pt"))
+    a, b = finals
+    diff = torch.cat([(a[n].double() - b[n].double()).flatten() for n in a])
+    assert diff.abs().max() > 0, "the checkpoint determined round 2's noise"
+    sigma = z * clip / m
+    assert diff.std().item() == pytest.approx(sigma * np.sqrt(2), rel=0.15)

@@ -216,14 +216,30 @@ def test_strategies_that_need_plaintext_updates_are_refused():
         *(pytest.param(s, marks=pytest.mark.slow) for s in ("fedprox", "moon", "fedavg_deadline")),
     ],
 )
-def test_encrypted_runs_match_plain_ones(tmp_path, data_dir, strategy):
+def test_encrypted_runs_match_plain_ones(tmp_path, data_dir, strategy, monkeypatch):
+    from fedapp.secure import CLIENT_HOME_ENV, SecureSpec, client_key_dir
+
+    monkeypatch.setenv(CLIENT_HOME_ENV, str(tmp_path / "client-home"))
     plain = _results(tmp_path, f"strategy={strategy}")
     enc = _results(tmp_path, f"strategy={strategy} secure=ckks")
     for p, e in zip(plain["rounds"], enc["rounds"], strict=True):
         assert e["test_roc_auc"] == pytest.approx(p["test_roc_auc"], abs=1e-6)
         assert e["test_loss"] == pytest.approx(p["test_loss"], abs=1e-5)
-    assert enc["meta"]["secure"]["server_key"].startswith("public context only")
+    secure = enc["meta"]["secure"]
+    assert secure["server_key"].startswith("public context only")
     assert enc["rounds"][1]["bytes_up"] > 10 * plain["rounds"][1]["bytes_up"]  # ciphertexts
+    # the key: made on the clients' side, outside the run's folder; the server got the public
+    # context from the clients, all of which hold the same key
+    out = Path(enc["meta"]["output_dir"])
+    assert not list(out.rglob("*.ckks")) and enc["config"]["secure"]["key_dir"] is None
+    secret = client_key_dir(SecureSpec(name="ckks")) / SECRET
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secure["clients_refused"] == {} and secure["clients_checked"] == 6
+    assert secure["public_context_from"].endswith("public context (no secret key)")
+    assert (
+        secure["evaluator"].startswith("simulation exception")
+        and str(secret) in secure["evaluator"]
+    )
 
 
 # one of each kind in the default suite (extra records, scoring, event-driven); the rest: slow

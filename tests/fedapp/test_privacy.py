@@ -36,6 +36,7 @@ from fedapp.units import TrainJob, compose_units, run_units
 from strategies.fedprox import ProximalHook
 from tasks import get_task
 from tasks.training import TrainSettings
+from tests.conftest import independent_epsilon
 
 
 # -- accounting ------------------------------------------------------------------------------------
@@ -153,8 +154,9 @@ def test_the_noise_has_std_sigma_times_clip_over_the_batch():
     (forward(x).sum() * 0.0).backward()  # zero per-sample gradients: only noise remains
     private.optimizer.pre_step()
     noise = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert float(noise.mean()) == pytest.approx(0.0, abs=0.01)
-    assert float(noise.std()) == pytest.approx(1.5 * 2.0 / 8, rel=0.03)  # sigma C / batch
+    std = 1.5 * 2.0 / 8  # sigma C / batch
+    assert float(noise.mean()) == pytest.approx(0.0, abs=5 * std / math.sqrt(noise.numel()))
+    assert float(noise.std()) == pytest.approx(std, rel=0.03)
     hook.finish()
 
 
@@ -214,7 +216,7 @@ def test_a_client_spends_its_budget_over_the_planned_rounds_then_refuses(data_di
     steps = ledger.steps_per_round
     # the two rounds' steps, merged into one entry (same mechanism): the same epsilon
     assert ledger.history == [(ledger.noise_multiplier, ledger.sample_rate, 2 * steps)]
-    assert spent[1] == pytest.approx(epsilon_of(ledger.history, 1e-5), rel=1e-12)
+    assert spent[1] == pytest.approx(independent_epsilon(ledger.history, 1e-5), abs=2e-3)
     job = _job(data_dir, overrides, state, 3)
     with pytest.raises(PrivacyBudgetExhausted, match="does not train"):
         run_units(job, compose_units(job))
@@ -299,11 +301,12 @@ def test_central_dp_accounts_each_release_and_stops_at_the_budget(
     released = 0
     for r in rounds:
         released += r["aggregated"]
-        assert r["dp_epsilon"] == pytest.approx(epsilon_of([(3.0, 1.0, released)], 1e-5))
+        want = independent_epsilon([(3.0, 1.0, released)], 1e-5) if released else 0.0
+        assert r["dp_epsilon"] == pytest.approx(want, abs=2e-3)
         assert all(c["weight"] == pytest.approx(0.25) for c in r["clients"] if c["status"] == "ok")
     assert rounds[-1]["dp_epsilon"] <= 3.0
     assert len(rounds) < 6  # the next round would have gone over epsilon = 3
-    assert epsilon_of([(3.0, 1.0, released + 1)], 1e-5) > 3.0
+    assert independent_epsilon([(3.0, 1.0, released + 1)], 1e-5) > 3.0
 
 
 _FAST = {"tiered", "contribution"}  # the ones that once broke; the rest: slow
@@ -368,3 +371,19 @@ def test_fp16_with_sample_dp_is_refused_when_the_config_is_composed():
         compose("privacy=sample_dp train.precision=fp16")
     with pytest.raises(ConfigError, match="precision"):
         compose("train.precision=half")
+
+
+def test_a_ledger_keeps_the_strictest_target_and_replans_a_new_run_for_what_is_left():
+    ledger = Ledger(3.0, 1e-5, "rdp")
+    ledger.start_run("a1", 3.0, "client 0")
+    ledger.record(2.0, 0.05, 200)
+    spent = ledger.epsilon()
+    ledger.noise_multiplier = 2.0
+    ledger.start_run("a1", 5.0, "client 0")  # a laxer target later: the stored one holds
+    assert ledger.target_epsilon == 3.0 and ledger.noise_multiplier == 2.0  # same run, same plan
+    ledger.start_run("b2", 2.5, "client 0")  # a stricter one, a new run: re-planned after `spent`
+    assert ledger.target_epsilon == 2.5 and ledger.noise_multiplier == 0.0
+    assert ledger.run_start_epsilon == pytest.approx(spent)
+    assert ledger.share(0.5) == pytest.approx(spent + 0.5 * (2.5 - spent))
+    with pytest.raises(PrivacyBudgetExhausted, match="in earlier runs"):
+        ledger.start_run("c3", spent, "client 0")  # nothing left

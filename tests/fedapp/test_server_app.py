@@ -19,7 +19,6 @@ from flwr.app import (
 from fedapp.clients import (
     CLIENT_RECORD,
     ClientGrid,
-    NodeInfo,
     assign_clients,
     client_id,
     virtual_client_mod,
@@ -65,7 +64,10 @@ def _info(grid, nids=None):
 def test_discovery_reads_what_each_node_holds():
     grid = QueryGrid({900 + p: {"partition-id": p, "num-partitions": 5} for p in range(5)})
     info = discover_nodes(grid, min_nodes=3, wait_s=5)
-    assert info == {900 + p: NodeInfo(p, 5, False) for p in range(5)}
+    said = {n: (i.partition_id, i.num_partitions, i.has_data_path) for n, i in info.items()}
+    assert said == {900 + p: (p, 5, False) for p in range(5)}
+    nonces = [i.nonce for i in info.values()]  # each query its own fresh nonce (identity)
+    assert len(set(nonces)) == 5 and all(len(n) == 64 for n in nonces)
 
 
 def test_one_simulation_node_per_partition_serves_its_own_partition():

@@ -418,7 +418,10 @@ def test_rare_class_augmentation_adds_minority_rows_within_one_budget(tmp_path):
     for r in res["rounds"][2:]:
         train = [c for c in r["clients"] if c["phase"] == "train"]
         assert train and all(c["status"] == "ok" for c in train)
-        assert all(c["synthetic-rows"] > 0 for c in train)  # the minority made up to 70 %
+        # the minority made up to 70 % by the client's noisy released histogram (its exact
+        # counts never set the reply's row count), so a client may add none
+        assert all(c["synthetic-rows"] >= 0 for c in train)
+        assert sum(c["synthetic-rows"] for c in train) > 0
         assert all(c["dp_epsilon"] <= 3.0 for c in train)
     # the generator's share (0.3 of 3) after round 1, the rest by the end
     assert res["rounds"][1]["dp_epsilon"] <= 0.9 + 1e-6 < res["rounds"][3]["dp_epsilon"] <= 3.0

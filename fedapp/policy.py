@@ -1,0 +1,330 @@
+"""The institution is the authority over its own protections (the trust boundary).
+
+The server is not trusted by an institution. Whatever a message says, a ClientApp takes from
+it only what the server may choose (the task and strategy among the node's own registered
+components, hyperparameters, the round's model), and every protection comes from the node:
+
+- **Its policy** (`NodePolicy`): the keys of a SuperNode's own `--node-config` in deployment;
+  in simulation the same keys per client from a file that only the client side reads
+  (`$FEDAPP_CLIENT_POLICY`, see `client_policy`), so the same checks run in-process:
+
+  | node-config key | meaning |
+  |---|---|
+  | `max-epsilon` | requires `privacy=sample_dp`, at most this epsilon for the institution's whole life (every run) |
+  | `require-dp` | requires `privacy=sample_dp` (at the run's target, or `max-epsilon`) |
+  | `target-epsilon` | lowers the epsilon when the run uses sample_dp (does not require it) |
+  | `require-secure` | `ckks`: requires encrypted aggregation |
+  | `accept-tasks`, `accept-strategies` | comma-separated names; any other is refused |
+  | `val-fraction` | its validation share (the server's `task.client_val_fraction` is never read) |
+  | `institution` | the id its DP ledger is kept under (default `client-<partition id>`) |
+  | `ledger-dir` (`dp-state-dir`) | where its DP ledger lives, across runs and restarts |
+  | `state-dir` | where its other state lives (SCAFFOLD controls, residuals...) |
+  | `conf-dir` | a folder of its own task YAMLs (`conf-dir/task/NAME.yaml`) |
+  | `ckks-secret` | its CKKS secret context (fedapp.secure) |
+
+  A request weaker than the policy is answered with an error reply that says why
+  (`PolicyRefusal`; its text starts with `REFUSED`, and the server counts these per client in
+  results.json `nodes`). Where the policy is stricter than the request and can be applied
+  without the server's cooperation (a lower epsilon), the node applies it.
+- **Nothing executable or path-like from the server** (`client_overrides`): of the run's Hydra
+  overrides a client applies only the keys in `CLIENT_KEYS` (the rest are the server's business
+  and are dropped, as are `hydra.*` options and paths: `PATH_KEYS`); an override with an
+  interpolation (`${...}`), an importable name (`_target_`), a package (`@`) or a deletion
+  (`~key`) is refused. Strategies are imported only when registered (`conf/strategy/*.yaml` of the node's
+  own configuration, `registered_strategy`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedapp.config import ConfigError, conf_dir, parse_overrides
+
+POLICY_ENV = "FEDAPP_CLIENT_POLICY"  # simulation: the clients' policy file (client side only)
+CLIENT_SEARCHPATH_ENV = "FEDAPP_CLIENT_SEARCHPATH"  # simulation: the clients' own task YAMLs
+REFUSED = "REFUSED by the institution's policy"
+
+# Run-config overrides a ClientApp applies: a group choice, or a key under one of these.
+CLIENT_KEYS = (
+    "task",
+    "partition",
+    "strategy",
+    "train",
+    "privacy",
+    "secure",
+    "compression",
+    "augment",
+    "attack",
+    "hetero",
+    "seed",
+    "rounds",
+    "clients_per_round",
+    "device",
+    "simulation.client_num_cpus",
+)
+# Never from the server: paths, identities, and the validation share (the node's own).
+PATH_KEYS = (
+    "data_dir",
+    "output_dir",
+    "resume",
+    "secure.key_dir",
+    "task.local_path",
+    "task.client_val_fraction",
+)
+_PATHLIKE = re.compile(r"(^|[._])(dir|path|file|files|root)$")
+_KEY = re.compile(r"^(\+{0,2})([A-Za-z_][A-Za-z0-9_.\-]*)(@[A-Za-z0-9_.]+)?=(.*)$", re.S)
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+class PolicyRefusal(RuntimeError):
+    """A message this node refuses: weaker than its policy, or not the server's to choose."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{REFUSED}: {why}")
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on", "ckks")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(str(v).strip() for v in items if str(v).strip())
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """What a node requires (from its own configuration; see the module docstring)."""
+
+    own: bool = False  # the node has its own configuration (deployment, or a simulation policy)
+    deployed: bool = False  # it holds its own data file (`data-path`)
+    require_dp: bool = False
+    max_epsilon: float | None = None
+    require_secure: bool = False
+    accept_tasks: tuple[str, ...] = ()
+    accept_strategies: tuple[str, ...] = ()
+    val_fraction: float | None = None
+    institution: str = ""
+
+    @classmethod
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], own: bool | None = None
+    ) -> NodePolicy:
+        deployed = bool(node_config.get("data-path"))
+        keys = set(node_config) - {"partition-id", "num-partitions"}
+        max_eps = node_config.get("max-epsilon")
+        val = node_config.get("val-fraction")
+        policy = cls(
+            own=bool(keys) if own is None else own,
+            deployed=deployed,
+            require_dp=_truthy(node_config.get("require-dp", False)) or max_eps is not None,
+            max_epsilon=None if max_eps is None else float(max_eps),
+            require_secure=_truthy(node_config.get("require-secure", False)),
+            accept_tasks=_names(node_config.get("accept-tasks")),
+            accept_strategies=_names(node_config.get("accept-strategies")),
+            val_fraction=None if val is None else float(val),
+            institution=str(node_config.get("institution", "") or ""),
+        )
+        policy.validate()
+        return policy
+
+    def validate(self) -> None:
+        if self.max_epsilon is not None and not (
+            self.max_epsilon > 0 and math.isfinite(self.max_epsilon)
+        ):
+            raise ConfigError(f"node config max-epsilon={self.max_epsilon} must be > 0")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"node config val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.institution and not _NAME.match(self.institution):
+            raise ConfigError(
+                f"node config institution={self.institution!r}: use letters, digits, '_', '-', '.'"
+            )
+
+    def enforce(self, cfg: DictConfig) -> None:
+        """Refuse a run configuration weaker than this policy (PolicyRefusal)."""
+        privacy = str(OmegaConf.select(cfg, "privacy.name", default="none") or "none")
+        secure = str(OmegaConf.select(cfg, "secure.name", default="none") or "none")
+        if self.require_dp and privacy != "sample_dp":
+            limit = f" with epsilon <= {self.max_epsilon:g}" if self.max_epsilon else ""
+            raise PolicyRefusal(
+                f"this institution requires privacy=sample_dp{limit}; the server asked "
+                f"privacy={privacy}"
+            )
+        if self.require_secure and secure != "ckks":
+            raise PolicyRefusal(
+                f"this institution requires secure=ckks; the server asked secure={secure}"
+            )
+        task, strategy = str(cfg.task.name), str(cfg.strategy.name)
+        if self.accept_tasks and task not in self.accept_tasks:
+            raise PolicyRefusal(
+                f"task={task} is not one this institution accepts ({', '.join(self.accept_tasks)})"
+            )
+        if self.accept_strategies and strategy not in self.accept_strategies:
+            raise PolicyRefusal(
+                f"strategy={strategy} is not one this institution accepts "
+                f"({', '.join(self.accept_strategies)})"
+            )
+        attack = str(OmegaConf.select(cfg, "attack.name", default="none") or "none")
+        if self.own and attack != "none":
+            raise PolicyRefusal(
+                f"attack={attack}: the attack harness is a simulation tool; a node with its own "
+                "configuration never runs it"
+            )
+
+    def epsilon_cap(self, node_config: Mapping[str, Any]) -> float | None:
+        """The strictest epsilon this node states (max-epsilon, target-epsilon), if any."""
+        caps = [self.max_epsilon] if self.max_epsilon is not None else []
+        if node_config.get("target-epsilon") is not None:
+            caps.append(float(node_config["target-epsilon"]))
+        return min(caps) if caps else None
+
+
+# -- the simulation's per-client policies --------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _policy_file(path: str, mtime: float) -> dict[str, Any]:
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(data, dict) or set(data) - {"default", "clients"}:
+        raise ConfigError(
+            f"{path}: a client policy file has `default:` (keys for every client) and "
+            "`clients:` (per partition id or natural id), each of node-config keys"
+        )
+    for part in (data.get("default") or {}, *(data.get("clients") or {}).values()):
+        if not isinstance(part, dict):
+            raise ConfigError(f"{path}: every policy is a mapping of node-config keys")
+        if any("${" in str(v) for v in part.values()):
+            raise ConfigError(f"{path}: interpolations are not allowed in a policy")
+    return data
+
+
+def client_policy(partition_id: int, names: Callable[[], Sequence[str]]) -> dict[str, Any]:
+    """Simulation: the node-config keys of client `partition_id` from `$FEDAPP_CLIENT_POLICY`
+    (`default` merged with the entries for its partition id and its natural ids, `names()`,
+    called only when the file names clients); {} without a file."""
+    path = os.environ.get(POLICY_ENV)
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"${POLICY_ENV}={path} is not a file")
+    data = _policy_file(str(p.resolve()), p.stat().st_mtime)
+    out = dict(data.get("default") or {})
+    clients = {str(k): v for k, v in (data.get("clients") or {}).items()}
+    if clients:
+        for key in (str(partition_id), *names()):
+            out.update(clients.get(str(key)) or {})
+    return {str(k): v for k, v in out.items()}
+
+
+def policy_ids(path: str | None = None) -> list[str]:
+    """The client ids a policy file names (for a start-up check by the launchers)."""
+    path = path or os.environ.get(POLICY_ENV)
+    if not path:
+        return []
+    p = Path(path)
+    return [
+        str(k) for k in (_policy_file(str(p.resolve()), p.stat().st_mtime).get("clients") or {})
+    ]
+
+
+# -- what a client takes from the server's overrides --------------------------------------------------
+def _allowed(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in CLIENT_KEYS)
+
+
+def client_overrides(overrides: str | Sequence[str] | None) -> list[str]:
+    """The overrides a ClientApp applies (see the module docstring); PolicyRefusal for one it
+    must never take from a server."""
+    out = []
+    for item in parse_overrides(overrides):
+        if item.startswith("~"):
+            raise PolicyRefusal(f"override {item!r}: a client takes no deletion from the server")
+        m = _KEY.match(item)
+        if not m:
+            raise PolicyRefusal(
+                f"override {item!r} is not of the form key=value (a client takes no other "
+                "Hydra syntax from the server)"
+            )
+        key, value = m.group(2), m.group(4)
+        if "${" in value or "${" in key:
+            raise PolicyRefusal(
+                f"override {key}: a client resolves no interpolation from the server"
+            )
+        if key == "hydra" or key.startswith("hydra.") or key.startswith("hydra/"):
+            continue  # never applied: the node's own search path (`client_searchpath`) counts
+        if "_target_" in key or m.group(3):
+            raise PolicyRefusal(
+                f"override {key}: a client imports only its own registered components"
+            )
+        if key in PATH_KEYS or _PATHLIKE.search(key):
+            continue  # the node's own (never the server's), or the server's own folders
+        if _allowed(key):
+            out.append(item)
+    return out
+
+
+def client_searchpath(node_config: Mapping[str, Any]) -> list[str]:
+    """The node's own folders of task YAMLs: `conf-dir` in its node config, else (simulation)
+    `$FEDAPP_CLIENT_SEARCHPATH` (colon-separated; the launchers set it from the user's own
+    `hydra.searchpath`, on the machine where the simulated clients run)."""
+    own = node_config.get("conf-dir")
+    folders = (
+        [str(own)]
+        if own
+        else _names((os.environ.get(CLIENT_SEARCHPATH_ENV) or "").replace(":", ","))
+    )
+    return [f"file://{Path(f).expanduser().resolve()}" for f in folders]
+
+
+def searchpath_override(folders: Sequence[str]) -> list[str]:
+    return [f"hydra.searchpath=[{','.join(folders)}]"] if folders else []
+
+
+def registered_strategy(target: str) -> str:
+    """`target` if it is the `_target_` of one of the node's own strategy configs."""
+    if target not in _registered():
+        raise PolicyRefusal(
+            f"strategy class {target!r} is not registered on this node (conf/strategy/*.yaml)"
+        )
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _registered() -> frozenset[str]:
+    out = set()
+    for path in (conf_dir() / "strategy").glob("*.yaml"):
+        target = OmegaConf.load(path).get("_target_")
+        if target:
+            out.add(str(target))
+    return frozenset(out)
+
+
+def check_lineage(value: Any) -> str:
+    """A state lineage is what it is: a short hex string (it goes into file names)."""
+    text = str(value)
+    if text and not _HEX.match(text):
+        raise PolicyRefusal(f"lineage {text[:40]!r} is not a hex string")
+    return text
+
+
+def searchpath_from_overrides(overrides: Sequence[str]) -> list[str]:
+    """The local folders of `hydra.searchpath=[file://A,file://B]` overrides (launchers)."""
+    out = []
+    for item in overrides:
+        if item.startswith("hydra.searchpath="):
+            for part in item.split("=", 1)[1].strip("[]").split(","):
+                part = part.strip().strip("'\"")
+                if part.startswith("file://"):
+                    out.append(part[len("file://") :])
+    return out
