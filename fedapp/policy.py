@@ -16,6 +16,9 @@ components, hyperparameters, the round's model), and every protection comes from
   | `require-secure` | `ckks`: requires encrypted aggregation |
   | `accept-tasks`, `accept-strategies` | comma-separated names; any other is refused |
   | `val-fraction` | its validation share (the server's `task.client_val_fraction` is never read) |
+  | `max-delta` | the largest DP delta it accepts (a larger one asked by the server is lowered) |
+  | `ckks-metrics` | `false`: under secure=ckks, no metric computed on a received model is sent |
+  | `max-model-norm` | under secure=ckks, a decrypted global model above this L2 norm is refused |
   | `institution` | the id its DP ledger is kept under (default `client-<partition id>`) |
   | `ledger-dir` (`dp-state-dir`) | where its DP ledger lives, across runs and restarts |
   | `state-dir` | where its other state lives (SCAFFOLD controls, residuals...) |
@@ -117,6 +120,8 @@ class NodePolicy:
     accept_strategies: tuple[str, ...] = ()
     val_fraction: float | None = None
     institution: str = ""
+    max_delta: float | None = None
+    ckks_metrics: bool = True  # under secure=ckks, send metrics computed on a received model
 
     @classmethod
     def from_node_config(
@@ -136,6 +141,10 @@ class NodePolicy:
             accept_strategies=_names(node_config.get("accept-strategies")),
             val_fraction=None if val is None else float(val),
             institution=str(node_config.get("institution", "") or ""),
+            max_delta=None
+            if node_config.get("max-delta") is None
+            else float(node_config["max-delta"]),
+            ckks_metrics=_truthy(node_config.get("ckks-metrics", True)),
         )
         policy.validate()
         return policy
@@ -147,6 +156,8 @@ class NodePolicy:
             raise ConfigError(f"node config max-epsilon={self.max_epsilon} must be > 0")
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
             raise ConfigError(f"node config val-fraction={self.val_fraction} must be in [0, 1)")
+        if self.max_delta is not None and not 0 < self.max_delta < 1:
+            raise ConfigError(f"node config max-delta={self.max_delta} must be in (0, 1)")
         if self.institution and not _NAME.match(self.institution):
             raise ConfigError(
                 f"node config institution={self.institution!r}: use letters, digits, '_', '-', '.'"
@@ -208,10 +219,38 @@ def _policy_file(path: str, mtime: float) -> dict[str, Any]:
     return data
 
 
+_STRICTEST_MIN = ("max-epsilon", "target-epsilon", "max-delta", "max-model-norm")
+_STRICTEST_ANY = ("require-dp", "require-secure")
+
+
+def merge_policies(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several policies that apply to one client, the strictest of each: the smallest bound,
+    any requirement, the intersection of accepted names; other keys (folders, ids) from the
+    most specific entry (the last)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            k = str(k)
+            if k not in out:
+                out[k] = v
+            elif k in _STRICTEST_MIN:
+                out[k] = min(float(out[k]), float(v))
+            elif k in _STRICTEST_ANY:
+                out[k] = _truthy(out[k]) or _truthy(v)
+            elif k in ("accept-tasks", "accept-strategies"):
+                out[k] = ",".join(n for n in _names(out[k]) if n in _names(v))
+            elif k == "ckks-metrics":
+                out[k] = _truthy(out[k]) and _truthy(v)
+            else:
+                out[k] = v
+    return out
+
+
 def client_policy(partition_id: int, names: Callable[[], Sequence[str]]) -> dict[str, Any]:
     """Simulation: the node-config keys of client `partition_id` from `$FEDAPP_CLIENT_POLICY`
-    (`default` merged with the entries for its partition id and its natural ids, `names()`,
-    called only when the file names clients); {} without a file."""
+    (`default` and the entries for its partition id and its natural ids, `names()`, the
+    strictest of each: `merge_policies`); {} without a file. `names()` is called only when
+    the file names clients by natural id."""
     path = os.environ.get(POLICY_ENV)
     if not path:
         return {}
@@ -219,12 +258,13 @@ def client_policy(partition_id: int, names: Callable[[], Sequence[str]]) -> dict
     if not p.is_file():
         raise ConfigError(f"${POLICY_ENV}={path} is not a file")
     data = _policy_file(str(p.resolve()), p.stat().st_mtime)
-    out = dict(data.get("default") or {})
+    parts = [data.get("default") or {}]
     clients = {str(k): v for k, v in (data.get("clients") or {}).items()}
-    if clients:
-        for key in (str(partition_id), *names()):
-            out.update(clients.get(str(key)) or {})
-    return {str(k): v for k, v in out.items()}
+    keys = [str(partition_id)]
+    if any(not k.isdigit() for k in clients):
+        keys += [str(n) for n in names()]
+    parts += [clients[k] for k in keys if k in clients]
+    return merge_policies(parts)
 
 
 def policy_ids(path: str | None = None) -> list[str]:
@@ -239,35 +279,101 @@ def policy_ids(path: str | None = None) -> list[str]:
 
 
 # -- what a client takes from the server's overrides --------------------------------------------------
+GROUPS = (
+    "task",
+    "strategy",
+    "partition",
+    "privacy",
+    "secure",
+    "compression",
+    "augment",
+    "attack",
+    "hetero",
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+# a key naming a component's identity is set by its group choice only (`strategy=trust`),
+# so that `accept-strategies` and `accept-tasks` check what actually runs
+_IDENTITY = ("name", "kind", "_target_")
+_PATH_SEGMENTS = ("dir", "path", "file", "files", "root", "local_path", "key_dir", "test_file")
+_DICT_KEYS = ("privacy.levels",)  # the only mapping a client takes: id -> epsilon
+
+
 def _allowed(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in CLIENT_KEYS)
 
 
+def _scalars(value: Any, where: str) -> None:
+    """Refuse anything but scalars and lists of scalars (no mappings: a mapping carries keys
+    past every check here), and any interpolation, however it was escaped in the text."""
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, (dict, list)):
+            raise PolicyRefusal(f"override {where}: a client takes scalar values only")
+        if not (v is None or isinstance(v, (str, int, float, bool))):
+            raise PolicyRefusal(f"override {where}: a client takes no sweep or function value")
+        if isinstance(v, str) and "$" in v and "{" in v:
+            raise PolicyRefusal(
+                f"override {where}: a client resolves no interpolation from the server"
+            )
+
+
 def client_overrides(overrides: str | Sequence[str] | None) -> list[str]:
     """The overrides a ClientApp applies (see the module docstring); PolicyRefusal for one it
-    must never take from a server."""
+    must never take from a server. Each override is parsed by Hydra's own grammar (escapes
+    and quoting as Hydra will read them), then: a deletion, a package, a sweep, a mapping
+    (except `privacy.levels`, id -> number), an interpolation or an importable name is
+    refused; a group choice must be a plain option name; a key naming a component's identity
+    (`*.name`, `*.kind`) is refused (the group choice sets it); `hydra.*`, paths and keys
+    outside `CLIENT_KEYS` are never applied."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     out = []
     for item in parse_overrides(overrides):
-        if item.startswith("~"):
+        try:
+            o = parser.parse_override(item)
+        except Exception as err:  # Hydra's grammar errors
+            raise PolicyRefusal(f"override {item[:80]!r} is not one a client accepts") from err
+        key = str(o.key_or_group)
+        if o.is_delete():
             raise PolicyRefusal(f"override {item!r}: a client takes no deletion from the server")
-        m = _KEY.match(item)
-        if not m:
-            raise PolicyRefusal(
-                f"override {item!r} is not of the form key=value (a client takes no other "
-                "Hydra syntax from the server)"
-            )
-        key, value = m.group(2), m.group(4)
-        if "${" in value or "${" in key:
-            raise PolicyRefusal(
-                f"override {key}: a client resolves no interpolation from the server"
-            )
-        if key == "hydra" or key.startswith("hydra.") or key.startswith("hydra/"):
-            continue  # never applied: the node's own search path (`client_searchpath`) counts
-        if "_target_" in key or m.group(3):
+        if o.package is not None:
             raise PolicyRefusal(
                 f"override {key}: a client imports only its own registered components"
             )
-        if key in PATH_KEYS or _PATHLIKE.search(key):
+        if o.is_sweep_override():
+            raise PolicyRefusal(f"override {key}: a client takes no sweep or function value")
+        if not _IDENT.match(key):
+            raise PolicyRefusal(f"override {key[:80]!r}: not a plain config key")
+        if key == "hydra" or key.startswith("hydra."):
+            continue  # never applied: the node's own search path (`client_searchpath`) counts
+        segments = key.split(".")
+        if "_target_" in segments:
+            raise PolicyRefusal(
+                f"override {key}: a client imports only its own registered components"
+            )
+        value = o.value()
+        if key in _DICT_KEYS and isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    raise PolicyRefusal(f"override {key}: id -> number only")
+                _scalars(str(k), key)
+        else:
+            _scalars(value, key)
+        if key in GROUPS:
+            if not isinstance(value, str) or not _OPTION.match(value):
+                raise PolicyRefusal(
+                    f"override {key}={str(value)[:60]}: a group choice is one of the node's own "
+                    f"conf/{key}/*.yaml names"
+                )
+        elif segments[-1] in _IDENTITY and _allowed(key):
+            raise PolicyRefusal(
+                f"override {key}: a component's identity is set by its group choice only"
+            )
+        if key in PATH_KEYS or any(
+            seg in _PATH_SEGMENTS or _PATHLIKE.search(seg) for seg in segments
+        ):
             continue  # the node's own (never the server's), or the server's own folders
         if _allowed(key):
             out.append(item)

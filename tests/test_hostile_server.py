@@ -208,6 +208,13 @@ def test_tasks_and_strategies_outside_the_node_s_list_are_refused(data_dir):
         ("strategy._target_=os.system", "registered components"),
         ("~privacy", "no deletion"),
         ("privacy@x=none", "registered components"),
+        # found by the hostile review: Hydra unescapes these after a plain-text check
+        (r"train.precision=$\{oc.env:HOME\}", "no interpolation"),
+        ("strategy={_target_:this.s,name:fedavg}", "scalar values only"),
+        ("task=../../../../tmp/evil", "group choice"),
+        ("task.files.0={path:/etc/passwd}", "scalar values only"),
+        ("strategy=trust strategy.name=fedavg", "identity is set by its group choice"),
+        ("x=choice(1,2)", "no sweep"),
     ],
 )
 def test_executable_and_interpolated_overrides_are_refused(override, why, data_dir):
