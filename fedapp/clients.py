@@ -50,7 +50,7 @@ from fedapp.config import ConfigError
 from fedapp.flower_compat import recorddict_from_bytes, recorddict_to_bytes, set_src_node_id
 from fedapp.identity import claim_refusal, new_nonce
 from fedapp.node import natural_names
-from fedapp.policy import REFUSED, PolicyRefusal, check_lineage, client_policy
+from fedapp.policy import REFUSED, RUN_KEY, PolicyRefusal, check_lineage, client_policy
 
 CLIENT_RECORD = "fedapp.client"  # ConfigRecord naming the virtual client a message is for
 IDENTITY_RECORD = "fedapp.identity"  # a discovery reply's signed partition claim
@@ -511,9 +511,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)  # atomic: a crash leaves the previous file
-
-
-RUN_KEY = "fedapp.run-key"  # run_config key (client side): the server run chain a plan is for
 
 
 def virtual_client_mod(msg: Message, context: Context, call_next) -> Message:

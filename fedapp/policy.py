@@ -55,19 +55,24 @@ from fedapp.config import ConfigError, conf_dir, parse_overrides
 POLICY_ENV = "FEDAPP_CLIENT_POLICY"  # simulation: the clients' policy file (client side only)
 CLIENT_SEARCHPATH_ENV = "FEDAPP_CLIENT_SEARCHPATH"  # simulation: the clients' own task YAMLs
 REFUSED = "REFUSED by the institution's policy"
+RUN_KEY = "fedapp.run-key"  # run_config key (client side): the server run chain a plan is for
 
-# Run-config overrides a ClientApp applies: a group choice, or a key under one of these.
-CLIENT_KEYS = (
+# Config groups (a choice names one of the node's own conf/<group>/*.yaml)
+GROUPS = (
     "task",
-    "partition",
     "strategy",
-    "train",
+    "partition",
     "privacy",
     "secure",
     "compression",
     "augment",
     "attack",
     "hetero",
+)
+# Run-config overrides a ClientApp applies: a group choice, or a key under one of these.
+CLIENT_KEYS = (
+    *GROUPS,
+    "train",
     "seed",
     "rounds",
     "clients_per_round",
@@ -279,23 +284,11 @@ def policy_ids(path: str | None = None) -> list[str]:
 
 
 # -- what a client takes from the server's overrides --------------------------------------------------
-GROUPS = (
-    "task",
-    "strategy",
-    "partition",
-    "privacy",
-    "secure",
-    "compression",
-    "augment",
-    "attack",
-    "hetero",
-)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _OPTION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 # a key naming a component's identity is set by its group choice only (`strategy=trust`),
 # so that `accept-strategies` and `accept-tasks` check what actually runs
 _IDENTITY = ("name", "kind", "_target_")
-_PATH_SEGMENTS = ("dir", "path", "file", "files", "root", "local_path", "key_dir", "test_file")
 _DICT_KEYS = ("privacy.levels",)  # the only mapping a client takes: id -> epsilon
 
 
@@ -371,9 +364,7 @@ def client_overrides(overrides: str | Sequence[str] | None) -> list[str]:
             raise PolicyRefusal(
                 f"override {key}: a component's identity is set by its group choice only"
             )
-        if key in PATH_KEYS or any(
-            seg in _PATH_SEGMENTS or _PATHLIKE.search(seg) for seg in segments
-        ):
+        if key in PATH_KEYS or any(_PATHLIKE.search(seg) for seg in segments):
             continue  # the node's own (never the server's), or the server's own folders
         if _allowed(key):
             out.append(item)

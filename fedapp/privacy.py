@@ -61,6 +61,7 @@ from flwr.app import ConfigRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
 
 from fedapp.config import ConfigError
+from fedapp.policy import RUN_KEY, NodePolicy
 from fedapp.units import ClientUnit, TrainJob
 from tasks.dp_sgd import (  # noqa: F401 (re-exported)
     DPSGDHook,
@@ -296,8 +297,6 @@ def planned_participations(rounds: int, per_round: int, clients: int) -> int:
 def client_target(spec: PrivacySpec, names: Sequence[str], node_config: Mapping[str, Any]) -> float:
     """A client's target epsilon: the run's, or its level (by natural id or partition id,
     `names`), or its node's own `max-epsilon` / `target-epsilon`, whichever is strictest."""
-    from fedapp.policy import NodePolicy
-
     targets = [spec.target_epsilon]
     targets += [spec.levels[n] for n in names if n in spec.levels]
     cap = NodePolicy.from_node_config(node_config).epsilon_cap(node_config)
@@ -394,8 +393,6 @@ def ledger_file(node_config: Mapping[str, Any], partition_id: int) -> Path | Non
 
 def run_key(context) -> str:
     """The server run (chain of resumed runs) this message belongs to, for the ledger's plan."""
-    from fedapp.clients import RUN_KEY
-
     return str(context.run_config.get(RUN_KEY) or f"flower-run-{int(context.run_id)}")
 
 
@@ -752,11 +749,13 @@ def secret_numpy_noise(reproducible: int):
     of numpy's state never predicts the noise. (In the seeded test mode the noise comes from
     a generator seeded by the round instead.)"""
     saved = np.random.get_state()
-    try:
+    if seeded_noise():
         seed = noise_seed(reproducible * 0xCD9)
-        np.random.seed([(seed >> (32 * i)) & 0xFFFFFFFF for i in range(2)])
-        if not seeded_noise():
-            np.random.seed([secrets.randbits(32) for _ in range(4)])
+        words = [(seed >> (32 * i)) & 0xFFFFFFFF for i in range(2)]
+    else:
+        words = [secrets.randbits(32) for _ in range(4)]
+    try:
+        np.random.seed(words)
         yield
     finally:
         np.random.set_state(saved)

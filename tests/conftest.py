@@ -112,3 +112,25 @@ def independent_epsilon(history, delta: float) -> float:
             event = PoissonSampledDpEvent(float(q), event)
         acc.compose(SelfComposedDpEvent(event, int(steps)))
     return float(acc.get_epsilon(delta))
+
+
+# A minimal Flower app (pyproject only), for FAB building and signing tests.
+TINY_APP = b"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tinyapp"
+version = "1.2.3"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "tester"
+
+[tool.flwr.app.components]
+serverapp = "tiny.server:app"
+clientapp = "tiny.client:app"
+
+[tool.flwr.app.config]
+x = 1
+"""

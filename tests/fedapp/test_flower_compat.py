@@ -54,6 +54,7 @@ from fedapp.flower_compat import (
     validate_trusted_entities_ed25519,
     verify_fab,
 )
+from tests.conftest import TINY_APP
 
 
 def test_message_ids_can_be_assigned_and_replies_point_to_them():
@@ -130,23 +131,6 @@ def test_multikrum_selection_leaves_out_the_outlier():
 
 
 # -- app signing (fedapp.appsign) ------------------------------------------------------------
-
-TINY_APP = b"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "tinyapp"
-version = "1.2.3"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "tester"
-
-[tool.flwr.app.components]
-serverapp = "tiny.server:app"
-clientapp = "tiny.client:app"
-"""
 
 
 def _ssh_private(key) -> bytes:

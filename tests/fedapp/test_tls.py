@@ -31,6 +31,7 @@ from fedapp.flower_compat import (
     validate_trusted_entities_ed25519,
 )
 from fedapp.tls import Credentials, create_credentials
+from tests.conftest import TINY_APP
 
 HOSTS = ["fl.consortium.example", "10.20.30.40"]
 NODES = ["bank-a", "bank-b"]
@@ -330,26 +331,6 @@ def test_the_command_line_writes_credentials_and_the_proxy_config(tmp_path, caps
 
 
 # -- signed apps -------------------------------------------------------------------------------
-
-TINY_APP = b"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "tinyapp"
-version = "1.2.3"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "tester"
-
-[tool.flwr.app.components]
-serverapp = "tiny.server:app"
-clientapp = "tiny.client:app"
-
-[tool.flwr.app.config]
-x = 1
-"""
 
 
 def _fab(extra: bytes = b"") -> bytes:
