@@ -28,14 +28,26 @@ from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
 from fedapp.identity import sign_claim
 from fedapp.node import client_seed, load_node, round_prep
-from fedapp.privacy import PrivacySpec, central_clipping_mod, private_stats, run_key
+from fedapp.policy import NodePolicy, PolicyRefusal
+from fedapp.privacy import (
+    PrivacySpec,
+    central_clipping_mod,
+    ledger_lock_mod,
+    private_stats,
+    run_key,
+)
 from fedapp.secure import keys_reply, secure_mod
 from fedapp.units import TrainJob, compose_units, run_units
 from tasks.training import TrainSettings
 
+# What a training reply carries when the node sends no metric computed on the received model
+# (NodePolicy.model_metrics_allowed): counts and timings, and its DP ledger's values.
+MODEL_FREE = ("num-examples", "train_steps", "train_time_s", "label-counts")
+
 # Outermost: a message for a virtual client (several clients on one simulation SuperNode)
-# runs with that client's partition and state (fedapp.clients).
-app = ClientApp(mods=[virtual_client_mod])
+# runs with that client's partition and state (fedapp.clients); then a message that may spend
+# privacy holds its institution's ledger lock (fedapp.privacy.ledger_lock_mod).
+app = ClientApp(mods=[virtual_client_mod, ledger_lock_mod])
 
 
 def _job(msg: Message, context: Context) -> TrainJob:
@@ -80,6 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     }
     if "train_skipped_steps" in job.metrics:  # train.precision=fp16 (never under sample_dp)
         metrics["train_skipped_steps"] = float(job.metrics["train_skipped_steps"])
+    if not NodePolicy.from_node_config(job.node_config).model_metrics_allowed(job.cfg):
+        metrics = {k: v for k, v in metrics.items() if k in MODEL_FREE or k.startswith("dp_")}
     reply = MetricRecord({k: v for k, v in metrics.items() if k not in job.withheld})
     arrays = job.outgoing if job.outgoing is not None else ArrayRecord(job.model.state_dict())
     content = RecordDict({"arrays": arrays, "metrics": reply})
@@ -103,6 +117,11 @@ def train_synthesize(msg: Message, context: Context) -> Message:
 @app.evaluate(mods=[secure_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     node = load_node(context)
+    if not node.policy.model_metrics_allowed(node.cfg):
+        raise PolicyRefusal(
+            "evaluate under secure=ckks: this institution sends no metric computed on a "
+            "received model (its node config ckks-metrics=false)"
+        )
     data = node.data
     model = node.task.make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

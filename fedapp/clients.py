@@ -269,7 +269,15 @@ class ClientGrid(Grid):
             s.connected = back
 
     def _identity_refusal(self, info: NodeInfo) -> str | None:
-        """Why a node may not serve the partition it claims (fedapp.identity); None: it may."""
+        """Why a node may not serve the partition it claims (fedapp.identity); None: it may.
+        With a registry of node keys every node must prove a registered partition id: a
+        simulation host or a node without a partition id would otherwise be handed the
+        registered institutions' partitions (or the unclaimed ones) without any proof."""
+        if self.node_keys is not None and (not info.has_data_path or info.partition_id < 0):
+            return (
+                "node_keys is set: only nodes holding their own data and claiming a registered "
+                "partition-id (signed with its key) may join"
+            )
         if not info.has_data_path or info.partition_id < 0:
             return None
         return claim_refusal(self.node_keys, info.partition_id, info.nonce, info.signature)
@@ -543,6 +551,13 @@ def virtual_client_mod(msg: Message, context: Context, call_next) -> Message:
     if not deployed:  # simulation: this client's policy, as a deployed node's own keys
         pid = int(node_config.get("partition-id", -1))
         extra = client_policy(pid, lambda: natural_names(context, node_config, pid))
+        dp_keys = sorted(k for k in ("max-epsilon", "require-dp", "target-epsilon") if k in extra)
+        if dp_keys and not (extra.get("ledger-dir") or extra.get("dp-state-dir")):
+            # its ledger would otherwise live in the state folder the server names
+            raise PolicyRefusal(
+                f"client {pid}'s policy sets {', '.join(dp_keys)} but no ledger-dir: give it "
+                "one (in $FEDAPP_CLIENT_POLICY), where its DP ledger is kept across runs"
+            )
         node_config.update({k: v for k, v in extra.items() if k not in _IDENTITY_KEYS})
     if rec is None:
         return call_next(msg, _with(context, node_config, context.state, context.run_config))

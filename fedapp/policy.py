@@ -199,6 +199,15 @@ class NodePolicy:
                 "configuration never runs it"
             )
 
+    def model_metrics_allowed(self, cfg: DictConfig) -> bool:
+        """Whether this node sends metrics computed on a model it received: not under
+        secure=ckks when its `ckks-metrics` is false. A server holding the aggregation
+        could send one client's update as the "aggregate" and read that client's data
+        through the loss or accuracy of it (the CKKS oracle); the node then answers no
+        `evaluate` and sends only its counts and timings with a training reply."""
+        secure = str(OmegaConf.select(cfg, "secure.name", default="none") or "none")
+        return self.ckks_metrics or secure != "ckks"
+
     def epsilon_cap(self, node_config: Mapping[str, Any]) -> float | None:
         """The strictest epsilon this node states (max-epsilon, target-epsilon), if any."""
         caps = [self.max_epsilon] if self.max_epsilon is not None else []
@@ -266,8 +275,18 @@ def client_policy(partition_id: int, names: Callable[[], Sequence[str]]) -> dict
     parts = [data.get("default") or {}]
     clients = {str(k): v for k, v in (data.get("clients") or {}).items()}
     keys = [str(partition_id)]
-    if any(not k.isdigit() for k in clients):
-        keys += [str(n) for n in names()]
+    natural = sorted(k for k in clients if not k.isdigit())
+    if natural:
+        own = [str(n) for n in names()]
+        if not own:
+            # a partition that mixes the institutions' rows (iid, dirichlet...): no
+            # institution's entry, and no one ledger per institution, would cover them
+            raise PolicyRefusal(
+                f"the client policy names institutions by natural id ({', '.join(natural)}), "
+                f"and partition {partition_id} of this run is not one institution's rows: "
+                "run with the natural partition (partition=natural)"
+            )
+        keys += own
     parts += [clients[k] for k in keys if k in clients]
     return merge_policies(parts)
 

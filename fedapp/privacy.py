@@ -64,6 +64,7 @@ from fedapp.config import ConfigError
 from fedapp.policy import RUN_KEY, NodePolicy
 from fedapp.units import ClientUnit, TrainJob
 from tasks.dp_sgd import (  # noqa: F401 (re-exported)
+    SECURE_NOISE,
     DPSGDHook,
     PrivateStep,
     noise_seed,
@@ -424,14 +425,15 @@ def open_ledger(
 
 
 def load_ledger(state: RecordDict, path: Path | None) -> Ledger | None:
-    """The ledger in the node state or, failing that (a restarted node), in its file. When
-    both exist the one with the longer history wins: a node never forgets spending."""
-    found = []
+    """The ledger: its file when the node names a `ledger-dir` (the file alone counts: it is
+    written at every spending, and a state record, which in simulation is restored from a
+    folder, could otherwise stand in for it with a history that counts many steps and spends
+    little), else the one in the client's state."""
+    if path is not None:
+        return Ledger.from_json(path.read_text()) if path.exists() else None
     if STATE_KEY in state.config_records:
-        found.append(Ledger.from_json(str(state.config_records[STATE_KEY]["json"])))
-    if path is not None and path.exists():
-        found.append(Ledger.from_json(path.read_text()))
-    return max(found, key=lambda ledger: sum(n for *_, n in ledger.history), default=None)
+        return Ledger.from_json(str(state.config_records[STATE_KEY]["json"]))
+    return None
 
 
 def save_ledger(ledger: Ledger, state: RecordDict, path: Path | None) -> None:
@@ -442,6 +444,39 @@ def save_ledger(ledger: Ledger, state: RecordDict, path: Path | None) -> None:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text(text)
         os.replace(tmp, path)
+
+
+LOCKED_MESSAGES = ("train", "train.generator", "train.synthesize", "query.stats")
+
+
+def ledger_lock_mod(msg, context, call_next):
+    """ClientApp mod (inside `virtual_client_mod`, so the node config is the client's own):
+    a message that may spend privacy holds an exclusive lock on its institution's ledger file
+    from reading the ledger to writing it, so two messages at once (two SuperNode processes
+    for one institution, or an operator's restart) cannot both plan from the same history and
+    lose one's spending. `flock` on `<ledger>.lock` beside the file; released when the process
+    ends, so a crashed client never leaves it held."""
+    path = None
+    if str(msg.metadata.message_type) in LOCKED_MESSAGES:
+        pid = int(context.node_config.get("partition-id", -1))
+        path = ledger_file(context.node_config, pid)
+    if path is None:
+        return call_next(msg, context)
+    with ledger_lock(path):
+        return call_next(msg, context)
+
+
+@contextlib.contextmanager
+def ledger_lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # -- the statistics release (tabular tasks) ---------------------------------------------------------
@@ -460,8 +495,17 @@ def privatize_stats(
     out = {}
     for key, values in stats.items():
         v = np.asarray(values, dtype=np.float64)
-        out[key] = (v + rng.normal(0.0, std * scale[key], size=v.shape)).tolist()
+        out[key] = (v + secure_gaussian(rng, std * scale[key], v.shape)).tolist()
     return out
+
+
+def secure_gaussian(rng: np.random.Generator, std: float, shape) -> np.ndarray:
+    """N(0, std^2) as Opacus' secure mode draws it (tasks.dp_sgd.SECURE_NOISE): the sum of
+    four draws over 2, so that the low bits of one value do not reveal the draw (the
+    floating-point attack on the Gaussian mechanism, Mironov 2012)."""
+    if not SECURE_NOISE:
+        return rng.normal(0.0, std, size=shape)
+    return rng.normal(0.0, std, size=(4, *tuple(np.atleast_1d(shape)))).sum(0) / 2.0
 
 
 # -- DP-SGD in the training loop --------------------------------------------------------------------
@@ -522,8 +566,18 @@ class SampleDP(ClientUnit):
 
 
 def new_ledger(spec: PrivacySpec, task, partition_id: int, node_config: Mapping) -> Ledger:
+    """A first ledger: the strictest target that applies, and the run's delta unless the
+    node's `max-delta` is smaller (a ledger's delta is fixed at its first use)."""
     names = [str(partition_id), *task.natural_ids(partition_id)]
-    return Ledger(client_target(spec, names, node_config), spec.delta, spec.accountant)
+    return Ledger(
+        client_target(spec, names, node_config), client_delta(spec, node_config), spec.accountant
+    )
+
+
+def client_delta(spec: PrivacySpec, node_config: Mapping[str, Any]) -> float:
+    """The run's delta, lowered to the node's `max-delta` when that is smaller."""
+    cap = NodePolicy.from_node_config(node_config).max_delta
+    return spec.delta if cap is None else min(spec.delta, cap)
 
 
 def private_stats(node, context) -> dict[str, list[float]]:

@@ -166,6 +166,29 @@ def generator_spec(cfg: DictConfig) -> GeneratorSpec:
     return AugmentSpec.from_config(cfg.get("augment")).generator
 
 
+def check_generator_message(cfg: DictConfig, policy, sharing: bool) -> None:
+    """A client trains a generator only when the run it joined declared one (strategy=
+    synthetic, or augment=rare_class for the generator rounds), and sends synthetic rows
+    only under strategy=synthetic; never under its `require-secure` policy (the generator and
+    the rows travel unencrypted). Anything else is refused (PolicyRefusal): a server cannot
+    make a client spend its budget, or send rows, on a phase it did not announce."""
+    from fedapp.policy import PolicyRefusal
+
+    strategy = str(cfg.strategy.get("name"))
+    kind = "train.synthesize (synthetic rows)" if sharing else "train.generator"
+    declared = strategy == "synthetic" or (not sharing and augment_active(cfg))
+    if not declared:
+        raise PolicyRefusal(
+            f"{kind}: the run configuration (strategy={strategy}, augment="
+            f"{OmegaConf.select(cfg, 'augment.name', default='none')}) has no synthetic-data phase"
+        )
+    if policy.require_secure:
+        raise PolicyRefusal(
+            f"{kind}: this institution requires secure=ckks, and a generator or synthetic rows "
+            "would leave it unencrypted"
+        )
+
+
 def augment_active(cfg: DictConfig) -> bool:
     augment = cfg.get("augment")
     return augment is not None and str(augment.get("name", "none")) != "none"
@@ -629,6 +652,7 @@ def _local_generator(msg: Message, context: Context, sharing: bool):
     `generator.epochs` in a generator round, `generator.finetune_epochs` before sharing.
     Returns (node, spec, generator, prep, seed, reply metrics)."""
     node = load_node(context)
+    check_generator_message(node.cfg, node.policy, sharing)
     spec = generator_spec(node.cfg)
     epochs = spec.finetune_epochs if sharing else spec.epochs
     config = msg.content["config"]

@@ -305,6 +305,17 @@ def create_signing_key(creds: Credentials) -> None:
 def create_node_key(creds: Credentials, node: str) -> None:
     """An ECDSA P-384 key pair in OpenSSH format (what `flower-supernode` and
     `flwr supernode register` read), in the node's own folder."""
+    write_node_key(creds.node_dir(node), node)
+
+
+def write_node_key(folder: Path | str, node: str) -> Path:
+    """`folder/supernode.key` (0600, in a 0700 folder) and `folder/supernode.pub`: a node's
+    key pair, made by the institution itself (`fedapp-certs node-key`) so that its private
+    key never exists anywhere else; it gives the operator the `.pub` only. Refuses to
+    overwrite a key. Returns the public key's path."""
+    folder = Path(folder)
+    if (folder / "supernode.key").exists():
+        raise FileExistsError(f"{folder / 'supernode.key'} exists; not overwritten")
     if not NODE_ID.fullmatch(node or ""):
         raise ValueError(f"node id {node!r}: use letters, digits, '-' or '_'")
     key = ec.generate_private_key(ec.SECP384R1())
@@ -316,9 +327,10 @@ def create_node_key(creds: Credentials, node: str) -> None:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
-    _private_dir(creds.node_dir(node))
-    _write(creds.node_key(node), private, private=True)
-    _write(creds.node_public_key(node), public + f" {node}\n".encode(), private=False)
+    _private_dir(folder)
+    _write(folder / "supernode.key", private, private=True)
+    _write(folder / "supernode.pub", public + f" {node}\n".encode(), private=False)
+    return folder / "supernode.pub"
 
 
 def _copy_public(creds: Credentials, node: str) -> None:
@@ -525,10 +537,31 @@ def _main_proxy(argv: Sequence[str]) -> int:
     return 0
 
 
+def _main_node_key(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedapp-certs node-key",
+        description="An institution's own SuperNode key pair (run on the institution's "
+        "machine; give the operator the .pub only, to register and list in node_keys).",
+    )
+    parser.add_argument("dir", type=Path, help="the institution's credentials folder")
+    parser.add_argument("--name", required=True, help="the node's id (letters, digits, -, _)")
+    args = parser.parse_args(argv)
+    try:
+        public = write_node_key(args.dir, args.name)
+    except (OSError, ValueError) as err:
+        print(f"fedapp-certs node-key: {err}", file=sys.stderr)
+        return 2
+    print(f"[fedapp-certs] private key (stays here): {args.dir / 'supernode.key'}")
+    print(f"[fedapp-certs] give the operator: {public}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "proxy":
         return _main_proxy(argv[1:])
+    if argv and argv[0] == "node-key":
+        return _main_node_key(argv[1:])
     if argv and argv[0] in ("sign-app", "serve-apps"):
         from fedapp import appsign
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -373,11 +373,200 @@ def test_a_node_claiming_another_institution_s_partition_is_refused(tmp_path):
     assert "another institution's partition id" in grid.ignored[102]
     assert "no auth-key" in grid.ignored[103]
     assert "does not verify" in grid.ignored[104]
-    # without the registry (the old behaviour) the two claims on partition 0 end the run
-    with pytest.raises(ConfigError, match="both claim partition-id 0"):
-        ClientGrid(FakeGrid(list(nodes)), nodes, None, tmp_path / "t")
+    # without the registry, two claims on one partition are both refused (recorded; neither
+    # takes the institution's place) and the run goes on with the other clients
+    open_grid = ClientGrid(FakeGrid(list(nodes)), nodes, None, tmp_path / "t")
+    assert open_grid.node_partitions == {}
+    assert all("all claim partition-id" in open_grid.ignored[n] for n in nodes)
     # the honest B, signing its own id with its own key, is taken
     honest = {105: NodeInfo(1, 2, True, nonces[2], sign_claim(b, nonces[2], 1))}
     assert ClientGrid(
         FakeGrid([105]), honest, None, tmp_path / "u", node_keys=keys
     ).node_partitions == {2: 1}
+    # a simulation host, or a node holding data without a partition id, is handed no
+    # partition when a registry is set (it would otherwise take the unclaimed ones unproven)
+    mixed = {
+        105: honest[105],
+        106: NodeInfo(0, 2, False, nonces[0], b""),  # a simulation host claiming partition 0
+        107: NodeInfo(-1, 2, True, nonces[1], b""),  # its own data, no partition id
+    }
+    grid = ClientGrid(FakeGrid(list(mixed)), mixed, 2, tmp_path / "v", node_keys=keys)
+    assert grid.node_partitions == {2: 1}
+    assert all("node_keys is set" in grid.ignored[n] for n in (106, 107))
+
+
+# -- 9. the ledger: concurrent messages, forged state, the node's delta -----------------------------
+def test_two_messages_at_once_both_spend_into_one_ledger(tmp_path):
+    """Two training messages for one institution at once (two SuperNode processes, a restart):
+    each reads the ledger, spends, writes. Under the ledger lock both spendings are kept;
+    without it (the same two calls, no lock) the slower one writes over the faster one's."""
+    import threading
+    import time as _time
+
+    from fedapp.privacy import Ledger, ledger_file, ledger_lock_mod, load_ledger, save_ledger
+
+    node_config = {"partition-id": 0, "ledger-dir": str(tmp_path / "l"), "institution": "bank"}
+    path = ledger_file(node_config, 0)
+    save_ledger(Ledger(8.0, 1e-5, "rdp"), RecordDict(), path)
+
+    def spend(sigma):
+        def call_next(msg, ctx):
+            ledger = load_ledger(RecordDict(), path)
+            _time.sleep(0.3)  # local training
+            ledger.record(sigma, 0.01, 100)
+            save_ledger(ledger, RecordDict(), path)
+            return msg
+
+        return call_next
+
+    def both(locked: bool):
+        ctx = Context(1, 1, node_config, RecordDict(), {})
+        msgs = [Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN) for _ in "ab"]
+        run = (
+            (lambda m, s: ledger_lock_mod(m, ctx, spend(s)))
+            if locked
+            else (lambda m, s: spend(s)(m, ctx))
+        )
+        threads = [
+            threading.Thread(target=run, args=(m, s)) for m, s in zip(msgs, (1.0, 2.0), strict=True)
+        ]
+        for t in threads:
+            t.start()
+            _time.sleep(0.05)
+        for t in threads:
+            t.join()
+        return load_ledger(RecordDict(), path).history
+
+    assert sorted(h[0] for h in both(locked=True)) == [1.0, 2.0]
+    save_ledger(Ledger(8.0, 1e-5, "rdp"), RecordDict(), path)
+    assert len(both(locked=False)) == 1  # the attack the lock stops: one spending lost
+
+
+def test_a_forged_state_ledger_does_not_stand_in_for_the_node_s_file(tmp_path):
+    """A state record (restored in simulation from a folder) with a long history of tiny
+    spending: the file under the node's ledger-dir alone counts."""
+    from fedapp.privacy import STATE_KEY, Ledger, load_ledger, save_ledger
+
+    path = tmp_path / "bank.dp-ledger.json"
+    real = Ledger(8.0, 1e-5, "rdp", history=[(1.0, 0.05, 400)])
+    save_ledger(real, RecordDict(), path)
+    forged = Ledger(8.0, 1e-5, "rdp", history=[(1e6, 0.001, 10**7)])
+    state = RecordDict({STATE_KEY: ConfigRecord({"json": forged.to_json()})})
+    assert forged.epsilon() < 0.2 and real.epsilon() > 1.0  # many steps, little spent
+    loaded = load_ledger(state, path)
+    assert loaded.history == real.history and loaded.epsilon() == pytest.approx(real.epsilon())
+    assert load_ledger(state, None).history == forged.history  # no ledger-dir: the state's
+
+
+def test_the_node_s_max_delta_lowers_the_run_s(data_dir):
+    from fedapp.privacy import PrivacySpec, new_ledger
+
+    node = load_node(_context(data_dir, "task=medical privacy=sample_dp"), with_data=False)
+    spec = PrivacySpec.from_config(node.cfg.privacy)
+    strict = new_ledger(spec, node.task, 0, {"max-delta": spec.delta / 100})
+    assert strict.delta == spec.delta / 100
+    assert new_ledger(spec, node.task, 0, {"max-delta": 0.5}).delta == spec.delta
+    assert new_ledger(spec, node.task, 0, {}).delta == spec.delta
+
+
+def test_a_simulated_policy_with_dp_needs_its_own_ledger_folder(tmp_path, monkeypatch):
+    _policy(tmp_path, monkeypatch, default={"max-epsilon": 2.0})
+    rec = {
+        "lineage": "ab12",
+        "lineages": [""],
+        "lineage-upto": [-1],
+        "partition-id": 1,
+        "num-partitions": 4,
+        "state-dir": str(tmp_path / "servers"),
+    }
+    host = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
+    with pytest.raises(PolicyRefusal, match="no ledger-dir"):
+        virtual_client_mod(_train_message(rec), host, lambda m, c: m)
+    assert not (tmp_path / "servers").exists()
+
+
+def test_the_statistics_noise_is_drawn_as_opacus_secure_mode_does():
+    from fedapp.privacy import secure_gaussian
+
+    draws = secure_gaussian(np.random.default_rng(0), 3.0, (200_000,))
+    assert draws.std() == pytest.approx(3.0, rel=0.01) and abs(draws.mean()) < 0.03
+
+
+# -- 10. the CKKS oracle and undeclared phases -------------------------------------------------------
+def test_a_node_with_ckks_metrics_off_sends_no_metric_of_a_received_model(data_dir):
+    """Under secure=ckks a server could send one client's update as the "aggregate" and read
+    that client's data through the loss of it. A node with `ckks-metrics=false` answers no
+    evaluate, and its training reply carries counts and timings only."""
+    from fedapp import client_app
+    from fedapp.policy import NodePolicy
+
+    ctx = _context(data_dir, "task=medical secure=ckks", **{"ckks-metrics": "false"})
+    node = load_node(ctx)
+    arrays = ArrayRecord(node.task.make_model().state_dict())
+    prep = node.task.aggregate_stats([node.task.client_stats(node.data)])
+    config = ConfigRecord({"server-round": 1, "local-epochs": 1, **prep})
+    content = RecordDict({"arrays": arrays, "config": config})
+    msg = Message(content, dst_node_id=1, message_type=MessageType.EVALUATE)
+    with pytest.raises(PolicyRefusal, match="ckks-metrics=false"):
+        client_app.evaluate(msg, ctx)
+    policy = NodePolicy.from_node_config(ctx.node_config)
+    assert not policy.model_metrics_allowed(node.cfg)
+    assert policy.model_metrics_allowed(load_node(_context(data_dir, "task=medical")).cfg)
+    open_node = NodePolicy.from_node_config({})
+    assert open_node.model_metrics_allowed(node.cfg)  # the default: metrics are sent
+    reply = client_app.train(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), ctx)
+    sent = set(reply.content["metrics"])
+    assert "train_loss" not in sent and sent <= {*client_app.MODEL_FREE}
+
+
+def test_a_generator_phase_the_run_did_not_declare_is_refused(data_dir):
+    from fedapp.policy import NodePolicy
+    from fedapp.synthetic import check_generator_message
+
+    fedavg = load_node(_context(data_dir, "task=medical"), with_data=False).cfg
+    for sharing in (False, True):
+        with pytest.raises(PolicyRefusal, match="no synthetic-data phase"):
+            check_generator_message(fedavg, NodePolicy(), sharing)
+    synthetic = load_node(_context(data_dir, "task=medical strategy=synthetic"), with_data=False)
+    check_generator_message(synthetic.cfg, NodePolicy(), True)  # declared: taken
+    with pytest.raises(PolicyRefusal, match="requires secure=ckks"):
+        check_generator_message(synthetic.cfg, NodePolicy(require_secure=True), True)
+    rare = load_node(_context(data_dir, "task=medical augment=rare_class"), with_data=False).cfg
+    check_generator_message(rare, NodePolicy(), False)
+    with pytest.raises(PolicyRefusal, match="no synthetic-data phase"):
+        check_generator_message(rare, NodePolicy(), True)  # rare_class sends no rows
+
+
+def test_policies_by_institution_refuse_a_partition_that_mixes_institutions(
+    tmp_path, data_dir, monkeypatch
+):
+    """A policy naming hospitals (natural ids) under a server's partition=iid: every client
+    holds rows of every hospital, so no hospital's entry (nor its one ledger) would cover
+    them; the client refuses. Under the natural partition the hospital's entry applies."""
+    _policy(
+        tmp_path,
+        monkeypatch,
+        default={"ledger-dir": str(tmp_path / "l")},
+        clients={"hungarian": {"max-epsilon": 1.0}},
+    )
+    seen = []
+
+    def host(overrides):
+        run_config = {"overrides": overrides, "data-dir": str(data_dir)}
+        return Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), run_config)
+
+    rec = {
+        "lineage": "ab12",
+        "lineages": [""],
+        "lineage-upto": [-1],
+        "partition-id": 1,
+        "num-partitions": 4,
+    }
+    with pytest.raises(PolicyRefusal, match="not one institution's rows"):
+        virtual_client_mod(
+            _train_message(rec),
+            host("task=medical partition=iid partition.num_partitions=4"),
+            lambda m, c: m,
+        )
+    virtual_client_mod(_train_message(rec), host("task=medical"), lambda m, c: seen.append(c) or m)
+    assert float(seen[0].node_config["max-epsilon"]) == 1.0  # partition 1 is hungarian

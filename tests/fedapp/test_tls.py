@@ -402,3 +402,28 @@ def test_sign_app_command(creds, tmp_path):
     assert appsign.verify_with_flower(
         signed.fab.read_bytes(), signed.verifications, creds.node_trusted_entities("bank-b")
     )
+
+
+def test_an_institution_makes_its_own_node_key_and_the_operator_sees_only_the_public_half(
+    tmp_path, capsys
+):
+    """`fedapp-certs node-key`: the institution's private key exists only in its folder
+    (0600, folder 0700); Flower loads it; a partition claim signed with it verifies against
+    the .pub the operator registers, and a second run never overwrites the key."""
+    from fedapp.identity import load_node_keys, new_nonce, sign_claim, verify_claim
+
+    mine = tmp_path / "bank-a" / "credentials"
+    assert tls.main(["node-key", str(mine), "--name", "bank-a"]) == 0
+    assert "give the operator" in capsys.readouterr().out
+    key, pub = mine / "supernode.key", mine / "supernode.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o700
+    assert load_supernode_auth_keys(key) is not None
+    registry = tmp_path / "node_keys.yaml"
+    registry.write_text(f'0: "{pub}"\n')
+    nonce = new_nonce()
+    assert verify_claim(load_node_keys(registry)[0], nonce, 0, sign_claim(key, nonce, 0))
+    before = key.read_bytes()
+    assert tls.main(["node-key", str(mine), "--name", "bank-a"]) == 2
+    assert "not overwritten" in capsys.readouterr().err and key.read_bytes() == before
+    assert tls.main(["node-key", str(tmp_path / "x"), "--name", "../evil"]) == 2
