@@ -7,6 +7,7 @@ same resolved config.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shlex
@@ -83,8 +84,68 @@ def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
         finally:
             GlobalHydra.instance().clear()
     cfg = strip_hydra(cfg)
-    validate(cfg)
+    check_types(ovr, cfg)
+    try:
+        validate(cfg)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # a conversion check_types did not foresee
+        raise ConfigError(
+            f"a setting has the wrong type ({err}); overrides: {' '.join(ovr) or 'none'}"
+        ) from err
     return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _defaults(choices: tuple[str, ...]) -> DictConfig:
+    """The config of these group choices with every value at its default (not validated)."""
+    with _compose_lock:
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                return strip_hydra(hydra_compose(config_name="config", overrides=list(choices)))
+        finally:
+            GlobalHydra.instance().clear()
+
+
+def _kind_ok(default: Any, text: str) -> bool:
+    if isinstance(default, bool):
+        return text.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0")
+    if isinstance(default, int):
+        text = text.strip().lstrip("+-")
+        return text.isdigit() or (_is_number(text) and float(text).is_integer())
+    if isinstance(default, float):
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+    return True
+
+
+def check_types(ovr: Sequence[str], cfg: DictConfig) -> None:
+    """An override that gives a number or a boolean setting text that is not one
+    (`train.lr=abc`) is a one-line ConfigError naming the key, its default and its type."""
+    values = {}
+    choices = []
+    for o in ovr:
+        key, sep, value = o.partition("=")
+        if not sep or key.startswith(("~", "hydra.")):
+            continue
+        key = key.lstrip("+")
+        if "." not in key and isinstance(OmegaConf.select(cfg, key), DictConfig):
+            choices.append(o)  # a group choice
+        elif isinstance(OmegaConf.select(cfg, key, default=None), (str, float)):
+            values[key] = value
+    if not values:
+        return
+    base = _defaults(tuple(choices))
+    for key, value in values.items():
+        default = OmegaConf.select(base, key, default=None)
+        if default is not None and not _kind_ok(default, value):
+            kind = type(default).__name__
+            kind = {"bool": "true or false", "int": "a whole number", "float": "a number"}[kind]
+            raise ConfigError(f"{key}={value}: {key} is {kind} (default {default})")
 
 
 def strip_hydra(cfg: DictConfig) -> DictConfig:
@@ -256,5 +317,30 @@ def resolve_output_dir(cfg: DictConfig, run_config: Mapping[str, Any] | None = N
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = root / f"{stamp}-{cfg.task.name}-{cfg.strategy.name}-s{cfg.seed}"
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if explicit:
+            out.mkdir(parents=True, exist_ok=True)
+        else:  # never another run's folder, even one started in the same second
+            out = _new_folder(out)
+        probe = out / f".fedapp-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot use {out} as the output folder ({err.strerror or err}); choose another "
+            "with --output-dir (or output_dir=)"
+        ) from err
     return out
+
+
+def _new_folder(out: Path) -> Path:
+    """`out`, or `out-2`, `out-3`... : the first that did not exist (made atomically)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        cand = out if k == 1 else out.with_name(f"{out.name}-{k}")
+        try:
+            cand.mkdir()
+        except FileExistsError:
+            continue
+        return cand
+    raise ConfigError(f"too many runs named {out.name}* in {out.parent}")

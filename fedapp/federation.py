@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedapp.config import (
@@ -54,6 +57,7 @@ from fedapp.launch import (
     CONNECTION,
     RunOutcome,
     bin_path,
+    end_run,
     exit_cleanly_on_sigterm,
     free_port,
     prepare_run,
@@ -167,7 +171,7 @@ def start_supernode(
     if node_config:
         cmd += ["--node-config", node_config]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # appended: a restarted node keeps its earlier lines
         return subprocess.Popen(
             cmd,
             env={**env, "FLWR_HOME": str(home)},
@@ -175,6 +179,79 @@ def start_supernode(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+# Flower's exit code (in the node's log; the process exits 1) when the SuperLink refuses a
+# node, e.g. one that comes back while the SuperLink still counts it as active
+REFUSED = "Exit Code: 305"
+
+
+class NodeSupervisor(threading.Thread):
+    """Restarts a SuperNode that exits while the run goes on, as an institution's service
+    manager would (`Restart=on-failure`): after `delay_s`, and again every `delay_s` while the
+    SuperLink refuses it. Flower refuses a node that comes back within its heartbeat window
+    (exit 305, "node already active", for about 20-100 s after it died); retried, it rejoins
+    as the same client (its partition id and key). At most `max_restarts` per node."""
+
+    def __init__(
+        self,
+        starters: Sequence[Callable[[], subprocess.Popen]],
+        procs: list[subprocess.Popen],
+        logs: Sequence[Path] = (),
+        *,
+        delay_s: float = 10.0,
+        max_restarts: int = 30,
+        poll_s: float = 1.0,
+        say: Callable[[str], None] = lambda line: print(line, flush=True),
+    ) -> None:
+        super().__init__(daemon=True, name="fedapp-node-supervisor")
+        self.starters, self.procs, self.logs = list(starters), procs, list(logs)
+        self.delay_s, self.max_restarts, self.poll_s = float(delay_s), int(max_restarts), poll_s
+        self.say = say
+        self.restarts = [0] * len(procs)
+        self._since = [0] * len(procs)  # where in its log the node's current start began
+        self.done = threading.Event()
+        self._due: dict[int, float] = {}
+
+    def run(self) -> None:
+        while not self.done.wait(self.poll_s):
+            now = time.monotonic()
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is None or self.restarts[i] >= self.max_restarts:
+                    continue
+                if i not in self._due:
+                    why = (
+                        "refused by the SuperLink (too early after its last connection)"
+                        if self._refused(i)
+                        else f"exit code {code}"
+                    )
+                    self.say(
+                        f"[fedapp] SuperNode {i} stopped ({why}); starting it again in "
+                        f"{self.delay_s:.0f}s"
+                    )
+                    self._due[i] = now + self.delay_s
+                elif now >= self._due[i] and not self.done.is_set():
+                    del self._due[i]
+                    self.restarts[i] += 1
+                    with contextlib.suppress(OSError, IndexError):
+                        self._since[i] = self.logs[i].stat().st_size
+                    self.procs[i] = self.starters[i]()
+
+    def _refused(self, i: int) -> bool:
+        if i >= len(self.logs):
+            return False
+        try:
+            with open(self.logs[i], "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(self._since[i], f.tell() - 4096))
+                return REFUSED in f.read().decode("utf-8", "replace")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=5)
 
 
 def node_config_line(
@@ -301,6 +378,7 @@ def run_federation(
     cfg = compose(ovr)
     flwr_home, env, run_cfg = prepare_run(cfg, ovr, data_dir, out)
     supernodes: list[subprocess.Popen] = []
+    supervisor = None
     index, app = None, str(app_dir)
     try:
         superlink_env = env
@@ -314,12 +392,14 @@ def run_federation(
         with superlink(
             flwr_home, out / "superlink.log", superlink_env, simulation=False, credentials=creds
         ) as port:
+            starters = []
             for i, path in enumerate(node_files):
                 node = f"node-{i}"
                 if creds is not None:
                     register_node(env, creds.node_public_key(node))
-                supernodes.append(
-                    start_supernode(
+                starters.append(
+                    functools.partial(
+                        start_supernode,
                         port,
                         flwr_home / f"supernode-{i}",
                         env,
@@ -346,19 +426,26 @@ def run_federation(
                         ),
                     )
                 )
+                supernodes.append(starters[-1]())
             time.sleep(1.0)
             for i, p in enumerate(supernodes):
                 if p.poll() is not None:
                     raise RuntimeError(
                         f"SuperNode {i} exited with code {p.returncode}; see {out}/nodes/node-{i}/supernode.log"
                     )
+            logs = [out / "nodes" / f"node-{i}" / "supernode.log" for i in range(len(starters))]
+            supervisor = NodeSupervisor(starters, supernodes, logs)
+            supervisor.start()
             rc, run_id = submit(app, run_cfg, env, None, timeout, out / "flwr_run.log", verbose)
             status = run_status(env, run_id)
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         for p in supernodes:
             stop_process_group(p)
         if index is not None:
             index.shutdown()
+        end_run(flwr_home, out)
         shutil.rmtree(flwr_home, ignore_errors=True)
         if remove_creds is not None:
             shutil.rmtree(remove_creds, ignore_errors=True)

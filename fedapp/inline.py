@@ -196,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as err:
         print(f"fedapp: the run failed: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # results.json says `interrupted` and how to resume
+        print(
+            "fedapp: interrupted; results.json meta.status_detail says how to resume",
+            file=sys.stderr,
+        )
+        return 130
     return exit_code(out)
 
 

@@ -160,6 +160,59 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         proc.wait(timeout=1)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes (Flower's log levels)
+
+
+def stop_marked(flwr_home: Path, grace_s: float = 10.0) -> list[int]:
+    """Stop every process still running with this launcher's private FLWR_HOME (or a folder
+    in it) in its environment: the ServerApp, SuperExec, simulation and SuperNode processes
+    it started, including those a killed SuperLink left behind (reparented, so no longer in
+    its process tree). Returns their pids."""
+    home = str(Path(flwr_home))
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            value = p.environ().get("FLWR_HOME", "")
+            if value == home or value.startswith(home + os.sep):
+                found.append(p)
+    for p in found:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(found, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in found]
+
+
+def strip_colour_codes(folder: Path) -> None:
+    """Flower colours its log levels whatever the output is; the log files of a run are
+    rewritten without the codes (`*.log`, `*.stdout` in the folder and its subfolders)."""
+    for path in [*Path(folder).rglob("*.log"), *Path(folder).rglob("*.stdout")]:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = path.read_text()
+            if "\x1b[" in text:
+                path.write_text(ANSI.sub("", text))
+
+
+def end_run(flwr_home: Path, out: Path) -> None:
+    """After a launcher's run, however it ended: no process of it left running, a
+    results.json a dead server left `running` marked `interrupted`, logs without colours."""
+    from fedapp.recorder import mark_interrupted
+
+    left = stop_marked(flwr_home)
+    if left:
+        print(f"[fedapp] stopped {len(left)} Flower processes the run left behind", flush=True)
+    if mark_interrupted(
+        out, "the server ended before the run finished (killed, or its SuperLink went away)"
+    ):
+        print(f"[fedapp] INTERRUPTED: {out}/results.json says how to resume", flush=True)
+    strip_colour_codes(out)
+
+
 def write_connection(flwr_home: Path, name: str, port: int, ca_cert: Path | None = None) -> None:
     """The `flwr` CLI's connection to our SuperLink (TLS checked against `ca_cert` if given)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -288,7 +341,7 @@ def submit(
             if shown is not None:
                 sys.stdout.write(shown)
                 sys.stdout.flush()
-            logf.write(line)
+            logf.write(ANSI.sub("", line))
             logf.flush()  # live: `tail -f flwr_run.log` follows the run
             if run_id is None and (m := re.search(r"run (\d+)", line)):
                 run_id = m.group(1)
@@ -406,6 +459,7 @@ def run_simulation(
             rc, run_id = submit(app_dir, run_cfg, env, fed, timeout, out / "flwr_run.log", verbose)
             status = run_status(env, run_id)
     finally:
+        end_run(flwr_home, out)
         if not keep_flwr_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
     outcome = RunOutcome(status=status, output_dir=out, returncode=rc, run_id=run_id)

@@ -128,6 +128,10 @@ class Recorder:
         self.task = task
         self.strategy = strategy
         self.meta = dict(meta)
+        # until the run ends: `running`, and what to do if it stops here (the launchers turn
+        # a `running` left by a server that died without a word into `interrupted`)
+        self.meta["status"] = "running"
+        self.meta["status_detail"] = {"if_interrupted": resume_hint(self.out_dir, cfg)}
         self.rounds: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.t_start = time.perf_counter()
@@ -288,15 +292,24 @@ class Recorder:
         self.t_last = time.perf_counter()
         self.t_start = self.t_last - float(state["elapsed_s"])
 
-    def finish(self, final_arrays: ArrayRecord | None, error: str | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        final_arrays: ArrayRecord | None,
+        error: str | None = None,
+        interrupted: str | None = None,
+    ) -> dict[str, Any]:
         """Write the final model, plots and the `final` section with the run's honest status
-        (`run_status`); return the results dict."""
+        (`run_status`; `interrupted`: why the run was cut off, e.g. a signal or a lost
+        SuperLink); return the results dict."""
         final_arrays = self.plaintext(final_arrays)
         if final_arrays is not None and bool(self.cfg.get("checkpoint", True)):
             torch.save(final_arrays.to_torch_state_dict(), self.out_dir / "final_model.pt")
         status, detail = run_status(
             self.rounds, int(self.cfg.rounds), error, getattr(self.strategy, "stop_reason", None)
         )
+        if interrupted:
+            status = "interrupted"
+            detail = {"reason": interrupted[:2000], "resume": resume_hint(self.out_dir, self.cfg)}
         nodes = self.nodes_fn() if self.nodes_fn is not None else None  # one refresh
         if nodes is not None:  # clients whose SuperNode never came back: said plainly
             gone = [int(p) for p, n in nodes.items() if not n.get("connected", True)]
@@ -363,6 +376,36 @@ class Recorder:
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
         _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
         return results
+
+
+def resume_hint(out_dir: Path, cfg: DictConfig) -> str:
+    """What to run to continue a run cut off in `out_dir`."""
+    if not bool(cfg.get("checkpoint", True)):
+        return "this run writes no checkpoint (checkpoint=false): start it again"
+    return (
+        f"the same command with resume={out_dir} continues after the last checkpointed round "
+        f"({out_dir}/checkpoint.pt)"
+    )
+
+
+def mark_interrupted(out_dir: Path, reason: str) -> bool:
+    """A results.json still `running` after its server ended (killed, or lost its SuperLink
+    before it could say so): `interrupted`, with the reason and what to run to resume.
+    Returns whether it changed the file."""
+    path = Path(out_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    meta = results.get("meta") or {}
+    if meta.get("status") != "running":
+        return False
+    hint = (meta.get("status_detail") or {}).get("if_interrupted", "")
+    meta["status"] = "interrupted"
+    meta["status_detail"] = {"reason": reason, "resume": hint}
+    results["meta"] = meta
+    write_json_atomic(path, results)
+    return True
 
 
 def run_status(

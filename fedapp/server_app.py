@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import random
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import flwr
@@ -293,6 +295,45 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     cfg = compose(str(run_config.get("overrides", "")))
     out_dir = resolve_output_dir(cfg, run_config)
+    with run_lock(out_dir):  # two runs never write one folder at once
+        _main(grid, context, cfg, out_dir)
+
+
+def interruption(exc: BaseException) -> str | None:
+    """Why the run was cut off from outside (None: it failed by itself): a signal (Flower's
+    handler turns SIGTERM and SIGINT into SystemExit; Ctrl-C in-process is KeyboardInterrupt)
+    or a lost connection to the SuperLink."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+        return f"stopped by a signal or an exit request ({type(exc).__name__})"
+    import httpx
+
+    if isinstance(exc, (ConnectionError, httpx.TransportError)):
+        return f"lost the connection to the SuperLink ({type(exc).__name__}: {str(exc)[:300]})"
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """Hold `out_dir/.fedapp-run.lock` for the run (flock: released when the process ends,
+    however it ends); a second run asked to write the same folder meanwhile stops at once."""
+    import fcntl
+
+    with open(out_dir / ".fedapp-run.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{out_dir} is the output folder of a run in progress; choose another "
+                "output folder (or wait for that run to end)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
+    run_config = context.run_config
     log(
         INFO,
         "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
@@ -399,7 +440,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder.checkpoint_fn = checkpointer(
         out_dir, cfg, strategy, live, recorder, clock, clients, prep
     )
-    final, error = None, None
+    final, error, cut = None, None, None
     if saved is not None:  # as they were at the end of the checkpointed round
         checkpoint.set_rng_state(saved["rng"])
     try:
@@ -417,10 +458,12 @@ def main(grid: Grid, context: Context) -> None:
         )
         final = result.arrays
     except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        cut = interruption(exc)
+        if cut is None:
+            error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        results = recorder.finish(final, error=error)
+        results = recorder.finish(final, error=error, interrupted=cut)
         status = results["meta"]["status"]
         log(INFO, "[fedapp] %s: results in %s", status, out_dir)
     if status == "failed":  # Flower then marks the run failed, and the launchers exit non-zero

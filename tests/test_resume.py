@@ -80,6 +80,8 @@ def test_a_killed_inline_run_resumes_bit_for_bit(strategy, tmp_path, data_dir):
     overrides = f"{SMALL} {strategy}"
     full = run_inline(overrides, tmp_path / "full")
     _kill_after(overrides, tmp_path / "killed", k=2)
+    left = json.loads((tmp_path / "killed" / "results.json").read_text())["meta"]
+    assert left["status"] == "running" and "resume=" in left["status_detail"]["if_interrupted"]
     resumed = run_inline(f"{overrides} resume={tmp_path / 'killed'}")
     assert resumed == tmp_path / "killed"  # it continues in the same folder
     _same_run(full, resumed)
@@ -91,6 +93,42 @@ def test_a_killed_inline_run_resumes_bit_for_bit(strategy, tmp_path, data_dir):
         third = res["rounds"][3]
         trained = len([c for c in third["clients"] if c["phase"] == "train"])
         assert third["round"] == 3 and third["aggregation"]["generator_sent"] == trained > 0
+
+
+def test_an_interrupted_run_says_so_and_how_to_resume(tmp_path, data_dir, monkeypatch):
+    """Ctrl-C (or Flower's SIGTERM handler) in round 2: results.json says `interrupted`, why,
+    and the command that resumes it; a server killed without a word leaves `running` with the
+    same hint, which the launchers turn into `interrupted` (fedapp.recorder.mark_interrupted)."""
+    from fedapp.recorder import Recorder, mark_interrupted
+
+    original = Recorder.evaluate_fn
+
+    def interrupt(self, server_round, arrays):
+        if server_round == 2:
+            raise KeyboardInterrupt
+        return original(self, server_round, arrays)
+
+    monkeypatch.setattr(Recorder, "evaluate_fn", interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_inline(SMALL, out)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["status"] == "interrupted"
+    assert "KeyboardInterrupt" in meta["status_detail"]["reason"]
+    assert f"resume={out}" in meta["status_detail"]["resume"]
+    monkeypatch.setattr(Recorder, "evaluate_fn", original)
+    run_inline(f"{SMALL} resume={out}")
+    assert json.loads((out / "results.json").read_text())["meta"]["status"] == "completed"
+    assert not mark_interrupted(out, "x")  # a finished run is left alone
+    # a server that died without a word: the per-round results say `running`
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    results["meta"]["status"] = "running"
+    results["meta"]["status_detail"] = {"if_interrupted": f"resume={out}"}
+    path.write_text(json.dumps(results))
+    assert mark_interrupted(out, "the server ended")
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["status"] == "interrupted" and meta["status_detail"]["resume"] == f"resume={out}"
 
 
 def test_a_finished_run_runs_longer(tmp_path, data_dir):
@@ -151,7 +189,8 @@ def _stop_launcher_after(cmd: list[str], out: Path, k: int, timeout: float = 150
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"].get("status") != "completed"  # it really was interrupted
+    assert results["meta"].get("status") == "interrupted"  # it really was, and it says so
+    assert f"resume={out}" in results["meta"]["status_detail"]["resume"]
 
 
 @pytest.mark.e2e

@@ -91,3 +91,60 @@ def test_launchers_print_setup_errors_in_one_line(capsys):
     assert main(["train.batch_size=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedapp: train.batch_size must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("train.lr=abc", "train.lr=abc: train.lr is a number (default"),
+        ("rounds=1.5", "rounds=1.5: rounds is a whole number (default"),
+        ("rounds=ten", "rounds=ten: rounds is a whole number"),
+        ("checkpoint=maybe", "checkpoint=maybe: checkpoint is true or false"),
+        (
+            "strategy=fedprox strategy.proximal_mu=x",
+            "strategy.proximal_mu=x: strategy.proximal_mu is a number",
+        ),
+    ],
+)
+def test_a_setting_of_the_wrong_type_is_one_line_naming_the_key(override, says):
+    with pytest.raises(ConfigError) as err:
+        compose(f"task=medical {override}")
+    assert str(err.value).startswith(says) and "\n" not in str(err.value)
+    compose("task=medical rounds=2.0 train.lr=1e-2 checkpoint=false")  # right types pass
+
+
+def test_an_unusable_output_folder_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"cannot use .*afile/sub as the output folder \(Not a"):
+        resolve_output_dir(compose(), {"output-dir": str(tmp_path / "afile" / "sub")})
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDAPP_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261202-120000")
+    cfg = compose("seed=1")
+    first, second = resolve_output_dir(cfg), resolve_output_dir(cfg)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name == first.name + "-2"
+
+
+def test_a_second_run_into_a_folder_in_use_stops_at_once(tmp_path):
+    from fedapp.server_app import run_lock
+
+    with (
+        run_lock(tmp_path),
+        pytest.raises(ConfigError, match="output folder of a run in progress"),
+        run_lock(tmp_path),
+    ):
+        pass
+    with run_lock(tmp_path):  # released when the first run ended
+        pass
+
+
+def test_the_inline_launcher_says_a_type_error_in_one_line(capsys):
+    from fedapp.inline import main
+
+    assert main(["task=medical", "train.lr=abc"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedapp: train.lr=abc: train.lr is a number (default 0.05)"
+    ]

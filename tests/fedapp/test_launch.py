@@ -94,3 +94,73 @@ def test_naming_a_gpu_this_machine_lacks_stops_before_any_process(monkeypatch):
 def test_bad_device_settings_are_refused_when_composed(override, match):
     with pytest.raises(ConfigError, match=match):
         compose([override])
+
+
+def test_processes_a_killed_superlink_left_behind_are_stopped(tmp_path):
+    """A ServerApp or SuperNode orphaned by a killed SuperLink is no longer in any process
+    tree we hold; the launcher finds it by its private FLWR_HOME (a folder in it for a
+    SuperNode) and stops it, and nothing else."""
+    import os
+
+    from fedapp.launch import stop_marked
+
+    home = tmp_path / "flwr-home"
+    env = lambda h: {**os.environ, "FLWR_HOME": str(h)}  # noqa: E731
+    ours = [
+        subprocess.Popen(["sleep", "300"], env=env(home), start_new_session=True),
+        subprocess.Popen(["sleep", "301"], env=env(home / "supernode-0"), start_new_session=True),
+    ]
+    other = subprocess.Popen(["sleep", "302"], env=env(tmp_path / "flwr-home-2"))
+    time.sleep(0.2)
+    try:
+        assert sorted(stop_marked(home, grace_s=5)) == sorted(p.pid for p in ours)
+        assert all(p.wait(timeout=5) is not None for p in ours)
+        assert other.poll() is None
+    finally:
+        other.kill()
+
+
+def test_log_files_lose_flowers_colour_codes(tmp_path):
+    from fedapp.launch import strip_colour_codes
+
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "supernode.log").write_text("\x1b[92mINFO \x1b[0m:      joined\n")
+    (tmp_path / "superlink.stdout").write_text("\x1b[93mWARNING \x1b[0m:   x\n")
+    strip_colour_codes(tmp_path)
+    assert (tmp_path / "n" / "supernode.log").read_text() == "INFO :      joined\n"
+    assert (tmp_path / "superlink.stdout").read_text() == "WARNING :   x\n"
+
+
+def test_a_supernode_refused_too_early_is_started_again_until_it_stays(tmp_path):
+    """The first start is refused (exit 305, as Flower refuses a node back within its
+    heartbeat window), the second crashes, the third stays: two restarts, each said."""
+    import sys
+
+    from fedapp.federation import NodeSupervisor
+
+    runs = iter(["Exit Code: 305\nSuperNode is already active", "Traceback...", None])
+    said = []
+    log = tmp_path / "supernode.log"
+
+    def start():  # what Flower does: the reason in the log, exit code 1
+        text = next(runs)
+        script = (
+            "import time; time.sleep(60)"
+            if text is None
+            else f"import sys; open({str(log)!r}, 'a').write({text!r}); sys.exit(1)"
+        )
+        return subprocess.Popen([sys.executable, "-c", script])
+
+    procs = [start()]
+    sup = NodeSupervisor([start], procs, [log], delay_s=0.2, poll_s=0.05, say=said.append)
+    sup.start()
+    deadline = time.monotonic() + 20
+    while sup.restarts[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sup.stop()
+    try:
+        assert sup.restarts == [2] and procs[0].poll() is None
+        assert "refused by the SuperLink" in said[0] and "exit code 1" in said[1]
+    finally:
+        procs[0].kill()
