@@ -68,6 +68,10 @@ class Schema:
     delimiter: str = ","
     on_bad_rows: str = "error"  # error | skip (skipped rows are counted in the log)
     max_abs: float = 1e12  # larger numbers are taken for corrupt cells
+    decimal: str = "."  # of numeric cells: "." or ","
+    thousands: str = ""  # "" (none) or the separator of digit groups: "," "." " " "'"
+    missing_codes: dict[str, list[float]] = field(default_factory=dict)  # column -> codes
+    natural_id_min_rows: int = 0  # ids with fewer rows are pooled into one client, SMALL_IDS
 
     @classmethod
     def from_config(cls, scfg: DictConfig) -> Schema:
@@ -93,6 +97,13 @@ class Schema:
             delimiter=str(c.get("delimiter") or ","),
             on_bad_rows=_choice(c.get("on_bad_rows") or "error", ("error", "skip"), "on_bad_rows"),
             max_abs=float(c.get("max_abs") or 1e12),
+            decimal=_choice(c.get("decimal") or ".", (".", ","), "decimal"),
+            thousands=_choice(c.get("thousands") or "", ("", ",", ".", " ", "'"), "thousands"),
+            missing_codes={
+                str(k): [_number(v, f"schema.missing_codes.{k}") for v in vs or []]
+                for k, vs in (c.get("missing_codes") or {}).items()
+            },
+            natural_id_min_rows=int(c.get("natural_id_min_rows") or 0),
         )
 
     def resolve_all_numeric(self, columns: list[str]) -> None:
@@ -108,8 +119,41 @@ class Schema:
 
 def _choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
     if str(value) not in allowed:
-        raise DataError(f"schema.{key}={value}: use one of {', '.join(allowed)}")
+        shown = ", ".join(repr(a) for a in allowed)
+        raise DataError(f"schema.{key}={value!r}: use one of {shown}")
     return str(value)
+
+
+def _number(value: Any, key: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{key}: {value!r} is not a number") from exc
+
+
+SMALL_IDS = "(small ids)"  # the client of the ids under schema.natural_id_min_rows
+_SPECIAL = re.compile(r"[+-]?(inf|infinity)", re.IGNORECASE)
+
+
+def parse_numbers(raw: pd.Series, decimal: str = ".", thousands: str = "") -> pd.Series:
+    """Numbers of a column of strings (NaN: missing or not a number). `decimal` "." without
+    `thousands` reads what pandas reads; otherwise a cell must be written in that convention
+    (digit groups of three, at most one decimal mark), so that a stray '1.5' in a file of
+    '1,5' is not a number rather than a silently different one."""
+    if decimal == "." and not thousands:
+        return pd.to_numeric(raw, errors="coerce")
+    if decimal == thousands:
+        raise DataError(f"schema.decimal and schema.thousands are both {decimal!r}")
+    d, t = re.escape(decimal), re.escape(thousands)
+    groups = rf"\d{{1,3}}(?:{t}\d{{3}})+|" if thousands else ""
+    shape = re.compile(rf"[+-]?(?:{groups}\d+)(?:{d}\d*)?(?:[eE][+-]?\d+)?|[+-]?{d}\d+")
+    text = raw.astype("string").str.strip()
+    ok = text.str.fullmatch(shape).fillna(False) | text.str.fullmatch(_SPECIAL).fillna(False)
+    if thousands:
+        text = text.str.replace(thousands, "", regex=False)
+    if decimal != ".":
+        text = text.str.replace(decimal, ".", regex=False)
+    return pd.to_numeric(text.where(ok), errors="coerce").astype(np.float64)
 
 
 def canonical(value: Any) -> str:
@@ -272,6 +316,19 @@ def load_frame(
     frame = pd.concat(frames, ignore_index=True)
     if frame.empty:
         raise DataError(f"{[f['path'] for f in files]}: no rows")
+    if schema.natural_id and schema.natural_id_min_rows > 1:
+        counts = frame[NATURAL].value_counts()
+        small = counts[counts < schema.natural_id_min_rows]
+        if len(small):
+            log(
+                WARNING,
+                "[tabular] natural ids with fewer than schema.natural_id_min_rows=%d rows are "
+                "one client, '%s': %s",
+                schema.natural_id_min_rows,
+                SMALL_IDS,
+                small.to_dict(),
+            )
+            frame[NATURAL] = frame[NATURAL].where(~frame[NATURAL].isin(small.index), SMALL_IDS)
     return frame, pd.concat(raws, ignore_index=True)
 
 
@@ -300,14 +357,19 @@ def _typed(
 
     for col in schema.numeric:
         raw = df[col]
-        num = pd.to_numeric(raw, errors="coerce")
+        num = parse_numbers(raw, schema.decimal, schema.thousands)
         wrong = raw.notna() & num.isna()
         if wrong.any():
             examples = sorted(set(raw[wrong].astype(str)))[:5]
+            where = [int(x) for x in np.asarray(df.attrs.get("lines") or df.index + 2)[wrong][:5]]
             raise DataError(
-                f"{path}: column '{col}' must be numeric, found {int(wrong.sum())} values like {examples}; "
+                f"{path}: column '{col}' must be numeric (schema.decimal {schema.decimal!r}, "
+                f"schema.thousands {schema.thousands!r}), found {int(wrong.sum())} values like "
+                f"{examples} (file lines {where}); "
                 "declare it categorical or add the token to schema.missing_tokens"
             )
+        if col in schema.missing_codes:
+            num = num.mask(num.isin(schema.missing_codes[col]))
         absurd = num.notna() & ~(num.abs() <= schema.max_abs)  # inf, -inf, 1e300
         if absurd.any():
             bad[
@@ -324,7 +386,11 @@ def _typed(
             )
         out[col] = num.astype(np.float64)
     for col in schema.categorical:
-        out[col] = [canonical(v) if isinstance(v, str) else "" for v in df[col]]
+        codes = {canonical(v) for v in schema.missing_codes.get(col, [])}
+        out[col] = [
+            canonical(v) if isinstance(v, str) and canonical(v) not in codes else ""
+            for v in df[col]
+        ]
     labels = df[schema.label]
     if labels.isna().any():
         bad[f"no label in '{schema.label}'"] = lines(labels.isna())
@@ -690,13 +756,25 @@ class TabularTask(Task):
     def export_partitions(self, partition_ids: list[int], path: Path) -> int:
         idx = np.concatenate([self.partition_rows(j) for j in partition_ids])
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.raw.iloc[idx].to_csv(path, index=False)
+        self._write_raw(self.raw.iloc[idx], path)
         return len(idx)
+
+    def _write_raw(self, raw: pd.DataFrame, path: Path) -> None:
+        """Rows as read, in a file the task's schema reads back the same (its delimiter and
+        encoding; missing cells as one of its missing tokens)."""
+        tokens = self.schema.missing_tokens
+        raw.to_csv(
+            path,
+            index=False,
+            sep=self.schema.delimiter,
+            encoding="utf-8" if self.schema.encoding == "utf-8-sig" else self.schema.encoding,
+            na_rep="" if "" in tokens or not tokens else tokens[0],
+        )
 
     def export_central_test(self, path: Path) -> Path:
         """Write the server's test rows (as read) to `path`, a file `task.test_file` reads."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.raw.iloc[self.test_idx].to_csv(path, index=False)
+        self._write_raw(self.raw.iloc[self.test_idx], path)
         return path
 
     @property

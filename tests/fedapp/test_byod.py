@@ -15,7 +15,7 @@ import yaml
 
 from fedapp.datasets import DATASETS, GITHUB, fetch, verify
 from fedapp.inline import run_inline
-from fedapp.schema import infer, main
+from fedapp.schema import SchemaError, infer, main
 
 
 @pytest.fixture
@@ -51,8 +51,12 @@ def test_the_schema_flags_leaks_ids_and_constants_and_says_why(table):
     assert schema["positive"] == ["bad"] and schema["negative"] == ["good"]
     assert schema["numeric"] == ["income", "loan", "rate"]
     assert set(schema["categorical"]["branch"]) == set("ABCD")
-    assert "leak" in schema["drop"]["decision"] and "ID-like" in schema["drop"]["row"]
-    assert schema["drop"]["const"] == "constant"
+    assert "leak" in schema["drop"]["decision"]
+    # `row` counts the rows 1..n: dropped as a row index, and the YAML says so
+    assert schema["drop"]["row"].startswith("row index: 'row' counts the rows (1..1200)")
+    assert schema["drop"]["const"] == "constant: every row is 'x'"
+    assert "missing_codes" not in schema  # nothing here looks like a sentinel code
+    assert schema["missing_indicators"] is True  # `rate` has NA cells
     assert any("branch (4 values)" in n for n in notes)
 
 
@@ -91,8 +95,17 @@ def test_the_written_yaml_runs_from_outside_the_repository(table, tmp_path, data
 
 
 def test_a_label_with_many_values_needs_the_positive_one(table, tmp_path):
-    with pytest.raises(SystemExit, match="--positive"):
+    # four values and no --positive: the tool stops, naming every value and its count
+    with pytest.raises(SchemaError, match="--positive") as err:
         infer(table, "branch")
+    assert "the label 'branch' has 4 values" in str(err.value)
+    assert all(f"'{v}' (" in str(err.value) for v in "ABCD")
+    # one positive and three other values: it does not guess which are negative
+    with pytest.raises(SchemaError, match="3 values besides the positive") as err:
+        infer(table, "branch", positive="A")
+    assert "--negative" in str(err.value)
+    cfg, _ = infer(table, "branch", positive=["A", "B"], negative=["C", "D"])
+    assert cfg["schema"]["positive"] == ["A", "B"] and cfg["schema"]["negative"] == ["C", "D"]
 
 
 def test_fetch_checks_the_sha256_against_a_mirror(tmp_path, data_dir):
