@@ -130,7 +130,10 @@ def check_types(ovr: Sequence[str], cfg: DictConfig) -> None:
     choices = []
     for o in ovr:
         key, sep, value = o.partition("=")
-        if not sep or key.startswith(("~", "hydra.")):
+        if key.startswith("hydra."):  # e.g. the search path of the user's own task YAMLs
+            choices.append(o)
+            continue
+        if not sep or key.startswith("~"):
             continue
         key = key.lstrip("+")
         if "." not in key and isinstance(OmegaConf.select(cfg, key), DictConfig):

@@ -148,3 +148,17 @@ def test_the_inline_launcher_says_a_type_error_in_one_line(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "fedapp: train.lr=abc: train.lr is a number (default 0.05)"
     ]
+
+
+def test_the_type_check_reads_the_users_own_task_yamls(tmp_path):
+    """The defaults a type is checked against come from the same search path: a task of the
+    user's own folder composes with a text override, and a wrong type still names the key."""
+    from fedapp.config import conf_dir
+
+    (tmp_path / "task").mkdir()
+    text = (conf_dir() / "task" / "medical.yaml").read_text()
+    (tmp_path / "task" / "mymed.yaml").write_text(text.replace("name: medical", "name: mymed"))
+    own = [f"hydra.searchpath=[file://{tmp_path}]", "task=mymed"]
+    assert compose([*own, "task.test_file=/x/test.csv"]).task.name == "mymed"
+    with pytest.raises(ConfigError, match="train.lr=abc: train.lr is a number"):
+        compose([*own, "train.lr=abc"])
