@@ -47,3 +47,13 @@ def test_each_cell_is_what_the_code_accepts(strategy):
             except ConfigError:
                 accepted = "no"
             assert accepted == claimed, f"README says {claimed} for {strategy} x {override}"
+
+
+def test_the_attack_table_names_tests_that_exist():
+    """docs/trust-boundary-attacks.md: every test it names is a test function of that file."""
+    text = (PROJECT_ROOT / "docs" / "trust-boundary-attacks.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", text)
+    assert len(named) >= 25
+    for path, name in named:
+        source = (PROJECT_ROOT / path).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} does not exist"
