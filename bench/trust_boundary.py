@@ -86,9 +86,12 @@ def noise(device: str, steps: int, repeats: int) -> list[dict]:
     ]
     for name, classes, batch, data in cases:
         row = {"model": name, "batch": batch, "steps": steps, "device": device}
-        for secure in (False, True):
-            walls = []
-            for rep in range(repeats + 1):
+        walls_of = {False: [], True: []}
+        # plain and mitigated alternate within each repeat (the first repeat warms up), so a
+        # load that comes and goes on the machine falls on both alike
+        for rep in range(repeats + 1):
+            for secure in (False, True):
+                walls = walls_of[secure]
                 torch.manual_seed(rep)
                 model = (
                     MODELS[name](classes)
@@ -105,6 +108,7 @@ def noise(device: str, steps: int, repeats: int) -> list[dict]:
                     torch.cuda.synchronize()
                 if rep:
                     walls.append((time.perf_counter() - t0) / steps)
+        for secure, walls in walls_of.items():
             row["secure" if secure else "plain"] = statistics.median(walls)
         row["overhead"] = row["secure"] / row["plain"] - 1
         out.append(row)
@@ -115,7 +119,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--skip-checks", action="store_true", help="noise only (no fedapp config)")
     args = p.parse_args(argv)
