@@ -109,7 +109,7 @@ def sign_fab(
     """Write `out_dir/<name>.fab` and its signatures (`.fab.sig.json`, keeping other keys'
     signatures of the same bytes). The private key is only read."""
     from fedapp.flower_compat import fab_filename
-    from fedapp.tls import _write
+    from fedapp.tls import write_file
 
     app_id, version = _fab_metadata(fab)
     name = name or fab_filename(fab)
@@ -125,8 +125,8 @@ def sign_fab(
             for v in json.loads(sig_path.read_text())
             if v["public_key_id"] != new["public_key_id"]
         ]
-    _write(path, fab, private=False)
-    _write(sig_path, json.dumps([*old, new], indent=1).encode(), private=False)
+    write_file(path, fab, private=False)
+    write_file(sig_path, json.dumps([*old, new], indent=1).encode(), private=False)
     return SignedApp(app_id, version, path, [*old, new])
 
 

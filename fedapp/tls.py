@@ -161,7 +161,7 @@ def _private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _write(path: Path, data: bytes, private: bool) -> None:
+def write_file(path: Path, data: bytes, private: bool) -> None:
     """Write `path` atomically: a new file (`O_EXCL`) made with its final mode, 0600 for a
     private key, renamed over the old one. An existing file's wider mode is never reused,
     and there is no moment at which the key is readable by others."""
@@ -238,8 +238,8 @@ def create_ca(creds: Credentials, days: int) -> None:
         .sign(key, hashes.SHA384())
     )
     _private_dir(creds.operator_dir)
-    _write(creds.ca_key, _pem_key(key), private=True)
-    _write(creds.ca_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_file(creds.ca_key, _pem_key(key), private=True)
+    write_file(creds.ca_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
 def create_superlink_cert(creds: Credentials, hosts: Sequence[str], days: int) -> None:
@@ -266,8 +266,8 @@ def create_superlink_cert(creds: Credentials, hosts: Sequence[str], days: int) -
         .sign(ca_key, hashes.SHA384())
     )
     _private_dir(creds.superlink_dir)
-    _write(creds.superlink_key, _pem_key(key), private=True)
-    _write(creds.superlink_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_file(creds.superlink_key, _pem_key(key), private=True)
+    write_file(creds.superlink_cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
 def signing_key_id(public_key: ed25519.Ed25519PublicKey) -> str:
@@ -297,9 +297,9 @@ def create_signing_key(creds: Credentials) -> None:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     _private_dir(creds.operator_dir)
-    _write(creds.signing_key, private, private=True)
-    _write(creds.signing_public_key, public + b" fedapp-operator\n", private=False)
-    _write(creds.trusted_entities, trusted_entities_yaml(key.public_key()), private=False)
+    write_file(creds.signing_key, private, private=True)
+    write_file(creds.signing_public_key, public + b" fedapp-operator\n", private=False)
+    write_file(creds.trusted_entities, trusted_entities_yaml(key.public_key()), private=False)
 
 
 def create_node_key(creds: Credentials, node: str) -> None:
@@ -328,8 +328,8 @@ def write_node_key(folder: Path | str, node: str) -> Path:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     _private_dir(folder)
-    _write(folder / "supernode.key", private, private=True)
-    _write(folder / "supernode.pub", public + f" {node}\n".encode(), private=False)
+    write_file(folder / "supernode.key", private, private=True)
+    write_file(folder / "supernode.pub", public + f" {node}\n".encode(), private=False)
     return folder / "supernode.pub"
 
 
@@ -337,8 +337,10 @@ def _copy_public(creds: Credentials, node: str) -> None:
     """The public files a SuperNode reads, copied into its folder (so that the folder is
     all an institution is given)."""
     _private_dir(creds.node_dir(node))
-    _write(creds.node_ca_cert(node), creds.ca_cert.read_bytes(), private=False)
-    _write(creds.node_trusted_entities(node), creds.trusted_entities.read_bytes(), private=False)
+    write_file(creds.node_ca_cert(node), creds.ca_cert.read_bytes(), private=False)
+    write_file(
+        creds.node_trusted_entities(node), creds.trusted_entities.read_bytes(), private=False
+    )
 
 
 def create_credentials(
@@ -468,7 +470,7 @@ def write_proxy_config(
     folder = Path(folder)
     _private_dir(folder)
     path = folder / "nginx.conf"
-    _write(path, proxy_config(creds, listen, superlink, folder, user).encode(), private=False)
+    write_file(path, proxy_config(creds, listen, superlink, folder, user).encode(), private=False)
     return path
 
 
@@ -562,10 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_proxy(argv[1:])
     if argv and argv[0] == "node-key":
         return _main_node_key(argv[1:])
-    if argv and argv[0] in ("sign-app", "serve-apps"):
-        from fedapp import appsign
-
-        return appsign.main(argv)
+    if argv and argv[0] in ("sign-app", "serve-apps"):  # fedapp.certs dispatches these
+        print(f"fedapp-certs {argv[0]}: run it as `fedapp-certs {argv[0]} ...`", file=sys.stderr)
+        return 2
     return _main_create(argv)
 
 
