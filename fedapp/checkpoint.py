@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import random
 import time
@@ -53,6 +52,7 @@ import torch
 from omegaconf import DictConfig
 
 from fedapp.config import ConfigError, to_dict
+from fedapp.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
@@ -137,13 +137,9 @@ def write(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the checkpoint atomically (a crash mid-write leaves the previous one)."""
     data = dumps({"version": VERSION, **state}, live={})
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_name(f".{CHECKPOINT}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     marker = {"round": int(state["round"]), "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = path.with_name(f".{MARKER}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(marker))
-    os.replace(tmp, path.with_name(MARKER))
+    write_atomic(path.with_name(MARKER), json.dumps(marker))
 
 
 def read(run_dir: Path | str) -> dict[str, Any]:

@@ -48,7 +48,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
@@ -61,6 +60,7 @@ from flwr.app import ConfigRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
 
 from fedapp.config import ConfigError
+from fedapp.files import PRIVATE, write_atomic
 from fedapp.policy import RUN_KEY, NodePolicy
 from fedapp.units import ClientUnit, TrainJob
 from tasks.dp_sgd import (  # noqa: F401 (re-exported)
@@ -440,10 +440,7 @@ def save_ledger(ledger: Ledger, state: RecordDict, path: Path | None) -> None:
     text = ledger.to_json()
     state.config_records[STATE_KEY] = ConfigRecord({"json": text})
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text, PRIVATE, durable=True)  # the institution's, across runs
 
 
 LOCKED_MESSAGES = ("train", "train.generator", "train.synthesize", "query.stats")

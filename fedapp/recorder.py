@@ -7,9 +7,9 @@ README): keys are added over time, never renamed.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from logging import INFO
@@ -23,6 +23,7 @@ from flwr.common import log
 from omegaconf import DictConfig
 
 from fedapp.config import to_dict
+from fedapp.files import write_atomic
 from fedapp.hetero import ClockGrid
 from fedapp.privacy import PrivacySpec, mark_seeded_noise, privacy_meta, seeded_noise
 from strategies.base import FedappStrategyMixin
@@ -97,9 +98,7 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(json_safe(data), indent=2, allow_nan=False))
 
 
 class Recorder:
@@ -469,13 +468,12 @@ def _yaml(cfg: DictConfig) -> str:
 
 def _write_csv(path: Path, keys: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
     extra = sorted({k for r in rows for k in r} - set(keys) - {"clients"})
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*keys, *extra], extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json_safe(v) for k, v in r.items()})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[*keys, *extra], extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json_safe(v) for k, v in r.items()})
+    write_atomic(path, text.getvalue())
 
 
 def plot_rounds(rounds: list[dict[str, Any]], out_dir: Path, title: str = "") -> list[Path]:

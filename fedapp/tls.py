@@ -45,7 +45,6 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedapp.files import PRIVATE, PUBLIC, write_atomic
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -162,23 +163,9 @@ def _private_dir(path: Path) -> None:
 
 
 def write_file(path: Path, data: bytes, private: bool) -> None:
-    """Write `path` atomically: a new file (`O_EXCL`) made with its final mode, 0600 for a
-    private key, renamed over the old one. An existing file's wider mode is never reused,
-    and there is no moment at which the key is readable by others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o600 if private else 0o644
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write `path` atomically with its final mode from the start, 0600 for a private key
+    (fedapp.files.write_atomic), synced to disk."""
+    write_atomic(path, data, PRIVATE if private else PUBLIC, durable=True)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
