@@ -66,6 +66,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from omegaconf import DictConfig
 
 from fedapp.config import ConfigError
+from fedapp.files import create_exclusive
 
 CT = "ckks-ct"  # the ciphertext of a model (uint8 bytes) in an ArrayRecord
 CT_DELTA = "ckks-d"  # FedNova: the ciphertext of the change per effective step
@@ -173,25 +174,6 @@ def _results_folder(path: Path) -> Path | None:
     return None
 
 
-def _create_exclusive(path: Path, data: bytes, mode: int) -> bool:
-    """Write `path` atomically, with `mode` from its creation (never chmod after writing), and
-    never over an existing file: False if it exists (another process won the race)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)  # atomic, and fails where the file exists
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # -- keys (the institutions' side) ---------------------------------------------------------------
 def create_keys(
     directory: Path, spec: SecureSpec = SecureSpec(name="ckks"), *, exist_ok: bool = False
@@ -216,7 +198,7 @@ def create_keys(
             raise SecureError(f"{secret} exists; not replacing a federation's key")
         if not public.exists():  # a creator stopped between the two files: derive it
             blob = load_context(secret, need_secret=True).serialize(save_secret_key=False)
-            _create_exclusive(public, blob, 0o644)
+            create_exclusive(public, blob, 0o644)
         return secret, public
     ctx = ts.context(
         ts.SCHEME_TYPE.CKKS,
@@ -224,15 +206,15 @@ def create_keys(
         coeff_mod_bit_sizes=list(spec.coeff_mod_bit_sizes),
     )
     ctx.global_scale = 2**spec.scale_bits
-    if not _create_exclusive(secret, ctx.serialize(save_secret_key=True), 0o600):
+    if not create_exclusive(secret, ctx.serialize(save_secret_key=True), 0o600):
         if exist_ok:
             return secret, public
         raise SecureError(f"{secret} was created by another process; not replacing it")
     ctx.make_context_public()
     public_bytes = ctx.serialize(save_secret_key=False)
-    if not _create_exclusive(public, public_bytes, 0o644):
+    if not create_exclusive(public, public_bytes, 0o644):
         public.unlink()  # a stale public context of an older key: replace it
-        _create_exclusive(public, public_bytes, 0o644)
+        create_exclusive(public, public_bytes, 0o644)
     return secret, public
 
 
