@@ -475,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--node-config",
         default="",
         help="extra node-config keys for every SuperNode: the institutions' own protections, "
-        'e.g. "max-epsilon=3 require-secure=ckks" (see the README\'s trust boundary)',
+        'e.g. "max-epsilon=3 require-secure=ckks" (see docs/reference/node-config.md)',
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of setup errors")
     parser.add_argument(

@@ -3,7 +3,7 @@
 Starts a private SuperLink (own FLWR_HOME, free port, no runtime dependency installation, no
 telemetry), submits the app with `flwr run --stream`, sizes the federation to the configured
 partitioning, checks the run's final status and stops every process it started. This is what
-the README quick start, `fedapp-sweep` and the tests use; plain `flwr run .` works too.
+the quick start, `fedapp-sweep` and the tests use; plain `flwr run .` works too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-round results of a run: results.json, rounds.csv, clients.csv, plots and checkpoints.
 
-`results.json` is the contract that benchmarks and later features read (documented in the
-README): keys are added over time, never renamed.
+`results.json` is the contract that benchmarks and later features read (documented in
+docs/reference/results.md): keys are added over time, never renamed.
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ These are what Flower 1.41 needs for TLS (`--ssl-ca-certfile/--ssl-certfile/--ss
 on the SuperLink, `--root-certificates` on SuperNodes), SuperNode authentication
 (`--enable-supernode-auth`, `--auth-supernode-private-key`) and app verification
 (`--trusted-entities`; signing: `fedapp-certs sign-app`, `fedapp.appsign`). The nginx
-reverse proxy that exposes only the Fleet API is written by `fedapp-certs proxy`. See the
-README's multi-host runbook.
+reverse proxy that exposes only the Fleet API is written by `fedapp-certs proxy`. See
+the multi-host runbook (docs/how-to/deploy.md).
 
     fedapp-certs DIR [--host NAME ...] [--nodes ID ...] [--days N]
     fedapp-certs proxy DIR --listen ADDRESS:PORT --superlink 127.0.0.1:PORT --out FOLDER

@@ -247,7 +247,7 @@ def test_supernodes_refuse_an_unsigned_or_wrongly_signed_app(tmp_path, data_dir)
 
 
 def _runbook() -> list[str]:
-    text = (PROJECT_ROOT / "README.md").read_text()
+    text = (PROJECT_ROOT / "docs" / "how-to" / "deploy.md").read_text()
     block = text.split("<!-- runbook -->")[1].split("<!-- /runbook -->")[0]
     lines = block.strip().strip("`").removeprefix("bash").strip().splitlines()
     return [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

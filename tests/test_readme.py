@@ -1,5 +1,6 @@
-"""The README's statements that code can check: the support table of strategies x privacy,
-encryption and compression is what `compose` accepts and refuses."""
+"""The documentation's statements that code can check: the support table of strategies x
+privacy, encryption and compression (docs/reference/support.md) is what `compose` accepts and
+refuses; the attack table names tests that exist."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ COLUMNS = {
 
 
 def _table() -> dict[str, list[str]]:
-    text = (PROJECT_ROOT / "README.md").read_text()
+    text = (PROJECT_ROOT / "docs" / "reference" / "support.md").read_text()
     block = text.split("<!-- support-table -->")[1].split("<!-- /support-table -->")[0]
     rows = [r for r in block.strip().splitlines()[2:] if r.startswith("|")]
     table = {}
@@ -46,7 +47,7 @@ def test_each_cell_is_what_the_code_accepts(strategy):
                 accepted = "yes"
             except ConfigError:
                 accepted = "no"
-            assert accepted == claimed, f"README says {claimed} for {strategy} x {override}"
+            assert accepted == claimed, f"support.md says {claimed} for {strategy} x {override}"
 
 
 def test_the_attack_table_names_tests_that_exist():

@@ -410,7 +410,7 @@ def test_a_hostile_server_routing_one_clients_ciphertext_to_another(data_dir, cl
     """What happens, and the stated limit: the server alone reads nothing; a fresh ciphertext
     forwarded as is is refused; forwarded through a weighted sum (x 1.0) it is indistinguishable
     from an aggregate, and client B trains on client A's model (with one key shared by every
-    institution no client can tell; README and meta.secure say so)."""
+    institution no client can tell; docs/how-to/encryption.md and meta.secure say so)."""
     a, b = _client(0), _client(1)
     start = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in layout.items()})
     reply_a, _ = _train(a, start)  # client A's encrypted model: everything zero + 0.01
@@ -434,9 +434,9 @@ def test_a_hostile_server_routing_one_clients_ciphertext_to_another(data_dir, cl
     np.testing.assert_allclose(np.concatenate([v.ravel() for v in seen.values()]), y_a, atol=1e-6)
     meta = secure_meta(compose(CREDIT))
     assert "send one client's" in meta["collusion_limit"]
-    readme = (PROJECT_ROOT / "README.md").read_text()
+    guide = (PROJECT_ROOT / "docs" / "how-to" / "encryption.md").read_text()
     assert "the operator together with any one institution learns every individual update" in (
-        " ".join(readme.split())
+        " ".join(guide.split())
     )
 
 
