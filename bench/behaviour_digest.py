@@ -85,7 +85,40 @@ JOBS: dict[str, str] = {
     ),
     "medical-contribution": f"{MEDICAL} strategy=contribution server_val_fraction=0.1",
     "medical-trust-flip": f"{MEDICAL} strategy=trust attack=label_flip attack.fraction=0.25",
+    # what Architecture II moves (issue 32): compression codecs, DP (seeded test mode, see
+    # SEEDED), rare-class augmentation, strategy=synthetic, MOON, mixed precision
+    **{
+        f"credit-fedavg-{c}": f"{CREDIT} strategy=fedavg compression={c}"
+        for c in ("fp16", "int8", "topk")
+    },
+    "credit-scaffold-topk": f"{CREDIT} strategy=scaffold compression=topk",
+    "credit-sample_dp": f"{CREDIT} strategy=fedavg privacy=sample_dp privacy.target_epsilon=3",
+    "medical-contribution-sample_dp": (
+        f"{MEDICAL} strategy=contribution server_val_fraction=0.1 privacy=sample_dp "
+        "privacy.target_epsilon=3 privacy.levels={cleveland:1.5}"
+    ),
+    "credit-central_dp": (
+        f"{CREDIT} strategy=fedavg privacy=central_dp privacy.noise_multiplier=1 "
+        "privacy.target_epsilon=50"
+    ),
+    "credit-augment": (
+        f"{CREDIT} strategy=fedavg augment=rare_class augment.generator.rounds=1 "
+        "augment.generator.epochs=1"
+    ),
+    "credit-synthetic-hybrid": (
+        f"{CREDIT} strategy=synthetic strategy.mode=hybrid strategy.generator.rounds=1 "
+        "strategy.generator.epochs=1 strategy.generator.finetune_epochs=1"
+    ),
+    "credit-synthetic-oneshot-dp": (
+        f"{CREDIT} strategy=synthetic strategy.generator.rounds=0 "
+        "strategy.generator.finetune_epochs=1 privacy=sample_dp privacy.target_epsilon=3"
+    ),
+    "femnist-moon": f"{FEMNIST} strategy=moon",
+    "credit-bf16": f"{CREDIT} strategy=fedprox train.precision=bf16",
 }
+# DP jobs run in the seeded-noise test mode (tasks.dp_sgd.SEEDED_NOISE_ENV): real DP noise is
+# secret, so two runs differ by design; seeded, everything else about them must repeat.
+SEEDED = {k for k, v in JOBS.items() if "privacy=" in v}
 # Wall-clock numbers differ from run to run; everything else must not.
 VOLATILE_ROUND = {"wall_s", "elapsed_s", "aggregate_s"}
 VOLATILE_CLIENT = {"train_time_s", "crypto_s"}
@@ -145,6 +178,8 @@ def _tensor_hash(path: Path) -> str:
 def run_job(name: str, overrides: str, root: Path, work: Path) -> tuple[str, dict]:
     out = work / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if name in SEEDED:
+        env["FEDAPP_INSECURE_SEEDED_DP_NOISE"] = "1"
     log = work / f"{name}.log"
     with log.open("w") as fh:
         rc = subprocess.call(
