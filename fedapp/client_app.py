@@ -17,27 +17,33 @@ server as Flower error replies (the run continues without this client).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from hydra.utils import get_class
+from omegaconf import DictConfig
 
 from fedapp import synthetic
+from fedapp.attacks import AttackHarness
 from fedapp.clients import IDENTITY_RECORD, virtual_client_mod
 from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
 from fedapp.identity import sign_claim
 from fedapp.node import client_seed, load_node, round_prep
-from fedapp.policy import NodePolicy, PolicyRefusal
+from fedapp.policy import NodePolicy, PolicyRefusal, registered_strategy
 from fedapp.privacy import (
+    CentralDPClient,
     PrivacySpec,
+    SampleDP,
     central_clipping_mod,
     ledger_lock_mod,
     private_stats,
     run_key,
 )
 from fedapp.secure import keys_reply, secure_mod
-from fedapp.units import TrainJob, compose_units, run_units
+from fedapp.units import STAGES, ClientUnit, TrainJob, run_units
 from tasks.training import TrainSettings
 
 # What a training reply carries when the node sends no metric computed on the received model
@@ -48,6 +54,35 @@ MODEL_FREE = ("num-examples", "train_steps", "train_time_s", "label-counts")
 # runs with that client's partition and state (fedapp.clients); then a message that may spend
 # privacy holds its institution's ledger lock (fedapp.privacy.ledger_lock_mod).
 app = ClientApp(mods=[virtual_client_mod, ledger_lock_mod])
+
+
+# -- the units of a training message (fedapp.units.STAGES: stage -> its unit classes) ----------
+StageResolver = Callable[[DictConfig], list[type[ClientUnit]]]
+
+
+def strategy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
+    """The configured strategy's client part (`client_units` of its class), imported only
+    when registered in the node's own conf/strategy/ (fedapp.policy.registered_strategy)."""
+    target = registered_strategy(str(cfg.strategy._target_))
+    return list(getattr(get_class(target), "client_units", ()))
+
+
+RESOLVERS: dict[str, StageResolver] = {
+    "attack": lambda cfg: [AttackHarness],
+    "augment": lambda cfg: [synthetic.RareClassAugment],
+    "privacy": lambda cfg: [SampleDP, CentralDPClient],
+    "strategy": strategy_units,
+}
+
+
+def compose_units(job: TrainJob) -> list[ClientUnit]:
+    """The units of this training message, outermost first (see fedapp.units.STAGES)."""
+    units: list[ClientUnit] = []
+    for stage in STAGES:
+        for cls in RESOLVERS[stage](job.cfg):
+            if cls.wanted(job):
+                units.append(cls())
+    return units
 
 
 def _job(msg: Message, context: Context) -> TrainJob:

@@ -13,8 +13,9 @@ belong to:
 | privacy | sample-level DP-SGD with Opacus, its accountant and budget | `fedapp/privacy.py` |
 | strategy | a strategy's client part (FedProx's proximal term, SCAFFOLD's controls, contribution's validation gain and distillation, MOON's contrastive term) | its module in `strategies/`, listed in the strategy class's `client_units` |
 
-The ClientApp (`fedapp/client_app.py`) composes them for every training message in one
-order, stated once here (`STAGES`, outermost first). They nest like middleware: every
+The ClientApp (`fedapp/client_app.py`, `compose_units`) composes them for every training
+message in one order, stated once here (`STAGES`, outermost first); this module is the
+interface only and imports none of them. They nest like middleware: every
 `before_train` runs in that order, then local training, then every `after_train` in the
 reverse order. So the strategy's part sees the model its own training produced, the attack
 harness tampers with what an otherwise honest client would send, and DP-SGD wraps the
@@ -27,7 +28,6 @@ messages, probes and heartbeats included, so it is a Flower mod registered per h
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -102,56 +102,6 @@ class ClientUnit:
 
     def after_train(self, job: TrainJob) -> None:
         """After local training: change or add to what the reply carries."""
-
-
-# stage -> function (run config) -> unit classes of that stage, in order
-StageResolver = Callable[[DictConfig], list[type[ClientUnit]]]
-
-
-def strategy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
-    """The configured strategy's client part (`client_units` of its class)."""
-    from hydra.utils import get_class
-
-    from fedapp.policy import registered_strategy
-
-    target = registered_strategy(str(cfg.strategy._target_))  # only the node's own components
-    return list(getattr(get_class(target), "client_units", ()))
-
-
-def attack_units(cfg: DictConfig) -> list[type[ClientUnit]]:
-    from fedapp.attacks import AttackHarness
-
-    return [AttackHarness]
-
-
-def augment_units(cfg: DictConfig) -> list[type[ClientUnit]]:
-    from fedapp.synthetic import RareClassAugment
-
-    return [RareClassAugment]
-
-
-def privacy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
-    from fedapp.privacy import CentralDPClient, SampleDP
-
-    return [SampleDP, CentralDPClient]
-
-
-RESOLVERS: dict[str, StageResolver] = {
-    "attack": attack_units,
-    "augment": augment_units,
-    "privacy": privacy_units,
-    "strategy": strategy_units,
-}
-
-
-def compose_units(job: TrainJob) -> list[ClientUnit]:
-    """The units of this training message, outermost first (see `STAGES`)."""
-    units: list[ClientUnit] = []
-    for stage in STAGES:
-        for cls in RESOLVERS[stage](job.cfg):
-            if cls.wanted(job):
-                units.append(cls())
-    return units
 
 
 def run_units(job: TrainJob, units: list[ClientUnit]) -> None:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedapp.client_app import compose_units
 from fedapp.config import ConfigError, compose
 from fedapp.inline import run_inline
 from fedapp.privacy import (
@@ -32,7 +33,7 @@ from fedapp.privacy import (
     privatize_stats,
     save_ledger,
 )
-from fedapp.units import TrainJob, compose_units, run_units
+from fedapp.units import TrainJob, run_units
 from strategies.fedprox import ProximalHook
 from tasks import get_task
 from tasks.training import TrainSettings

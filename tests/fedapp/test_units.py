@@ -8,8 +8,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedapp.attacks import AttackHarness
+from fedapp.client_app import compose_units
 from fedapp.config import compose
-from fedapp.units import STAGES, ClientUnit, TrainJob, compose_units, run_units
+from fedapp.units import STAGES, ClientUnit, TrainJob, run_units
 from strategies.contribution import Distillation, ValidationGain
 from strategies.fedprox import ProximalTerm
 from strategies.scaffold import SERVER_CONTROL, ScaffoldClient
