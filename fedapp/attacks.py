@@ -1,8 +1,8 @@
 """A harness of unreliable and malicious clients, applied inside the ClientApp.
 
 Selected with Hydra: `attack=label_flip attack.fraction=0.3` (likewise `gaussian`, `scaled`,
-`free_rider`, `crash`; `attack=none` by default). Which clients misbehave is a pure function
-of (seed, number of partitions, fraction), so the server knows the same set and can report
+`free_rider`, `crash`, `inflate`; `attack=none` by default). Which clients misbehave is a pure
+function of (seed, number of partitions, fraction), so the server knows the same set and can report
 how much aggregation weight attackers received (`attacker_weight` per round) without any
 client telling it. Every random choice is seeded; the attack is recorded in the run's config.
 
@@ -15,7 +15,10 @@ Attacks (what an attacking client does in a training round):
   its previous participation (`mode: stale`), optionally with a little noise to look busy;
   it claims its real number of examples;
 - `crash`: with probability `probability` per round, raises (`mode: exception`, the server
-  receives an error reply) or returns NaN weights (`mode: nan`).
+  receives an error reply) or returns NaN weights (`mode: nan`);
+- `inflate`: trains honestly but claims `claim` examples (`num-examples`, default 1e12) with
+  its label histogram scaled to match, to take the weight of every average proportional to
+  the claim (strategies/claims.py caps it).
 
 Simulation only: in a deployment, nodes that hold their own files have no partition id and
 are never attackers. `AttackHarness` is the client-side unit (fedapp/units.py) that applies
@@ -35,7 +38,7 @@ from omegaconf import DictConfig
 
 from fedapp.units import ClientUnit, TrainJob
 
-ATTACKS = ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash")
+ATTACKS = ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash", "inflate")
 # One RNG stream per purpose, so adding one never shifts another.
 _STREAM_ASSIGN, _STREAM_NOISE, _STREAM_CRASH = 0xA77AC, 0x0015E, 0xC4A54
 
@@ -57,6 +60,7 @@ class AttackSpec:
     mode: str = ""  # free_rider: unchanged | stale; crash: exception | nan
     noise_std: float = 0.0  # free_rider
     probability: float = 1.0  # crash
+    claim: float = 1e12  # inflate: the num-examples claimed
 
     @classmethod
     def from_config(cls, cfg: DictConfig | Mapping[str, Any] | None) -> AttackSpec:
@@ -74,6 +78,7 @@ class AttackSpec:
             mode=str(raw.get("mode", "") or ""),
             noise_std=float(raw.get("noise_std", 0.0)),
             probability=float(raw.get("probability", 1.0)),
+            claim=float(raw.get("claim", 1e12)),
         )
         if not 0.0 <= spec.fraction <= 1.0:
             raise AttackError(f"attack.fraction={spec.fraction} must be in [0, 1]")
@@ -85,6 +90,8 @@ class AttackSpec:
             raise AttackError(f"attack.probability={spec.probability} must be in [0, 1]")
         if spec.std < 0 or spec.noise_std < 0:
             raise AttackError("attack.std and attack.noise_std must be >= 0")
+        if name == "inflate" and not 1 <= spec.claim < 2**62:
+            raise AttackError(f"attack.claim={spec.claim:g} must be in [1, 2^62)")
         return spec
 
     @property
@@ -166,7 +173,17 @@ def poisoned_state(
 def trains_locally(spec: AttackSpec) -> bool:
     """Whether an attacker of this kind runs local training at all (a crasher trains like an
     honest client in the rounds it does not crash)."""
-    return spec.name in ("none", "label_flip", "scaled", "crash")
+    return spec.name in ("none", "label_flip", "scaled", "crash", "inflate")
+
+
+def inflated_claim(label_counts, claim: float) -> tuple[int, list[int]]:
+    """(num-examples, label-counts) an `inflate` attacker reports: its histogram scaled to
+    about `claim` rows, and the claim made to add up exactly (so that no consistency check
+    between the two gives it away)."""
+    counts = np.asarray(label_counts, dtype=np.float64)
+    total = float(counts.sum())
+    scaled = [int(round(c * claim / total)) for c in counts] if total > 0 else [int(claim)]
+    return int(sum(scaled)), scaled
 
 
 # -- the client-side unit ----------------------------------------------------------------------
@@ -220,6 +237,10 @@ class AttackHarness(ClientUnit):
 
     def after_train(self, job: TrainJob) -> None:
         spec = self.spec
+        if spec.name == "inflate":  # honest weights, a huge claim
+            n, counts = inflated_claim(job.data.label_counts, spec.claim)
+            job.reply_metrics.update({"num-examples": n, "label-counts": counts})
+            return
         # Model poisoning replaces the weights sent; a crasher does so only in rounds it crashes.
         if spec.name == "label_flip" or (spec.name == "crash" and not self.crashes):
             return

@@ -57,7 +57,9 @@ from fedapp.files import write_atomic
 CHECKPOINT = "checkpoint.pt"
 MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
 VERSION = 1
-NOT_COMPARED = ("rounds", "resume", "output_dir")  # what a resume may change
+# what a resume may change: the rounds, and where things are (the launchers write the node
+# key registry of each run beside its credentials)
+NOT_COMPARED = ("rounds", "resume", "output_dir", "node_keys")
 
 
 class CheckpointError(RuntimeError):
@@ -161,6 +163,11 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
     differ = sorted(
         k for k in set(saved) | set(now) if k not in NOT_COMPARED and saved.get(k) != now.get(k)
     )
+    if differ:  # settings added since the checkpoint was written, at their defaults
+        from fedapp.config import default_config
+
+        defaults = to_dict(default_config())
+        differ = [k for k in differ if k in saved or now.get(k) != defaults.get(k)]
     if differ:
         raise ConfigError(
             f"resume: the config differs from the checkpointed run's in {differ}; a resume "

@@ -33,6 +33,7 @@ is mapped here, in one place:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -70,18 +71,76 @@ class NodeInfo:
     has_data_path: bool
     nonce: str = ""  # the discovery query's (fedapp.identity)
     signature: bytes = b""  # its signature of its partition claim (b"": none)
+    refusal: str = ""  # why its answer is unusable (then it serves no client)
 
     @classmethod
     def from_metrics(
-        cls, metrics: Mapping[str, int], nonce: str = "", signature: bytes = b""
+        cls, metrics: Mapping[str, Any], nonce: str = "", signature: Any = b""
     ) -> NodeInfo:
+        """What a discovery answer says, or (any field of another type or range) a NodeInfo
+        whose `refusal` says why it is unusable: a reply never raises here."""
+        fields: dict[str, int] = {}
+        for key, low in (("partition-id", -1), ("num-partitions", -1), ("has-data-path", 0)):
+            value = metrics.get(key, -1 if low < 0 else 0)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value != int(value)
+                or not low <= value < MAX_PARTITION_ID
+            ):
+                return cls(-1, -1, False, nonce, b"", f"unusable discovery answer: {key}={value!r}")
+            fields[key] = int(value)
+        if fields["has-data-path"] not in (0, 1):
+            return cls(-1, -1, False, nonce, b"", "unusable discovery answer: has-data-path")
+        if not isinstance(signature, bytes) or len(signature) > MAX_SIGNATURE:
+            return cls(-1, -1, False, nonce, b"", "unusable discovery answer: its signature")
         return cls(
-            int(metrics.get("partition-id", -1)),
-            int(metrics.get("num-partitions", -1)),
-            bool(metrics.get("has-data-path", 0)),
+            fields["partition-id"],
+            fields["num-partitions"],
+            bool(fields["has-data-path"]),
             nonce,
-            bytes(signature),
+            signature,
         )
+
+
+MAX_PARTITION_ID = 2**31  # beyond any federation (the federation's size bounds it further)
+MAX_SIGNATURE = 4096  # bytes of a partition claim's signature (an SSH signature is ~300)
+
+
+def claim_refusals(
+    nodes: Mapping[int, NodeInfo], num_clients: int | None, registered: Iterable[int] = ()
+) -> dict[int, str]:
+    """Nodes whose partition claim cannot be taken (node id -> why): an unusable answer, a
+    partition id beyond the federation (the task's partitions, the nodes that answered, the
+    federation size most nodes were told, the registered node keys: the largest of these), or
+    a partition id that two or more nodes holding their own data claim (none of them is used:
+    taking either would let an impostor take an institution's place; node keys tell them
+    apart). The run goes on with the others."""
+    out = {n: i.refusal for n, i in nodes.items() if i.refusal}
+    told = sorted(
+        i.num_partitions for n, i in nodes.items() if n not in out and i.num_partitions > 0
+    )
+    lower_median = told[(len(told) - 1) // 2] if told else 0
+    bound = max(num_clients or 0, len(nodes), lower_median, max(registered, default=-1) + 1)
+    claims: dict[int, list[int]] = {}
+    for nid, info in sorted(nodes.items()):
+        if nid in out or info.partition_id < 0:
+            continue
+        if info.partition_id >= bound:
+            out[nid] = (
+                f"partition-id {info.partition_id} is beyond the federation's {bound} clients"
+            )
+        elif info.has_data_path:
+            claims.setdefault(info.partition_id, []).append(nid)
+    for pid, nids in claims.items():
+        if len(nids) > 1:
+            for nid in nids:
+                out[nid] = (
+                    f"nodes {', '.join(map(str, nids))} all claim partition-id {pid}: none of "
+                    "them is used (register their keys with node_keys= to tell them apart)"
+                )
+    return out
 
 
 @dataclass
@@ -130,9 +189,14 @@ def query_nodes(grid: Grid, node_ids: list[int], wait_s: float) -> dict[int, Nod
         if reply.has_error():
             log(WARNING, "node %d did not answer the discovery query: %s", src, reply.error.reason)
             continue
-        identity = reply.content.config_records.get(IDENTITY_RECORD)
-        signature = identity.get("signature", b"") if identity is not None else b""
-        info[src] = NodeInfo.from_metrics(reply.content["metrics"], nonces.get(src, ""), signature)
+        try:  # an answer of any form: refused with the reason (NodeInfo.refusal), never raised
+            identity = reply.content.config_records.get(IDENTITY_RECORD)
+            signature = identity.get("signature", b"") if identity is not None else b""
+            metrics = reply.content.metric_records["metrics"]
+            info[src] = NodeInfo.from_metrics(metrics, nonces.get(src, ""), signature)
+        except Exception as exc:  # noqa: BLE001
+            why = f"unusable discovery answer ({type(exc).__name__}: {str(exc)[:200]})"
+            info[src] = NodeInfo(-1, -1, False, nonces.get(src, ""), b"", why)
     return info
 
 
@@ -201,10 +265,15 @@ class ClientGrid(Grid):
         self.node_keys = node_keys
         self.ignored: dict[int, str] = {}  # node id -> why it is not used
         for nid, info in sorted(nodes.items()):
-            why = self._identity_refusal(info)
+            why = info.refusal or self._identity_refusal(info)
             if why:
                 self.ignored[nid] = why
                 log(WARNING, "[fedapp] node %d refused: %s", nid, why)
+        nodes = {n: i for n, i in nodes.items() if n not in self.ignored}
+        registered = [int(p) for p in (node_keys or {})]
+        for nid, why in sorted(claim_refusals(nodes, num_clients, registered).items()):
+            self.ignored[nid] = why
+            log(WARNING, "[fedapp] node %d refused: %s", nid, why)
         nodes = {n: i for n, i in nodes.items() if n not in self.ignored}
         served, virtual = assign_clients(nodes, num_clients)
         self.status = {
@@ -285,7 +354,7 @@ class ClientGrid(Grid):
     def _adopt(self, nid: int, info: NodeInfo) -> None:
         """A SuperNode that connected after discovery: the same institution back, or not ours."""
         self.nodes[nid] = info
-        why = self._identity_refusal(info)
+        why = info.refusal or self._identity_refusal(info)
         if why:
             self.ignored[nid] = why
             log(WARNING, "[fedapp] node %d refused: %s", nid, why)

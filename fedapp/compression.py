@@ -41,6 +41,14 @@ RESIDUAL_KEY = "fedapp.topk-residual"
 FP16, INT8, SCALE, INDEX, VALUE = "#fp16", "#int8", "#scale", "#idx", "#val"
 # the packed arrays each codec sends (besides any non-float arrays, which go as they are)
 CODEC_ARRAYS = {"fp16": (FP16,), "int8": (INT8, SCALE), "topk": (INDEX, VALUE)}
+# ... and their dtypes (the server refuses any other: top-k indices sent as floats, say)
+CODEC_DTYPES = {
+    FP16: np.dtype(np.float16),
+    INT8: np.dtype(np.int8),
+    SCALE: np.dtype(np.float32),
+    INDEX: np.dtype(np.int32),
+    VALUE: np.dtype(np.float32),
+}
 
 
 class CompressionError(ValueError):
@@ -154,13 +162,7 @@ def encode(
         offset += v.size
     if offset >= 2**31:
         raise CompressionError(f"{offset} values: too many for int32 top-k indices")
-    dtypes = {
-        FP16: np.float16,
-        INT8: np.int8,
-        SCALE: np.float32,
-        INDEX: np.int32,
-        VALUE: np.float32,
-    }
+    dtypes = CODEC_DTYPES
     for name in CODEC_ARRAYS[spec.name]:
         chunks = parts.get(name, [])
         out[name] = (
@@ -181,6 +183,9 @@ def decode(
     sizes = [layout[k].size for k in keys]
     total = sum(sizes)
     arrays = {name: np.asarray(encoded[name]).ravel() for name in CODEC_ARRAYS[spec.name]}
+    for name, a in arrays.items():  # what the codec sends, exactly (never cast blindly)
+        if a.dtype != CODEC_DTYPES[name]:
+            raise CompressionError(f"{name} is {a.dtype}, the codec sends {CODEC_DTYPES[name]}")
     if spec.name == "fp16":
         flat = _exact_length(arrays[FP16], total, FP16).astype(np.float32)
     elif spec.name == "int8":
@@ -193,11 +198,13 @@ def decode(
             at, bt = at + n, bt + b
         flat = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     else:  # topk
-        idx, val = arrays[INDEX], arrays[VALUE]
+        idx, val = arrays[INDEX].astype(np.int64), arrays[VALUE]
         if len(idx) != len(val):
             raise CompressionError(f"{len(idx)} top-k indices but {len(val)} values")
         if len(idx) and (idx.min() < 0 or idx.max() >= total):
             raise CompressionError(f"top-k indices outside the model's {total} values")
+        if len(np.unique(idx)) != len(idx):
+            raise CompressionError("repeated top-k indices")
         flat = np.zeros(total, dtype=np.float32)
         flat[idx] = val.astype(np.float32)
     at = 0
@@ -227,8 +234,10 @@ def decode_reply(record: ArrayRecord, spec: CompressionSpec, base: ArrayRecord) 
     layout = _named(base)
     try:
         update = decode(_named(record), spec, layout)
-    except (KeyError, ValueError) as err:
-        raise CompressionError(f"the reply cannot be decoded as {spec.name}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - whatever a reply holds: a rejected reply
+        raise CompressionError(
+            f"the reply cannot be decoded as {spec.name}: {type(err).__name__}: {err}"
+        ) from err
     return _record(
         {
             k: (layout[k] + update[k]).astype(layout[k].dtype) if _floats(layout[k]) else update[k]

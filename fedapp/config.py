@@ -108,6 +108,11 @@ def _defaults(choices: tuple[str, ...]) -> DictConfig:
             GlobalHydra.instance().clear()
 
 
+def default_config() -> DictConfig:
+    """The config without any override (not validated; cached)."""
+    return _defaults(())
+
+
 def _kind_ok(default: Any, text: str) -> bool:
     if isinstance(default, bool):
         return text.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0")

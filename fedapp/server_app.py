@@ -35,6 +35,7 @@ from fedapp.secure import (
     server_aggregator,
 )
 from strategies import build_strategy
+from strategies.claims import ClaimPolicy, clip_counts
 from tasks import DataError, Task, get_task
 from tasks.training import TrainSettings
 
@@ -77,13 +78,22 @@ def discover_nodes(grid: Grid, min_nodes: int, wait_s: float) -> dict[int, NodeI
         time.sleep(1.0)
 
 
-def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -> list[dict]:
+def collect_stats(
+    grid: Grid,
+    node_ids: list[int],
+    timeout: float,
+    task: Task,
+    by_client: dict[int, dict] | None = None,
+    refused: dict[int, str] | None = None,
+) -> list[dict]:
     """One `query.stats` to every client for the sufficient statistics of its training rows.
 
     Only sums, sums of squares, counts and label histograms leave a client (never rows); the
     server screens each client's (`task.screen_stats`: shape, finite, plausible, as updates are)
     and adds them up (`task.aggregate_stats`) for feature scaling, imputation and class weights.
-    A client that fails or sends unusable statistics is reported and left out of them.
+    A client that fails or sends unusable statistics (whatever its reply holds) is reported
+    and left out of them. `by_client` (if given) receives each usable reply by client id,
+    `refused` why each unusable one was left out.
     """
     msgs = [
         Message(RecordDict(), dst_node_id=nid, message_type=f"{MessageType.QUERY}.stats")
@@ -97,12 +107,22 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -
             if REFUSED in reply.error.reason:
                 refusals.append(reply.error.reason[reply.error.reason.index(REFUSED) :])
             continue
-        values = {k: list(v) for k, v in reply.content["metrics"].items()}
-        why = task.screen_stats(values)
+        try:  # a reply of any form: a rejected one, never an exception
+            values = {
+                str(k): [float(x) for x in v]
+                for k, v in reply.content.metric_records["metrics"].items()
+            }
+            why = task.screen_stats(values)
+        except Exception as exc:  # noqa: BLE001
+            why = f"malformed statistics ({type(exc).__name__}: {str(exc)[:200]})"
         if why:
             log(WARNING, "node %d statistics rejected (left out): %s", src, why)
+            if refused is not None:
+                refused[src] = why
             continue
         stats.append(values)
+        if by_client is not None:
+            by_client[src] = values
     log(INFO, "[fedapp] preprocessing statistics from %d of %d clients", len(stats), len(node_ids))
     if not stats:
         why = (
@@ -116,6 +136,88 @@ def collect_stats(grid: Grid, node_ids: list[int], timeout: float, task: Task) -
             f"features cannot be scaled{why}"
         )
     return stats
+
+
+STATS_ROWS = "stats.labels"  # a client's training rows: the sum of its label histogram
+
+
+STATS_MEAN_Z = 10.0  # a client's feature mean this many robust spreads from the others' is a lie
+STATS_STD_Z = 25.0  # ... and its standard deviation this many (measured honest maxima: 1.9, 8.2)
+
+
+def implausible_stats(by_client: dict[int, dict[str, list[float]]]) -> dict[int, str]:
+    """Clients whose exact statistics cannot be an honest client's (client id -> why): a feature
+    mean more than STATS_MEAN_Z robust spreads from the median of the clients' means, or a
+    standard deviation more than STATS_STD_Z of them (the spread: the larger of the clients'
+    median standard deviation and the median absolute deviation of their means). Honest
+    clients of every natural, IID and size-skewed split here stay within 1.9 and 8.2 (tiny
+    medical clients of 5 rows up to ~7); needs three clients or more."""
+    keys = ("stats.count", "stats.sum", "stats.sumsq")
+    ids = [c for c, v in sorted(by_client.items()) if all(k in v for k in keys)]
+    if len(ids) < 3:
+        return {}
+    count, total, sumsq = (np.array([by_client[c][k] for c in ids], dtype=np.float64) for k in keys)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(count > 0, total / count, np.nan)
+        std = np.sqrt(np.clip(np.where(count > 0, sumsq / count - mean**2, np.nan), 0, None))
+    center = np.nanmedian(mean, axis=0)
+    spread = np.maximum(
+        np.nanmedian(std, axis=0), 1.4826 * np.nanmedian(np.abs(mean - center), axis=0)
+    )
+    spread = np.where(
+        np.isfinite(spread) & (spread > 0),
+        spread,
+        1e-6 * np.maximum(np.abs(np.nan_to_num(center)), 1.0),
+    )
+    out = {}
+    for i, cid in enumerate(ids):
+        with np.errstate(invalid="ignore"):
+            z_mean = np.nan_to_num(np.abs(mean[i] - center) / spread)
+            z_std = np.nan_to_num(std[i] / spread)
+        if z_mean.max(initial=0) > STATS_MEAN_Z or z_std.max(initial=0) > STATS_STD_Z:
+            j = int(np.argmax(np.maximum(z_mean / STATS_MEAN_Z, z_std / STATS_STD_Z)))
+            out[cid] = (
+                f"feature {j}: mean {mean[i, j]:.4g} and standard deviation {std[i, j]:.4g} "
+                f"where the clients' median is {center[j]:.4g} with a spread of {spread[j]:.4g} "
+                f"(more than {STATS_MEAN_Z:g} / {STATS_STD_Z:g} spreads off)"
+            )
+    return out
+
+
+def robust_stats(
+    by_client: dict[int, dict[str, list[float]]], policy: ClaimPolicy, exact: bool = True
+) -> tuple[list[dict[str, list[float]]], dict[int, float], dict[int, str]]:
+    """(the statistics to combine, each client's training rows, the clients left out and why).
+
+    Exact statistics (no sample_dp noise) that no honest client can have (`implausible_stats`)
+    are left out; every client's rows are clipped at `claims.stats_max_ratio` x the clients'
+    median: a clipped client's additive statistics (counts, sums, sums of squares, label
+    counts) are scaled down together, so it keeps its means and variances but no more than
+    that weight in the global ones. So a client sending huge whole counts with matching sums
+    moves no global mean: its means are out of line (left out), or its weight is bounded. An
+    honest federation's statistics are combined exactly as before (nothing triggers)."""
+    refused = implausible_stats(by_client) if exact else {}
+    for cid, why in refused.items():
+        log(WARNING, "client %d statistics rejected (left out): %s", cid, why)
+    kept = {c: v for c, v in by_client.items() if c not in refused}
+    rows = {c: float(sum(v[STATS_ROWS])) for c, v in kept.items() if STATS_ROWS in v}
+    clipped = clip_counts(rows, policy.stats_max_ratio)
+    out = []
+    for cid, values in sorted(kept.items()):
+        factor = clipped[cid] / rows[cid] if cid in rows and rows[cid] > clipped[cid] else 1.0
+        if factor < 1.0:
+            log(
+                WARNING,
+                "client %d's statistics count %g rows, %.3gx the clients' median: weighed as %g "
+                "(claims.stats_max_ratio)",
+                cid,
+                rows[cid],
+                rows[cid] / max(float(np.median(list(rows.values()))), 1e-12),
+                clipped[cid],
+            )
+            values = {k: [x * factor for x in v] for k, v in values.items()}
+        out.append(values)
+    return out, clipped, refused
 
 
 def server_loss_fn(task, dataset, prep: dict[str, list[float]]):
@@ -379,12 +481,31 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
     strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
     prep: dict[str, list[float]] = {}
+    claims = ClaimPolicy.from_config(cfg.get("claims"))  # caps on claimed num-examples
+    stats_rows: dict[int, float] = {}  # partition id -> training rows its statistics counted
+    stats_refused: dict[int, str] = {}  # client id -> why its statistics were left out
     if saved is not None:  # the same parameters, and no privacy spent on asking again
-        prep = saved["prep"]
+        prep = saved["prep"]  # (and the strategy's `stats_rows` come with its state)
     elif task.needs_stats:  # before the clock starts, as discovery
-        prep = task.aggregate_stats(
-            collect_stats(clients, sorted(node_partitions), float(cfg.round_timeout_s), task)
+        by_client: dict[int, dict] = {}
+        collect_stats(
+            clients,
+            sorted(node_partitions),
+            float(cfg.round_timeout_s),
+            task,
+            by_client,
+            stats_refused,
         )
+        # exact counts only: noised ones (privacy=sample_dp) say nothing of one client's rows
+        exact = not PrivacySpec.from_config(cfg.get("privacy")).sample_level
+        stats, rows, implausible = robust_stats(by_client, claims, exact)
+        stats_refused.update(implausible)
+        if not stats:
+            raise DataError("no client sent plausible preprocessing statistics (see the warnings)")
+        prep = task.aggregate_stats(stats)
+        if exact:
+            stats_rows = {node_partitions[c]: r for c, r in rows.items() if c in node_partitions}
+    strategy.bind_claims(claims, stats_rows)
     clock, profiles = make_clock(clients, cfg, task, node_partitions)
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
     torch.manual_seed(int(cfg.seed))
@@ -402,6 +523,10 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         clients_started_unix=clients.started_unix,
     )
     meta["nodes_refused"] = clients.ignored  # node id -> why (kept up to date by the grid)
+    if stats_refused:  # partition id -> why its statistics were left out
+        meta["stats_refused"] = {
+            str(node_partitions.get(c, c)): w for c, w in stats_refused.items()
+        }
     if clock.spec.active:
         meta["device_class"] = {p: prof.tier_class for p, prof in profiles.items()}
     if prep:

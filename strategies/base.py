@@ -8,9 +8,12 @@
   though Flower's node ids are random (Flower's own sampler uses an unseeded `random.sample`
   and waits without limit for `min_available_nodes`); messages are built with Flower's public
   `Message` API, a strategy adds what it sends through `round_config`;
-- reply screening: error replies, replies whose arrays do not match the global model, and
-  replies with NaN/Inf are dropped and reported instead of crashing the ServerApp or
-  poisoning the average;
+- reply screening: error replies, replies whose arrays do not match the global model,
+  replies with NaN/Inf and replies whose metrics are out of type, range or form
+  (strategies.screening) are dropped and reported instead of crashing the ServerApp or
+  poisoning the average; a reply whose screening itself fails is a rejected reply too;
+- claim caps: every accepted `num-examples` is capped (strategies.claims) before any weight,
+  CKKS weight or evaluation average is computed from it;
 - typed round records (`strategies.records`) that the results recorder reads.
 
 The aggregation rule proper is Flower's (`aggregate_accepted` calls the Flower strategy's
@@ -45,7 +48,14 @@ from fedapp.compression import CompressionError, CompressionSpec, decode_reply, 
 from fedapp.flower_compat import aggregate_metricrecords
 from fedapp.secure import CT, CT_DELTA, SecureAggregator
 from fedapp.synthetic import GEN_DIGEST, GEN_KEY, generator_digest
+from strategies.claims import ClaimPolicy, claim_caps, scale_counts
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
+from strategies.screening import (
+    CONFUSION,
+    list_length_refusals,
+    metrics_refusal,
+    value_refusal,
+)
 from tasks.metrics import confusion_metrics
 
 __all__ = [
@@ -128,14 +138,16 @@ def pooled_confusion_metrics(replies: list[Message]) -> dict[str, float]:
     the global model on the union of the evaluated clients' validation rows.
     """
     mats = [
-        np.asarray(m["eval-confusion"], dtype=np.int64)
+        np.asarray(m[CONFUSION], dtype=np.float64)
         for m in map(reply_metrics, replies)
-        if "eval-confusion" in m
+        if CONFUSION in m
     ]
     if not mats or len({len(x) for x in mats}) != 1:
         return {}
-    total = np.sum(mats, axis=0)
+    total = np.sum(mats, axis=0)  # screened: whole counts up to 1e15 each (exact in float64)
     k = math.isqrt(len(total))
+    if k * k != len(total) or not np.all(np.isfinite(total)):
+        return {}
     return {f"eval_{name}": v for name, v in confusion_metrics(total.reshape(k, k)).items()}
 
 
@@ -143,19 +155,26 @@ def arrays_are_finite(arrays: ArrayRecord) -> bool:
     return all(np.isfinite(a.numpy()).all() for a in arrays.values() if a.numpy().dtype.kind == "f")
 
 
-def metrics_are_finite(metrics: Mapping[str, Any]) -> bool:
-    for value in metrics.values():
-        values = value if isinstance(value, list) else [value]
-        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-            return False
-    return True
-
-
 def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     """Return `arrays` with each array cast to the dtype of the same key in `reference`."""
     return ArrayRecord(
         {k: Array(np.asarray(arrays[k].numpy(), dtype=reference[k].numpy().dtype)) for k in arrays}
     )
+
+
+def decoded_layout_refusal(arrays: ArrayRecord) -> str | None:
+    """Why arrays do not decode to what their headers say (None: they do). An Array's shape
+    and dtype are fields of its message, apart from its bytes: a reply can say (3,) and carry
+    five values, or bytes that are no array at all (that raises, and rejects the reply)."""
+    for key in arrays:
+        array = arrays[key]
+        value = array.numpy()
+        if value.shape != tuple(array.shape) or str(value.dtype) != str(array.dtype):
+            return (
+                f"array '{key}' holds {value.dtype} {value.shape} where its header says "
+                f"{array.dtype} {tuple(array.shape)}"
+            )
+    return None
 
 
 def same_layout(a: ArrayRecord, b: ArrayRecord) -> bool:
@@ -183,6 +202,8 @@ class FedappStrategyMixin:
     # Reply metrics the aggregation cannot do without (a privacy mode that withholds one of
     # them is refused at start-up)
     required_metrics: ClassVar[tuple[str, ...]] = ()
+    # The aggregation divides by each reply's `train_steps` (FedNova): replies need >= 1.
+    divides_by_steps: ClassVar[bool] = False
     # Keys of the client MetricRecord copied into the per-client record.
     logged_metrics: ClassVar[tuple[str, ...]] = (
         NUM_EXAMPLES,
@@ -214,6 +235,15 @@ class FedappStrategyMixin:
     # augment=rare_class (fedapp.synthetic.GeneratorPhase, set by the ServerApp): generator
     # rounds before the first training round; the generator then goes with every model.
     generator_phase: Any = None
+    # The caps on claimed `num-examples` (strategies.claims; the run's `claims` block) and the
+    # training rows each client counted in its exact preprocessing statistics (partition id ->
+    # rows, clipped), set by the ServerApp through `bind_claims`.
+    claims: ClaimPolicy = ClaimPolicy()
+    stats_rows: Mapping[int, float] = {}
+
+    def bind_claims(self, policy: ClaimPolicy, stats_rows: Mapping[int, float]) -> None:
+        self.claims = policy
+        self.stats_rows = {int(p): float(r) for p, r in stats_rows.items()}
 
     def bind(
         self,
@@ -240,6 +270,8 @@ class FedappStrategyMixin:
         # the model a reply's update is relative to, by the message it answers (event-driven
         # strategies; synchronous rounds use the round's global model)
         self.reply_base: dict[str, ArrayRecord] = {}
+        # phase -> partition id -> its last capped claim (the median of `claims` uses them)
+        self.earlier_claims: dict[str, dict[int, float]] = {}
 
     def bind_server_validation(self, loss_fn: Any) -> None:
         self.server_loss = loss_fn
@@ -282,21 +314,56 @@ class FedappStrategyMixin:
             phase = self.generator_phase
             phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
             start_round = max(start_round, phase.spec.rounds + 1)
+        previous = None  # the global model before the last aggregate (a refused one's way back)
         for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+            replies = list(
+                grid.send_and_receive(
+                    self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+                )
             )
             new, _ = self.aggregate_train(rnd, replies)
+            if previous is not None and self.model_refused(rnd, replies):
+                new, arrays = None, previous  # back to the model the clients had accepted
+                result.arrays = self._global_arrays = arrays
+                self.round_log(rnd).aggregated = False
             if new is not None:
-                arrays = result.arrays = new
+                previous, arrays = arrays, new
+                result.arrays = new
             self.evaluate_round(grid, rnd, arrays, evaluate_config, timeout)
             if evaluate_fn:
                 evaluate_fn(rnd, arrays)
         return result
 
     stop_reason: str | None = None  # why the run stopped before its configured rounds
+
+    def model_refused(self, server_round: int, replies: list[Message]) -> bool:
+        """Whether at least half of a round's training replies refused the global model they
+        were sent (fedapp.secure's client checks: the decrypted aggregate is finite and within
+        the node's `max-model-norm`; the server cannot decrypt it). Then the round's replies
+        are not aggregated and the next round goes back to the model before it, recorded as
+        `global_model_refused` (a poisoned aggregate is never kept silently)."""
+        reasons = [str(m.error.reason or "") for m in replies if m.has_error()]
+        refused = [r for r in reasons if "refused the" in r and "global model" in r]
+        if not replies or 2 * len(refused) < len(replies):
+            return False
+        self.round_log(server_round).aggregation["global_model_refused"] = {
+            "clients": len(refused),
+            "of": len(replies),
+            "reason": refused[0][:300],
+            "action": "the previous global model is restored",
+        }
+        log(
+            WARNING,
+            "round %d: %d of %d clients refused the global model (%s); going back to the one "
+            "before it",
+            server_round,
+            len(refused),
+            len(replies),
+            refused[0][:200],
+        )
+        return True
 
     def stop_for_budget(self, grid: Grid) -> bool:
         if not self.over_budget(grid):
@@ -401,6 +468,18 @@ class FedappStrategyMixin:
         ]
 
     # -- screening ---------------------------------------------------------------------------
+    def _extra_layout_refusal(self, record: ArrayRecord) -> str | None:
+        """An extra ArrayRecord (SCAFFOLD's control change) holds floating-point arrays of
+        the model's parameters only, each of its parameter's shape."""
+        model = self._global_arrays
+        for key in record:
+            array = record[key].numpy()
+            if model is not None and (key not in model or array.shape != tuple(model[key].shape)):
+                return f"'{key}' is not a parameter of the model, of its shape"
+            if array.dtype.kind != "f":
+                return f"'{key}' is {array.dtype}, not floating point"
+        return decoded_layout_refusal(record)
+
     def _screen_train_arrays(self, msg: Message, rec: RoundRecord) -> str | None:
         """Why a training reply's arrays cannot be aggregated (None: they can)."""
         content = msg.content
@@ -420,9 +499,13 @@ class FedappStrategyMixin:
         if missing:
             return f"rejected: reply lacks the ArrayRecord(s) {sorted(missing)}"
         for name in self.extra_array_records:
-            if not arrays_are_finite(content.array_records[name]):
+            extra_record = content.array_records[name]
+            why = self._extra_layout_refusal(extra_record)
+            if why:
+                return f"rejected: {name}: {why}"
+            if not arrays_are_finite(extra_record):
                 return f"rejected: non-finite values in {name}"
-            rec.bytes_up += content.array_records[name].count_bytes()
+            rec.bytes_up += extra_record.count_bytes()
         if self.compression.active:  # an encoded update: decode it onto the model it left from
             base = self.reply_base.pop(msg.metadata.reply_to_message_id, self._global_arrays)
             try:
@@ -432,6 +515,9 @@ class FedappStrategyMixin:
             content["arrays"] = arrays
         if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):
             return "rejected: arrays do not match the global model's layout"
+        why = decoded_layout_refusal(arrays)
+        if why:
+            return f"rejected: {why}"
         if not arrays_are_finite(arrays):
             return "rejected: non-finite values in arrays"
         return None
@@ -441,13 +527,38 @@ class FedappStrategyMixin:
         metrics = reply_metrics(msg)
         if metrics is None or len(msg.content.metric_records) != 1:
             return "rejected: reply must carry exactly one MetricRecord"
-        client.metrics.update({k: metrics[k] for k in self.logged_metrics if k in metrics})
-        n = metrics.get(NUM_EXAMPLES)
-        if not isinstance(n, int | float) or n <= 0 or not math.isfinite(n):
-            return f"rejected: '{NUM_EXAMPLES}' must be a positive number, got {n!r}"
-        if not metrics_are_finite(metrics):
-            return "rejected: non-finite metrics"
-        return None
+        client.metrics.update(  # what is logged is what could be read (types and ranges)
+            {
+                k: metrics[k]
+                for k in self.logged_metrics
+                if k in metrics and value_refusal(k, metrics[k]) is None
+            }
+        )
+        why = metrics_refusal(metrics)  # types, ranges, forms (strategies.screening)
+        return f"rejected: {why}" if why else None
+
+    def needs_train_steps(self) -> bool:
+        """Whether the aggregation divides by each reply's `train_steps` (FedNova's rule, also
+        under CKKS and in contribution's `normalize_steps`)."""
+        return bool(
+            getattr(self, "normalize_steps", False)
+            or self.divides_by_steps
+            or (self.secure is not None and self.secure.fednova_momentum is not None)
+        )
+
+    def _screen_one(self, msg: Message, rec: RoundRecord, client: ClientRecord, phase: str):
+        """Why one reply cannot be used (None: it can). Whatever a reply holds, this returns:
+        a check that fails with an exception (a field no check foresaw) rejects the reply."""
+        try:
+            why = self._screen_train_arrays(msg, rec) if phase == "train" else None
+            why = why or self._screen_metrics(msg, client)
+            if not why and phase == "train" and self.needs_train_steps():
+                steps = reply_metrics(msg).get("train_steps")
+                if not isinstance(steps, int | float) or not steps >= 1:
+                    why = f"rejected: this rule divides by 'train_steps' (>= 1), got {steps!r}"
+            return why
+        except Exception as exc:  # noqa: BLE001 - a hostile reply must never stop the server
+            return f"rejected: malformed reply ({type(exc).__name__}: {str(exc)[:200]})"
 
     def screen_replies(
         self, server_round: int, replies: Iterable[Message], phase: str
@@ -461,8 +572,7 @@ class FedappStrategyMixin:
             if msg.has_error():
                 client.status = f"error: {msg.error.reason}".strip()[:500]
                 continue
-            why = self._screen_train_arrays(msg, rec) if phase == "train" else None
-            why = why or self._screen_metrics(msg, client)
+            why = self._screen_one(msg, rec, client, phase)
             if why:
                 client.status = why
                 continue
@@ -485,12 +595,20 @@ class FedappStrategyMixin:
                     client.status = (
                         f"rejected: metric keys {list(keys)} differ from {list(majority)}"
                     )
+            # list metrics are summed element by element: the majority's lengths only
+            kept = [(m, c) for m, c in candidates if c.ok]
+            for (_, client), why in zip(
+                kept, list_length_refusals([reply_metrics(m) for m, _ in kept]), strict=True
+            ):
+                if why:
+                    client.status = f"rejected: {why}"
         # Replies arrive in whatever order clients finish; floating-point sums depend on order,
         # so aggregate in partition order to make runs with the same seed bit-for-bit equal.
         accepted = sorted(
             (m for m, c in candidates if c.ok),
             key=lambda m: self.partition_of(m.metadata.src_node_id),
         )
+        self.cap_claims(rec, accepted, phase)
         for client in rec.clients:
             if client.phase == phase and not client.ok:
                 log(
@@ -502,6 +620,44 @@ class FedappStrategyMixin:
                     client.status,
                 )
         return accepted
+
+    def cap_claims(self, rec: RoundRecord, accepted: list[Message], phase: str) -> None:
+        """Cap each accepted reply's `num-examples` (strategies.claims), in the reply itself,
+        so that every weight computed from it afterwards (FedAvg's, a strategy's own, CKKS's
+        plaintext weights, evaluation averages) uses the capped number; a capped client's
+        record keeps what it claimed. An evaluation reply's confusion counts are scaled with
+        its claim (they add up to it)."""
+        if not accepted:
+            return
+        earlier = self.__dict__.setdefault("earlier_claims", {}).setdefault(phase, {})
+        by_pid = {c.partition_id: c for c in rec.clients if c.phase == phase and c.ok}
+        claims = {self.partition_of(m.metadata.src_node_id): num_examples(m) for m in accepted}
+        caps = claim_caps(claims, self.stats_rows, earlier, self.claims, phase)
+        for msg in accepted:
+            pid = self.partition_of(msg.metadata.src_node_id)
+            claim, (cap, rule) = claims[pid], caps[pid]
+            earlier[pid] = min(claim, cap)
+            if claim <= cap:
+                continue
+            metrics = reply_metrics(msg)
+            metrics[NUM_EXAMPLES] = float(cap)
+            if CONFUSION in metrics:
+                metrics[CONFUSION] = scale_counts(list(metrics[CONFUSION]), cap / claim)
+            client = by_pid.get(pid)
+            if client is not None:
+                client.metrics[NUM_EXAMPLES] = float(cap)
+                client.details["num_examples_claimed"] = float(claim)
+                client.details["num_examples_cap"] = rule
+            log(
+                WARNING,
+                "round %d %s: client %s claimed %g examples; capped at %g (%s)",
+                self._round,
+                phase,
+                pid,
+                claim,
+                cap,
+                "its own statistics count" if rule == "stats" else "ratio to the median claim",
+            )
 
     # -- aggregation -------------------------------------------------------------------------
     def aggregate_train(
@@ -531,8 +687,19 @@ class FedappStrategyMixin:
             return None, None
         if self.secure is not None:
             return self._aggregate_encrypted(rec, accepted)
-        self._log_weights(rec, accepted)
-        arrays, metrics = self.aggregate_accepted(server_round, accepted)
+        try:  # screened replies; an aggregation that still fails keeps the previous model
+            self._log_weights(rec, accepted)
+            arrays, metrics = self.aggregate_accepted(server_round, accepted)
+        except Exception as exc:  # noqa: BLE001 - the run goes on (stated in the round record)
+            log(
+                WARNING,
+                "round %d: the aggregation failed (%s: %s); keeping the previous global model",
+                server_round,
+                type(exc).__name__,
+                exc,
+            )
+            rec.aggregation["aggregation_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+            return None, None
         arrays = self.finite_or_none(server_round, arrays)
         rec.aggregated = arrays is not None
         rec.train_metrics = dict(metrics) if metrics is not None else {}
@@ -612,10 +779,15 @@ class FedappStrategyMixin:
         accepted = self.screen_replies(server_round, replies, "evaluate")
         if not accepted:
             return None
-        # weighted by validation rows, whatever weights the training average uses
-        metrics = self.evaluate_metrics_aggr_fn([m.content for m in accepted], NUM_EXAMPLES)
-        pooled = dict(metrics) if metrics is not None else {}
-        pooled.update(pooled_confusion_metrics(accepted))
+        # weighted by validation rows (capped claims), whatever weights training uses
+        try:
+            metrics = self.evaluate_metrics_aggr_fn([m.content for m in accepted], NUM_EXAMPLES)
+            pooled = dict(metrics) if metrics is not None else {}
+            pooled.update(pooled_confusion_metrics(accepted))
+        except Exception as exc:  # noqa: BLE001 - screened replies; the run goes on
+            log(WARNING, "round %d: federated evaluation not averaged (%s)", server_round, exc)
+            self.round_log(server_round).aggregation["evaluation_failed"] = str(exc)[:300]
+            return None
         self.round_log(server_round).eval_metrics = pooled
         if pooled:
             log(INFO, "round %d federated evaluation: %s", server_round, pooled)

@@ -24,7 +24,7 @@ server-side evaluation after every round. A strategy class supplies its policy
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO
 from typing import Any
 
@@ -35,6 +35,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedapp.compression import downlink
 from strategies.base import FedappStrategyMixin, reply_metrics
+from strategies.claims import claim_caps
+from strategies.screening import metrics_refusal
 
 PROBE = f"{MessageType.QUERY}.probe"
 HEARTBEAT = f"{MessageType.QUERY}.heartbeat"
@@ -63,6 +65,15 @@ class Report:
             train_time_s=float(m.get("train_time_s", 0.0)),
             train_loss=float(m["train_loss"]) if "train_loss" in m else None,
         )
+
+
+def probe_report(reply: Message, partition_id: int, duration_s: float) -> Report | None:
+    """The Report of an (unscreened) probe reply, or None when its metrics are unusable
+    (strategies.screening: types and ranges; a probe must claim its num-examples)."""
+    metrics = reply_metrics(reply)
+    if metrics is None or metrics_refusal(metrics) is not None:
+        return None
+    return Report.of(reply, partition_id, duration_s)
 
 
 @dataclass(frozen=True)
@@ -333,15 +344,21 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
             for p in pids
         ]
         answered = 0
+        reports: list[tuple[int, Report | None]] = []
         for event in grid.exchange(msgs, timeout=self.profile_timeout_s):
             pid = self.partition_of(event.reply.metadata.src_node_id)
-            if event.reply.has_error():
-                self.policy.on_probe(pid, None)
-                continue
-            self.policy.on_probe(
-                pid, Report.of(event.reply, pid, event.time - event.flight.dispatched_at)
-            )
-            answered += 1
+            report = None
+            if not event.reply.has_error():  # unscreened: checked here (a bad one = failed)
+                report = probe_report(event.reply, pid, event.time - event.flight.dispatched_at)
+            reports.append((pid, report))
+        # a probe's claimed examples are capped as training claims are (strategies.claims)
+        claims = {p: float(r.num_examples) for p, r in reports if r and r.num_examples is not None}
+        caps = claim_caps(claims, self.stats_rows, {}, self.claims)
+        for pid, report in reports:
+            if report is not None and pid in caps and report.num_examples > caps[pid][0]:
+                report = replace(report, num_examples=int(caps[pid][0]))
+            self.policy.on_probe(pid, report)
+            answered += report is not None
         log(
             INFO,
             "[%s] profiled %d of %d clients in %.1f simulated s",

@@ -49,6 +49,9 @@ from tasks.base import ClientData
 from tasks.training import TrainSettings
 
 MODES = ("oneshot", "hybrid")
+# dtype kinds of the synthetic rows' arrays as rows_record sends them: float z-scores, integer
+# category codes and labels
+ROW_KINDS = {"numeric": "f", "codes": "iu", "y": "iu"}
 
 
 class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
@@ -256,6 +259,10 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         if record is None or len(msg.content.array_records) != 1:
             return "rejected: a sharing-round reply must carry exactly the ArrayRecord 'rows'"
         rec.bytes_up += record.count_bytes()
+        kinds = {k: record[k].numpy().dtype.kind for k in record if k in ROW_KINDS}
+        odd = sorted(k for k, kind in kinds.items() if kind not in ROW_KINDS[k])
+        if odd:  # float labels or codes would be truncated into valid-looking ones
+            return f"rejected: synthetic rows {odd} of the wrong dtype ({[kinds[k] for k in odd]})"
         rows, why = screen_rows(record, self.layout, self.prep, self.spec.zclip, self.max_rows)
         if why:
             return why

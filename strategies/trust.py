@@ -22,8 +22,11 @@ Aggregation weight of client k in round t is proportional to ``n_k * alpha_k(t)`
 - **history**: ``alpha_k(t) = ema * alpha_k(t-1) + (1 - ema) * c_k s_k q_k``, starting at the
   first round's score. One bad round halves (ema = 0.5) a good record instead of erasing it; a
   client that turns bad is down to 1/8 of its weight after three rounds.
-- optionally ``n_k`` is capped at `max_examples_ratio` times the round's median, since the
-  number of examples is also reported by the client.
+- ``n_k`` is the client's claim as capped for every strategy (strategies/claims.py: at most
+  its own statistics count, else a ratio to the median claim) before trust sees it;
+  `max_examples_ratio` caps it once more at that many times the round's median in the pure
+  math (`trust_weights`, by default), which the strategy leaves to the run's `claims` caps
+  (a second median cap would cut the honest large clients of skewed natural splits).
 
 Identical clients get ``alpha = 1`` and the aggregate is FedAvg's, bit for bit (tested). The
 math is pure NumPy over flattened updates (`trust_weights`, `strategies.aggregation`); `TrustWeighted` is the
@@ -49,6 +52,7 @@ from strategies.base import (
     reply_metrics,
     to_record,
 )
+from strategies.claims import DEFAULT_MAX_EXAMPLES_RATIO
 from strategies.records import RoundRecord
 
 EPS = 1e-12
@@ -64,7 +68,9 @@ class TrustParams:
     clip: bool = True  # clip updates longer than norm_high * median norm
     quality_weight: float = 0.5  # most that client-reported quality can take away (0..1)
     loss_z: float = 3.0  # robust z-score of the reported loss where down-weighting starts
-    max_examples_ratio: float = 0.0  # cap n_k at this times the median n (0 = no cap)
+    # cap n_k at this times the median n (0 = no cap); TrustWeighted passes 0: its n_k are
+    # already capped by the run's `claims` (strategies/claims.py)
+    max_examples_ratio: float = DEFAULT_MAX_EXAMPLES_RATIO
     new_client_prior: float = 0.5  # vote of a never-seen client in the reference median
 
     def __post_init__(self) -> None:
@@ -247,6 +253,8 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
     def __init__(self, **kwargs: Any) -> None:
         names = {f.name for f in fields(TrustParams)}
         params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        # claims arrive capped (FedappStrategyMixin.cap_claims, the run's `claims` block)
+        params.setdefault("max_examples_ratio", 0.0)
         super().__init__(**kwargs)
         self.params = TrustParams(**params)
         self.history: dict[int, float] = {}  # partition id -> trust

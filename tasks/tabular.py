@@ -510,11 +510,15 @@ def screen_stats(
         return "counts must be non-negative whole numbers"
     if labels.sum() < 1:
         return "no training rows"
+    if np.any(count > labels.sum()):  # a column's non-missing values: at most the rows
+        return f"feature counts above the {labels.sum():g} rows of the label histogram"
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(count > 0, values["stats.sum"] / count, 0.0)
         var = np.where(count > 0, values["stats.sumsq"] / count - mean**2, 0.0)
     if np.any(np.abs(mean) > max_abs) or np.any(var < -1e-6 * np.maximum(mean**2, 1.0)):
         return f"means beyond schema.max_abs={max_abs:g} or negative variances"
+    if np.any(var > max_abs**2):  # values within +-max_abs cannot spread wider
+        return f"variances beyond schema.max_abs={max_abs:g} squared"
     return None
 
 

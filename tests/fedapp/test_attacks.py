@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from fedapp.attacks import (
     AttackError,
+    AttackHarness,
     AttackSpec,
     attacker_partitions,
     crashes_now,
     flipped_labels,
+    inflated_claim,
     poisoned_state,
+    trains_locally,
 )
+from fedapp.client_app import compose_units
 from fedapp.config import compose
+from fedapp.units import run_units
 
 
 @given(n=st.integers(1, 500), frac=st.floats(0, 1), seed=st.integers(0, 2**31))
@@ -73,7 +78,7 @@ def test_crash_probability_is_per_round_and_seeded():
 
 
 def test_config_group_and_errors():
-    for name in ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash"):
+    for name in ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash", "inflate"):
         spec = AttackSpec.from_config(compose(f"attack={name}").attack)
         assert spec.name == name and spec.active == (name != "none")
     with pytest.raises(AttackError, match="fraction"):
@@ -82,3 +87,32 @@ def test_config_group_and_errors():
         AttackSpec.from_config({"name": "backdoor"})
     with pytest.raises(AttackError, match="free_rider"):
         AttackSpec.from_config({"name": "free_rider", "fraction": 0.1, "mode": "lazy"})
+
+
+def test_inflate_claims_a_huge_consistent_number_of_examples():
+    spec = AttackSpec.from_config(compose("attack=inflate").attack)
+    assert spec.name == "inflate" and spec.claim == 1e12 and spec.fraction == 0.1
+    assert trains_locally(spec)  # honest weights: only the claim lies
+    n, counts = inflated_claim(np.array([70, 30]), spec.claim)
+    assert n == sum(counts) and abs(n - 1e12) <= 2
+    assert counts[0] / counts[1] == pytest.approx(70 / 30)
+    with pytest.raises(AttackError, match="claim"):
+        AttackSpec.from_config({"name": "inflate", "fraction": 0.1, "claim": 0.5})
+
+
+def test_an_inflate_attacker_s_reply_claims_it(data_dir):
+    """Through the attack harness: the reply's num-examples and label histogram say `claim`
+    (the ClientApp's train handler puts `reply_metrics` over its own numbers)."""
+    from tests.fedapp.test_units import _job
+
+    job = _job(data_dir, "attack=inflate attack.fraction=1.0 attack.claim=5e9", {})
+    units = compose_units(job)
+    assert [type(u) for u in units] == [AttackHarness]
+    weights_before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    job.task.train = lambda model, *a, **k: {"train_loss": 0.5, "train_steps": 1.0}
+    run_units(job, units)
+    n = job.reply_metrics["num-examples"]
+    assert abs(n - 5e9) <= len(job.data.label_counts)
+    assert sum(job.reply_metrics["label-counts"]) == n
+    for k, v in job.model.state_dict().items():  # the (here untrained) model is sent as is
+        assert torch.equal(v, weights_before[k])

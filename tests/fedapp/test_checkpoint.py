@@ -46,6 +46,16 @@ def test_only_rounds_may_change_on_resume():
         check_compatible(saved, compose("task=credit rounds=3"), done=3)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
+    """A checkpoint written before a config block existed (e.g. `claims`) resumes when the
+    block is at its default, and not when it was changed; a new node key registry is fine."""
+    saved = to_dict(compose("task=credit rounds=3"))
+    del saved["claims"]
+    check_compatible(saved, compose("task=credit rounds=5 node_keys=/other/keys.yaml"), done=3)
+    with pytest.raises(ConfigError, match=r"\['claims'\]"):
+        check_compatible(saved, compose("task=credit rounds=5 claims.stats_slack=2"), done=3)
+
+
 def test_a_resumed_run_writes_into_the_folder_it_resumes(tmp_path):
     from fedapp.config import resolve_output_dir
 

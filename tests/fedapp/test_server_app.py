@@ -100,15 +100,77 @@ def test_deployment_nodes_with_own_data_serve_their_partition_id():
     assert served == {0: 8, 1: 7, 2: 9} and virtual == set()
 
 
-def test_two_nodes_with_their_own_data_cannot_claim_one_partition():
+def test_two_nodes_with_their_own_data_cannot_claim_one_partition(tmp_path):
+    """A duplicate claim is refused and recorded (neither claimant serves it: taking either
+    would let an impostor take an institution's place); the run goes on with the others."""
     grid = QueryGrid(
         {
-            1: {"data-path": "/x", "partition-id": 0, "num-partitions": 2},
-            2: {"data-path": "/y", "partition-id": 0, "num-partitions": 2},
+            1: {"data-path": "/x", "partition-id": 0, "num-partitions": 3},
+            2: {"data-path": "/y", "partition-id": 0, "num-partitions": 3},
+            3: {"data-path": "/z", "partition-id": 1, "num-partitions": 3},
         }
     )
-    with pytest.raises(ConfigError, match="both claim"):
-        assign_clients(_info(grid), num_clients=None)
+    info = _info(grid)
+    with pytest.raises(ConfigError, match="both claim"):  # the mapping itself never picks one
+        assign_clients(info, num_clients=None)
+    clients = ClientGrid(grid, info, None, tmp_path / "s")
+    assert clients.node_partitions == {client_id(1): 1}
+    assert set(clients.ignored) == {1, 2}
+    assert "all claim partition-id 0" in clients.ignored[1]
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        ({"partition-id": 10**9, "num-partitions": 3, "has-data-path": 1}, "beyond the federation"),
+        ({"partition-id": 2**40, "num-partitions": 3, "has-data-path": 1}, "partition-id="),
+        ({"partition-id": 0.5, "num-partitions": 3, "has-data-path": 1}, "partition-id=0.5"),
+        ({"partition-id": float("nan"), "has-data-path": 1}, "partition-id=nan"),
+        ({"partition-id": -7, "has-data-path": 1}, "partition-id=-7"),
+        ({"partition-id": [1, 2], "has-data-path": 1}, "partition-id=[1, 2]"),
+        ({"partition-id": 1, "num-partitions": 3, "has-data-path": 5}, "has-data-path"),
+    ],
+)
+def test_an_unusable_discovery_answer_is_refused_and_the_run_goes_on(tmp_path, answer, why):
+    """A partition id bounded by the federation (a huge one would make the server build that
+    many per-client profiles), of integer value, and fields of the right type: else the node is
+    refused with the reason (meta.nodes_refused), and the honest nodes serve their clients."""
+    from fedapp.clients import NodeInfo
+
+    honest = {
+        n: NodeInfo.from_metrics({"partition-id": n - 1, "num-partitions": 3, "has-data-path": 1})
+        for n in (1, 2)
+    }
+    nodes = {**honest, 9: NodeInfo.from_metrics(answer)}
+    clients = ClientGrid(QueryGrid({}), nodes, None, tmp_path / "s")
+    assert clients.node_partitions == {client_id(0): 0, client_id(1): 1}
+    assert why in clients.ignored[9]
+
+
+def test_a_discovery_reply_of_any_form_never_raises():
+    from fedapp.clients import IDENTITY_RECORD, query_nodes
+
+    class OddGrid(QueryGrid):
+        def send_and_receive(self, messages, timeout=None):
+            out = []
+            bodies = [
+                RecordDict({"other": MetricRecord({"partition-id": 0})}),  # no "metrics"
+                RecordDict(
+                    {
+                        "metrics": MetricRecord({"partition-id": 0, "has-data-path": 1}),
+                        IDENTITY_RECORD: ConfigRecord({"signature": 10**12}),  # not bytes
+                    }
+                ),
+                RecordDict({"metrics": ConfigRecord({"partition-id": "zero"})}),
+            ]
+            for msg, body in zip(messages, bodies, strict=True):
+                set_task_identity(node_id=msg.metadata.dst_node_id)
+                out.append(Message(body, reply_to=msg))
+            set_task_identity(node_id=0)
+            return out
+
+    info = query_nodes(OddGrid({}), [11, 12, 13], wait_s=1)
+    assert all(i.refusal and i.partition_id == -1 for i in info.values()), info
 
 
 def test_too_few_nodes_times_out_with_a_clear_error():

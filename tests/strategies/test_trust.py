@@ -14,6 +14,7 @@ from fedapp.flower_compat import aggregate_arrayrecords
 from strategies import build_strategy
 from strategies.aggregation import sanity_scores
 from strategies.aggregation import weighted_aggregate as aggregate
+from strategies.claims import DEFAULT_MAX_EXAMPLES_RATIO
 from strategies.trust import (
     TrustParams,
     consistency_scores,
@@ -149,15 +150,45 @@ def test_clipping_bounds_a_boosted_update():
     assert np.all(r.clip_factor[:4] == 1)
 
 
-def test_claimed_examples_can_be_capped():
+def test_claimed_examples_are_capped_by_default():
+    """A client claiming 1e6 examples among clients of 100 does not take the weight: by default
+    its claim is capped at DEFAULT_MAX_EXAMPLES_RATIO x the median (issue 31; the test used to
+    assert that it took over 99%). The strategy caps claims before trust sees them
+    (strategies.claims), so the pure math's own cap can be switched off there (0)."""
     updates = np.ones((4, 3))
     n = np.array([100.0, 100, 100, 1e6])
-    free = trust_weights(updates, n, np.ones(4), np.ones(4, bool), [None] * 4, P)
+    default = trust_weights(updates, n, np.ones(4), np.ones(4, bool), [None] * 4, P)
+    r = DEFAULT_MAX_EXAMPLES_RATIO
+    assert default.weights[3] == pytest.approx(r / (r + 3))
+    assert default.weights[3] < 0.99
     capped = trust_weights(
         updates, n, np.ones(4), np.ones(4, bool), [None] * 4, TrustParams(max_examples_ratio=2)
     )
-    assert free.weights[3] > 0.99
     assert capped.weights[3] == pytest.approx(2 / 5)
+    off = trust_weights(
+        updates, n, np.ones(4), np.ones(4, bool), [None] * 4, TrustParams(max_examples_ratio=0)
+    )
+    assert off.weights[3] > 0.99
+
+
+def test_the_trust_strategy_does_not_let_a_claim_of_1e6_take_the_weight():
+    s, grid, nodes = _setup(nodes=4, cpr=4)
+    g = ArrayRecord([np.zeros(3, np.float32), np.zeros(2, np.float32)])
+    list(s.configure_train(1, g, ConfigRecord({}), grid))
+    replies = [
+        reply(
+            nodes[i],
+            [np.full(3, 1.0 + 0.1 * i, np.float32), np.zeros(2, np.float32)],
+            {"num-examples": 1e6 if i == 3 else 100, "train_loss": 1.0},
+        )
+        for i in range(4)
+    ]
+    s.aggregate_train(1, replies)
+    clients = {c.partition_id: c for c in s.rounds[1].clients}
+    assert clients[3].details["num_examples_claimed"] == 1e6
+    assert clients[3].metrics["num-examples"] == 10 * 100
+    assert clients[3].weight < 0.99
+    assert clients[3].weight == pytest.approx(1000 / 1300, rel=0.05)
 
 
 def test_invalid_params_are_reported():
