@@ -645,23 +645,16 @@ DP_WEIGHT = "dp-weight"  # every client's (equal) aggregation weight under centr
 def central_dp_refusal(cls: type) -> str | None:
     """Why strategy class `cls` cannot run under central DP (None: it can). Flower's DP
     wrappers add noise of std z C / m to the *equally weighted* average of m clipped updates;
-    that is only the stated guarantee when the strategy's aggregate is that average."""
-    from flwr.serverapp.strategy import FedAvg
-
-    from strategies.base import FedappStrategyMixin
-
+    that is only the stated guarantee when the strategy's aggregate is that average. Read
+    from the capabilities the class declares (strategies.base.FedappStrategyMixin)."""
     name = cls.__name__
-    if cls.start is not FedappStrategyMixin.start:
+    if getattr(cls, "schedules_rounds", False):
         return f"{name} schedules its own rounds (event-driven); the per-round release is not fixed"
-    if cls.extra_array_records:
+    if getattr(cls, "extra_array_records", ()):
         return f"{name} sends more than the model ({list(cls.extra_array_records)}), which would not be clipped"
-    if cls.aggregate_accepted is not FedappStrategyMixin.aggregate_accepted:
-        return f"{name} aggregates with its own rule (data-dependent weights or statistics of the updates)"
-    resolved = next(
-        c for c in cls.__mro__ if "aggregate_train" in c.__dict__ and c is not FedappStrategyMixin
-    )
-    if resolved is not FedAvg and not issubclass(FedAvg, resolved):
-        return f"{name} uses {resolved.__name__}'s aggregation, not FedAvg's average"
+    rule = getattr(cls, "aggregation_rule", "weighted_mean")
+    if rule != "weighted_mean":
+        return f"{name} aggregates with its own rule ({rule}), not FedAvg's average"
     return None
 
 

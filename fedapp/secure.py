@@ -518,15 +518,14 @@ def secure_refusal(cfg: DictConfig) -> str | None:
     from hydra.utils import get_class
 
     from fedapp.privacy import PrivacySpec, central_dp_refusal
-    from strategies.fednova import FedNova
 
     cls = get_class(str(cfg.strategy._target_))
     if cfg.get("compression") is not None and cfg.compression.get("name", "none") != "none":
         return "compressed updates cannot be encrypted (a ciphertext does not quantise); use compression=none"
     if PrivacySpec.from_config(cfg.get("privacy")).name == "central_dp":
         return "central DP clips each plaintext update on the server; use privacy=sample_dp"
-    if issubclass(cls, FedNova):
-        return None
+    if cls.aggregation_rule == "normalized_mean" and not cls.extra_array_records:
+        return None  # FedNova: public weights and steps, a sum the server can take encrypted
     why = central_dp_refusal(cls)  # the same condition: FedAvg's average of the updates
     if why:
         return (
@@ -643,13 +642,8 @@ def server_aggregator(
         length = int(sum(v.numel() for v in task.make_model().state_dict().values()))
     from hydra.utils import get_class
 
-    from strategies.fednova import FedNova
-
-    momentum = (
-        float(cfg.train.momentum)
-        if issubclass(get_class(str(cfg.strategy._target_)), FedNova)
-        else None
-    )
+    normalized = get_class(str(cfg.strategy._target_)).aggregation_rule == "normalized_mean"
+    momentum = float(cfg.train.momentum) if normalized else None
     agg = SecureAggregator(public, momentum, length, reference, origin, refused, len(reports))
     log(
         INFO,

@@ -1051,10 +1051,8 @@ def check(cfg: DictConfig, task=None) -> None:
     if augment:
         from hydra.utils import get_class
 
-        from strategies.base import FedappStrategyMixin
-
         cls = get_class(str(cfg.strategy._target_))
-        if cls.start is not FedappStrategyMixin.start:
+        if cls.schedules_rounds:
             raise SyntheticError(
                 f"augment=rare_class runs with round-based strategies (fedavg, fedprox, trust, "
                 f"...); strategy={cfg.strategy.name} schedules its own rounds"

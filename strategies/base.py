@@ -204,6 +204,17 @@ class FedappStrategyMixin:
     required_metrics: ClassVar[tuple[str, ...]] = ()
     # The aggregation divides by each reply's `train_steps` (FedNova): replies need >= 1.
     divides_by_steps: ClassVar[bool] = False
+    # Capabilities, declared (read by the cross-feature checks: central DP, CKKS, augment;
+    # tests/strategies/test_capabilities.py holds every class to what it does):
+    # - `schedules_rounds`: the strategy runs its own loop of events instead of rounds
+    #   (asynchronous and tiered strategies, the synthetic-data phase);
+    # - `aggregation_rule`: "weighted_mean" (FedAvg's average of the updates with public,
+    #   sample-count weights), "normalized_mean" (FedNova: weights and steps both public),
+    #   "robust" (a statistic of the updates: median, trimmed mean, Krum, Bulyan),
+    #   "fair" (q-FedAvg: loss-dependent) or "data_dependent" (weights from the updates or
+    #   the clients' reports: trust, contribution).
+    schedules_rounds: ClassVar[bool] = False
+    aggregation_rule: ClassVar[str] = "weighted_mean"
     # Keys of the client MetricRecord copied into the per-client record.
     logged_metrics: ClassVar[tuple[str, ...]] = (
         NUM_EXAMPLES,

@@ -19,6 +19,8 @@ class QFedAvg(FedappStrategyMixin, flwr_strategy.QFedAvg):
     """q-FedAvg (Li et al., ICLR 2020, openreview ByexElSYDr); Lipschitz estimate L = 1 /
     `client_learning_rate` (the clients' `train.lr`, by interpolation in the YAML)."""
 
+    aggregation_rule = "fair"
+
     required_metrics = ("train_loss",)  # F_k(w^t), the loss that weights each update
 
     def client_weights(self, accepted):

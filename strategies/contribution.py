@@ -398,6 +398,8 @@ class Distillation(ClientUnit):
 class ContributionAware(FedappStrategyMixin, FedAvg):
     """See the module docstring; `conf/strategy/contribution.yaml`."""
 
+    aggregation_rule = "data_dependent"
+
     client_units = (ValidationGain, ProximalTerm, Distillation)
 
     def __init__(

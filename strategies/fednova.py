@@ -81,6 +81,8 @@ def fednova_aggregate(
 class FedNova(FedappStrategyMixin, FedAvg):
     """See the module docstring; `conf/strategy/fednova.yaml`."""
 
+    aggregation_rule = "normalized_mean"
+
     divides_by_steps = True  # replies with train_steps < 1 are rejected by the screening
 
     def __init__(self, *, momentum: float = 0.0, **kwargs: Any) -> None:

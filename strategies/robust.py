@@ -76,6 +76,8 @@ def resolve_malicious(num_malicious_nodes: int | str, expected_attackers: int) -
 class FedMedian(FedappStrategyMixin, flwr_strategy.FedMedian):
     """Coordinate-wise median (Yin et al., ICML 2018, arXiv:1803.01498)."""
 
+    aggregation_rule = "robust"
+
     def client_weights(self, accepted):
         if not self.attackers:
             return None
@@ -84,6 +86,8 @@ class FedMedian(FedappStrategyMixin, flwr_strategy.FedMedian):
 
 class FedTrimmedAvg(FedappStrategyMixin, flwr_strategy.FedTrimmedAvg):
     """Coordinate-wise trimmed mean, a fraction `beta` cut at each end (Yin et al., 2018)."""
+
+    aggregation_rule = "robust"
 
     def client_weights(self, accepted):
         if not self.attackers:
@@ -100,6 +104,8 @@ def _selection_shares(accepted: list[Message], selected: list) -> list[float]:
 
 class MultiKrum(FedappStrategyMixin, flwr_strategy.MultiKrum):
     """Multi-Krum (Blanchard et al., NeurIPS 2017): average the m updates with the best Krum scores."""
+
+    aggregation_rule = "robust"
 
     def __init__(
         self,
@@ -125,6 +131,8 @@ class MultiKrum(FedappStrategyMixin, flwr_strategy.MultiKrum):
 class Krum(FedappStrategyMixin, flwr_strategy.Krum):
     """Krum (Blanchard et al., NeurIPS 2017): keep the one update closest to its n-f-2 neighbours."""
 
+    aggregation_rule = "robust"
+
     def __init__(
         self, *, num_malicious_nodes: int | str = "auto", expected_attackers: int = 0, **kwargs
     ) -> None:
@@ -141,6 +149,8 @@ class Krum(FedappStrategyMixin, flwr_strategy.Krum):
 class Bulyan(FedappStrategyMixin, flwr_strategy.Bulyan):
     """Bulyan (El Mhamdi et al., ICML 2018): Multi-Krum selection of n-2f updates, then per
     coordinate the mean of the n-4f values closest to the median. Needs n >= 4f + 3."""
+
+    aggregation_rule = "robust"
 
     def __init__(
         self, *, num_malicious_nodes: int | str = "auto", expected_attackers: int = 0, **kwargs

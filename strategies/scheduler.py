@@ -188,6 +188,8 @@ class Policy(ABC):
 class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
     """The Flower and clock plumbing of every event-driven strategy (see the module docstring)."""
 
+    schedules_rounds = True
+
     probe_steps: int = 5
     profile_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 1.0

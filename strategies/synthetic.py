@@ -57,6 +57,8 @@ ROW_KINDS = {"numeric": "f", "codes": "iu", "y": "iu"}
 class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
     """See the module docstring."""
 
+    schedules_rounds = True
+
     def __init__(
         self,
         mode: str = "oneshot",

@@ -250,6 +250,8 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
     """FedAvg whose weights n_k are multiplied by a learned per-client trust (see module doc);
     the keyword arguments of `TrustParams` (conf/strategy/trust.yaml) set the math."""
 
+    aggregation_rule = "data_dependent"
+
     def __init__(self, **kwargs: Any) -> None:
         names = {f.name for f in fields(TrustParams)}
         params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
