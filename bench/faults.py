@@ -39,6 +39,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fedapp.launch import marked_processes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
 RUNS = OUT / "runs_faults"
@@ -183,11 +186,7 @@ def superlink_killed(rounds: int = 10) -> dict:
         rc = None
     exit_s = time.monotonic() - t_kill
     time.sleep(1.0)
-    left = [
-        " ".join(_cmdline(p))[:80]
-        for p in psutil.process_iter()
-        if home and (_flwr_home(p) == home or _flwr_home(p).startswith(home + os.sep))
-    ]
+    left = [" ".join(_cmdline(p))[:80] for p in marked_processes(home)] if home else []
     if rc is None:
         proc.kill()
     meta = json.loads((out / "results.json").read_text())["meta"]

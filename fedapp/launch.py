@@ -148,16 +148,21 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
         tree = [*root.children(recursive=True), root]
     except psutil.NoSuchProcess:
         tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    terminate_all(tree, grace_s)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=1)
+
+
+def terminate_all(procs: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM to each, SIGKILL to those still alive after `grace_s`."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes (Flower's log levels)
@@ -168,6 +173,13 @@ def stop_marked(flwr_home: Path, grace_s: float = 10.0) -> list[int]:
     in it) in its environment: the ServerApp, SuperExec, simulation and SuperNode processes
     it started, including those a killed SuperLink left behind (reparented, so no longer in
     its process tree). Returns their pids."""
+    found = marked_processes(flwr_home)
+    terminate_all(found, grace_s)
+    return [p.pid for p in found]
+
+
+def marked_processes(flwr_home: Path | str) -> list[psutil.Process]:
+    """The processes (not this one) whose FLWR_HOME is `flwr_home` or a folder in it."""
     home = str(Path(flwr_home))
     found = []
     for p in psutil.process_iter(["pid"]):
@@ -177,15 +189,7 @@ def stop_marked(flwr_home: Path, grace_s: float = 10.0) -> list[int]:
             value = p.environ().get("FLWR_HOME", "")
             if value == home or value.startswith(home + os.sep):
                 found.append(p)
-    for p in found:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(found, timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in found]
+    return found
 
 
 def strip_colour_codes(folder: Path) -> None:
@@ -301,7 +305,7 @@ def console_line(line: str, verbose: bool = False) -> str | None:
     None for Flower's and Ray's other lines, which go to the log file only."""
     if verbose:
         return line
-    text = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    text = ANSI.sub("", line)
     if "[fedapp]" in text:
         return text[text.index("[fedapp]") :]
     return text if "ERROR" in text or "Traceback" in text else None

@@ -244,6 +244,18 @@ def test_server_paths_and_the_validation_share_are_never_taken(data_dir, tmp_pat
     assert float(own.cfg.task.client_val_fraction) == 0.3
 
 
+def _virtual_record(partition_id: int, **extra) -> dict:
+    """The record a server sends with a message for a virtual client (fedapp.clients)."""
+    return {
+        "lineage": "ab12",
+        "lineages": [""],
+        "lineage-upto": [-1],
+        "partition-id": partition_id,
+        "num-partitions": 4,
+        **extra,
+    }
+
+
 def _train_message(record: dict) -> Message:
     content = RecordDict({"config": ConfigRecord({"server-round": 1})})
     content[CLIENT_RECORD] = ConfigRecord(record)
@@ -267,14 +279,7 @@ def test_a_deployed_node_takes_no_state_folder_or_partition_from_the_server(tmp_
 def test_a_simulated_client_keeps_its_state_where_its_policy_says(tmp_path, monkeypatch):
     mine = tmp_path / "mine"
     _policy(tmp_path, monkeypatch, default={"state-dir": str(mine)})
-    rec = {
-        "lineage": "ab12",
-        "lineages": [""],
-        "lineage-upto": [-1],
-        "partition-id": 1,
-        "num-partitions": 4,
-        "state-dir": str(tmp_path / "servers"),
-    }
+    rec = _virtual_record(1, **{"state-dir": str(tmp_path / "servers")})
     host = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
 
     def train(msg, ctx):
@@ -471,14 +476,7 @@ def test_the_node_s_max_delta_lowers_the_run_s(data_dir):
 
 def test_a_simulated_policy_with_dp_needs_its_own_ledger_folder(tmp_path, monkeypatch):
     _policy(tmp_path, monkeypatch, default={"max-epsilon": 2.0})
-    rec = {
-        "lineage": "ab12",
-        "lineages": [""],
-        "lineage-upto": [-1],
-        "partition-id": 1,
-        "num-partitions": 4,
-        "state-dir": str(tmp_path / "servers"),
-    }
+    rec = _virtual_record(1, **{"state-dir": str(tmp_path / "servers")})
     host = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), {})
     with pytest.raises(PolicyRefusal, match="no ledger-dir"):
         virtual_client_mod(_train_message(rec), host, lambda m, c: m)
@@ -555,13 +553,7 @@ def test_policies_by_institution_refuse_a_partition_that_mixes_institutions(
         run_config = {"overrides": overrides, "data-dir": str(data_dir)}
         return Context(1, 1, {"partition-id": 0, "num-partitions": 1}, RecordDict(), run_config)
 
-    rec = {
-        "lineage": "ab12",
-        "lineages": [""],
-        "lineage-upto": [-1],
-        "partition-id": 1,
-        "num-partitions": 4,
-    }
+    rec = _virtual_record(1)
     with pytest.raises(PolicyRefusal, match="not one institution's rows"):
         virtual_client_mod(
             _train_message(rec),

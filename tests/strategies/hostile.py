@@ -226,25 +226,27 @@ def catalogue(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _mutate_field(fields: dict[str, Any], key: str, op: str, change) -> None:
+    """Drop or rename field `key`, or replace its value by `change(value)`."""
+    if op == "drop":
+        del fields[key]
+    elif op == "rename":
+        fields[key + "_x"] = fields.pop(key)
+    else:
+        fields[key] = change(fields[key])
+
+
 def mutate(spec: dict[str, Any], part: str, key: str, op: str) -> dict[str, Any]:
     spec = copy.deepcopy(spec)
     if part == "arrays":
-        arrays = spec["arrays"]
-        if op == "drop":
-            del arrays[key]
-        elif op == "rename":
-            arrays[key + "_x"] = arrays.pop(key)
-        else:
-            value = arrays[key]
-            arrays[key] = ARRAY_OPS[op](value.numpy() if isinstance(value, Array) else value)
+        _mutate_field(
+            spec["arrays"],
+            key,
+            op,
+            lambda v: ARRAY_OPS[op](v.numpy() if isinstance(v, Array) else v),
+        )
     elif part == "metrics":
-        metrics = spec["metrics"]
-        if op == "drop":
-            del metrics[key]
-        elif op == "rename":
-            metrics[key + "_x"] = metrics.pop(key)
-        else:
-            metrics[key] = METRIC_OPS[op](metrics[key])
+        _mutate_field(spec["metrics"], key, op, METRIC_OPS.get(op))
     else:
         records = spec.setdefault("records", {})
         if op == "extra_array_record":
