@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from fedapp.config import compose  # noqa: E402
+from fedapp.checks import compose  # noqa: E402
 from strategies import build_strategy  # noqa: E402
 from tasks.models import MODELS  # noqa: E402
 

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import fmt_mean_sd  # noqa: E402
-from fedapp.config import PROJECT_ROOT, compose, parse_overrides  # noqa: E402
+from fedapp.checks import compose  # noqa: E402
+from fedapp.config import PROJECT_ROOT, parse_overrides  # noqa: E402
 from fedapp.federation import (  # noqa: E402
     export_operator_files,
     node_config_line,

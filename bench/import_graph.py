@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fedapp.node",
             "fedapp.files",
             "fedapp.seeds",
+            "fedapp.plugins",
         ),
     ),
     ("strategies", ("strategies",)),
@@ -49,6 +50,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fedapp.appsign",
             "fedapp.audit",
             "fedapp.datasets",
+            "fedapp.sites",
+            "fedapp.events",
+            "fedapp.tracking",
         ),
     ),
     (
@@ -72,6 +76,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fedapp.centralized",
             "fedapp.certs",
             "fedapp.cli",
+            "fedapp.board",
         ),
     ),
 ]

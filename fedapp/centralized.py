@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedapp.config import compose, resolve_data_dir, resolve_output_dir, to_dict
+from fedapp.checks import compose
+from fedapp.config import resolve_data_dir, resolve_output_dir, to_dict
 from fedapp.recorder import write_json_atomic
 from tasks import ClientData, get_task
 from tasks.training import TrainSettings

@@ -59,7 +59,8 @@ MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
 VERSION = 1
 # what a resume may change: the rounds, and where things are (the launchers write the node
 # key registry of each run beside its credentials)
-NOT_COMPARED = ("rounds", "resume", "output_dir", "node_keys")
+# events_db, tracking: where a run is recorded, not the experiment
+NOT_COMPARED = ("rounds", "resume", "output_dir", "node_keys", "events_db", "tracking")
 
 
 class CheckpointError(RuntimeError):
@@ -157,6 +158,21 @@ def read(run_dir: Path | str) -> dict[str, Any]:
     return state
 
 
+def _changed(saved: Any, now: Any, default: Any) -> bool:
+    """Whether `now` differs from `saved`, a setting absent from `saved` (added since the
+    checkpoint was written, at any depth) counting as unchanged when it is at its default."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        default = default if isinstance(default, dict) else {}
+        for k in set(saved) | set(now):
+            if k not in saved:
+                if k not in default or now[k] != default[k]:
+                    return True
+            elif k not in now or _changed(saved[k], now[k], default.get(k)):
+                return True
+        return False
+    return saved != now
+
+
 def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
     """A resume continues the same experiment: only `rounds` may change, and upwards."""
     now = to_dict(cfg)
@@ -167,7 +183,8 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
         from fedapp.config import default_config
 
         defaults = to_dict(default_config())
-        differ = [k for k in differ if k in saved or now.get(k) != defaults.get(k)]
+        pick = lambda d, k: {k: d[k]} if k in d else {}  # noqa: E731
+        differ = [k for k in differ if _changed(pick(saved, k), pick(now, k), defaults)]
     if differ:
         raise ConfigError(
             f"resume: the config differs from the checkpointed run's in {differ}; a resume "

@@ -6,6 +6,8 @@ Named handlers, one per kind of message the server sends:
 - `train.generator`, `train.synthesize`: the synthetic-data generator's local rounds and
   the synthetic rows a client sends once (fedapp/synthetic.py);
 - `evaluate`: the global model on this client's validation rows;
+- `evaluate.sites`: after the last round, the final and the personal models' scores on those
+  rows (fedapp.sites);
 - `query` (discovery: which partition this node holds), `query.stats` (sufficient statistics
   of its training rows), `query.probe` (a timed few local steps, for schedulers) and
   `query.heartbeat` (an empty answer: alive).
@@ -25,8 +27,9 @@ from flwr.clientapp import ClientApp
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from fedapp import synthetic
+from fedapp import sites, synthetic
 from fedapp.attacks import AttackHarness
+from fedapp.checks import combination_mod
 from fedapp.clients import IDENTITY_RECORD, virtual_client_mod
 from fedapp.compression import compression_mod
 from fedapp.hetero import device_emulation_mod
@@ -53,7 +56,7 @@ MODEL_FREE = ("num-examples", "train_steps", "train_time_s", "label-counts")
 # Outermost: a message for a virtual client (several clients on one simulation SuperNode)
 # runs with that client's partition and state (fedapp.clients); then a message that may spend
 # privacy holds its institution's ledger lock (fedapp.privacy.ledger_lock_mod).
-app = ClientApp(mods=[virtual_client_mod, ledger_lock_mod])
+app = ClientApp(mods=[virtual_client_mod, combination_mod, ledger_lock_mod])
 
 
 # -- the units of a training message (fedapp.units.STAGES: stage -> its unit classes) ----------
@@ -173,6 +176,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     if "confusion" in metrics and not PrivacySpec.from_config(node.cfg.get("privacy")).sample_level:
         reply["eval-confusion"] = [int(c) for c in metrics["confusion"]]
     return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+
+
+@app.evaluate("sites")
+def evaluate_sites(msg: Message, context: Context) -> Message:
+    """After the last round: the final model's (and this client's personal model's) score on
+    its own held-out rows (fedapp.sites)."""
+    return sites.site_reply(msg, context)
 
 
 @app.query()

@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
+from fedapp.plugins import CodecError
+
 CODECS = ("none", "fp16", "int8", "topk")
 RESIDUAL_KEY = "fedapp.topk-residual"
 FP16, INT8, SCALE, INDEX, VALUE = "#fp16", "#int8", "#scale", "#idx", "#val"
@@ -51,7 +53,7 @@ CODEC_DTYPES = {
 }
 
 
-class CompressionError(ValueError):
+class CompressionError(CodecError):
     """An invalid compression setting or an update that cannot be decoded."""
 
 
@@ -87,6 +89,13 @@ class CompressionSpec:
     @property
     def active(self) -> bool:
         return self.name != "none"
+
+    # the round loop's codec (fedapp.plugins.UpdateCodec)
+    def encode_downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        return downlink(arrays, self)
+
+    def decode_update(self, arrays: ArrayRecord, base: ArrayRecord | None) -> ArrayRecord:
+        return decode_reply(arrays, self, base)
 
 
 def _floats(a: np.ndarray) -> bool:

@@ -70,7 +70,10 @@ def parse_overrides(overrides: str | Sequence[str] | None) -> list[str]:
 
 
 def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra overrides and return the resolved config."""
+    """Compose `conf/config.yaml` with Hydra overrides and return the resolved config, each
+    setting checked by itself. Whether features combine is checked a layer up: launchers and
+    apps compose with `fedapp.checks.compose`, and every ClientApp message passes
+    `fedapp.checks.combination_mod`."""
     ovr = parse_overrides(overrides)
     with _compose_lock:
         GlobalHydra.instance().clear()
@@ -174,7 +177,8 @@ def _is_number(text: str) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject settings that would silently produce a meaningless run."""
+    """Reject settings that would silently produce a meaningless run (each by itself; the
+    features' combination rules are fedapp.checks')."""
     if int(cfg.rounds) < 1:
         raise ConfigError(f"rounds must be >= 1, got {cfg.rounds}")
     if int(cfg.clients_per_round) < 1:
@@ -232,17 +236,6 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"partition.alpha must be > 0 (smaller = more skewed), got {part.alpha}"
             )
-    if cfg.get("privacy") is not None:
-        from fedapp.privacy import check_combination
-
-        check_combination(cfg)
-    if cfg.get("secure") is not None:
-        from fedapp.secure import check_combination as check_secure
-
-        check_secure(cfg)
-    from fedapp.synthetic import check as check_synthetic
-
-    check_synthetic(cfg)
 
 
 def _fraction(

@@ -46,9 +46,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from fedapp.checks import compose
 from fedapp.config import (
     PROJECT_ROOT,
-    compose,
     parse_overrides,
     resolve_data_dir,
     resolve_output_dir,

@@ -330,6 +330,8 @@ class ClockGrid(Grid):
     strategies use `submit`, `next_event(until)`, `discard` and `now`.
     """
 
+    event_clock = True  # fedapp.plugins.is_event_clock
+
     def __init__(
         self,
         grid: Grid,

@@ -34,9 +34,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from fedapp.checks import compose
 from fedapp.config import (
     ConfigError,
-    compose,
     parse_overrides,
     resolve_data_dir,
     resolve_output_dir,

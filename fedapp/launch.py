@@ -30,10 +30,10 @@ from pathlib import Path
 
 import psutil
 
+from fedapp.checks import compose
 from fedapp.config import (
     PROJECT_ROOT,
     ConfigError,
-    compose,
     parse_overrides,
     resolve_data_dir,
     resolve_output_dir,

@@ -78,6 +78,13 @@ def node_overrides(context: Context, policy: NodePolicy | None = None) -> tuple[
     return tuple(out)
 
 
+def node_cfg(context: Context) -> DictConfig:
+    """The run's config as this node composes it (its own conf/, the overrides its policy
+    accepts); needs neither the task's data nor a partition id. Whether the policy accepts
+    it is the handlers' check (`load_node`)."""
+    return _cfg(node_overrides(context))
+
+
 def node_data_dir(cfg: DictConfig, context: Context, policy: NodePolicy) -> Path:
     """Where this node reads datasets: a node with its own configuration never takes the
     folder from the run config (the server's); its `data-dir`, $FEDAPP_DATA_DIR or the

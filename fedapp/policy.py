@@ -73,6 +73,7 @@ GROUPS = (
 CLIENT_KEYS = (
     *GROUPS,
     "train",
+    "sites",
     "seed",
     "rounds",
     "clients_per_round",

@@ -679,6 +679,11 @@ def check_combination(cfg: DictConfig) -> None:
                 "client's rows that DP-SGD does not cover, so sample_dp does not send it. "
                 "Use another strategy (e.g. fedavg or fedprox)."
             )
+        why = getattr(cls, "sample_dp_refusal", "")  # declared (strategies.base)
+        if why:
+            raise PrivacyError(
+                f"privacy=sample_dp cannot be combined with strategy={cfg.strategy.name}: {why}"
+            )
     if spec.name != "central_dp":
         return
 

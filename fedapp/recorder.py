@@ -23,9 +23,13 @@ from flwr.common import log
 from omegaconf import DictConfig
 
 from fedapp.config import to_dict
+from fedapp.events import open_for_run
 from fedapp.files import write_atomic
 from fedapp.hetero import ClockGrid
 from fedapp.privacy import PrivacySpec, mark_seeded_noise, privacy_meta, seeded_noise
+from fedapp.sites import site_summary
+from fedapp.tracking import call as call_trackers
+from fedapp.tracking import open_trackers
 from strategies.base import FedappStrategyMixin
 from strategies.records import RoundRecord
 from tasks import Task
@@ -122,6 +126,9 @@ class Recorder:
         self.nodes_fn: Callable[[], dict[str, Any]] | None = None  # results.json `nodes`
         # called after every round's records are written (fedapp.checkpoint)
         self.checkpoint_fn: Callable[[int, ArrayRecord], None] | None = None
+        # final.sites: each client's score of the final (and its personal) model on its own
+        # held-out rows, set by the ServerApp after the last round (fedapp.sites)
+        self.sites: list[dict[str, Any]] | None = None
         self.out_dir = Path(out_dir)
         self.cfg = cfg
         self.task = task
@@ -144,6 +151,10 @@ class Recorder:
         (self.out_dir / "config.yaml").write_text(_yaml(cfg))
         if self.prep:  # what the model's inputs were scaled with (fedapp-audit needs it)
             write_json_atomic(self.out_dir / "preprocessing.json", self.prep)
+        # the event store fedapp-board reads (fedapp/events.py); None: not available
+        self.events = open_for_run(self.out_dir, cfg)
+        # tracking=tensorboard (fedapp/tracking.py); [] for tracking=none
+        self.trackers = open_trackers(cfg, self.out_dir, to_dict(cfg))
 
     # Flower calls this after every round (and once before round 1 with round 0).
     # Under encrypted aggregation the designated evaluator decrypts (fedapp.secure.Evaluator).
@@ -206,6 +217,7 @@ class Recorder:
         if improved and bool(self.cfg.get("checkpoint", True)):
             torch.save(arrays.to_torch_state_dict(), self.out_dir / "best_model.pt")
         self._write()
+        call_trackers(self.trackers, "round", {k: v for k, v in row.items() if k != "clients"})
         log(
             INFO,
             "[fedapp] round %d/%d  test_acc=%s  test_loss=%s  %sclient_acc=%s  replies=%d/%d  "
@@ -317,6 +329,7 @@ class Recorder:
         self.meta["status"] = status
         self.meta["status_detail"] = detail
         results = self._write(final=True, nodes=nodes)
+        call_trackers(self.trackers, "finish", results, self.out_dir / "final_model.pt")
         try:  # e.g. the contribution ledger
             self.strategy.write_reports(self.out_dir)
         except Exception as exc:  # a report problem must never lose the numbers
@@ -332,6 +345,7 @@ class Recorder:
     def final_summary(self) -> dict[str, Any]:
         last = {k: v for k, v in (self.rounds[-1] if self.rounds else {}).items() if k != "clients"}
         fed = [r for r in self.rounds if r["round"] > 0]
+        per_site = site_summary(self.sites)
         return {
             **last,
             "best_round": self.best["round"] if self.best else None,
@@ -350,6 +364,10 @@ class Recorder:
             # too late to count), which the per-round byte counts leave out.
             "clock_bytes_down": self.clock.bytes_down if self.clock is not None else None,
             "clock_bytes_up": self.clock.bytes_up if self.clock is not None else None,
+            "sites": self.sites,
+            "site_mean_global": per_site["site_mean_global"],
+            "site_mean_personal": per_site["site_mean_personal"],
+            "site_min": per_site["site_min"],
         }
 
     def nodes_every_round(self) -> bool:
@@ -374,6 +392,8 @@ class Recorder:
         _write_csv(self.out_dir / "rounds.csv", ROUND_KEYS, self.rounds)
         client_rows = [{"round": r["round"], **c} for r in self.rounds for c in r["clients"]]
         _write_csv(self.out_dir / "clients.csv", CLIENT_KEYS, client_rows)
+        if self.events is not None:  # never raises (a failed write is a warning)
+            self.events.record(results, best=self.best, final=final)
         return results
 
 

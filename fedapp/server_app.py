@@ -20,9 +20,10 @@ from omegaconf import DictConfig
 
 from fedapp import checkpoint, synthetic
 from fedapp.attacks import AttackSpec, attacker_partitions
+from fedapp.checks import compose
 from fedapp.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.compression import CompressionSpec
-from fedapp.config import ConfigError, compose, resolve_data_dir, resolve_output_dir, to_dict
+from fedapp.config import ConfigError, resolve_data_dir, resolve_output_dir, to_dict
 from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.identity import load_node_keys
 from fedapp.policy import REFUSED
@@ -34,6 +35,7 @@ from fedapp.secure import (
     secure_meta,
     server_aggregator,
 )
+from fedapp.sites import evaluate_sites
 from strategies import build_strategy
 from strategies.claims import ClaimPolicy, clip_counts
 from tasks import DataError, Task, get_task
@@ -370,6 +372,19 @@ def checkpointer(out_dir, cfg, strategy, live, recorder, clock, clients, prep):
     return write
 
 
+def final_sites(clients, node_partitions, final, cfg, task, train_config) -> list | None:
+    """`final.sites` (fedapp.sites): every client scores the final model on its own held-out
+    rows; None when that failed (logged; the run's other numbers stand)."""
+    if final is None:
+        return None
+    try:
+        timeout = float(cfg.round_timeout_s)
+        return evaluate_sites(clients, node_partitions, final, cfg, task, train_config, timeout)
+    except Exception as exc:  # noqa: BLE001 - the run's numbers are kept whatever happens here
+        log(WARNING, "[fedapp] per-site evaluation failed: %s: %s", type(exc).__name__, exc)
+        return None
+
+
 def check_levels(spec: PrivacySpec, task, partitions) -> None:
     """privacy.levels: every id must name a client of this run (a partition id or a natural
     id); an unknown one stops the run at start-up, naming the valid ids (a misspelt hospital
@@ -582,6 +597,9 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
             start_round=start_round,
         )
         final = result.arrays
+        if strategy.secure is None:  # encrypted: the server holds no plaintext model
+            train_config = {**settings.to_config(), **prep}
+            recorder.sites = final_sites(clients, node_partitions, final, cfg, task, train_config)
     except BaseException as exc:
         cut = interruption(exc)
         if cut is None:

@@ -885,10 +885,20 @@ class GeneratorPhase:
     it kept, and that replied without an error. A client that errs or does not reply leaves
     them (it may have lost its copy) and gets the generator again the next time."""
 
+    record_key = GEN_KEY  # fedapp.plugins.PrePhase: the generator's record in training messages
+
     def __init__(self, spec: GeneratorSpec, initial: ArrayRecord) -> None:
         self.spec = spec
         self.arrays = initial
         self.holders: set[int] = set()
+
+    def train_config(self, num_rounds: int) -> dict[str, Any]:
+        """What every training round's ConfigRecord says: the rounds DP-SGD is planned for
+        (those after the generator's) and the generator a client must use."""
+        return {
+            "dp-rounds": max(1, num_rounds - self.spec.rounds),
+            GEN_DIGEST: generator_digest(self.arrays),
+        }
 
     def note_replies(self, expected: Iterable[int], ok: Iterable[int]) -> None:
         """A training round's outcome: the partitions that replied without an error hold the

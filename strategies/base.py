@@ -44,10 +44,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedapp.compression import CompressionError, CompressionSpec, decode_reply, downlink
 from fedapp.flower_compat import aggregate_metricrecords
-from fedapp.secure import CT, CT_DELTA, SecureAggregator
-from fedapp.synthetic import GEN_DIGEST, GEN_KEY, generator_digest
+from fedapp.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
 from strategies.claims import ClaimPolicy, claim_caps, scale_counts
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from strategies.screening import (
@@ -211,8 +209,12 @@ class FedappStrategyMixin:
     # - `aggregation_rule`: "weighted_mean" (FedAvg's average of the updates with public,
     #   sample-count weights), "normalized_mean" (FedNova: weights and steps both public),
     #   "robust" (a statistic of the updates: median, trimmed mean, Krum, Bulyan),
-    #   "fair" (q-FedAvg: loss-dependent) or "data_dependent" (weights from the updates or
-    #   the clients' reports: trust, contribution).
+    #   "fair" (q-FedAvg: loss-dependent), "data_dependent" (weights from the updates or
+    #   the clients' reports: trust, contribution) or "personal" (FedAvg's mean of the shared
+    #   part, personal layers sent back as received, or nothing aggregated: local_only;
+    #   strategies/personal.py);
+    # - `sample_dp_refusal`: why the strategy cannot run under privacy=sample_dp ("" = it
+    #   can), e.g. a client's personal model trained outside the DP ledger's steps.
     schedules_rounds: ClassVar[bool] = False
     aggregation_rule: ClassVar[str] = "weighted_mean"
     # Keys of the client MetricRecord copied into the per-client record.
@@ -237,15 +239,17 @@ class FedappStrategyMixin:
 
     seed: int = 0
     min_replies: int = 1
-    compression: CompressionSpec = CompressionSpec()  # the run's update codec (fedapp.compression)
-    secure: SecureAggregator | None = None  # encrypted aggregation (fedapp.secure), public key only
+    compression: UpdateCodec = PLAIN  # the run's update codec (fedapp.compression)
+    secure: EncryptedAggregation | None = (
+        None  # encrypted aggregation (fedapp.secure), public key only
+    )
     sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
     # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
     # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
     server_loss: Any = None
     # augment=rare_class (fedapp.synthetic.GeneratorPhase, set by the ServerApp): generator
     # rounds before the first training round; the generator then goes with every model.
-    generator_phase: Any = None
+    generator_phase: PrePhase | None = None
     # The caps on claimed `num-examples` (strategies.claims; the run's `claims` block) and the
     # training rows each client counted in its exact preprocessing statistics (partition id ->
     # rows, clipped), set by the ServerApp through `bind_claims`.
@@ -410,8 +414,7 @@ class FedappStrategyMixin:
         self._round, self._global_arrays = server_round, arrays
         extra = self.round_config(server_round, config)
         if self.generator_phase is not None:  # DP-SGD planned for the rounds after the generator's
-            extra["dp-rounds"] = max(1, self._num_rounds - self.generator_phase.spec.rounds)
-            extra[GEN_DIGEST] = generator_digest(self.generator_phase.arrays)
+            extra.update(self.generator_phase.train_config(self._num_rounds))
         if self.secure is not None and self.secure.fednova_momentum is not None:
             extra["ckks-fednova"] = 1  # clients also encrypt their change per effective step
         config = ConfigRecord({**dict(config), **extra, "server-round": server_round})
@@ -458,7 +461,7 @@ class FedappStrategyMixin:
         else:
             rec.evaluated = chosen
         if train:  # what travels: the model as the downlink codec sends it
-            arrays = downlink(arrays, self.compression)
+            arrays = self.compression.encode_downlink(arrays)
         rec.bytes_down += arrays.count_bytes() * len(chosen)
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         contents = dict.fromkeys(chosen, content)
@@ -467,7 +470,7 @@ class FedappStrategyMixin:
             # augment=rare_class: the federation's generator goes with a client's model until
             # the client has replied with it once (it keeps a copy; GeneratorPhase.holders)
             needing = [p for p in chosen if p not in phase.holders]
-            with_generator = RecordDict({**dict(content.items()), GEN_KEY: phase.arrays})
+            with_generator = RecordDict({**dict(content.items()), phase.record_key: phase.arrays})
             contents.update(dict.fromkeys(needing, with_generator))
             rec.bytes_down += phase.arrays.count_bytes() * len(needing)
             rec.aggregation["generator_sent"] = len(needing)
@@ -498,7 +501,7 @@ class FedappStrategyMixin:
         if arrays is not None:
             rec.bytes_up += arrays.count_bytes()
         if self.secure is not None:  # ciphertexts: only their form can be checked here
-            need = [CT] + ([CT_DELTA] if self.secure.fednova_momentum is not None else [])
+            need = self.secure.keys
             if arrays is None or any(k not in arrays or arrays[k].dtype != "uint8" for k in need):
                 return f"rejected: an encrypted reply must carry {need} (uint8 ciphertexts)"
             # size, CKKS parameters, level and scale against the public context (fedapp.secure)
@@ -520,8 +523,8 @@ class FedappStrategyMixin:
         if self.compression.active:  # an encoded update: decode it onto the model it left from
             base = self.reply_base.pop(msg.metadata.reply_to_message_id, self._global_arrays)
             try:
-                arrays = decode_reply(arrays, self.compression, base)
-            except CompressionError as err:
+                arrays = self.compression.decode_update(arrays, base)
+            except CodecError as err:
                 return f"rejected: {err}"
             content["arrays"] = arrays
         if self._global_arrays is not None and not same_layout(arrays, self._global_arrays):

@@ -12,6 +12,29 @@ from typing import Any
 
 NUM_EXAMPLES = "num-examples"
 
+# results.json `final.sites[]`: one entry per client that answered the per-site evaluation after
+# the last round (fedapp/sites.py), the same keys for every strategy; and its summary keys.
+SITE_FIELDS = {
+    "client": "the client (partition id)",
+    "n_test": "its held-out rows the scores are on (its validation rows, `task.client_val_fraction` "
+    "or the node's own `val-fraction`: a seeded split, never trained on)",
+    "metric": "the metric of the scores: the task's headline one (accuracy; `roc_auc` for tables) "
+    "or `sites.metric`",
+    "global": "the final global model's score on those rows (null where undefined, e.g. ROC-AUC "
+    "on rows of one class)",
+    "personal": "its personal model's score (strategies/personal.py: finetune, fedper, fedrep, "
+    "fedbn, ditto); null where the strategy does not personalise",
+    "local_only": "its local-only model's score (`strategy=local_only`); null otherwise",
+}
+SITE_SUMMARY = {
+    "sites": "per client, its scores on its own held-out rows (`final.sites[]`, below); null "
+    "under secure encryption or when the evaluation failed",
+    "site_mean_global": "mean over the sites of `global`",
+    "site_mean_personal": "mean over the sites of `personal` (null: no personal models)",
+    "site_min": "the worst site's score of the model the method gives it (`personal`, else "
+    "`local_only`, else `global`)",
+}
+
 
 @dataclass
 class ClientRecord:

@@ -33,7 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedapp.compression import downlink
+from fedapp.plugins import is_event_clock
 from strategies.base import FedappStrategyMixin, reply_metrics
 from strategies.claims import claim_caps
 from strategies.screening import metrics_refusal
@@ -221,9 +221,7 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         evaluate_fn=None,
         start_round: int = 1,
     ) -> Result:
-        from fedapp.hetero import ClockGrid
-
-        if not isinstance(grid, ClockGrid):
+        if not is_event_clock(grid):
             raise TypeError(
                 f"{type(self).__name__} needs the fedapp clock (fedapp.hetero.ClockGrid) as its grid"
             )
@@ -318,7 +316,7 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         cfg = {**dict(self._train_config), "server-round": send.round}
         if send.steps is not None:
             cfg["max-steps"] = send.steps
-        sent = downlink(self._arrays, self.compression)
+        sent = self.compression.encode_downlink(self._arrays)
         content = RecordDict({"arrays": sent, "config": ConfigRecord(cfg)})
         msg = Message(
             content=content,

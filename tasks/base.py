@@ -78,6 +78,9 @@ class Task(ABC):
     # True when the task needs federated preprocessing statistics (one round of sums and
     # counts before training, see `client_stats` / `aggregate_stats`).
     needs_stats: bool = False
+    # The metric a site judges a model by (`evaluate`'s key): per-site evaluation
+    # (fedapp.sites) reports it; tables say "roc_auc".
+    headline_metric: str = "accuracy"
 
     def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
         self.cfg = cfg

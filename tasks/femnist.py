@@ -287,4 +287,6 @@ class FemnistTask(HFImageTask):
         return to_tensor_dataset(ds)
 
     def make_model(self) -> nn.Module:
-        return MODELS[str(self.task_cfg.model)](self.num_classes)
+        return MODELS[str(self.task_cfg.model)](
+            self.num_classes, norm=str(self.task_cfg.get("norm") or "none")
+        )

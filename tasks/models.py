@@ -6,23 +6,71 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+NORMS = ("none", "batch")  # a model's optional normalisation layers (`task.norm`)
+
+
+class _FloatCounter:
+    """BatchNorm whose batch counter is float32, like every other array of the model (an int64
+    buffer would be averaged into floats by FedAvg and refused by the update codecs); it only
+    counts (the running statistics use `momentum`, never the count)."""
+
+    def _float_counter(self) -> None:
+        self.num_batches_tracked = torch.zeros(1)  # shape (1,): codecs keep no 0-d arrays
+
+
+class BatchNorm2d(_FloatCounter, nn.BatchNorm2d):
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self._float_counter()
+
+
+class BatchNorm1d(_FloatCounter, nn.BatchNorm1d):
+    """BatchNorm1d that normalises a training batch of one row by its running statistics
+    (PyTorch's refuses: one value per channel has no batch variance)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self._float_counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"task.norm={norm!r}: use one of {', '.join(NORMS)}")
+    return norm
+
 
 class FemnistCNN(nn.Module):
-    """Two 5x5 conv layers + two FC layers (LEAF's FEMNIST CNN when hidden=2048: 6.6M params)."""
+    """Two 5x5 conv layers + two FC layers (LEAF's FEMNIST CNN when hidden=2048: 6.6M params);
+    `norm="batch"` adds BatchNorm after each conv and the hidden FC layer (for FedBN)."""
 
-    def __init__(self, num_classes: int = 62, hidden: int = 2048) -> None:
+    def __init__(self, num_classes: int = 62, hidden: int = 2048, norm: str = "none") -> None:
         super().__init__()
+        batch = check_norm(norm) == "batch"
+
+        def bn(layer: nn.Module) -> list[nn.Module]:
+            return [layer] if batch else []
+
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, 5, padding=2),
+            *bn(BatchNorm2d(32)),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 5, padding=2),
+            *bn(BatchNorm2d(64)),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(7 * 7 * 64, hidden),
+            *bn(BatchNorm1d(hidden)),
             nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
@@ -32,6 +80,8 @@ class FemnistCNN(nn.Module):
 
 
 MODELS = {
-    "leaf_cnn": lambda n: FemnistCNN(n, hidden=2048),  # 6.6M parameters (Caldas et al., 2018)
-    "cnn_small": lambda n: FemnistCNN(n, hidden=352),  # 1.2M parameters, practical on CPU
+    # 6.6M parameters (Caldas et al., 2018)
+    "leaf_cnn": lambda n, norm="none": FemnistCNN(n, hidden=2048, norm=norm),
+    # 1.2M parameters, practical on CPU
+    "cnn_small": lambda n, norm="none": FemnistCNN(n, hidden=352, norm=norm),
 }

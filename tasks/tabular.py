@@ -22,7 +22,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from torch.utils.data import TensorDataset
 
 from tasks.base import ClientData, DataError, Task
 from tasks.metrics import majority_accuracy
+from tasks.models import BatchNorm1d, check_norm
 from tasks.partitioning import make_partitioner
 from tasks.training import TrainSettings
 
@@ -72,6 +73,9 @@ class Schema:
     thousands: str = ""  # "" (none) or the separator of digit groups: "," "." " " "'"
     missing_codes: dict[str, list[float]] = field(default_factory=dict)  # column -> codes
     natural_id_min_rows: int = 0  # ids with fewer rows are pooled into one client, SMALL_IDS
+    # rows missing a value in any of these columns are left out (counted in the log), as
+    # FLamby's heart-disease protocol does; [] keeps every row (missing values imputed)
+    drop_missing: list[str] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, scfg: DictConfig) -> Schema:
@@ -104,6 +108,7 @@ class Schema:
                 for k, vs in (c.get("missing_codes") or {}).items()
             },
             natural_id_min_rows=int(c.get("natural_id_min_rows") or 0),
+            drop_missing=[str(x) for x in c.get("drop_missing") or []],
         )
 
     def resolve_all_numeric(self, columns: list[str]) -> None:
@@ -282,6 +287,20 @@ def _read_arff(text: str, path: Path) -> pd.DataFrame:
     return df
 
 
+def _missing_any(typed: pd.DataFrame, columns: list[str], path: Path) -> np.ndarray:
+    """Rows missing a value in any of `columns` (numeric NaN, categorical "")."""
+    unknown = [c for c in columns if c not in typed.columns]
+    if unknown:
+        raise DataError(f"schema.drop_missing names {unknown}, which are not features of {path}")
+    mask = np.zeros(len(typed), dtype=bool)
+    for col in columns:
+        values = typed[col]
+        mask |= values.isna().to_numpy() if values.dtype.kind == "f" else (values == "").to_numpy()
+    if mask.any():
+        log(INFO, "[tabular] %s: %d rows left out for missing %s", path, int(mask.sum()), columns)
+    return mask
+
+
 def load_frame(
     files: list[dict[str, Any]], schema: Schema, data_dir: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -311,6 +330,8 @@ def load_frame(
         )
         drop = sorted({i for rows in bad.values() for i in rows})
         keep = ~np.isin(np.arange(len(typed)), drop)
+        if schema.drop_missing:
+            keep &= ~_missing_any(typed, schema.drop_missing, path)
         frames.append(typed[keep].reset_index(drop=True))
         raws.append(df[keep].reset_index(drop=True))
     frame = pd.concat(frames, ignore_index=True)
@@ -577,11 +598,18 @@ def feature_dim(schema: Schema) -> int:
 # Models and losses
 # ------------------------------------------------------------------------------------------
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: list[int], num_classes: int, dropout: float) -> None:
+    """Linear layers with ReLU and dropout; `norm="batch"`: BatchNorm after each hidden
+    linear layer (for FedBN; strategies/personal.py)."""
+
+    def __init__(
+        self, dim: int, hidden: list[int], num_classes: int, dropout: float, norm: str = "none"
+    ) -> None:
         super().__init__()
+        batch = check_norm(norm) == "batch"
         layers: list[nn.Module] = []
         for h in hidden:
-            layers += [nn.Linear(dim, h), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(dim, h), *([BatchNorm1d(h)] if batch else [])]
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
             dim = h
         layers.append(nn.Linear(dim, num_classes))
         self.net = nn.Sequential(*layers)
@@ -615,6 +643,7 @@ class TabularTask(Task):
     """A binary classification table behind the common task interface."""
 
     needs_stats = True
+    headline_metric = "roc_auc"
 
     def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
         super().__init__(cfg, data_dir)
@@ -846,6 +875,7 @@ class TabularTask(Task):
                 [int(h) for h in self.task_cfg.hidden],
                 self.num_classes,
                 float(self.task_cfg.dropout),
+                str(self.task_cfg.get("norm") or "none"),
             )
         raise DataError(f"task.model={kind}: use mlp or logreg")
 

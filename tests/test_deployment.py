@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir
+from fedapp.checks import compose
+from fedapp.config import PROJECT_ROOT, parse_overrides, resolve_data_dir
 from fedapp.federation import (
     export_operator_files,
     node_config_line,

@@ -239,3 +239,18 @@ def test_the_moved_blocks_have_their_markers():
     assert deploy.count("<!-- runbook -->") == 1 and deploy.count("<!-- /runbook -->") == 1
     support = (DOCS / "reference" / "support.md").read_text()
     assert support.count("<!-- support-table -->") == 1
+
+
+def test_the_readme_per_site_table_is_the_personalisation_json():
+    """The README's heart-disease table (<!-- personalisation -->): each site's mean over seeds
+    of each model's score, computed here from bench/results/personalization.json."""
+    text = _readme().read_text()
+    block = text.split("<!-- personalisation -->\n")[1].split("<!-- /personalisation -->")[0]
+    task = json.loads((RESULTS / "personalization.json").read_text())["tasks"]["medical"]
+    rows = [r.strip("|").split("|") for r in block.strip().splitlines()[2:]]
+    for i, site in enumerate(task["sites"]):
+        cells = [c.strip() for c in rows[i]]
+        assert cells[0] == site
+        for j, model in enumerate(task["table"]):
+            values = [v for v in task["table"][model][i] if v is not None]
+            assert cells[2 + j] == f"{np.mean(values):.3f}", (site, model)

@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from fedapp.config import PROJECT_ROOT, ConfigError, compose
+from fedapp.checks import compose
+from fedapp.config import PROJECT_ROOT, ConfigError
 
 COLUMNS = {
     1: ["secure=ckks"],

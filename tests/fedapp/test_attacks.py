@@ -19,8 +19,8 @@ from fedapp.attacks import (
     poisoned_state,
     trains_locally,
 )
+from fedapp.checks import compose
 from fedapp.client_app import compose_units
-from fedapp.config import compose
 from fedapp.units import run_units
 
 

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from fedapp.audit import attack_report, audit, main
-from fedapp.config import compose
+from fedapp.checks import compose
 from tasks import get_task
 
 OVERRIDES = "task=medical task.hidden=[256,256] task.dropout=0.0"

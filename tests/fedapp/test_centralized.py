@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from fedapp.centralized import train_centralized
-from fedapp.config import compose
+from fedapp.checks import compose
 from tasks import get_task
 
 

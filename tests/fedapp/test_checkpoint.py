@@ -7,7 +7,8 @@ import pytest
 from flwr.app import ArrayRecord
 
 from fedapp.checkpoint import CheckpointError, check_compatible, dumps, loads
-from fedapp.config import ConfigError, compose, to_dict
+from fedapp.checks import compose
+from fedapp.config import ConfigError, to_dict
 
 
 class Live:
@@ -130,3 +131,16 @@ def test_a_central_dp_checkpoint_does_not_predict_the_noise(tmp_path, data_dir):
     assert diff.abs().max() > 0, "the checkpoint determined round 2's noise"
     sigma = z * clip / m
     assert diff.std().item() == pytest.approx(sigma * np.sqrt(2), rel=0.15)
+
+
+def test_a_checkpoint_from_before_a_nested_setting_resumes_at_its_default():
+    """A setting added inside a group (e.g. `task.norm`, `sites.metric`) after the checkpoint
+    was written: the resume goes on when it is at its default, and not when it was changed."""
+    saved = to_dict(compose("task=credit rounds=3"))
+    del saved["task"]["norm"]
+    del saved["sites"]
+    check_compatible(saved, compose("task=credit rounds=5"), done=3)
+    with pytest.raises(ConfigError, match=r"\['task'\]"):
+        check_compatible(saved, compose("task=credit rounds=5 task.norm=batch"), done=3)
+    with pytest.raises(ConfigError, match=r"\['task'\]"):  # a changed old setting still counts
+        check_compatible(saved, compose("task=credit rounds=5 task.dropout=0.3"), done=3)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from fedapp.checks import compose
 from fedapp.compression import (
     CompressionSpec,
     decode,
@@ -19,7 +20,7 @@ from fedapp.compression import (
     encode_int8,
     topk,
 )
-from fedapp.config import ConfigError, compose
+from fedapp.config import ConfigError
 from fedapp.inline import run_inline
 from fedapp.secure import (
     PUBLIC,

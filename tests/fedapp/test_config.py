@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from fedapp.checks import compose
 from fedapp.config import (
     ConfigError,
-    compose,
     parse_overrides,
     resolve_data_dir,
     resolve_output_dir,

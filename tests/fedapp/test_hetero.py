@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from fedapp.flower_compat import ErrorCode
 from fedapp.hetero import (
     MBIT,

@@ -10,7 +10,8 @@ import psutil
 import pytest
 import torch
 
-from fedapp.config import ConfigError, compose
+from fedapp.checks import compose
+from fedapp.config import ConfigError
 from fedapp.launch import (
     federation_resources,
     stop_process_group,

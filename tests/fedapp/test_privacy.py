@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedapp.checks import compose
 from fedapp.client_app import compose_units
-from fedapp.config import ConfigError, compose
+from fedapp.config import ConfigError
 from fedapp.inline import run_inline
 from fedapp.privacy import (
     DPSGDHook,

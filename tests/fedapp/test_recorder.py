@@ -11,7 +11,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from fedapp.recorder import ROUND_KEYS, Recorder, json_safe
 from strategies import build_strategy
 from strategies.records import ClientRecord, RoundRecord

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedapp import schema as schema_mod
-from fedapp.config import compose
+from fedapp.checks import compose
 from fedapp.schema import main
 from tasks import get_task
 from tests.fedapp.byod_fixtures import KINDS, mortgage_table

@@ -13,7 +13,8 @@ import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedapp import secure
-from fedapp.config import PROJECT_ROOT, compose, with_keys
+from fedapp.checks import compose
+from fedapp.config import PROJECT_ROOT, with_keys
 from fedapp.flower_compat import set_task_identity
 from fedapp.secure import (
     COLLUSION_LIMIT,

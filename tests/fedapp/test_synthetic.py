@@ -16,7 +16,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from fedapp.config import ConfigError, compose
+from fedapp.checks import compose
+from fedapp.config import ConfigError
 from fedapp.inline import run_inline
 from fedapp.privacy import Ledger, epsilon_of, opacus, private_stats
 from fedapp.synthetic import (

@@ -395,7 +395,9 @@ def test_sign_app_command(creds, tmp_path):
     (app_dir / "tiny").mkdir(parents=True)
     (app_dir / "pyproject.toml").write_bytes(TINY_APP)
     (app_dir / "tiny" / "__init__.py").write_text("")
-    assert certs.main(["sign-app", str(creds.root), str(app_dir), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        certs.main(["sign-app", str(creds.root), str(app_dir), "--out", str(tmp_path / "a")]) == 0
+    )
     apps = appsign.load_apps(tmp_path / "a")
     assert list(apps) == [("@tester/tinyapp", "1.2.3")]
     signed = apps[("@tester/tinyapp", "1.2.3")]

@@ -8,8 +8,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedapp.attacks import AttackHarness
+from fedapp.checks import compose
 from fedapp.client_app import compose_units
-from fedapp.config import compose
 from fedapp.units import STAGES, ClientUnit, TrainJob, run_units
 from strategies.contribution import Distillation, ValidationGain
 from strategies.fedprox import ProximalTerm

@@ -23,8 +23,8 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedapp.checks import compose
 from fedapp.compression import CompressionSpec, encode
-from fedapp.config import compose
 from fedapp.flower_compat import set_task_identity
 from strategies import build_strategy
 from strategies.claims import ClaimPolicy

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, MetricRecord, Recor
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from strategies import build_strategy
 from strategies.base import aggregate_scalar_metrics, sample_partitions
 from tests.conftest import FakeGrid, error_reply, reply

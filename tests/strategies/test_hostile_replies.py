@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedapp.config import ConfigError, compose
+from fedapp.checks import compose
+from fedapp.config import ConfigError
 from fedapp.flower_compat import set_task_identity
 from fedapp.server_app import collect_stats, robust_stats
 from strategies.claims import ClaimError, ClaimPolicy, claim_caps

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from strategies import build_strategy
 from strategies.robust import coordinate_shares, median_bounds, trimmed_bounds
 from tests.conftest import FakeGrid, reply

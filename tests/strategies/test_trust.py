@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from fedapp.flower_compat import aggregate_arrayrecords
 from strategies import build_strategy
 from strategies.aggregation import sanity_scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from tasks import DataError, get_task
 from tasks.damage_images import DamageImagesTask, build_table
 

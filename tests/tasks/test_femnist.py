@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from datasets import load_dataset
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from tasks import DataError
 from tasks.femnist import (
     FemnistTask,

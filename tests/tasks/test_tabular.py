@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fedapp.config import compose
+from fedapp.checks import compose
 from tasks import DataError, get_task
 from tasks.tabular import TabularTask, combine_stats, numeric_stats
 from tasks.training import TrainSettings

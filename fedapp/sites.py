@@ -1,0 +1,185 @@
+"""Per-site evaluation: at the end of a run every client scores the final global model (and its
+personal model, where the strategy personalises: strategies/personal.py) on its own held-out
+rows, and only the scores leave it.
+
+A site's test rows are its validation rows: the share of its partition (or its own file) kept
+out of training by a seeded split (`task.client_val_fraction`; a deployed node's own
+`val-fraction`, never the server's, fedapp.policy), the rows federated evaluation reports on.
+They are never trained on. One `evaluate.sites` message per client after the last round
+carries the final model and the round's training settings (a personal method's fine-tuning);
+the reply carries `n_test` and the metric of each model it has: `global`, `personal`,
+`local_only`. The metric is the task's headline one (`Task.headline_metric`: accuracy, ROC-AUC
+for the tables) or `sites.metric`. A client is not trusted: a reply that is not a count and
+scores in [0, 1] (or NaN: undefined, e.g. ROC-AUC on one class) is left out and logged.
+
+`final.sites` in results.json lists one entry per client that answered; `site_mean_global`,
+`site_mean_personal` (null without personal models) and `site_min` summarise them
+(`site_summary`).
+"""
+
+from __future__ import annotations
+
+import math
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import log
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+from fedapp.node import load_node, round_prep
+from fedapp.policy import PolicyRefusal, registered_strategy
+from strategies.personal import site_models
+from tasks import Task
+from tasks.training import TrainSettings
+
+SITES_MESSAGE = f"{MessageType.EVALUATE}.sites"
+MODELS = ("global", "personal", "local_only")
+
+
+def site_metric(cfg: DictConfig, task: Task) -> str:
+    """The metric per-site evaluation reports: `sites.metric`, or the task's headline one."""
+    sites = cfg.get("sites")
+    name = str(sites.get("metric", "auto")) if sites is not None else "auto"
+    return task.headline_metric if name == "auto" else name
+
+
+def _score(metrics: dict[str, float], name: str) -> float:
+    if name not in metrics:
+        raise ValueError(f"sites.metric={name!r} is not a metric of this task: {sorted(metrics)}")
+    return float(metrics[name])
+
+
+# -- the client's part (registered by fedapp.client_app) -------------------------------------
+def site_reply(msg: Message, context: Context) -> Message:
+    """Score the received final model and this client's own models on its held-out rows."""
+    node = load_node(context)
+    if not node.policy.model_metrics_allowed(node.cfg):
+        raise PolicyRefusal(
+            "per-site evaluation: this institution sends no metric computed on a received "
+            "model (its node config ckks-metrics=false)"
+        )
+    task, data, cfg = node.task, node.data, node.cfg
+    config = msg.content["config"]
+    prep = round_prep(config)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    metric = site_metric(cfg, task)
+    reply: dict[str, Any] = {"n_test": len(data.val)}
+    if len(data.val):
+        model = task.make_model()
+        model.load_state_dict(global_state)
+        reply["global"] = _score(task.evaluate(model, data.val, prep), metric)
+        cls = get_class(registered_strategy(str(cfg.strategy._target_)))
+        method = str(getattr(cls, "personalisation", "") or "")
+        if method:
+            settings = TrainSettings.from_config(dict(config))
+            others = site_models(
+                method, task, data, context.state, global_state, cfg, settings, prep
+            )
+            for key, own in others.items():
+                reply[key] = _score(task.evaluate(own, data.val, prep), metric)
+    return Message(RecordDict({"metrics": MetricRecord(reply)}), reply_to=msg)
+
+
+# -- the server's part --------------------------------------------------------------------------
+def _screen(metrics: MetricRecord | None) -> tuple[dict[str, Any] | None, str | None]:
+    if metrics is None:
+        return None, "no metrics"
+    try:
+        n = metrics["n_test"]
+        if isinstance(n, list) or float(n) != int(n) or int(n) < 0:
+            return None, f"n_test={n!r} is not a count"
+        out: dict[str, Any] = {"n_test": int(n)}
+        for key in MODELS:
+            value = metrics.get(key)
+            if value is None:
+                out[key] = None
+                continue
+            value = float(value)  # a list raises: rejected below
+            if math.isnan(value):
+                out[key] = None  # undefined on these rows (e.g. ROC-AUC with one class)
+            elif not 0.0 <= value <= 1.0:
+                return None, f"{key}={value} is outside [0, 1]"
+            else:
+                out[key] = value
+        extra = set(metrics) - {"n_test", *MODELS}
+        if extra:
+            return None, f"unexpected keys {sorted(extra)}"
+        return out, None
+    except Exception as exc:  # noqa: BLE001 - a malformed reply is rejected, never fatal
+        return None, f"malformed ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def evaluate_sites(
+    grid,
+    node_partitions: dict[int, int],
+    arrays: ArrayRecord,
+    cfg: DictConfig,
+    task: Task,
+    train_config: dict[str, Any],
+    timeout: float,
+) -> list[dict[str, Any]]:
+    """One `evaluate.sites` message per client (`grid` addresses clients: fedapp.clients);
+    the screened entries of `final.sites`, in partition order."""
+    metric = site_metric(cfg, task)
+    config = ConfigRecord({**train_config, "server-round": int(cfg.rounds), "seed": int(cfg.seed)})
+    content = RecordDict({"arrays": arrays, "config": config})
+    msgs = [
+        Message(content, dst_node_id=cid, message_type=SITES_MESSAGE)
+        for cid in sorted(node_partitions, key=node_partitions.get)
+    ]
+    entries: dict[int, dict[str, Any]] = {}
+    # results.json `nodes` counts the rounds' replies and failures; these messages come after
+    # them and are reported in `final.sites` (and the log), so the counts are kept as they were
+    before = grid.state() if hasattr(grid, "state") else None
+    try:
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    finally:
+        if before is not None:
+            grid.status.update(before)
+    for reply in replies:
+        cid = reply.metadata.src_node_id
+        pid = node_partitions.get(cid)
+        if pid is None:
+            continue
+        if reply.has_error():
+            log(WARNING, "[fedapp] client %d sent no per-site metrics: %s", pid, reply.error.reason)
+            continue
+        values, why = _screen(reply.content.metric_records.get("metrics"))
+        if why:
+            log(WARNING, "[fedapp] client %d per-site metrics rejected: %s", pid, why)
+            continue
+        entries[pid] = {"client": pid, "n_test": values["n_test"], "metric": metric}
+        entries[pid].update({k: values[k] for k in MODELS})
+    return [entries[p] for p in sorted(entries)]
+
+
+def site_summary(sites: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """`site_mean_global`, `site_mean_personal` and `site_min` (the worst site's metric of the
+    model the method gives it: its personal model, its local-only model under local_only, or
+    the global one); None where no site has that number."""
+
+    def mean(key: str) -> float | None:
+        vals = [s[key] for s in sites or [] if s.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    delivered = [
+        next((s[k] for k in ("personal", "local_only", "global") if s.get(k) is not None), None)
+        for s in sites or []
+    ]
+    delivered = [v for v in delivered if v is not None]
+    return {
+        "site_mean_global": mean("global"),
+        "site_mean_personal": mean("personal"),
+        "site_min": float(min(delivered)) if delivered else None,
+    }

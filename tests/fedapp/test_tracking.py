@@ -1,0 +1,56 @@
+"""tracking=tensorboard (fedapp/tracking.py): per-round metrics, parameters and the final
+model in TensorBoard's event files; a broken tracker never stops a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from omegaconf import OmegaConf
+
+from fedapp.config import ConfigError
+from fedapp.events import sha256_file
+from fedapp.inline import run_inline
+from fedapp.tracking import call, open_trackers
+
+RUN = "task=credit partition=iid partition.num_partitions=4 rounds=2 clients_per_round=4 eval_clients_per_round=0"
+
+
+def test_tensorboard_gets_every_round_the_params_and_the_final_model(tmp_path, data_dir):
+    pytest.importorskip(
+        "tensorboard", reason='the tensorboard extra: pip install -e ".[tensorboard]"'
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_inline(f"{RUN} tracking=tensorboard", tmp_path / "run")
+    res = json.loads((out / "results.json").read_text())
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    test_acc = acc.Scalars("round/test_accuracy")
+    assert [e.step for e in test_acc] == [0, 1, 2]
+    assert [e.value for e in test_acc] == pytest.approx([r["test_accuracy"] for r in res["rounds"]])
+    assert acc.Scalars("final/best_test_accuracy")[0].value == pytest.approx(
+        res["final"]["best_test_accuracy"]
+    )
+    texts = {
+        t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"]
+    }
+    params = next(v for k, v in texts.items() if k.startswith("params"))
+    assert '| task.name | "credit" |' in params and "| rounds | 2 |" in params
+    final = next(v for k, v in texts.items() if k.startswith("final_model"))
+    assert sha256_file(out / "final_model.pt") in final and "status: completed" in final
+
+
+def test_an_unknown_tracker_is_a_setup_error_and_a_failing_one_a_warning(caplog):
+    with pytest.raises(ConfigError, match="tracking=wandb: unknown tracker"):
+        open_trackers(OmegaConf.create({"tracking": {"name": "wandb"}}), None, {})
+    assert open_trackers(OmegaConf.create({"tracking": {"name": "none"}}), None, {}) == []
+
+    class Broken:
+        def round(self, row):
+            raise OSError("disk full")
+
+    caplog.set_level(logging.WARNING, logger="fedapp.tracking")
+    call([Broken()], "round", {"round": 1})
+    assert "Broken: round failed (disk full); the run goes on" in caplog.text
