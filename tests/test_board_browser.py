@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +29,12 @@ NO_BROWSER = (
     ".ci/run installs it)"
 )
 pytestmark = pytest.mark.skipif(CHROMIUM is None or DRIVER is None, reason=NO_BROWSER)
-SHOTS = Path(os.environ.get("FEDAPP_BOARD_SCREENSHOTS") or PROJECT_ROOT / "docs" / "board")
+# where the screenshots go: a temporary folder, so a test run leaves the tree clean;
+# FEDAPP_BOARD_SCREENSHOTS=docs/board refreshes the documentation's images
+SHOTS = Path(
+    os.environ.get("FEDAPP_BOARD_SCREENSHOTS")
+    or Path(tempfile.gettempdir()) / "fedapp-board-screenshots"
+)
 TOKEN = "browser-test-operator-token-0123"
 # A live run slow enough to watch (about 2 s a round on two cores), with one crashing client
 # so that the run page has failures with their reasons.

@@ -7,9 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from hydra.utils import get_class
 
 from fedapp.checks import compose
 from fedapp.config import PROJECT_ROOT, ConfigError
+from fedapp.config import compose as settings_only
 
 COLUMNS = {
     1: ["secure=ckks"],
@@ -36,15 +38,24 @@ def test_the_table_lists_every_strategy_once():
     assert sorted(_table()) == strategies
 
 
+def _prerequisites(strategy: str) -> str:
+    """The strategy with the settings it declares it needs (e.g. FedBN's `required_norm`)."""
+    cls = get_class(str(settings_only(f"strategy={strategy}").strategy._target_))
+    norm = getattr(cls, "required_norm", "")
+    return f"strategy={strategy}" + (f" task.norm={norm}" if norm else "")
+
+
 @pytest.mark.parametrize("strategy", sorted(_table()))
 def test_each_cell_is_what_the_code_accepts(strategy):
     cells = _table()[strategy]
+    base = _prerequisites(strategy)
+    compose(base)  # the strategy itself runs
     for column, overrides in COLUMNS.items():
         claimed = cells[column].split(":")[0]
         assert claimed in ("yes", "no"), cells[column]
         for override in overrides:
             try:
-                compose(f"strategy={strategy} {override}")
+                compose(f"{base} {override}")
                 accepted = "yes"
             except ConfigError:
                 accepted = "no"
