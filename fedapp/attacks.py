@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from fedapp import seeds
 from fedapp.units import ClientUnit, TrainJob
 
 ATTACKS = ("none", "label_flip", "gaussian", "scaled", "free_rider", "crash", "inflate")
-# One RNG stream per purpose, so adding one never shifts another.
-_STREAM_ASSIGN, _STREAM_NOISE, _STREAM_CRASH = 0xA77AC, 0x0015E, 0xC4A54
+# Their draws are named seed streams (fedapp.seeds: attack.assign, attack.noise, attack.crash).
 
 
 class AttackError(ValueError):
@@ -104,7 +104,7 @@ def attacker_partitions(num_partitions: int, fraction: float, seed: int) -> list
     k = int(round(float(fraction) * num_partitions))
     if k <= 0 or num_partitions <= 0:
         return []
-    rng = np.random.default_rng([int(seed), _STREAM_ASSIGN])
+    rng = seeds.rng("attack.assign", seed)
     return sorted(
         int(p) for p in rng.choice(num_partitions, size=min(k, num_partitions), replace=False)
     )
@@ -115,14 +115,10 @@ def flipped_labels(y: np.ndarray, num_classes: int) -> np.ndarray:
     return (num_classes - 1 - np.asarray(y)).astype(np.asarray(y).dtype)
 
 
-def _rng(seed: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed) % (2**63), stream])
-
-
 def crashes_now(spec: AttackSpec, client_seed: int) -> bool:
     """Whether a `crash` attacker fails in this round (client_seed differs per round)."""
     return spec.name == "crash" and bool(
-        _rng(client_seed, _STREAM_CRASH).random() < spec.probability
+        seeds.rng("attack.crash", client_seed).random() < spec.probability
     )
 
 
@@ -146,7 +142,7 @@ def poisoned_state(
     (ignored by attacks that do not train), `stale_state` the global model of this client's
     previous participation (free riders in `stale` mode; None on the first one).
     """
-    gen = _rng(client_seed, _STREAM_NOISE)
+    gen = seeds.rng("attack.noise", client_seed)
 
     def noise_like(t: torch.Tensor, std: float) -> torch.Tensor:
         return torch.from_numpy(gen.normal(0.0, std, size=tuple(t.shape))).to(t.dtype)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -43,6 +42,7 @@ import numpy as np
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedapp import seeds
 from fedapp.flower_compat import ErrorCode, set_message_id
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
@@ -149,7 +149,7 @@ def assign_profiles(spec: HeteroSpec, num_clients: int, seed: int) -> list[Devic
     for i in np.argsort(-(exact - counts), kind="stable")[: num_clients - counts.sum()]:
         counts[i] += 1
     labels = np.repeat(np.arange(len(spec.classes)), counts)
-    rng = np.random.default_rng([int(seed), 0x4E7E])
+    rng = seeds.rng("hetero.profiles", seed)
     rng.shuffle(labels)
     out = []
     for label in labels:
@@ -188,8 +188,8 @@ def profile_from_node_config(
 
 def _uniform(*key: int | str) -> float:
     """A reproducible U(0,1) draw for a key (seed, client, slot, ...)."""
-    words = [zlib.crc32(str(k).encode()) if isinstance(k, str) else int(k) for k in key]
-    return float(np.random.default_rng(words).random())
+    seed, *rest = key
+    return float(seeds.rng("hetero.event", int(seed), *rest).random())
 
 
 def is_unavailable(profile: DeviceProfile, seed: int, pid: int, slot: int) -> bool:

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 from omegaconf import DictConfig
 
+from fedapp import seeds
 from fedapp.config import compose, resolve_data_dir
 from fedapp.policy import NodePolicy, client_overrides, client_searchpath, searchpath_override
 from tasks import ClientData, DataError, Task, get_task
@@ -148,10 +149,8 @@ def natural_names(context: Context, node_config: dict, partition_id: int) -> lis
 
 def client_seed(config: ConfigRecord, partition_id: int) -> int:
     """This client's seed in this round: (run seed, round, partition id)."""
-    return (
-        int(config.get("seed", 0)) * 1_000_003
-        + int(config.get("server-round", 0)) * 10_007
-        + partition_id
+    return seeds.torch_seed(
+        "client", int(config.get("seed", 0)), int(config.get("server-round", 0)), partition_id
     )
 
 

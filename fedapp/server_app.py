@@ -18,7 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedapp import checkpoint, synthetic
+from fedapp import checkpoint, seeds, synthetic
 from fedapp.attacks import AttackSpec, attacker_partitions
 from fedapp.checks import compose
 from fedapp.clients import ClientGrid, NodeInfo, query_nodes
@@ -523,7 +523,7 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
     strategy.bind_claims(claims, stats_rows)
     clock, profiles = make_clock(clients, cfg, task, node_partitions)
     test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(seeds.torch_seed("model.init", int(cfg.seed)))
     initial = ArrayRecord(task.make_model().state_dict())
     settings = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
     synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class

@@ -70,6 +70,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedapp import seeds
 from fedapp.config import ConfigError
 from fedapp.node import client_seed, load_node, round_prep
 from fedapp.privacy import (
@@ -296,7 +297,7 @@ def initial_generator(task, spec: GeneratorSpec, seed: int) -> TabularVAE:
     """The run's initial generator: the same on the server and on every client (from the
     run's seed), so that it need not be sent when there are no generator rounds."""
     with torch.random.fork_rng():
-        torch.manual_seed(int(seed) + 0x6E4)
+        torch.manual_seed(seeds.torch_seed("synthetic.generator-init", seed))
         return make_generator(task, spec)
 
 
@@ -356,7 +357,7 @@ def sample_rows(
 
     lay = vae.layout
     vae.eval()
-    gen = torch.Generator().manual_seed(int(seed) % (2**63))
+    gen = torch.Generator().manual_seed(seeds.torch_seed("synthetic.sample", seed))
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     cond = nn.functional.one_hot(torch.from_numpy(labels), lay.num_classes).float()
@@ -419,7 +420,7 @@ def select_by_odds(
     """Indices of `len(wanted)` candidates, as many of each label as `wanted` holds, drawn
     without replacement with probability proportional to exp(log_odds) (Efraimidis-Spirakis
     keys: log(u) / w, the largest per label)."""
-    rng = np.random.default_rng([int(seed) % (2**32), 0xD15])
+    rng = seeds.rng("synthetic.select", seed)
     w = np.exp(np.clip(np.asarray(log_odds, dtype=np.float64), -30.0, 30.0))
     keys = np.log(rng.random(len(w))) / w
     chosen = []
@@ -439,7 +440,7 @@ def discriminator_log_odds(
     drawn from real and generated rows alike); return its log-odds of "real" for each
     generated row."""
     with torch.random.fork_rng():
-        torch.manual_seed(int(seed) % (2**63))
+        torch.manual_seed(seeds.torch_seed("synthetic.discriminator", seed))
         disc = Discriminator(real.shape[1], spec.hidden)
     target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).long()
     dataset = TensorDataset(torch.cat([real, fake]), target)
@@ -493,7 +494,7 @@ def refine_rows(node, context, spec: GeneratorSpec, vae, prep, labels, seed: int
             ledger.accountant,
             prefix=ledger.history,
         )
-        hook = DPSGDHook(sigma, pspec.max_grad_norm, seed * 1_000_003 + 0xD15)
+        hook = DPSGDHook(sigma, pspec.max_grad_norm, seeds.torch_seed("dp.refine", seed))
         metrics["dp_refine_noise_multiplier"] = sigma
     log_odds = discriminator_log_odds(real, fake, spec, seed, hook)
     if ledger is not None:
@@ -626,8 +627,13 @@ def generator_ledger(
             f"client {node.partition_id}: the generator has spent epsilon={ledger.epsilon():.3f}; "
             f"{epochs} more epochs would take it to {after:.3f} > its share {target:g}"
         )
-    seed = int(job_config.get("seed", 0)) * 7919 + int(job_config.get("server-round", 0))
-    hook = DPSGDHook(sigma, pspec.max_grad_norm, seed * 1_000_003 + node.partition_id)
+    seed = seeds.torch_seed(
+        "dp.generator",
+        int(job_config.get("seed", 0)),
+        int(job_config.get("server-round", 0)),
+        node.partition_id,
+    )
+    hook = DPSGDHook(sigma, pspec.max_grad_norm, seed)
     return ledger, path, hook
 
 
@@ -732,7 +738,7 @@ def draw_labels(
     if counts.sum() <= 0:  # a noisy histogram can be all <= 0: then no preference
         counts = np.ones_like(counts)
     p = counts / counts.sum()
-    return np.random.default_rng([int(seed) % (2**32), 0x1AB]).choice(len(p), size=n, p=p)
+    return seeds.rng("synthetic.labels", seed).choice(len(p), size=n, p=p)
 
 
 # -- rare-class augmentation (augment=rare_class) --------------------------------------------------
@@ -1008,7 +1014,7 @@ def quality(synth, real, task, prep, max_rows: int = 3000, seed: int = 0) -> dic
     k = int(task.num_classes)
     la = np.bincount(synth.y, minlength=k) / max(len(synth), 1)
     lb = np.bincount(real.y, minlength=k) / max(len(real), 1)
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng("synthetic.quality", seed)
     sa = rng.permutation(len(synth))[:max_rows]
     sb = rng.permutation(len(real))[:max_rows]
     d = closest_distances(

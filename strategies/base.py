@@ -44,6 +44,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
+from fedapp import seeds
 from fedapp.flower_compat import aggregate_metricrecords
 from fedapp.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
 from strategies.claims import ClaimPolicy, claim_caps, scale_counts
@@ -102,7 +103,7 @@ def sample_partitions(
     pool = np.array(sorted(set(available)), dtype=np.int64)
     if k > len(pool):
         raise ValueError(f"cannot sample {k} clients from {len(pool)} available")
-    rng = np.random.default_rng([int(seed), int(server_round), int(stream)])
+    rng = seeds.rng("sampling", seed, server_round, stream)
     return sorted(int(p) for p in rng.choice(pool, size=k, replace=False))
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedapp import seeds
 from strategies.base import layers, reply_arrays, reply_metrics, to_record
 from strategies.scheduler import (
     Decision,
@@ -53,7 +54,7 @@ class FedAsyncPolicy(Policy):
         super().__init__()
         self.clients = sorted(clients)
         self.k = int(concurrency)
-        self.rng = np.random.default_rng([int(seed), 0xA5C])
+        self.rng = seeds.rng("fedasync.dispatch", seed)
         self.rate = rate
         self.version = 0
         self.sizes: dict[int, float] = {}

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Result
 
+from fedapp import seeds
 from fedapp.synthetic import (
     GeneratorPhase,
     GeneratorSpec,
@@ -215,7 +216,7 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         # another order than the in-process engine's)
         threads = torch.get_num_threads()
         with torch.random.fork_rng():
-            torch.manual_seed(self.seed * 1_000_003 + rnd)
+            torch.manual_seed(seeds.torch_seed("synthetic.round", self.seed, rnd))
             torch.set_num_threads(1)
             try:
                 trained = self.task.train(model, data, settings, self.prep)

@@ -49,6 +49,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 
+from fedapp import seeds
 from strategies.base import layers, num_examples, reply_arrays, reply_metrics, to_record
 from strategies.scheduler import (
     Cancel,
@@ -197,7 +198,7 @@ class TieredPolicy(Policy):
 
     def pick(self, members: list[int], busy: set[int], rnd: int, salt: int) -> list[int]:
         """Idle members of a tier, least-used first (fairness), seeded tie-break."""
-        rng = np.random.default_rng([self.seed, rnd, salt, 0x7E1])
+        rng = seeds.rng("tiered.pick", self.seed, rnd, salt)
         idle = [p for p in members if p not in busy]
         keys = rng.random(len(idle))
         uses = [self.book.record(p).participations for p in idle]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
+from fedapp import seeds
 from strategies.base import sample_partitions
 from strategies.scheduler import (
     Cancel,
@@ -98,7 +99,7 @@ class TiflPolicy(Policy):
             self.num_tiers,
             lambda p: full_steps(self.examples.get(p), self.config),
         )
-        rng = np.random.default_rng([self.seed, rnd, 0x7F1])
+        rng = seeds.rng("tifl.tier", self.seed, rnd)
         probs = self.tier_probabilities()
         self.tier = int(rng.choice(self.num_tiers, p=probs))
         self.credits[self.tier] -= 1
