@@ -84,6 +84,8 @@ OUTSIDE = (
     "val_loss_before/val_loss_after), whose share each node fixes; exact confusion counts "
     "are not sent under sample_dp",
     "probe and heartbeat timings (scheduling strategies)",
+    "the final (and its personal) model's score on the client's validation rows after the "
+    "last round (per-site evaluation, results.json final.sites)",
 )
 WITHHELD = ("train_loss", "label-counts")  # reply metrics a client does not send under sample_dp
 
