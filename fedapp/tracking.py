@@ -1,7 +1,9 @@
 """Experiment trackers for users who already have one: `tracking=tensorboard` writes
 per-round metrics, the run's parameters and the final model's digest as TensorBoard events
-(`tensorboard --logdir <run folder>/tensorboard`). An optional extra
-(`pip install -e ".[tensorboard]"`); the base install needs none of it.
+(`tensorboard --logdir <run folder>/tensorboard`); `tracking=mlflow` logs the same to an MLflow
+tracking store (a SQLite store `mlflow.db` with artifacts in `mlartifacts/`, in the run folder, by
+default, or any tracking URI: a server, a database), the final model as an artifact and the run's status. Optional extras
+(`pip install -e ".[tensorboard]"`, `".[mlflow]"`); the base install needs none of them.
 
 A tracker that fails while the run goes on is a warning, never a failed run; a tracker that
 is asked for but not installed is a setup error naming what to install.
@@ -13,13 +15,14 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 from fedapp.config import ConfigError
 
 LOG = logging.getLogger("fedapp.tracking")
-TRACKERS = ("none", "tensorboard")
+TRACKERS = ("none", "tensorboard", "mlflow")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,6 +83,74 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+class MLflowTracker:
+    """One MLflow run per fedapp run: parameters (the flattened config), per-round metrics
+    (step = round), final metrics, the final model and results.json as artifacts, the status
+    as a tag and as the run's end state."""
+
+    MAX_PARAM = 6000  # MLflow's limit on a parameter value's length
+
+    def __init__(self, spec: dict[str, Any], out_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import mlflow
+        except ImportError as err:
+            raise ConfigError(
+                "tracking=mlflow needs the mlflow package: "
+                'pip install -e ".[mlflow]" (or tracking=none)'
+            ) from err
+        self.mlflow = mlflow
+        here = Path(out_dir).resolve()
+        # MLflow 3 keeps its file store in maintenance mode: a local SQLite store by default
+        uri = spec.get("tracking_uri") or f"sqlite:///{here / 'mlflow.db'}"
+        self.client = mlflow.MlflowClient(tracking_uri=str(uri))
+        name = str(spec.get("experiment") or "fedapp")
+        found = self.client.get_experiment_by_name(name)
+        local = None if spec.get("tracking_uri") else (here / "mlartifacts").as_uri()
+        exp = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(name, artifact_location=local)
+        )
+        self.run_id = self.client.create_run(exp, run_name=Path(out_dir).name).info.run_id
+        params = [
+            mlflow.entities.Param(k, json.dumps(v, default=str)[: self.MAX_PARAM])
+            for k, v in sorted(_flat(config).items())
+        ]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def _metrics(self, values: dict[str, float], step: int, prefix: str) -> None:
+        stamp = int(time.time() * 1000)
+        metrics = [
+            self.mlflow.entities.Metric(f"{prefix}{k}", v, stamp, step) for k, v in values.items()
+        ]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def round(self, row: dict[str, Any]) -> None:
+        self._metrics(_scalars(row), int(row["round"]), "")
+
+    def finish(self, results: dict[str, Any], model: Path | None) -> None:
+        final = results.get("final") or {}
+        scalars = _scalars({k: v for k, v in final.items() if not isinstance(v, list | dict)})
+        self._metrics(scalars, int(final.get("round") or 0), "final.")
+        status = str((results.get("meta") or {}).get("status"))
+        self.client.set_tag(self.run_id, "fedapp.status", status)
+        if model is not None and model.is_file():
+            self.client.log_artifact(self.run_id, str(model))
+            self.client.set_tag(self.run_id, "fedapp.final_model_sha256", _sha256(model))
+        results_file = model.parent / "results.json" if model is not None else None
+        if results_file is not None and results_file.is_file():
+            self.client.log_artifact(self.run_id, str(results_file))
+        end = {"completed": "FINISHED", "degraded": "FINISHED", "interrupted": "KILLED"}
+        end = end.get(status, "FAILED")
+        self.client.set_terminated(self.run_id, status=end)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def open_trackers(cfg: Any, out_dir: Path, config: dict[str, Any]) -> list[Any]:
     """The trackers `tracking=` asks for (raises ConfigError for an unknown or missing one)."""
     spec = cfg.get("tracking") if cfg is not None else None
@@ -88,6 +159,8 @@ def open_trackers(cfg: Any, out_dir: Path, config: dict[str, Any]) -> list[Any]:
         return []
     if name == "tensorboard":
         return [TensorBoardTracker(dict(spec), out_dir, config)]
+    if name == "mlflow":
+        return [MLflowTracker(dict(spec), out_dir, config)]
     raise ConfigError(f"tracking={name}: unknown tracker; use one of {', '.join(TRACKERS)}")
 
 

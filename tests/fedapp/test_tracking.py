@@ -54,3 +54,37 @@ def test_an_unknown_tracker_is_a_setup_error_and_a_failing_one_a_warning(caplog)
     caplog.set_level(logging.WARNING, logger="fedapp.tracking")
     call([Broken()], "round", {"round": 1})
     assert "Broken: round failed (disk full); the run goes on" in caplog.text
+
+
+def test_mlflow_gets_every_round_the_params_the_final_model_and_the_status(tmp_path, data_dir):
+    pytest.importorskip("mlflow", reason='the mlflow extra: pip install -e ".[mlflow]"')
+    import mlflow
+
+    out = run_inline(f"{RUN} tracking=mlflow", tmp_path / "run")
+    res = json.loads((out / "results.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fedapp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["fedapp.status"] == "completed"
+    history = client.get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [r["test_accuracy"] for r in res["rounds"]]
+    )
+    assert run.data.metrics["final.best_test_accuracy"] == pytest.approx(
+        res["final"]["best_test_accuracy"]
+    )
+    assert run.data.params["task.name"] == '"credit"' and run.data.params["rounds"] == "2"
+    assert run.data.tags["fedapp.final_model_sha256"] == sha256_file(out / "final_model.pt")
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"final_model.pt", "results.json"} <= names
+
+
+def test_a_failed_run_ends_its_mlflow_run_as_failed(tmp_path):
+    pytest.importorskip("mlflow", reason='the mlflow extra: pip install -e ".[mlflow]"')
+    from fedapp.tracking import MLflowTracker
+
+    tracker = MLflowTracker({"experiment": "x"}, tmp_path, {"rounds": 1})
+    tracker.round({"round": 1, "test_accuracy": float("nan"), "test_loss": 2.0})
+    tracker.finish({"meta": {"status": "failed"}, "final": {"round": 1}}, None)
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED" and run.data.metrics == {"test_loss": 2.0}
