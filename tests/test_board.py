@@ -266,3 +266,26 @@ def test_runs_under_the_root_not_yet_in_the_database_are_shown(tmp_path):
     assert [i["name"] for i in items] == ["my-run"] and items[0]["source"] == "import"
     assert c.get(f"/api/runs/{items[0]['id']}/rounds").json()["total"] == 3
     assert Path(items[0]["output_dir"]) == run.resolve()
+
+
+def test_a_sweep_s_jobs_are_one_group_and_other_runs_none(tmp_path):
+    """Hydra multirun folders (multirun.yaml beside the jobs): every job names its sweep, so
+    the runs page shows them side by side; a run outside a sweep names none."""
+    import json
+
+    root = tmp_path / "outputs"
+    sweep = root / "multirun" / "2026-12-03" / "07-00-00"
+    jobs = [sweep / "0", sweep / "1"]
+    alone = root / "single-run"
+    for i, run in enumerate([*jobs, alone]):
+        run.mkdir(parents=True)
+        res = _results(2, 3)
+        res["meta"]["status"] = "completed"
+        res["config"]["seed"] = i
+        (run / "results.json").write_text(json.dumps(res))
+    (sweep / "multirun.yaml").write_text("hydra: {mode: MULTIRUN}\n")
+    c = TestClient(create_app(ev.sqlite_url(tmp_path / "board.db"), root=root))
+    items = {i["name"]: i for i in c.get("/api/runs").json()["items"]}
+    assert set(items) == {"0", "1", "single-run"}
+    assert items["0"]["sweep"] == items["1"]["sweep"] == str(sweep.resolve())
+    assert items["single-run"]["sweep"] is None
