@@ -108,14 +108,26 @@ def norm_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k.rsplit(".", 1)[0] in names]
 
 
+def fenda_keys(model: nn.Module) -> list[str]:
+    """FENDA: the state-dict keys of the local extractor and the head (kept by the client)."""
+    keys = [k for k in model.state_dict() if k.startswith(("local_extractor.", "head."))]
+    if not any(k.startswith("global_extractor.") for k in model.state_dict()):
+        raise PersonalError("strategy=fenda needs FENDA's model: set task.fenda=true")
+    return keys
+
+
 class PersonalLayers(ClientUnit):
     """FedPer / FedRep (the head) and FedBN (the normalisation layers): train with this
     client's own copy of those layers; send them as received."""
 
     @staticmethod
     def personal_keys(job: TrainJob) -> list[str]:
-        if str(job.cfg.strategy.get("name")) == "fedbn":
+        """The strategy's declared `personal_layers`: "head", "norm" or "fenda"."""
+        kind = getattr(get_class(str(job.cfg.strategy._target_)), "personal_layers", "head")
+        if kind == "norm":
             return norm_keys(job.model)
+        if kind == "fenda":
+            return fenda_keys(job.model)
         return head_keys(job.model)
 
     def before_train(self, job: TrainJob) -> None:
@@ -232,16 +244,19 @@ def site_models(
 
 
 def check_combination(cfg: DictConfig) -> None:
-    """Refuse what the cross-feature checks (fedapp.checks) cannot see: a strategy that keeps
-    normalisation layers local (declared `required_norm`, FedBN) on a model without them.
-    (Privacy and encryption read the declared `sample_dp_refusal` and `aggregation_rule`.)"""
-    need = getattr(get_class(str(cfg.strategy._target_)), "required_norm", "")
-    have = str(cfg.task.get("norm") or "none")
-    if need and have != need:
-        raise PersonalError(
-            f"strategy={cfg.strategy.name} keeps the model's normalisation layers local, and "
-            f"this task's model has none (task.norm={have}): set task.norm={need}"
-        )
+    """Refuse what the cross-feature checks (fedapp.checks) cannot see: a strategy that needs
+    settings of the task's model (declared `task_requires`: FedBN's normalisation layers,
+    FENDA's two extractors) on a model without them. (Privacy and encryption read the
+    declared `sample_dp_refusal` and `aggregation_rule`.)"""
+    cls = get_class(str(cfg.strategy._target_))
+    for key, need in getattr(cls, "task_requires", {}).items():
+        have = cfg.task.get(key)
+        if have != need:
+            want = str(need).lower() if isinstance(need, bool) else need
+            raise PersonalError(
+                f"strategy={cfg.strategy.name} needs the task's model with task.{key}={want} "
+                f"(it has task.{key}={have}): set task.{key}={want}"
+            )
 
 
 class _Personal(FedappStrategyMixin, flwr_strategy.FedAvg):
@@ -249,6 +264,11 @@ class _Personal(FedappStrategyMixin, flwr_strategy.FedAvg):
 
     # how a client builds its personal model at the end (site_models); "" = none
     personalisation: ClassVar[str] = ""
+    # PersonalLayers: which layers stay with the client: "head" (the last linear layer),
+    # "norm" (the normalisation layers), "fenda" (the local extractor and the head)
+    personal_layers: ClassVar[str] = "head"
+    # settings of the task's model the strategy needs (check_combination), e.g. {"norm": "batch"}
+    task_requires: ClassVar[dict[str, Any]] = {}
     # FedAvg's mean of the shared part only (central DP and CKKS refuse it: their guarantee
     # and sum are for whole-model averages)
     aggregation_rule: ClassVar[str] = "personal"
@@ -339,10 +359,25 @@ class FedBN(_Personal):
 
     client_units = (PersonalLayers,)
     personalisation = "layers"
-    required_norm: ClassVar[str] = "batch"  # task.norm it needs (check_combination)
+    personal_layers = "norm"
+    task_requires = {"norm": "batch"}
     sample_dp_refusal = (
         "BatchNorm mixes the rows of a batch, so DP-SGD's per-sample gradients are undefined"
     )
+
+
+class Fenda(_Personal):
+    """FENDA-FL (Tian et al., "FENDA-FL: Personalized Federated Learning on Heterogeneous
+    Clinical Datasets", 2022): the model (`task.fenda=true`, tasks.models.Fenda) has a global
+    feature extractor, federated by FedAvg, and a local one and a head on both extractors'
+    features, which stay with the client (sent back as received). Trained in one pass, like
+    FedPer, so it runs under sample-level DP. conf/strategy/fenda.yaml."""
+
+    client_units = (PersonalLayers,)
+    personalisation = "layers"
+    personal_layers = "fenda"
+    task_requires = {"fenda": True}
+    sample_dp_refusal = ""
 
 
 class Ditto(_Personal):

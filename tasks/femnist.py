@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 
 from tasks.base import DataError
 from tasks.hf_images import HFImageTask
-from tasks.models import MODELS
+from tasks.models import MODELS, with_extractors
 from tasks.partitioning import make_partitioner
 
 CLASSES = (
@@ -287,6 +287,7 @@ class FemnistTask(HFImageTask):
         return to_tensor_dataset(ds)
 
     def make_model(self) -> nn.Module:
-        return MODELS[str(self.task_cfg.model)](
+        model = MODELS[str(self.task_cfg.model)](
             self.num_classes, norm=str(self.task_cfg.get("norm") or "none")
         )
+        return with_extractors(model, bool(self.task_cfg.get("fenda", False)))

@@ -3,6 +3,8 @@ machine without Flower, Hydra or the dataset libraries."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -85,3 +87,32 @@ MODELS = {
     # 1.2M parameters, practical on CPU
     "cnn_small": lambda n, norm="none": FemnistCNN(n, hidden=352, norm=norm),
 }
+
+
+class Fenda(nn.Module):
+    """FENDA-FL's model (Tian et al., "FENDA-FL: Personalized Federated Learning on
+    Heterogeneous Clinical Datasets", 2022): a local and a global feature extractor, each a
+    copy of the base model's body (all but its last linear layer), and a classifier head on
+    their concatenated features. Federated: `global_extractor`; kept by the client: `local_extractor`
+    and `head` (strategy=fenda, strategies/personal.py)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        names = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]
+        if not names:
+            raise ValueError("FENDA needs a model whose last layer is linear")
+        head: nn.Linear = base.get_submodule(names[-1])
+        body = copy.deepcopy(base)
+        parent, _, leaf = names[-1].rpartition(".")
+        setattr(body.get_submodule(parent) if parent else body, leaf, nn.Identity())
+        self.global_extractor = body
+        self.local_extractor = copy.deepcopy(body)
+        self.head = nn.Linear(2 * head.in_features, head.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.local_extractor(x), self.global_extractor(x)], dim=1))
+
+
+def with_extractors(model: nn.Module, fenda: bool) -> nn.Module:
+    """`task.fenda`: the model as FENDA's two extractors and a head, else as it is."""
+    return Fenda(model) if fenda else model

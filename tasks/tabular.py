@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 
 from tasks.base import ClientData, DataError, Task
 from tasks.metrics import majority_accuracy
-from tasks.models import BatchNorm1d, check_norm
+from tasks.models import BatchNorm1d, check_norm, with_extractors
 from tasks.partitioning import make_partitioner
 from tasks.training import TrainSettings
 
@@ -868,15 +868,18 @@ class TabularTask(Task):
         dim = feature_dim(self.schema)
         kind = str(self.task_cfg.model)
         if kind == "logreg":
+            if self.task_cfg.get("fenda", False):
+                raise DataError("task.fenda=true needs feature extractors: use task.model=mlp")
             return MLP(dim, [], self.num_classes, 0.0)
         if kind == "mlp":
-            return MLP(
+            mlp = MLP(
                 dim,
                 [int(h) for h in self.task_cfg.hidden],
                 self.num_classes,
                 float(self.task_cfg.dropout),
                 str(self.task_cfg.get("norm") or "none"),
             )
+            return with_extractors(mlp, bool(self.task_cfg.get("fenda", False)))
         raise DataError(f"task.model={kind}: use mlp or logreg")
 
     def loss_fn(self, prep: dict[str, list[float]] | None) -> nn.Module:

@@ -39,10 +39,14 @@ def test_the_table_lists_every_strategy_once():
 
 
 def _prerequisites(strategy: str) -> str:
-    """The strategy with the settings it declares it needs (e.g. FedBN's `required_norm`)."""
+    """The strategy with the settings of the task's model it declares it needs
+    (`task_requires`: FedBN's task.norm=batch, FENDA's task.fenda=true)."""
     cls = get_class(str(settings_only(f"strategy={strategy}").strategy._target_))
-    norm = getattr(cls, "required_norm", "")
-    return f"strategy={strategy}" + (f" task.norm={norm}" if norm else "")
+    needs = getattr(cls, "task_requires", {})
+    return " ".join(
+        [f"strategy={strategy}"]
+        + [f"task.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in needs.items()]
+    )
 
 
 @pytest.mark.parametrize("strategy", sorted(_table()))

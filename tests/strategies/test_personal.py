@@ -28,6 +28,7 @@ from strategies.personal import (
     PERSONAL_MODEL,
     PersonalError,
     check_combination,
+    fenda_keys,
     head_keys,
 )
 from tasks.training import TrainSettings
@@ -235,3 +236,36 @@ def test_the_default_models_have_no_normalisation_layers(data_dir):
     ]
     mlp = load_node(_context(data_dir, "")).task.make_model()
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in mlp.modules())
+
+
+def test_fenda_federates_only_the_global_extractor(data_dir, tmp_path):
+    """FENDA-FL: the local extractor and the head stay with the client (sent back as
+    received, its own copy trained on); the global extractor is trained and sent."""
+    ctx = _context(data_dir, "strategy=fenda task.fenda=true")
+    sent, reply = _train(ctx)
+    received, back = sent.to_torch_state_dict(), reply.array_records["arrays"].to_torch_state_dict()
+    model = load_node(ctx).task.make_model()
+    mine = fenda_keys(model)
+    shared = [k for k in received if k.startswith("global_extractor.")]
+    assert mine and shared and set(mine) | set(shared) == set(received)
+    assert model.head.in_features == 2 * 32  # both extractors' features (hidden [64, 32])
+    assert all(torch.equal(back[k], received[k]) for k in mine)  # as received
+    assert any(not torch.equal(back[k], received[k]) for k in shared)
+    own = ctx.state.array_records[PERSONAL_HEAD].to_torch_state_dict()
+    assert set(own) == set(mine) and any(not torch.equal(own[k], received[k]) for k in mine)
+    # the node refuses FENDA on a model without its extractors, and the run reports per site
+    with pytest.raises(PersonalError, match="task.fenda=true"):
+        _train(_context(data_dir, "strategy=fenda"))
+    out = run_inline(f"{MEDICAL} rounds=2 strategy=fenda task.fenda=true", tmp_path / "fenda")
+    sites = _sites(out)["sites"]
+    assert len(sites) == 4 and all(s["personal"] is not None for s in sites)
+
+
+def test_fenda_s_model_wraps_any_body_with_a_linear_last_layer():
+    from tasks.models import MODELS, Fenda
+
+    cnn = Fenda(MODELS["cnn_small"](62))
+    assert cnn(torch.zeros(3, 1, 28, 28)).shape == (3, 62)
+    assert cnn.head.in_features == 2 * 352
+    with pytest.raises(ValueError, match="last layer is linear"):
+        Fenda(torch.nn.Sequential(torch.nn.ReLU()))
