@@ -246,8 +246,14 @@ def main() -> int:
     if args.compare:
         before, after = (json.loads(p.read_text()) for p in args.compare)
         diffs = compare(before, after)
-        print("\n".join(diffs) if diffs else f"identical: {len(before)} jobs")
-        return 1 if diffs else 0
+        # results.json only ever gains keys: an added key is reported, and is not a change
+        added = [d for d in diffs if ": added (" in d]
+        changed = [d for d in diffs if ": added (" not in d]
+        print("\n".join(changed) if changed else f"identical: {len(before)} jobs")
+        if added:
+            keys = sorted({d.split(": added")[0].split(".", 1)[1] for d in added})
+            print(f"{len(added)} values of keys added since BEFORE: {', '.join(keys)}")
+        return 1 if changed else 0
     if not args.out:
         parser.error("--out or --compare is required")
     root = Path.cwd()

@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 from bench.common import completed, run_inline_job, run_pool  # noqa: E402
 from bench.common import fmt_mean_sd as fmt  # noqa: E402
 
-METHODS = ("fedavg", "finetune", "fedper", "fedrep", "fedbn", "ditto", "local_only")
-PERSONAL = ("finetune", "fedper", "fedrep", "fedbn", "ditto")
-# what a method needs besides its name: FedBN's model has BatchNorm layers (the others' none)
-METHOD_OVERRIDES = {"fedbn": ["task.norm=batch"]}
+METHODS = ("fedavg", "finetune", "fedper", "fedrep", "fedbn", "fenda", "ditto", "local_only")
+PERSONAL = ("finetune", "fedper", "fedrep", "fedbn", "fenda", "ditto")
+# what a method needs besides its name: FedBN's model has BatchNorm layers (the others' none),
+# FENDA's its two feature extractors
+METHOD_OVERRIDES = {"fedbn": ["task.norm=batch"], "fenda": ["task.fenda=true"]}
 # FEMNIST: one epoch of fine-tuning (five on the tables: strategy.epochs), for CPU time
 TASK_METHOD_OVERRIDES = {("femnist", "finetune"): ["strategy.epochs=1"]}
 # task -> (its overrides, rounds, the per-site metric)
@@ -62,7 +63,8 @@ DEFAULT_METHODS = {
     "femnist": ("fedavg", "finetune", "fedper", "local_only"),
     # logistic regression: no hidden layer to normalise (FedBN), and the head is all of it
     # (FedPer and FedRep are refused: no shared body)
-    "medical_flamby": tuple(m for m in METHODS if m not in ("fedbn", "fedper", "fedrep")),
+    # (and FENDA has no extractor to duplicate)
+    "medical_flamby": tuple(m for m in METHODS if m not in ("fedbn", "fedper", "fedrep", "fenda")),
 }
 # FLamby (Ogier du Terrail et al., NeurIPS 2022 datasets track), Fed-Heart-Disease, their table:
 # accuracy on their fixed per-centre test splits, logistic regression, 5 seeds.
