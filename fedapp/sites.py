@@ -37,6 +37,7 @@ from flwr.common import log
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from fedapp.clients import ClientGrid
 from fedapp.node import load_node, round_prep
 from fedapp.policy import PolicyRefusal, registered_strategy
 from strategies.personal import site_models
@@ -121,7 +122,7 @@ def _screen(metrics: MetricRecord | None) -> tuple[dict[str, Any] | None, str | 
 
 
 def evaluate_sites(
-    grid,
+    grid: ClientGrid,
     node_partitions: dict[int, int],
     arrays: ArrayRecord,
     cfg: DictConfig,
@@ -141,12 +142,11 @@ def evaluate_sites(
     entries: dict[int, dict[str, Any]] = {}
     # results.json `nodes` counts the rounds' replies and failures; these messages come after
     # them and are reported in `final.sites` (and the log), so the counts are kept as they were
-    before = grid.state() if hasattr(grid, "state") else None
+    before = grid.state()
     try:
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
     finally:
-        if before is not None:
-            grid.status.update(before)
+        grid.status.update(before)
     for reply in replies:
         cid = reply.metadata.src_node_id
         pid = node_partitions.get(cid)
