@@ -108,6 +108,15 @@ def norm_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k.rsplit(".", 1)[0] in names]
 
 
+def input_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's first layer (a linear or convolutional input encoder)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise PersonalError("a personal input encoder needs a model with a linear or conv layer")
+    prefix = f"{names[0]}."
+    return [k for k in model.state_dict() if k.startswith(prefix) and "." not in k[len(prefix) :]]
+
+
 def fenda_keys(model: nn.Module) -> list[str]:
     """FENDA: the state-dict keys of the local extractor and the head (kept by the client)."""
     keys = [k for k in model.state_dict() if k.startswith(("local_extractor.", "head."))]
@@ -122,12 +131,14 @@ class PersonalLayers(ClientUnit):
 
     @staticmethod
     def personal_keys(job: TrainJob) -> list[str]:
-        """The strategy's declared `personal_layers`: "head", "norm" or "fenda"."""
+        """The strategy's declared `personal_layers`: "head", "norm", "fenda" or "input"."""
         kind = getattr(get_class(str(job.cfg.strategy._target_)), "personal_layers", "head")
         if kind == "norm":
             return norm_keys(job.model)
         if kind == "fenda":
             return fenda_keys(job.model)
+        if kind == "input":
+            return input_keys(job.model)
         return head_keys(job.model)
 
     def before_train(self, job: TrainJob) -> None:
@@ -265,7 +276,8 @@ class _Personal(FedappStrategyMixin, flwr_strategy.FedAvg):
     # how a client builds its personal model at the end (site_models); "" = none
     personalisation: ClassVar[str] = ""
     # PersonalLayers: which layers stay with the client: "head" (the last linear layer),
-    # "norm" (the normalisation layers), "fenda" (the local extractor and the head)
+    # "norm" (the normalisation layers), "fenda" (the local extractor and the head), "input"
+    # (the first layer: a per-site input encoder)
     personal_layers: ClassVar[str] = "head"
     # settings of the task's model the strategy needs (check_combination), e.g. {"norm": "batch"}
     task_requires: ClassVar[dict[str, Any]] = {}
@@ -377,6 +389,22 @@ class Fenda(_Personal):
     personalisation = "layers"
     personal_layers = "fenda"
     task_requires = {"fenda": True}
+    sample_dp_refusal = ""
+
+
+class LGFedAvg(_Personal):
+    """A per-site input encoder (after LG-FedAvg: Liang et al., "Think Locally, Act Globally:
+    Federated Learning with Local and Global Representations", 2020): the model's first layer
+    stays with the client, which maps its own columns (or its own recording of them) into
+    the representation the shared rest of the model, federated by FedAvg, reads. LG-FedAvg
+    keeps several lower layers local; this keeps the first. For sites whose feature spaces
+    differ (fedapp's tables map every site's columns into one declared space, with missing-
+    value indicators). Trained in one pass, so it runs under sample-level DP.
+    conf/strategy/lg_fedavg.yaml."""
+
+    client_units = (PersonalLayers,)
+    personalisation = "layers"
+    personal_layers = "input"
     sample_dp_refusal = ""
 
 

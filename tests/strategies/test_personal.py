@@ -30,6 +30,7 @@ from strategies.personal import (
     check_combination,
     fenda_keys,
     head_keys,
+    input_keys,
 )
 from tasks.training import TrainSettings
 
@@ -269,3 +270,20 @@ def test_fenda_s_model_wraps_any_body_with_a_linear_last_layer():
     assert cnn.head.in_features == 2 * 352
     with pytest.raises(ValueError, match="last layer is linear"):
         Fenda(torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_lg_fedavg_keeps_the_site_s_input_encoder(data_dir):
+    """A per-site input encoder: the first layer stays with the client (sent as received,
+    its own copy trained), the rest is trained and sent; a model with one layer is refused."""
+    ctx = _context(data_dir, "strategy=lg_fedavg")
+    sent, reply = _train(ctx)
+    received, back = sent.to_torch_state_dict(), reply.array_records["arrays"].to_torch_state_dict()
+    model = load_node(ctx).task.make_model()
+    first = input_keys(model)
+    assert first == ["net.0.weight", "net.0.bias"]
+    assert all(torch.equal(back[k], received[k]) for k in first)
+    assert any(not torch.equal(back[k], received[k]) for k in received if k not in first)
+    own = ctx.state.array_records[PERSONAL_HEAD].to_torch_state_dict()
+    assert set(own) == set(first) and any(not torch.equal(own[k], received[k]) for k in first)
+    with pytest.raises(PersonalError, match="no shared layers"):
+        _train(_context(data_dir, "strategy=lg_fedavg task.model=logreg"))
