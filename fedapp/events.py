@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -361,6 +362,62 @@ def _sweep_of(out_dir: Path) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------- secrets never stored
+# a key or flag whose name says it may hold a secret; its value is never stored or shown
+SECRET_WORDS = ("token", "password", "passwd", "secret", "private", "context", "key", "credential")
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*)(:[^/@\s]*)?@"
+)
+
+
+def is_secret_name(name: str) -> bool:
+    return any(w in str(name).lower() for w in SECRET_WORDS)
+
+
+def hide_url_secrets(text: str) -> str:
+    """URLs with their password (and user) masked: `postgresql://u:pw@h/db` ->
+    `postgresql://***@h/db`."""
+    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}***@", text)
+
+
+def redact(value: Any) -> Any:
+    """A config as stored and shown: values under keys that may name a secret hidden, and
+    the passwords of URLs (`events_db=postgresql://user:pw@host/db`) masked."""
+    if isinstance(value, dict):
+        return {k: ("(hidden)" if is_secret_name(k) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return hide_url_secrets(value)
+    return value
+
+
+def safe_command(argv: list[str]) -> str:
+    """The command line as stored: the value of a flag that may name a secret (`--token X`,
+    `--token=X`, Flower's ServerApp processes get their AppIo token so) and passwords in
+    URLs are masked."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("(hidden)")
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag.startswith("-") and is_secret_name(flag):
+            if eq:
+                out.append(f"{flag}=(hidden)")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        if eq and is_secret_name(flag):  # a Hydra override such as tracking.api_token=...
+            out.append(f"{flag}=(hidden)")
+            continue
+        out.append(hide_url_secrets(arg))
+    return " ".join(out)
+
+
 # ---------------------------------------------------------------- the store
 class EventStore:
     """Writes one run's events. Every public method logs and swallows its own failures."""
@@ -496,12 +553,12 @@ class EventStore:
                 num_clients=_int(meta.get("num_clients")),
                 rounds_total=_int(cfg.get("rounds")),
                 rounds_done=0,
-                config=cfg,
+                config=redact(cfg),
                 config_hash=config_hash(cfg),
                 code_version=code_version() if live else meta.get("code_version"),
                 launched_by=_who() if live else None,
                 launched_on=socket.gethostname() if live else None,
-                command=" ".join(sys.argv)[:4000] if live else None,
+                command=safe_command(sys.argv)[:4000] if live else None,
                 source=self.source,
             )
         )

@@ -289,3 +289,38 @@ def test_a_sweep_s_jobs_are_one_group_and_other_runs_none(tmp_path):
     assert set(items) == {"0", "1", "single-run"}
     assert items["0"]["sweep"] == items["1"]["sweep"] == str(sweep.resolve())
     assert items["single-run"]["sweep"] is None
+
+
+def test_tokens_on_the_command_line_and_passwords_in_urls_are_never_stored_or_served(
+    tmp_path, monkeypatch
+):
+    """Flower starts a ServerApp process with its AppIo token on the command line; a config
+    may hold a database URL with a password. Neither reaches the store or a reader."""
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "flwr-simulation",
+            "--runtime-api-address",
+            "127.0.0.1:9094",
+            "--token",
+            "SECRET-APPIO-TOKEN",
+            "--api-key=SECRET-KEY",
+            "tracking.tracking_uri=https://u:SECRET-TOK@mlflow.example",
+        ],
+    )
+    url = ev.sqlite_url(tmp_path / "b.db")
+    run = tmp_path / "run"
+    run.mkdir()
+    res = _results(1, 2)
+    res["config"]["events_db"] = "postgresql://fedapp:SECRET-PW@db/fedapp"
+    ev.EventStore(url, run).record(res, best=None)
+    stored = (tmp_path / "b.db").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("b.db-*")
+    )
+    assert b"SECRET" not in stored
+    c = TestClient(create_app(url))
+    listed = c.get("/api/runs").text
+    one = c.get(f"/api/runs/{c.get('/api/runs').json()['items'][0]['id']}").text
+    assert "SECRET" not in listed + one and "--token (hidden)" in listed
+    assert "postgresql://***@db/fedapp" in one
+    assert ev.safe_command(["x", "--token", "T0"]) == "x --token (hidden)"

@@ -26,21 +26,14 @@ from fedapp import events as ev
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_LIMIT = 1000
-SECRET_WORDS = ("token", "password", "secret", "private", "context")
 SCAN_EVERY_S = 2.0
 MODEL_FILES = ("best_model.pt", "final_model.pt")
 
 
 def _redact(value: Any) -> Any:
-    """A config as shown: values under keys that could name a secret are hidden."""
-    if isinstance(value, dict):
-        return {
-            k: ("(hidden)" if any(w in str(k).lower() for w in SECRET_WORDS) else _redact(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
+    """A config as shown (fedapp.events.redact; a database written before the store redacted
+    is redacted here)."""
+    return ev.redact(value)
 
 
 def _row(r) -> dict[str, Any]:
@@ -124,6 +117,8 @@ class Board:
             eta = (total - done) * float(r["mean_round_s"])
         r["progress"] = done / total if total else None
         r["eta_s"] = eta
+        if r.get("command"):  # stored masked; a database written before that is masked here
+            r["command"] = ev.safe_command(str(r["command"]).split(" "))
         return r
 
     def run(self, run_id: int) -> dict[str, Any]:
