@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedapp.config import ConfigError
+from fedapp.events import redact
 
 LOG = logging.getLogger("fedapp.tracking")
 TRACKERS = ("none", "tensorboard", "mlflow")
@@ -32,6 +33,12 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: d}
+
+
+def _shown(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters as a tracker gets them: where it is recorded left out, secrets
+    hidden (fedapp.events.redact: keys that may name one, URL passwords)."""
+    return redact({k: v for k, v in config.items() if k not in ("events_db", "tracking")})
 
 
 def _scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -55,7 +62,7 @@ class TensorBoardTracker:
             ) from err
         self.log_dir = Path(spec.get("log_dir") or Path(out_dir) / "tensorboard")
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        params = _flat(config)
+        params = _flat(_shown(config))
         table = "\n".join(
             f"| {k} | {json.dumps(v, default=str)} |" for k, v in sorted(params.items())
         )
@@ -114,7 +121,7 @@ class MLflowTracker:
         self.run_id = self.client.create_run(exp, run_name=Path(out_dir).name).info.run_id
         params = [
             mlflow.entities.Param(k, json.dumps(v, default=str)[: self.MAX_PARAM])
-            for k, v in sorted(_flat(config).items())
+            for k, v in sorted(_flat(_shown(config)).items())
         ]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])

@@ -88,3 +88,21 @@ def test_a_failed_run_ends_its_mlflow_run_as_failed(tmp_path):
     tracker.finish({"meta": {"status": "failed"}, "final": {"round": 1}}, None)
     run = tracker.client.get_run(tracker.run_id)
     assert run.info.status == "FAILED" and run.data.metrics == {"test_loss": 2.0}
+
+
+def test_a_tracker_never_gets_a_secret_of_the_config():
+    from fedapp.tracking import _flat, _shown
+
+    shown = _flat(
+        _shown(
+            {
+                "events_db": "postgresql://u:SECRET@db/x",
+                "tracking": {"tracking_uri": "https://u:SECRET@m"},
+                "secure": {"api_token": "SECRET"},
+                "data_dir": "s3://k:SECRET@bucket/data",
+                "rounds": 2,
+            }
+        )
+    )
+    assert "SECRET" not in repr(shown) and shown["rounds"] == 2
+    assert shown["data_dir"] == "s3://***@bucket/data" and "events_db" not in shown
