@@ -40,19 +40,36 @@ from omegaconf import DictConfig
 from fedapp.clients import ClientGrid
 from fedapp.node import load_node, round_prep
 from fedapp.policy import PolicyRefusal, registered_strategy
+from fedapp.privacy import PrivacySpec
+from fedapp.secure import SecureSpec
 from strategies.personal import site_models
 from tasks import Task
 from tasks.training import TrainSettings
 
 SITES_MESSAGE = f"{MessageType.EVALUATE}.sites"
+ASKED_KEY = "fedapp.sites-asked"  # Context.state: the run and round a client last answered
 MODELS = ("global", "personal", "local_only")
 
 
 def site_metric(cfg: DictConfig, task: Task) -> str:
-    """The metric per-site evaluation reports: `sites.metric`, or the task's headline one."""
+    """The metric per-site evaluation reports: `sites.metric`, or the task's headline one;
+    always the headline one under sample-level DP (the federated evaluation sends no exact
+    confusion counts there, and a chosen metric such as recall would stand in for them)."""
     sites = cfg.get("sites")
     name = str(sites.get("metric", "auto")) if sites is not None else "auto"
+    if PrivacySpec.from_config(cfg.get("privacy")).sample_level:
+        return task.headline_metric
     return task.headline_metric if name == "auto" else name
+
+
+def allowed_models(strategy_cls: type) -> tuple[str, ...]:
+    """The scores a client may send for the strategy's models (`personalisation`, declared by
+    strategies/personal.py): the global model's always; its personal or local-only one's only
+    where the strategy makes one."""
+    method = str(getattr(strategy_cls, "personalisation", "") or "")
+    if method == "local_only":
+        return ("global", "local_only")
+    return ("global", "personal") if method else ("global",)
 
 
 def _score(metrics: dict[str, float], name: str) -> float:
@@ -71,7 +88,24 @@ def site_reply(msg: Message, context: Context) -> Message:
             "model (its node config ckks-metrics=false)"
         )
     task, data, cfg = node.task, node.data, node.cfg
+    if SecureSpec.from_config(cfg.get("secure")).active:
+        raise PolicyRefusal(
+            "per-site evaluation is not part of a run under secure=ckks (the server holds no "
+            "plaintext model to send, and a plaintext one would skip the node's model checks)"
+        )
     config = msg.content["config"]
+    # once per run and round: a server asking again (each finetune answer is a local
+    # training on the rows) is refused
+    asked = int(config.get("server-round", 0))
+    done = context.state.config_records.get(ASKED_KEY)
+    if done is not None and int(done["run"]) == int(context.run_id) and asked <= int(done["round"]):
+        raise PolicyRefusal(
+            f"per-site evaluation: already answered for round {int(done['round'])} of this run; "
+            "a run asks once, after its last round"
+        )
+    context.state.config_records[ASKED_KEY] = ConfigRecord(
+        {"run": int(context.run_id), "round": asked}
+    )
     prep = round_prep(config)
     global_state = msg.content["arrays"].to_torch_state_dict()
     metric = site_metric(cfg, task)
@@ -93,12 +127,16 @@ def site_reply(msg: Message, context: Context) -> Message:
 
 
 # -- the server's part --------------------------------------------------------------------------
-def _screen(metrics: MetricRecord | None) -> tuple[dict[str, Any] | None, str | None]:
+def _screen(
+    metrics: MetricRecord | None, allowed: tuple[str, ...] = MODELS
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A client's per-site reply, screened: `n_test` a count, each score in [0, 1] (NaN:
+    undefined), only the scores of models the strategy makes (`allowed`), none on no rows."""
     if metrics is None:
         return None, "no metrics"
     try:
         n = metrics["n_test"]
-        if isinstance(n, list) or float(n) != int(n) or int(n) < 0:
+        if isinstance(n, list) or not math.isfinite(float(n)) or float(n) != int(n) or int(n) < 0:
             return None, f"n_test={n!r} is not a count"
         out: dict[str, Any] = {"n_test": int(n)}
         for key in MODELS:
@@ -106,6 +144,10 @@ def _screen(metrics: MetricRecord | None) -> tuple[dict[str, Any] | None, str | 
             if value is None:
                 out[key] = None
                 continue
+            if key not in allowed:
+                return None, f"a {key} score, but this strategy makes no {key} model"
+            if out["n_test"] == 0:
+                return None, f"a {key} score on n_test=0 rows"
             value = float(value)  # a list raises: rejected below
             if math.isnan(value):
                 out[key] = None  # undefined on these rows (e.g. ROC-AUC with one class)
@@ -133,6 +175,7 @@ def evaluate_sites(
     """One `evaluate.sites` message per client (`grid` addresses clients: fedapp.clients);
     the screened entries of `final.sites`, in partition order."""
     metric = site_metric(cfg, task)
+    allowed = allowed_models(get_class(str(cfg.strategy._target_)))
     config = ConfigRecord({**train_config, "server-round": int(cfg.rounds), "seed": int(cfg.seed)})
     content = RecordDict({"arrays": arrays, "config": config})
     msgs = [
@@ -155,7 +198,7 @@ def evaluate_sites(
         if reply.has_error():
             log(WARNING, "[fedapp] client %d sent no per-site metrics: %s", pid, reply.error.reason)
             continue
-        values, why = _screen(reply.content.metric_records.get("metrics"))
+        values, why = _screen(reply.content.metric_records.get("metrics"), allowed)
         if why:
             log(WARNING, "[fedapp] client %d per-site metrics rejected: %s", pid, why)
             continue

@@ -287,3 +287,64 @@ def test_lg_fedavg_keeps_the_site_s_input_encoder(data_dir):
     assert set(own) == set(first) and any(not torch.equal(own[k], received[k]) for k in first)
     with pytest.raises(PersonalError, match="no shared layers"):
         _train(_context(data_dir, "strategy=lg_fedavg task.model=logreg"))
+
+
+def test_a_client_cannot_claim_a_model_the_strategy_does_not_make():
+    """A hostile client under fedavg sending a 'personal' score (which would become
+    site_mean_personal and site_min), or scores on no rows: rejected with the reason."""
+    from hydra.utils import get_class
+
+    from fedapp.sites import allowed_models
+    from strategies.personal import FedPer, LocalOnly
+
+    fedavg = get_class(str(config_compose("strategy=fedavg").strategy._target_))
+    assert allowed_models(fedavg) == ("global",)
+    assert allowed_models(FedPer) == ("global", "personal")
+    assert allowed_models(LocalOnly) == ("global", "local_only")
+    for bad, allowed, reason in [
+        ({"n_test": 5, "global": 0.1, "personal": 0.99}, ("global",), "makes no personal"),
+        ({"n_test": 5, "local_only": 0.99}, ("global", "personal"), "makes no local_only"),
+        ({"n_test": 0, "global": 0.9}, ("global",), "n_test=0"),
+        ({"n_test": float("inf"), "global": 0.9}, ("global",), "not a count"),
+    ]:
+        ok, why = _screen(MetricRecord(bad), allowed)
+        assert ok is None and reason in why, (bad, why)
+    assert _screen(MetricRecord({"n_test": 0}), ("global",)) == (
+        {"n_test": 0, "global": None, "personal": None, "local_only": None},
+        None,
+    )
+
+
+def _sites_message(ctx, server_round: int) -> Message:
+    node = load_node(ctx)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(node.task.make_model().state_dict())
+    prep = node.task.aggregate_stats([node.task.client_stats(node.data)])
+    settings = TrainSettings.from_train_config(node.cfg.train, 0)
+    config = ConfigRecord({**settings.to_config(), **prep, "server-round": server_round})
+    return Message(
+        RecordDict({"arrays": arrays, "config": config}),
+        dst_node_id=1,
+        message_type="evaluate.sites",
+    )
+
+
+def test_a_server_asking_a_site_again_or_under_encryption_is_refused(data_dir):
+    from fedapp.policy import PolicyRefusal
+    from fedapp.sites import site_metric, site_reply
+
+    ctx = _context(data_dir, "strategy=finetune sites.metric=recall")
+    first = site_reply(_sites_message(ctx, 3), ctx).content["metrics"]
+    assert first["n_test"] > 0 and 0 <= first["personal"] <= 1
+    for again in (3, 2):  # the same round, or an earlier one: each would fine-tune again
+        with pytest.raises(PolicyRefusal, match="already answered for round 3"):
+            site_reply(_sites_message(ctx, again), ctx)
+    site_reply(_sites_message(ctx, 5), ctx)  # a resumed run's new last round
+    enc = _context(data_dir, "secure=ckks")
+    with pytest.raises(PolicyRefusal, match="not part of a run under secure=ckks"):
+        site_reply(_sites_message(enc, 1), enc)
+    # under sample-level DP the score is the headline metric, whatever sites.metric says
+    dp = load_node(_context(data_dir, "privacy=sample_dp sites.metric=recall"))
+    assert site_metric(dp.cfg, dp.task) == "roc_auc"  # the table's headline metric
+    plain = load_node(ctx)
+    assert site_metric(plain.cfg, plain.task) == "recall"
