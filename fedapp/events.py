@@ -824,7 +824,7 @@ def import_dir(url: str, folder: Path) -> tuple[int, int]:
                 if row.status != "running" or stat.st_mtime <= (row.updated_unix or 0) + 1:
                     skipped += 1
                     continue
-                status = json.loads(results_path.read_text()).get("meta", {}).get("status")
+                status = (_results_of(results_path).get("meta") or {}).get("status")
                 if status and status != "running":
                     with eng.begin() as conn:
                         conn.execute(
@@ -839,7 +839,7 @@ def import_dir(url: str, folder: Path) -> tuple[int, int]:
             if row is not None and (row.updated_unix or 0) >= stat.st_mtime:
                 skipped += 1
                 continue
-            results = json.loads(results_path.read_text())
+            results = _results_of(results_path)
         except (OSError, ValueError) as exc:
             LOG.warning("[fedapp] %s: not imported (%s)", results_path, exc)
             skipped += 1
@@ -852,6 +852,15 @@ def import_dir(url: str, folder: Path) -> tuple[int, int]:
         else:
             done += 1
     return done, skipped
+
+
+def _results_of(path: Path) -> dict[str, Any]:
+    """A run folder's results.json; ValueError when it is not a JSON object (the folder is
+    then skipped and logged, never fatal to the board)."""
+    results = json.loads(path.read_text())
+    if not isinstance(results, dict) or not isinstance(results.get("meta", {}), dict):
+        raise ValueError("results.json is not a results object")
+    return results
 
 
 def release_version(url: str, version_id: int, who: str) -> dict[str, Any] | None:

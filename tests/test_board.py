@@ -324,3 +324,31 @@ def test_tokens_on_the_command_line_and_passwords_in_urls_are_never_stored_or_se
     assert "SECRET" not in listed + one and "--token (hidden)" in listed
     assert "postgresql://***@db/fedapp" in one
     assert ev.safe_command(["x", "--token", "T0"]) == "x --token (hidden)"
+
+
+def test_hostile_requests_and_files_get_an_answer_never_a_500(tmp_path):
+    import json
+
+    root = tmp_path / "outputs"
+    for name, text in (("list", "[1]"), ("null", "null"), ("meta", '{"meta": 3}')):
+        (root / name).mkdir(parents=True)
+        (root / name / "results.json").write_text(text)
+    good = root / "good"
+    good.mkdir()
+    res = _results(1, 2)
+    res["meta"]["status"] = "completed"
+    (good / "results.json").write_text(json.dumps(res))
+    c = TestClient(create_app(ev.sqlite_url(tmp_path / "b.db"), root=root, token=TOKEN))
+    assert [i["name"] for i in c.get("/api/runs").json()["items"]] == ["good"]
+    assert c.get("/").status_code == 200
+    huge = "99999999999999999999"
+    for path in (
+        f"/api/runs?offset={huge}",
+        f"/api/runs/{huge}",
+        f"/api/runs/1/rounds?offset={huge}",
+    ):
+        assert c.get(path).status_code in (400, 404, 422), path
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    vid = 1
+    r = c.post(f"/api/versions/{vid}/release", content="[1, 2]", headers=auth)
+    assert r.status_code in (200, 404)

@@ -328,6 +328,11 @@ def create_app(
     web page elsewhere cannot reach the board through DNS rebinding)."""
     board = Board(url, root, token)
     app = FastAPI(title="fedapp-board", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(OverflowError)
+    async def too_large(request: Request, exc: OverflowError):  # an id or offset past int64
+        return JSONResponse({"detail": "a number in the request is out of range"}, 400)
+
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -438,7 +443,8 @@ def create_app(
             body = await request.json()
         except ValueError:
             body = {}
-        who = str((body or {}).get("by") or "operator").strip()[:100] or "operator"
+        body = body if isinstance(body, dict) else {}
+        who = str(body.get("by") or "operator").strip()[:100] or "operator"
         out = ev.release_version(board.url, version_id, who)
         if out is None:
             raise HTTPException(404, f"no model version {version_id}")
