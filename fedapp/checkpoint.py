@@ -181,8 +181,18 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
     )
     if differ:  # settings added since the checkpoint was written, at their defaults
         from fedapp.config import default_config
+        from fedapp.policy import GROUPS
 
-        defaults = to_dict(default_config())
+        # each group at the checkpointed run's choice (task=credit...), its values at default
+        choices = [
+            f"{g}={saved[g]['name']}"
+            for g in GROUPS
+            if isinstance(saved.get(g), dict) and saved[g].get("name") and g in now
+        ]
+        try:
+            defaults = to_dict(default_config(choices))
+        except Exception:  # noqa: BLE001 - a choice this version no longer has
+            defaults = to_dict(default_config())
         pick = lambda d, k: {k: d[k]} if k in d else {}  # noqa: E731
         differ = [k for k in differ if _changed(pick(saved, k), pick(now, k), defaults)]
     if differ:

@@ -111,9 +111,10 @@ def _defaults(choices: tuple[str, ...]) -> DictConfig:
             GlobalHydra.instance().clear()
 
 
-def default_config() -> DictConfig:
-    """The config without any override (not validated; cached)."""
-    return _defaults(())
+def default_config(choices: Sequence[str] = ()) -> DictConfig:
+    """The config with these group choices (e.g. `task=credit`) and every value at its
+    default; without choices, the root defaults (not validated; cached)."""
+    return _defaults(tuple(choices))
 
 
 def _kind_ok(default: Any, text: str) -> bool:

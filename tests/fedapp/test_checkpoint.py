@@ -144,3 +144,15 @@ def test_a_checkpoint_from_before_a_nested_setting_resumes_at_its_default():
         check_compatible(saved, compose("task=credit rounds=5 task.norm=batch"), done=3)
     with pytest.raises(ConfigError, match=r"\['task'\]"):  # a changed old setting still counts
         check_compatible(saved, compose("task=credit rounds=5 task.dropout=0.3"), done=3)
+
+
+def test_a_new_setting_is_judged_at_the_default_of_the_run_s_own_choice():
+    """strategy=fedrep's head_epochs, added since the checkpoint: at fedrep's default the
+    resume goes on (the root defaults' strategy, fedavg, has no such key), changed it stops."""
+    saved = to_dict(compose("task=credit strategy=fedrep rounds=3"))
+    del saved["strategy"]["head_epochs"]
+    check_compatible(saved, compose("task=credit strategy=fedrep rounds=5"), done=3)
+    with pytest.raises(ConfigError, match=r"\['strategy'\]"):
+        check_compatible(
+            saved, compose("task=credit strategy=fedrep rounds=5 strategy.head_epochs=3"), done=3
+        )
