@@ -9,7 +9,7 @@ the registry existed, kept exactly (`bench/behaviour_digest.py` checks that runs
 
 DP noise is not here: it comes from fresh OS entropy (fedapp.privacy, tasks.dp_sgd), never
 from the run's seed. Its streams (`dp.*`) name only the seed that the explicit test mode
-(`FEDAPP_SEEDED_NOISE=1`, "DOES NOT HOLD" in results.json) reproduces noise from.
+(`FEDAPP_INSECURE_SEEDED_DP_NOISE=1`, "DOES NOT HOLD" in results.json) reproduces noise from.
 """
 
 from __future__ import annotations
