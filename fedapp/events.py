@@ -339,7 +339,9 @@ def _status(status: str) -> tuple[str, str | None]:
 
 
 def classify_error(reason: str) -> str:
-    """The audit kind of a client's error reply."""
+    """The audit kind of a client's error reply, from the text the client sent: what the
+    client reports (its reason is stored as "client reports: ..."), not a fact the server
+    checked."""
     low = reason.lower()
     if "refused by the institution's policy" in low:
         return "policy_refusal"
@@ -525,6 +527,14 @@ class EventStore:
             self.refused_seen = {str(n) for k, n, _ in seen if k == "node_refused"}
             self.stats_refused_seen = {str(p) for k, _, p in seen if k == "stats_refused"}
             self.resumes_seen = sum(k == "resume" for k, _, _ in seen)
+            # nodes already recorded: their next counts are adopted without new events (no
+            # second "joined"; what changed while no one recorded is not replayed)
+            known = conn.execute(
+                select(node_events.c.partition_id)
+                .where(node_events.c.run_id == existing)
+                .distinct()
+            ).scalars()
+            self.nodes_seen = {str(p): {"adopt": True} for p in known if p is not None}
             vers = conn.execute(
                 select(model_versions.c.id, model_versions.c.round, model_versions.c.kind)
                 .where(model_versions.c.run_id == existing)
@@ -620,7 +630,8 @@ class EventStore:
             if status == "rejected":
                 audits.append(("update_rejected", pid, nid, reason))
             elif status == "error":
-                audits.append((classify_error(reason or ""), pid, nid, reason))
+                said = f"client reports: {reason}" if reason else "client reports no reason"
+                audits.append((classify_error(reason or ""), pid, nid, said))
         if items:
             conn.execute(insert(client_rounds), items)
         for kind, pid, nid, reason in audits:
@@ -657,9 +668,11 @@ class EventStore:
     def _nodes(self, conn, nodes: dict[str, Any], now) -> None:
         items = []
         for pid, n in nodes.items():
-            old = self.nodes_seen.get(pid)
+            old = self.nodes_seen.get(str(pid))
             nid = str(n.get("node_id"))
-            if old is None:
+            if old is not None and old.get("adopt"):
+                pass
+            elif old is None:
                 items.append((pid, nid, "joined", n.get("joined_s"), ""))
             else:
                 if int(n.get("failures") or 0) > int(old.get("failures") or 0):
@@ -668,7 +681,7 @@ class EventStore:
                     items.append((pid, nid, "rejoined", n.get("rejoined_s"), ""))
                 if old.get("connected", True) and not n.get("connected", True):
                     items.append((pid, nid, "disconnected", n.get("last_seen_s"), ""))
-            self.nodes_seen[pid] = {
+            self.nodes_seen[str(pid)] = {
                 k: n.get(k) for k in ("failures", "rejoins", "connected", "last_seen_s")
             }
         if items:

@@ -215,6 +215,11 @@ def test_audit_events_name_what_was_refused_rejected_or_exhausted(tmp_path):
     assert {"update_rejected", "policy_refusal", "budget_exhausted", "resume"} <= set(kinds)
     rejected = next(r for r in rows if r.kind == "update_rejected")
     assert rejected.partition_id == 1 and "clipping bound" in rejected.reason
+    # a client's own account of an error is stored as such (a server's check is not)
+    refusal = next(r for r in rows if r.kind == "policy_refusal")
+    assert refusal.reason.startswith("client reports: ") and not rejected.reason.startswith(
+        "client"
+    )
     with ev.engine_for(url).connect() as conn:
         assert ev.count(conn, ev.rounds) == 3  # rounds 0..2, each once
 
@@ -256,3 +261,23 @@ def test_the_board_reads_while_a_run_writes(tmp_path):
     assert client.get("/api/runs").json()["items"][0]["rounds_done"] == 60
     with ev.engine_for(url).connect() as conn:
         assert conn.execute(select(func.count()).select_from(ev.client_rounds)).scalar() == 60 * 200
+
+
+def test_reopening_a_run_records_no_second_join_and_goes_on_counting(tmp_path):
+    """A resumed run (or a re-import) opens its existing row: its nodes are not 'joined'
+    again, and what happens after the reopening is recorded."""
+    url = ev.sqlite_url(tmp_path / "e.db")
+    run = tmp_path / "run"
+    run.mkdir()
+    res = _results(1, 2)
+    res["nodes"] = {str(p): {"node_id": 10 + p, "failures": 0, "rejoins": 0} for p in range(2)}
+    ev.EventStore(url, run).record(res, best=None)
+    res = _results(2, 2)
+    res["nodes"] = {str(p): {"node_id": 10 + p, "failures": 0, "rejoins": 0} for p in range(2)}
+    again = ev.EventStore(url, run)  # the resumed process
+    again.record(res, best=None)
+    res["nodes"]["1"]["failures"] = 1
+    again.record(res, best=None)
+    with ev.engine_for(url).connect() as conn:
+        kinds = conn.execute(select(ev.node_events.c.partition_id, ev.node_events.c.kind)).all()
+    assert sorted(kinds) == [(0, "joined"), (1, "failed"), (1, "joined")]
