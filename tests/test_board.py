@@ -137,12 +137,21 @@ def test_no_secret_is_served(store):
 
 
 def test_on_loopback_a_foreign_host_header_is_refused(store):
+    """The Host headers fedapp-board accepts on a loopback bind (cli.loopback_hosts), IPv6
+    and 127.0.0.x binds included; a foreign name (DNS rebinding) is refused."""
+    from fedapp.board.cli import loopback_hosts
+
     url, _ = store
-    c = TestClient(
-        create_app(url, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1"
-    )
-    assert c.get("/api/runs").status_code == 200
-    assert c.get("/api/runs", headers={"Host": "evil.example"}).status_code == 400
+    for bind, good in (
+        ("127.0.0.1", ["127.0.0.1:8050", "localhost:8050", "localhost", "[::1]:8050"]),
+        ("::1", ["[::1]:8050", "[::1]"]),
+        ("127.0.0.2", ["127.0.0.2:8050"]),
+    ):
+        c = TestClient(create_app(url, allowed_hosts=loopback_hosts(bind)))
+        for host in good:
+            assert c.get("/api/runs", headers={"Host": host}).status_code == 200, (bind, host)
+        for host in ("evil.example", "evil.example:8050", "[::2]:8050", "127.0.0.1.evil.example"):
+            assert c.get("/api/runs", headers={"Host": host}).status_code == 400, (bind, host)
 
 
 def test_a_non_loopback_bind_needs_tls_and_a_token(tmp_path, monkeypatch):

@@ -36,6 +36,15 @@ def _redact(value: Any) -> Any:
     return ev.redact(value)
 
 
+def host_of(header: str) -> str:
+    """The host of a Host header, without its port: `[::1]:8050` -> `::1`,
+    `127.0.0.1:8050` -> `127.0.0.1`, `localhost` -> `localhost`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 def _row(r) -> dict[str, Any]:
     return dict(r._mapping)
 
@@ -334,9 +343,16 @@ def create_app(
         return JSONResponse({"detail": "a number in the request is out of range"}, 400)
 
     if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        allowed = {h.strip("[]").lower() for h in allowed_hosts}
 
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+        @app.middleware("http")
+        async def host_check(request: Request, call_next):
+            # Starlette's TrustedHostMiddleware cuts "[::1]:8050" at its first colon; here an
+            # IPv6 host keeps its brackets' content (DNS rebinding: a foreign name is refused)
+            if host_of(request.headers.get("host", "")) not in allowed:
+                return JSONResponse({"detail": "Invalid host header"}, 400)
+            return await call_next(request)
+
     app.state.board = board
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

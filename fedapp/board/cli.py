@@ -95,6 +95,11 @@ def import_parser() -> argparse.ArgumentParser:
     return p
 
 
+def loopback_hosts(bind: str) -> list[str]:
+    """The Host headers a loopback board answers: the loopback names and its own address."""
+    return sorted({"127.0.0.1", "localhost", "::1", bind.strip("[]").lower()})
+
+
 def check_bind(host: str, certfile: str | None, keyfile: str | None, token: str | None) -> None:
     """Refuse an unsafe start (raises BoardError)."""
     if bool(certfile) != bool(keyfile):
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from fedapp.board.app import create_app
 
-    hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(args.host) else None
+    hosts = loopback_hosts(args.host) if is_loopback(args.host) else None
     app = create_app(url, root=root, token=token, allowed_hosts=hosts)
     scheme = "https" if args.certfile else "http"
     print(
