@@ -195,6 +195,8 @@ class DittoPersonal(ClientUnit):
 
     def after_train(self, job: TrainJob) -> None:
         lam = float(job.cfg.strategy.lam)
+        if not lam >= 0:  # the node's own check (NaN included), whatever the server checked
+            raise PersonalError(f"strategy.lam={lam}: Ditto's lambda must be >= 0 (or .inf)")
         received = job.global_state
         personal = job.task.make_model()
         own = job.state.array_records.get(PERSONAL_MODEL)

@@ -348,3 +348,9 @@ def test_a_server_asking_a_site_again_or_under_encryption_is_refused(data_dir):
     assert site_metric(dp.cfg, dp.task) == "roc_auc"  # the table's headline metric
     plain = load_node(ctx)
     assert site_metric(plain.cfg, plain.task) == "recall"
+
+
+def test_a_client_refuses_a_ditto_lambda_it_cannot_use(data_dir):
+    for lam in ("-1", "nan"):
+        with pytest.raises(PersonalError, match="lambda must be >= 0"):
+            _train(_context(data_dir, f"strategy=ditto strategy.lam={lam}"))
