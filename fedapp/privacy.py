@@ -655,6 +655,11 @@ def central_dp_refusal(cls: type) -> str | None:
     if getattr(cls, "extra_array_records", ()):
         return f"{name} sends more than the model ({list(cls.extra_array_records)}), which would not be clipped"
     rule = getattr(cls, "aggregation_rule", "weighted_mean")
+    if rule == "server_optimizer":
+        return (
+            f"{name}'s server optimizer makes the new model a non-linear function of the "
+            "plaintext mean and of state from earlier rounds, not the average itself"
+        )
     if rule != "weighted_mean":
         return f"{name} aggregates with its own rule ({rule}), not FedAvg's average"
     return None

@@ -213,7 +213,9 @@ class FedappStrategyMixin:
     #   "fair" (q-FedAvg: loss-dependent), "data_dependent" (weights from the updates or
     #   the clients' reports: trust, contribution) or "personal" (FedAvg's mean of the shared
     #   part, personal layers sent back as received, or nothing aggregated: local_only;
-    #   strategies/personal.py);
+    #   strategies/personal.py) or "server_optimizer" (FedAvg's mean taken as a
+    #   pseudo-gradient by a stateful server optimizer: FedAdam, FedYogi, FedAdagrad,
+    #   FedAvgM; strategies/adaptive.py);
     # - `sample_dp_refusal`: why the strategy cannot run under privacy=sample_dp ("" = it
     #   can), e.g. a client's personal model trained outside the DP ledger's steps.
     schedules_rounds: ClassVar[bool] = False

@@ -21,7 +21,9 @@ def _run(tmp_path, extra: str, base: str = CREDIT) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedavg_deadline", "fedasync", "tifl", "tiered"])
+@pytest.mark.parametrize(
+    "strategy", ["fedavg", "fedavg_deadline", "fedasync", "fedbuff", "tifl", "tiered"]
+)
 def test_every_strategy_reports_simulated_time_and_aggregation_success(
     tmp_path, data_dir, strategy
 ):

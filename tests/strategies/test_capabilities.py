@@ -16,7 +16,15 @@ from strategies.base import FedappStrategyMixin
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "strategy"
 CLASSES = sorted({str(OmegaConf.load(p)._target_) for p in CONF.glob("*.yaml")})
-RULES = ("weighted_mean", "normalized_mean", "robust", "fair", "data_dependent", "personal")
+RULES = (
+    "weighted_mean",
+    "normalized_mean",
+    "robust",
+    "fair",
+    "data_dependent",
+    "personal",
+    "server_optimizer",
+)
 
 
 @pytest.mark.parametrize("target", CLASSES)
