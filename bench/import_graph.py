@@ -70,6 +70,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "fedapp.launch",
             "fedapp.inline",
+            "fedapp.tune",
             "fedapp.federation",
             "fedapp.sweep",
             "fedapp.schema",

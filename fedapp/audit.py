@@ -22,12 +22,27 @@ positives (what matters for a few exposed records, Carlini et al. 2022) go to
 `RUN_DIR/audit.json`; `mia_auc` is the best attack's AUC. `RUN_DIR/audit_roc.png` draws the
 ROC curves. Empirical, not a guarantee: a low AUC means these attacks fail, not that every
 attack would; the DP epsilon in results.json is the guarantee.
+
+`--canaries M` (default 1000) adds a one-run epsilon audit of one client's DP-SGD (Steinke,
+Nasr and Jagielski, NeurIPS 2023), in the server's white-box view of the client's updates:
+M Dirac gradient canaries, each included with probability 1/2, privatized as the client's
+DP-SGD would (Opacus' optimizer, its clipping, the noise multiplier its accountant calibrates
+for the run's plan); from the correct guesses on the surest canaries, a lower bound on epsilon
+at 95% confidence, reported beside the claimed epsilon (`audit.json` `canary`;
+`flagged` when the bound exceeds the claim). A lower bound, not a proof: a bound far below
+the claim says these canaries found no leak, not that the claim holds; a bound above it is a
+bug (the seeded-noise test mode, whose noise an auditor regenerates from the run seed, is
+caught). M canaries cap the bound (5.0 with 1000, 7.8 with 10000): a claim above the cap
+cannot be refuted by them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -153,8 +168,16 @@ def _concat(chunks):
     )
 
 
-def audit(run_dir: Path, n: int = 2000, seed: int = 0, model_file: str = "final_model.pt") -> dict:
-    """Run every attack on the run's model; write audit.json and audit_roc.png."""
+def audit(
+    run_dir: Path,
+    n: int = 2000,
+    seed: int = 0,
+    model_file: str = "final_model.pt",
+    canaries: int = 0,
+    client: int = 0,
+) -> dict:
+    """Run every attack on the run's model; write audit.json and audit_roc.png. `canaries` > 0
+    adds the one-run canary audit of client `client`'s DP-SGD (`canary_audit`) as `canary`."""
     run_dir = Path(run_dir)
     cfg_path, model_path = run_dir / "config.yaml", run_dir / model_file
     for p in (cfg_path, model_path):
@@ -200,6 +223,11 @@ def audit(run_dir: Path, n: int = 2000, seed: int = 0, model_file: str = "final_
         "dp_epsilon": (results.get("final") or {}).get("dp_epsilon"),
         "seed": seed,
     }
+    if canaries:
+        report["canary"] = {
+            "client": client,
+            **canary_audit(canary_plan(cfg, client, task), canaries, seed),
+        }
     (run_dir / "audit.json").write_text(json.dumps(report, indent=2))
     _plot(run_dir / "audit_roc.png", logits_in, y_in, logits_out, y_out, attacks)
     return report
@@ -234,9 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=2000, help="members (and non-members) drawn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="final_model.pt")
+    parser.add_argument(
+        "--canaries",
+        type=int,
+        default=1000,
+        help="canaries of the one-run epsilon audit of a client's DP-SGD (0: no canary audit)",
+    )
+    parser.add_argument(
+        "--client", type=int, default=0, help="partition id the canary audit audits"
+    )
     args = parser.parse_args(argv)
     try:
-        report = audit(args.run_dir, args.members, args.seed, args.model)
+        report = audit(
+            args.run_dir, args.members, args.seed, args.model, args.canaries, args.client
+        )
     except (ConfigError, DataError) as err:
         print(f"fedapp-audit: {err}", file=sys.stderr)
         return 2
@@ -245,8 +284,263 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report['members']} members vs {report['non_members']} non-members; "
         f"{args.run_dir}/audit.json"
     )
+    if "canary" in report:
+        c = report["canary"]
+        print(
+            f"[fedapp-audit] canary audit of client {c['client']}: epsilon >= "
+            f"{c['epsilon_lower_bound']:.2f} (95% confidence, {c['canaries']} canaries) beside the "
+            "claimed "
+            + (f"{c['claimed_epsilon']:g}" if c["claimed_epsilon"] is not None else "none (no DP)")
+            + ("; THE CLAIM DOES NOT HOLD" if c["flagged"] else "")
+        )
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- one-run canary audit (Steinke, Nasr and Jagielski, NeurIPS 2023) --------------------------------
+# "Privacy Auditing with One (1) Training Run" (arXiv 2305.08846): m canaries, each included in
+# the training data independently with probability 1/2; after one run the auditor guesses, for
+# the r canaries it is most confident about, whether each was included; v correct guesses out of
+# r reject (eps, delta)-DP with confidence 1 - beta when the p-value below is under beta. The
+# largest rejected eps is an empirical lower bound: a bug detector, not a proof of privacy.
+
+
+def canary_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[at least v of r guesses correct] under (epsilon, delta)-DP with m Poisson canaries:
+    Steinke, Nasr and Jagielski (2023), their (eps, delta) theorem as the paper's own code
+    computes it (`p_value_DP_audit`): P[Binomial(r, q) >= v] + 2 m delta max_i P[v - i <= Binomial(r, q) < v] / i, where
+    q = e^eps / (1 + e^eps) is the accuracy of eps-DP randomized response."""
+    from scipy.stats import binom
+
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got m={m} r={r} v={v}")
+    q = 1.0 / (1.0 + math.exp(-epsilon))
+    tail = float(binom.sf(v - 1, r, q))
+    if v == 0 or delta == 0:
+        return min(1.0, tail)
+    below = np.cumsum(binom.pmf(np.arange(v - 1, -1, -1), r, q))  # i = 1..v
+    alpha = float(np.max(below / np.arange(1, v + 1)))
+    return min(1.0, tail + alpha * delta * 2 * m)
+
+
+def canary_epsilon_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05) -> float:
+    """Empirical lower bound on epsilon from v correct guesses of r among m canaries, at
+    confidence 1 - beta: the largest eps whose p-value (`canary_p_value`) is below beta, by
+    bisection (the paper's `get_eps_audit`); 0 when even eps = 0 is not rejected."""
+    if not 0 < beta < 1:
+        raise ValueError(f"beta={beta}: must be in (0, 1)")
+    if canary_p_value(m, r, v, 0.0, delta) >= beta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while canary_p_value(m, r, v, high, delta) < beta:
+        low, high = high, 2 * high
+    for _ in range(40):
+        mid = (low + high) / 2
+        if canary_p_value(m, r, v, mid, delta) < beta:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryPlan:
+    """The DP-SGD mechanism one client runs over a whole run, as its accountant plans it."""
+
+    noise_multiplier: float  # 0: no DP (nothing clipped, no noise)
+    max_grad_norm: float
+    sample_rate: float  # Poisson sampling rate of each row in each step
+    steps: int  # local steps over the whole run (participations x steps per round)
+    batch_size: int  # expected batch size (Opacus scales the noisy sum by it)
+    claimed_epsilon: float  # the client's target for the run (inf without DP)
+    delta: float
+    seed: int  # the client's DP-SGD seed, only used in the insecure seeded-noise test mode
+
+
+def planned_history(
+    cfg, task: Task, partition_id: int, rows: int, target: float | None = None
+) -> tuple[list[tuple[float, float, int]], float]:
+    """What client `partition_id` (`rows` training rows) spends in one run of `cfg` from a
+    fresh ledger, planned with the same functions as the client (fedapp.privacy): the
+    statistics release (tabular tasks), then DP-SGD calibrated to its target (`target`
+    instead of the run's, if given) over its planned participations. Returns the history
+    (Opacus' (noise multiplier, sample rate, steps)) and the target; under privacy=none, one
+    noiseless entry and infinity."""
+    from fedapp.privacy import PrivacySpec, new_ledger, plan_stats, planned_participations
+    from tasks.training import TrainSettings
+
+    spec = PrivacySpec.from_config(cfg.get("privacy"))
+    if target is not None:
+        spec = dataclasses.replace(spec, target_epsilon=float(target))
+    settings = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
+    sample_rate = 1 / max(1, math.ceil(rows / settings.batch_size))
+    participations = spec.participations if spec.sample_level else "auto"
+    if participations == "auto":
+        participations = planned_participations(
+            int(cfg.rounds), int(cfg.clients_per_round), task.num_partitions()
+        )
+    steps = settings.steps_per_round(rows) * int(participations)
+    if not spec.sample_level:
+        return [(0.0, sample_rate, steps)], math.inf
+    ledger = new_ledger(spec, task, partition_id, {})
+    if task.needs_stats:
+        plan_stats(ledger, spec)
+        ledger.record(ledger.stats_noise_multiplier, 1.0, 1)
+    prefix = tuple(ledger.history)
+    sigma = _calibrate(
+        ledger.target_epsilon, ledger.delta, sample_rate, steps, spec.accountant, prefix
+    )
+    return [*prefix, (sigma, sample_rate, steps)], ledger.target_epsilon
+
+
+@functools.lru_cache(maxsize=4096)
+def _calibrate(target, delta, sample_rate, steps, accountant, prefix) -> float:
+    """fedapp.privacy.calibrate, once per plan (it is slow; clients with equal plans share)."""
+    from fedapp.privacy import calibrate
+
+    return calibrate(target, delta, sample_rate, steps, accountant, list(prefix))
+
+
+def canary_plan(cfg, partition_id: int = 0, task: Task | None = None) -> CanaryPlan:
+    """The DP-SGD mechanism of client `partition_id` under the run's config: its sample rate
+    and steps over the whole run, and the noise multiplier its accountant calibrates
+    (`planned_history`)."""
+    from fedapp.privacy import PrivacySpec
+
+    task = task or get_task(cfg, resolve_data_dir(cfg))
+    spec = PrivacySpec.from_config(cfg.get("privacy"))
+    history, claimed = planned_history(
+        cfg, task, partition_id, task.load_partition(partition_id).num_train
+    )
+    sigma, sample_rate, steps = history[-1]
+    return CanaryPlan(
+        sigma,
+        spec.max_grad_norm if spec.sample_level else 1.0,
+        sample_rate,
+        steps,
+        int(cfg.train.batch_size),
+        claimed,
+        spec.delta,
+        (int(cfg.seed) * 1_000_003 + partition_id) ^ 0xD95,
+    )
+
+
+def canary_updates(
+    plan: CanaryPlan, included: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The client's DP-SGD over the whole run on the canaries' coordinates, through Opacus'
+    own `DPOptimizer` (per-sample clipping to `max_grad_norm`, Gaussian noise of std
+    noise_multiplier x max_grad_norm from `tasks.dp_sgd.noise_generator`, Opacus' secure-noise
+    sums, scaling by the expected batch size) with the client's noise multiplier, sample rate
+    and steps. Canary i is a Dirac gradient (max_grad_norm on coordinate i only; Steinke et al.
+    2023, section 7) that each step samples with the rows' probability if it is included. The
+    training rows' own gradients are left out: they are the same whether a canary is in or
+    not, and a white-box auditor who knows them (the adversary DP is defined against)
+    subtracts them.
+
+    Returns the server's white-box view, the sum of every step's privatized gradient (in units
+    of the clipping norm, unscaled), and the same sum of the noise an auditor who knows the
+    run seed regenerates (`tasks.dp_sgd`'s seeded-noise test mode makes it the real noise)."""
+    from tasks.dp_sgd import SECURE_NOISE, noise_generator, opacus
+
+    DPOptimizer = opacus("opacus.optimizers").DPOptimizer
+    m, c = len(included), plan.max_grad_norm
+    sampler = noise_generator(plan.seed ^ 0x5A3)  # Poisson sampling is part of the mechanism
+    in_idx = torch.as_tensor(np.flatnonzero(included))
+    views = []
+    for generator in (noise_generator(plan.seed), torch.Generator().manual_seed(plan.seed)):
+        weight = nn.Parameter(torch.zeros(m, dtype=torch.float32))
+        optimizer = DPOptimizer(
+            torch.optim.SGD([weight], lr=0.0),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=c,
+            expected_batch_size=plan.batch_size,
+            generator=generator,
+            secure_mode=SECURE_NOISE,
+        )
+        replay = len(views) == 1
+        total = torch.zeros(m, dtype=torch.float64)
+        for _ in range(plan.steps):
+            if replay:
+                rows = torch.empty(0, dtype=torch.long)
+            else:
+                draw = torch.rand(len(in_idx), generator=sampler, dtype=torch.float64)
+                rows = in_idx[draw < plan.sample_rate]
+            grad_sample = torch.zeros(len(rows), m)
+            grad_sample[torch.arange(len(rows)), rows] = c
+            weight.grad_sample = grad_sample
+            optimizer.pre_step()
+            total += weight.grad * plan.batch_size / c
+            optimizer.zero_grad(set_to_none=True)
+        views.append(total.numpy())
+    return views[0], views[1]
+
+
+GUESS_SHARES = (
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+)  # r / m: the auditor's guess counts, fixed in advance
+
+
+def canary_audit(plan: CanaryPlan, canaries: int = 1000, seed: int = 0, beta: float = 0.05) -> dict:
+    """One-run audit of a client's DP-SGD (Steinke et al. 2023) in the server's white-box view:
+    `canaries` Dirac canaries, each included with probability 1/2 (the auditor's coin, seeded);
+    the score of canary i is coordinate i of the summed privatized gradients (`canary_updates`).
+    Two attacks: `sum` (that score) and `seed_replay` (the score minus the noise regenerated
+    from the run seed: it wins only if the noise is not secret). Each guesses "in" for its r/2
+    highest scores and "out" for its r/2 lowest, for each r in `GUESS_SHARES` x m, and once on
+    every canary ("in" above half an included canary's expected count); every test is made at
+    beta / (number of tests) (Bonferroni), so the reported bound, the largest, holds at
+    confidence 1 - beta."""
+    if canaries < 2:
+        raise ValueError(f"canaries={canaries}: need at least 2")
+    rng = np.random.default_rng([seed, 0xCA7])
+    included = rng.random(canaries) < 0.5
+    view, replay_noise = canary_updates(plan, included, seed)
+    scores = {"sum": view, "seed_replay": view - replay_noise}
+    guesses = sorted({max(2, int(share * canaries) // 2 * 2) for share in GUESS_SHARES})
+    level = beta / (len(scores) * (len(guesses) + 1))
+    middle = plan.sample_rate * plan.steps / 2  # half an included canary's expected count
+    tests = []
+    for name, score in scores.items():
+        order = np.argsort(score, kind="stable")  # ascending: the last are the surest "in"
+        for r in guesses:
+            half = r // 2
+            correct = int(included[order[-half:]].sum() + (~included[order[:half]]).sum())
+            tests.append({"attack": name, "guesses": r, "rule": "top/bottom", "correct": correct})
+        # every canary guessed, "in" above the midpoint (at most m guesses: the theorem holds)
+        correct = int(((score > middle) == included).sum())
+        tests.append({"attack": name, "guesses": canaries, "rule": "threshold", "correct": correct})
+    for t in tests:
+        t["epsilon_lower_bound"] = canary_epsilon_bound(
+            canaries, t["guesses"], t["correct"], plan.delta, level
+        )
+    best = max(tests, key=lambda t: t["epsilon_lower_bound"])
+    return {
+        "epsilon_lower_bound": best["epsilon_lower_bound"],
+        "claimed_epsilon": plan.claimed_epsilon if math.isfinite(plan.claimed_epsilon) else None,
+        "flagged": bool(best["epsilon_lower_bound"] > plan.claimed_epsilon),
+        "best": best,
+        "tests": tests,
+        "canaries": canaries,
+        "included": int(included.sum()),
+        "confidence": 1 - beta,
+        "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier,
+        "max_grad_norm": plan.max_grad_norm,
+        "sample_rate": plan.sample_rate,
+        "steps": plan.steps,
+        "threat_model": "white-box server: sees every DP-SGD step's privatized gradient of one "
+        "client over the whole run; Dirac gradient canaries, Poisson-included (p = 1/2)",
+        "mechanism": "Opacus DPOptimizer (the client's clipping, noise multiplier from its "
+        "accountant's calibration, secret noise generator, secure-noise sums) on the canaries' "
+        "coordinates only; the training rows' gradients are not simulated",
+        "seed": seed,
+    }
