@@ -88,6 +88,7 @@ def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
             GlobalHydra.instance().clear()
     cfg = strip_hydra(cfg)
     check_types(ovr, cfg)
+    apply_dp_recipe(cfg, ovr)
     try:
         validate(cfg)
     except ConfigError:
@@ -158,6 +159,36 @@ def check_types(ovr: Sequence[str], cfg: DictConfig) -> None:
             kind = type(default).__name__
             kind = {"bool": "true or false", "int": "a whole number", "float": "a number"}[kind]
             raise ConfigError(f"{key}={value}: {key} is {kind} (default {default})")
+
+
+RECIPE_KEY = "privacy"  # a task's DP recipe: conf/task/<task>.yaml `privacy:` (bench/dp_tuning.py)
+_ABSENT = object()
+
+
+def apply_dp_recipe(cfg: DictConfig, ovr: Sequence[str]) -> None:
+    """Under `privacy=sample_dp`, the task's own DP recipe (its YAML's `privacy:` block, the
+    settings bench/dp_tuning.py selected): `train:` keys go to `train`, `task:` keys to the
+    task, every other key to `privacy`. A key the command line sets itself wins; without
+    sample_dp the block does nothing, so the task's non-DP settings are untouched."""
+    recipe = cfg.task.get(RECIPE_KEY) if "task" in cfg else None
+    if not recipe or cfg.get("privacy") is None or cfg.privacy.get("name") != "sample_dp":
+        return
+    named = {o.partition("=")[0].lstrip("+~") for o in ovr}
+    for key, value in recipe.items():
+        if key in ("train", "task"):
+            if not isinstance(value, DictConfig):
+                raise ConfigError(f"task.{RECIPE_KEY}.{key} must be a mapping of {key} settings")
+            items = [(f"{key}.{k}", v) for k, v in value.items()]
+        else:
+            items = [(f"privacy.{key}", value)]
+        for dotted, v in items:
+            if dotted in named:
+                continue
+            if OmegaConf.select(cfg, dotted, default=_ABSENT) is _ABSENT:
+                raise ConfigError(
+                    f"task.{RECIPE_KEY} sets {dotted}, which is not a setting of this config"
+                )
+            OmegaConf.update(cfg, dotted, v, merge=False)
 
 
 def strip_hydra(cfg: DictConfig) -> DictConfig:

@@ -29,7 +29,9 @@ included.
     histogram): each value clipped to [-`stats_clip`, `stats_clip`] after the signed-log
     transform (under sample_dp numeric features always use it, so every row's contribution is
     bounded), released once with Gaussian noise and accounted in the same budget (a share
-    `stats_share` of the target epsilon, by itself);
+    `stats_share` of the target epsilon, by itself); within it the label histogram gets its
+    own share `stats_label_share` of the release's zCDP budget (`split_stats_noise`), so that
+    on wide tables its few counts are not swamped by noise sized for 3 d sums;
   - not sent: the label histogram and mean training loss of each round;
   - outside the guarantee, and listed in results.json `meta.privacy.outside`: the number of
     training rows and the number of local steps (a function of it), the client's compute
@@ -111,6 +113,7 @@ class PrivacySpec:
     levels: Mapping[str, float] = field(default_factory=dict)
     stats_share: float = 0.1
     stats_clip: float = 25.0
+    stats_label_share: float = 0.25
     # central_dp
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
@@ -152,6 +155,10 @@ class PrivacySpec:
             )
         if not 0 < self.stats_share < 1:
             raise PrivacyError(f"privacy.stats_share={self.stats_share} must be in (0, 1)")
+        if not 0 < self.stats_label_share < 1:
+            raise PrivacyError(
+                f"privacy.stats_label_share={self.stats_label_share} must be in (0, 1)"
+            )
         if self.participations != "auto" and int(self.participations) < 1:
             raise PrivacyError("privacy.participations must be 'auto' or a positive integer")
         if self.clipping not in ("server", "client"):
@@ -200,6 +207,7 @@ def privacy_meta(spec: PrivacySpec) -> dict[str, Any]:
             "participations": spec.participations,
             "stats_share": spec.stats_share,
             "stats_clip": spec.stats_clip,
+            "stats_label_share": spec.stats_label_share,
             "not_sent": list(WITHHELD),
             "outside": list(OUTSIDE),
             "noise": NOISE,
@@ -479,22 +487,55 @@ def ledger_lock(path: Path):
 
 
 # -- the statistics release (tabular tasks) ---------------------------------------------------------
+def split_stats_noise(
+    noise_multiplier: float, d: int, label_share: float | None
+) -> tuple[float, float]:
+    """Per-coordinate noise std (in units of one row's change) of the statistics release's two
+    parts: the 3 d counts, sums / clip and sums of squares / clip^2 (L2 sensitivity sqrt(3 d)),
+    and the label histogram (L2 sensitivity 1: a row adds 1 to one count).
+
+    One Gaussian release of noise multiplier sigma has zCDP rho = 1 / (2 sigma^2) (and RDP
+    alpha rho at every order alpha; Gaussian DP mu = 1 / sigma). Giving the histogram the share
+    f of rho and the sums 1 - f: multipliers sigma / sqrt(f) and sigma / sqrt(1 - f), whose
+    composition has 1 / sigma_s^2 + 1 / sigma_h^2 = 1 / sigma^2, exactly the one release the
+    ledger records at sigma, under RDP and PRV alike. f = None: one mechanism over the whole
+    vector (sensitivity sqrt(3 d + 1)), every coordinate std sigma sqrt(3 d + 1), which is
+    the split f = 1 / (3 d + 1)."""
+    if label_share is None:
+        both = noise_multiplier * math.sqrt(3 * d + 1)
+        return both, both
+    if not 0 < label_share < 1:
+        raise PrivacyError(f"privacy.stats_label_share={label_share} must be in (0, 1)")
+    sums = noise_multiplier * math.sqrt(3 * d) / math.sqrt(1 - label_share)
+    return sums, noise_multiplier / math.sqrt(label_share)
+
+
 def privatize_stats(
-    stats: dict[str, list[float]], clip: float, noise_multiplier: float, seed: int
+    stats: dict[str, list[float]],
+    clip: float,
+    noise_multiplier: float,
+    seed: int,
+    label_share: float | None = None,
 ) -> dict[str, list[float]]:
     """Gaussian mechanism on one client's sufficient statistics (values already clipped to
     [-clip, clip]): counts, sums / clip, sums of squares / clip^2 and the label histogram each
-    change by at most 1 per coordinate when a row is added or removed, so the L2 sensitivity of
-    the whole vector is sqrt(3 d + 1); every coordinate gets N(0, (sigma sqrt(3 d + 1))^2) in
-    those units. The server's combination post-processes (clamps) the noisy sums."""
+    change by at most 1 per coordinate when a row is added or removed. The histogram's share
+    `label_share` of the release's budget sets the two parts' noise (`split_stats_noise`; the
+    release as a whole spends what one at `noise_multiplier` does). The server's combination
+    post-processes (clamps) the noisy sums."""
     d = len(stats["stats.count"])
-    scale = {"stats.count": 1.0, "stats.sum": clip, "stats.sumsq": clip**2, "stats.labels": 1.0}
-    std = noise_multiplier * math.sqrt(3 * d + 1)
+    sums_std, labels_std = split_stats_noise(noise_multiplier, d, label_share)
+    scale = {
+        "stats.count": sums_std,
+        "stats.sum": sums_std * clip,
+        "stats.sumsq": sums_std * clip**2,
+        "stats.labels": labels_std,
+    }
     rng = np.random.default_rng(noise_seed(int(seed) * 0xD9))  # secret (tasks.dp_sgd)
     out = {}
     for key, values in stats.items():
         v = np.asarray(values, dtype=np.float64)
-        out[key] = (v + secure_gaussian(rng, std * scale[key], v.shape)).tolist()
+        out[key] = (v + secure_gaussian(rng, scale[key], v.shape)).tolist()
     return out
 
 
@@ -595,7 +636,9 @@ def private_stats(node, context) -> dict[str, list[float]]:
     plan_stats(ledger, spec)
     stats = node.task.client_stats(node.data, clip=spec.stats_clip)
     seed = int(node.cfg.seed) * 1_000_003 + node.partition_id  # the seeded test mode only
-    noisy = privatize_stats(stats, spec.stats_clip, ledger.stats_noise_multiplier, seed)
+    noisy = privatize_stats(
+        stats, spec.stats_clip, ledger.stats_noise_multiplier, seed, spec.stats_label_share
+    )
     ledger.record(ledger.stats_noise_multiplier, 1.0, 1)
     ledger.stats_released = True
     save_ledger(ledger, context.state, path)

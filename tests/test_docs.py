@@ -129,6 +129,7 @@ def _expected() -> dict[str, str]:
     r30, r50 = fb["setup"]["rounds_default"], fb["setup"]["rounds_long"]
     long = _json("femnist_long.json")
     tab = _json("tabular_baselines.json")["rows"]
+    recipe = {(c["task"], c["epsilon"]): c["drop"] for c in _json("dp_tuning.json")["cells"]}
 
     def tabular(task, method):
         part = "-" if method == "centralized" else "natural"
@@ -168,7 +169,11 @@ def _expected() -> dict[str, str]:
             _ms(tabular("credit", m)) for m in ("centralized", "fedavg", "fedprox")
         ),
         "Heart disease": " / ".join(_ms(tabular("medical", m)) for m in ("centralized", "fedavg")),
-        "Sample-level DP on credit": f"{_ms(priv['credit', 'inf', 'fedavg'])} -> "
+        "Sample-level DP with each task's shipped recipe": "; ".join(
+            " / ".join(_ms(recipe[t, e]) for e in ("8", "3"))
+            for t in ("credit", "medical", "bankruptcy")
+        ),
+        "Sample-level DP on credit before the recipes": f"{_ms(priv['credit', 'inf', 'fedavg'])} -> "
         + " / ".join(_ms(priv["credit", e, "fedavg"]) for e in ("8", "3", "1")),
         "FEMNIST with 30% label-flipping": f"{_ms(rob['femnist', 'label_flip', 0.3, 'trust'])} / "
         f"{_ms(rob['femnist', 'label_flip', 0.3, 'fedavg'])} ({_ms(rob['femnist', 'none', 0.0, 'fedavg'])})",

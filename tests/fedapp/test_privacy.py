@@ -249,7 +249,11 @@ def test_the_statistics_release_is_noised_and_accounted(tmp_path, data_dir):
 def test_results_report_each_clients_epsilon_and_what_is_not_covered(tmp_path, data_dir):
     out = run_inline(
         "task=medical rounds=2 clients_per_round=4 eval_clients_per_round=4 checkpoint=false "
-        "privacy=sample_dp privacy.target_epsilon=3 privacy.levels={cleveland:1.0}",
+        "privacy=sample_dp privacy.target_epsilon=3 privacy.levels={cleveland:1.0} "
+        # the shipped training settings, not medical's DP recipe (tuned for 10 rounds at
+        # epsilon 8, whose large steps make 2 rounds at epsilon 1-3 erratic): the ROC-AUC floor
+        # below is a check that DP-SGD trains at all
+        "train.batch_size=32 train.lr=0.05 privacy.max_grad_norm=1.0",
         tmp_path / "dp",
     )
     res = json.loads((out / "results.json").read_text())
