@@ -139,6 +139,13 @@ _ALL = (
         "the row subsamples of the synthetic-data quality report",
         lambda s: int(s),
     ),
+    # -- tuning -----------------------------------------------------------------------------------
+    Stream(
+        "tune.settings",
+        "which setting of the search space each fedapp-tune trial runs (data-independent; the "
+        "number of trials comes from OS entropy, fedapp.tune)",
+        lambda s: [int(s), 0x7E5],
+    ),
     # -- DP: only the seeds of the explicit seeded-noise test mode ------------------------------
     Stream(
         "dp.refine",

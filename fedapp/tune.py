@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from fedapp import seeds
 from fedapp.audit import planned_history
 from fedapp.checks import compose
 from fedapp.config import ConfigError, parse_overrides, resolve_data_dir
@@ -226,7 +227,7 @@ def tune(
         if trials is not None
         else int(np.random.default_rng(secrets.randbits(63)).poisson(mean_trials))
     )
-    rng = np.random.default_rng([seed, 0x7E5])  # the settings: data-independent, seeded
+    rng = seeds.rng("tune.settings", seed)  # the settings: data-independent, seeded
     grid = settings_grid(space)
     done = []
     for k in range(count):

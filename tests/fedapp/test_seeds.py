@@ -35,6 +35,7 @@ LEGACY = {
     "synthetic.select": ((), [7, 0xD15]),
     "synthetic.labels": ((), [7, 0x1AB]),
     "synthetic.quality": ((), 7),
+    "tune.settings": ((), [7, 0x7E5]),
     "dp.refine": ((), 7 * 1_000_003 + 0xD15),
     "dp.generator": ((3, 5), (7 * 7919 + 3) * 1_000_003 + 5),
 }
