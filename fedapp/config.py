@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import shlex
 import threading
 import time
@@ -163,6 +164,9 @@ def check_types(ovr: Sequence[str], cfg: DictConfig) -> None:
 
 RECIPE_KEY = "privacy"  # a task's DP recipe: conf/task/<task>.yaml `privacy:` (bench/dp_tuning.py)
 _ABSENT = object()
+# what a recipe never sets (the node decides: fedapp.policy.PATH_KEYS)
+_NOT_RECIPE = ("client_val_fraction", "local_path", "name", "_target_")
+_RECIPE_PATHLIKE = re.compile(r"(^|[._])(dir|path|file|files|root)$")
 
 
 def apply_dp_recipe(cfg: DictConfig, ovr: Sequence[str]) -> None:
@@ -184,6 +188,11 @@ def apply_dp_recipe(cfg: DictConfig, ovr: Sequence[str]) -> None:
         for dotted, v in items:
             if dotted in named:
                 continue
+            if dotted.split(".", 1)[1] in _NOT_RECIPE or _RECIPE_PATHLIKE.search(dotted):
+                raise ConfigError(
+                    f"task.{RECIPE_KEY} sets {dotted}: a recipe sets training and privacy "
+                    "settings, never a node's validation share or its paths"
+                )
             if OmegaConf.select(cfg, dotted, default=_ABSENT) is _ABSENT:
                 raise ConfigError(
                     f"task.{RECIPE_KEY} sets {dotted}, which is not a setting of this config"

@@ -386,6 +386,8 @@ def client_overrides(overrides: str | Sequence[str] | None) -> list[str]:
             )
         if key in PATH_KEYS or any(_PATHLIKE.search(seg) for seg in segments):
             continue  # the node's own (never the server's), or the server's own folders
+        if segments[:2] == ["task", "privacy"]:
+            continue  # a task's DP recipe is the node's own YAML (fedapp.config.apply_dp_recipe)
         if _allowed(key):
             out.append(item)
     return out

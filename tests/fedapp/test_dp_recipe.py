@@ -74,3 +74,23 @@ def test_a_recipe_naming_an_unknown_setting_is_refused():
     cfg.task.privacy = {"train": 5}
     with pytest.raises(ConfigError, match="mapping"):
         apply_dp_recipe(cfg, [])
+
+
+def test_a_server_cannot_set_the_node_s_validation_share_through_the_recipe():
+    """`task.privacy.task.client_val_fraction` from a server would move a node's rows into
+    validation (outside the DP guarantee): the client drops every override under
+    task.privacy (the recipe is the node's own YAML), and a recipe never sets it anyway."""
+    from fedapp.config import ConfigError
+    from fedapp.policy import client_overrides
+
+    hostile = [
+        "task=credit",
+        "privacy=sample_dp",
+        "+task.privacy.task.client_val_fraction=0.9",
+        "task.privacy.train.lr=100",
+    ]
+    kept = client_overrides(hostile)
+    assert kept == ["task=credit", "privacy=sample_dp"]
+    assert compose(kept).task.client_val_fraction == compose("task=credit").task.client_val_fraction
+    with pytest.raises(ConfigError, match="never a node's validation share"):
+        compose(hostile)  # the server's own composition refuses it too
