@@ -27,13 +27,17 @@ strategies.
 
 from __future__ import annotations
 
+import copy
+from logging import WARNING
 from typing import ClassVar
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 
-from strategies.base import FedappStrategyMixin, cast_like
+from strategies.base import FedappStrategyMixin, arrays_are_finite, cast_like
 
 
 class ServerOptimizerMixin(FedappStrategyMixin):
@@ -53,13 +57,42 @@ class ServerOptimizerMixin(FedappStrategyMixin):
     def current_arrays_of(self, arrays: ArrayRecord):
         return {k: a.numpy() for k, a in arrays.items()}  # FedOpt's form
 
+    # the optimizer's state (Flower's attribute names), kept only when it stays finite
+    STATE: ClassVar[tuple[str, ...]] = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
     def aggregate_accepted(self, server_round: int, accepted: list[Message]):
+        before = {k: copy.deepcopy(getattr(self, k, None)) for k in self.STATE}
         arrays, metrics = super().aggregate_accepted(server_round, accepted)
         # Flower's FedAdam multiplies by a float64 scalar (NumPy 2 promotes float32 to it);
         # clients' float32 replies must still match the global model's layout
         if arrays is not None and self._global_arrays is not None:
             arrays = cast_like(arrays, self._global_arrays)
+        # A finite reply can overflow the state (delta_t^2 of 3e37 in float32 is inf: v_t
+        # inf makes every later step 0, the run frozen). Such a round keeps the previous
+        # model, and the state as it was before it.
+        if arrays is None or not arrays_are_finite(arrays) or not _finite_state(self):
+            for k, v in before.items():
+                setattr(self, k, v)
+            if arrays is not None:
+                log(
+                    WARNING,
+                    "round %d: the server optimizer's state would not be finite; keeping the "
+                    "previous global model and state",
+                    server_round,
+                )
+            return None, metrics
         return arrays, metrics
+
+
+def _finite_state(strategy: ServerOptimizerMixin) -> bool:
+    for name in ("m_t", "v_t", "momentum_vector"):
+        value = getattr(strategy, name, None)
+        if not value:
+            continue
+        values = value.values() if isinstance(value, dict) else value
+        if not all(np.all(np.isfinite(np.asarray(v))) for v in values):
+            return False
+    return True
 
 
 class FedAdam(ServerOptimizerMixin, flwr_strategy.FedAdam):

@@ -179,3 +179,22 @@ def test_a_killed_run_resumes_bit_for_bit(strategy, tmp_path, data_dir):
     _same_run(full, resumed)
     meta = json.loads((resumed / "results.json").read_text())["meta"]
     assert [r["after_round"] for r in meta["resumed"]] == [2]
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_one_finite_hostile_reply_cannot_freeze_the_optimizer(name):
+    """A finite reply of 3e37 passes screening, but delta_t^2 overflows float32: v_t would be
+    inf and every later step 0 (the run frozen). That round keeps the model and the state,
+    and the next honest round learns as if it had not happened. (FedAvgM squares nothing:
+    the reply moves its model as it moves FedAvg's; robust screening is the attack
+    harness's subject.)"""
+    s, grid = _strategy(name)
+    x = np.array([0.0, 1.0])
+    good, _ = _round(s, grid, 1, x, [(np.array([1.0, 0.0]), 10)])
+    state = {k: repr(getattr(s, k, None)) for k in ("m_t", "v_t", "momentum_vector")}
+    g = good.to_numpy_ndarrays()[0]
+    bad, _ = _round(s, grid, 2, g, [(np.array([1.0, 0.0]), 10), (np.array([3e37, 3e37]), 10)])
+    assert bad is None
+    assert {k: repr(getattr(s, k, None)) for k in state} == state
+    after, _ = _round(s, grid, 3, g, [(np.array([5.0, 5.0]), 10)])
+    assert after is not None and not np.allclose(after.to_numpy_ndarrays()[0], g)
