@@ -20,6 +20,10 @@ reads a test metric (`validation_score`). Those validation metrics are, as in ev
 outside the DP guarantee (results.json `meta.privacy.outside`): the total epsilon covers the
 clients' training rows.
 
+What the total covers (`SCOPE`, also in tune.json): the released best trial, against anyone
+who sees only it. The server running the search sees every trial's updates; against it the
+cost is the composition of the trials run. The output folder holds every trial.
+
 Writes OUTPUT_DIR/tune.json (every trial, its validation score, the choice, the epsilons) and
 OUTPUT_DIR/best_overrides.txt, the chosen settings as Hydra overrides, one a line:
 `fedapp-run $(cat OUTPUT_DIR/best_overrides.txt)` runs them (a new run spends its per-trial
@@ -108,6 +112,20 @@ def trial_history(cfg, task, partition_id: int, rows: int, target: float) -> His
     """What client `partition_id` spends in one trial at a per-trial `target` epsilon (a fresh
     ledger, as in an inline run): `fedapp.audit.planned_history`."""
     return planned_history(cfg, task, partition_id, rows, target)[0]
+
+
+# What total_epsilon covers, and what it does not (also in tune.json and docs/how-to/dp.md)
+SCOPE = (
+    "total_epsilon bounds what the released best trial (its settings, model and score) reveals "
+    "of a client's rows to anyone who sees only that; the server that runs the search sees "
+    "every trial's DP-SGD updates, and against it the cost is the composition of the "
+    "trials_drawn trials at per_trial_epsilon each; this folder holds every trial (keep it "
+    "with the server's operator, or delete the trials not chosen before releasing anything)"
+)
+# the search space may vary only what changes no client's accounting beyond the plan the
+# tuner computes per setting (batch size, local epochs and steps, the learning rate...)
+SPACE_PREFIXES = ("train.", "strategy.")
+SPACE_KEYS = ("privacy.max_grad_norm",)
 
 
 def settings_grid(space: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
@@ -261,6 +279,7 @@ def tune(
         "accounting": "Papernot and Steinke 2022 (Theorem 6, Poisson) over the largest RDP of a "
         "trial's settings; dp_accounting RepeatAndSelectDpEvent's formula",
         "selection": f"{metric} of the final round, clients' validation rows only (never test)",
+        "scope": SCOPE,
         "space": {k: list(v) for k, v in space.items()},
         "base_overrides": list(base),
         "trials": done,
@@ -278,7 +297,14 @@ def parse_space(items: Sequence[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         if not sep or not values:
             raise ConfigError(f"--space {item}: write KEY=V1,V2,... (e.g. train.lr=0.05,0.1)")
-        space[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        key = key.strip()
+        if not (key.startswith(SPACE_PREFIXES) or key in SPACE_KEYS) or key == "strategy.name":
+            raise ConfigError(
+                f"--space {key}: the search may vary train.* and strategy.* settings and "
+                "privacy.max_grad_norm only (rounds, clients, partitions and the other privacy "
+                "settings change what the accounting must plan: set them as fixed overrides)"
+            )
+        space[key] = [v.strip() for v in values.split(",") if v.strip()]
     return space
 
 

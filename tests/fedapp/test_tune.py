@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from fedapp import tune as tune_mod
 from fedapp.checks import compose
+from fedapp.config import ConfigError
 from fedapp.privacy import epsilon_of
 from fedapp.tune import (
     ORDERS,
@@ -196,3 +197,21 @@ def test_a_real_search_on_the_federation(tmp_path):
     for trial in report["trials"]:  # the clients' own ledgers agree with the plan
         assert 0 < trial["spent_epsilon"] <= report["per_trial_epsilon"] * 1.01
     assert math.isfinite(report["chosen"]["validation_score"])
+
+
+def test_the_space_may_not_vary_what_the_accounting_plans():
+    from fedapp.tune import SCOPE, parse_space
+
+    assert parse_space(["train.lr=0.1,0.2", "privacy.max_grad_norm=0.5,1"]) == {
+        "train.lr": ["0.1", "0.2"],
+        "privacy.max_grad_norm": ["0.5", "1"],
+    }
+    for bad in (
+        "privacy.target_epsilon=50",
+        "rounds=2,20",
+        "clients_per_round=2,4",
+        "privacy=none",
+    ):
+        with pytest.raises(ConfigError, match="--space"):
+            parse_space([bad])
+    assert "sees every trial" in SCOPE
