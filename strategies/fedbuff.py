@@ -56,6 +56,26 @@ def buffered_step(
     return out
 
 
+def finite_step(
+    global_arrays: Sequence[np.ndarray],
+    buffer: Sequence[tuple[float, Sequence[np.ndarray]]],
+    server_lr: float,
+) -> tuple[list[np.ndarray], int]:
+    """The buffered step, leaving out, largest first, updates whose step would not be finite
+    in the model's dtypes (a finite float32 update near 3e38 overflows the step): one hostile
+    update must not discard the K-1 others. Returns the step and how many were left out."""
+    items = list(buffer)
+    dropped = 0
+    while items:
+        new = buffered_step(global_arrays, [d for _, d in items], [w for w, _ in items], server_lr)
+        if all(np.all(np.isfinite(a)) for a in new if np.issubdtype(a.dtype, np.floating)):
+            return new, dropped
+        worst = max(range(len(items)), key=lambda i: max(np.max(np.abs(d)) for d in items[i][1]))
+        items.pop(worst)
+        dropped += 1
+    return [np.asarray(g).copy() for g in global_arrays], dropped
+
+
 def update_of(client: Sequence[np.ndarray], base: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Delta = x_client - base, in float64 (integer layers: zeros, unused by the step)."""
     return [
@@ -125,9 +145,10 @@ class FedBuff(EventDrivenStrategy):
             rec.train_metrics["train_loss"] = float(m["train_loss"])
         if len(self._buffer) < self.buffer_k:
             return None
-        weights = [w for w, _ in self._buffer]
-        new = buffered_step(layers(arrays), [d for _, d in self._buffer], weights, self.server_lr)
+        new, dropped = finite_step(layers(arrays), self._buffer, self.server_lr)
         self._buffer = []
+        if dropped:  # a finite update whose step overflows: left out, the others kept
+            rec.aggregation["dropped_overflow"] = dropped
         candidate = self.finite_or_none(rnd, to_record(arrays.keys(), new))
         if candidate is not None:
             rec.aggregated = True

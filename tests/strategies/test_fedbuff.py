@@ -110,3 +110,22 @@ def test_a_killed_fedbuff_run_resumes_bit_for_bit(tmp_path, data_dir):
     _kill_after(overrides, tmp_path / "killed", k=2)
     resumed = run_inline(f"{overrides} resume={tmp_path / 'killed'}")
     _same_run(full, resumed)
+
+
+def test_one_overflowing_update_does_not_discard_the_buffer():
+    """A finite float32 update near 3e38 makes the buffered step overflow (here with a server
+    step of 5): it is left out and the honest updates still move the model (as their own
+    step would)."""
+    from strategies.fedbuff import finite_step
+
+    x = [np.zeros(2, dtype=np.float32)]
+    honest = [(1.0, [np.array([1.0, 1.0])]), (1.0, [np.array([3.0, 3.0])])]
+    hostile = (1.0, [np.array([3e38, 3e38])])
+    assert not np.all(
+        np.isfinite(buffered_step(x, [d for _, d in [*honest, hostile]], [1] * 3, 5.0)[0])
+    )
+    new, dropped = finite_step(x, [honest[0], hostile, honest[1]], 5.0)
+    assert dropped == 1 and new[0].dtype == np.float32
+    np.testing.assert_allclose(new[0], buffered_step(x, [d for _, d in honest], [1, 1], 5.0)[0])
+    new, dropped = finite_step(x, [hostile], 5.0)
+    assert dropped == 1 and np.array_equal(new[0], x[0])
