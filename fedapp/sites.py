@@ -82,12 +82,9 @@ def _score(metrics: dict[str, float], name: str) -> float:
 def site_reply(msg: Message, context: Context) -> Message:
     """Score the received final model and this client's own models on its held-out rows."""
     node = load_node(context)
-    if not node.policy.model_metrics_allowed(node.cfg):
-        raise PolicyRefusal(
-            "per-site evaluation: this institution sends no metric computed on a received "
-            "model (its node config ckks-metrics=false)"
-        )
     task, data, cfg = node.task, node.data, node.cfg
+    # (this also covers NodePolicy.model_metrics_allowed, which only ckks-metrics=false under
+    # secure=ckks refuses)
     if SecureSpec.from_config(cfg.get("secure")).active:
         raise PolicyRefusal(
             "per-site evaluation is not part of a run under secure=ckks (the server holds no "

@@ -49,6 +49,11 @@ def _row(r) -> dict[str, Any]:
     return dict(r._mapping)
 
 
+def _paged(total: int, offset: int, limit: int, items: list, **extra: Any) -> dict[str, Any]:
+    """One page of a paginated answer: `total` rows in all, these `items` from `offset`."""
+    return {"total": total, "offset": offset, "limit": limit, **extra, "items": items}
+
+
 class Board:
     def __init__(self, url: str, root: Path | None, token: str | None) -> None:
         self.url = url
@@ -110,13 +115,7 @@ class Board:
                     ("privacy", t.c.privacy),
                 )
             }
-        return {
-            "total": total,
-            "offset": offset,
-            "limit": limit,
-            "facets": facets,
-            "items": [self._run_view(_row(r)) for r in rows],
-        }
+        return _paged(total, offset, limit, [self._run_view(_row(r)) for r in rows], facets=facets)
 
     @staticmethod
     def _run_view(r: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +165,7 @@ class Board:
                 .offset(offset)
                 .limit(limit)
             ).all()
-        return {"total": total, "offset": offset, "limit": limit, "items": [_row(r) for r in rows]}
+        return _paged(total, offset, limit, [_row(r) for r in rows])
 
     def clients(self, run_id: int, rnd=None, partition_id=None, status=None, offset=0, limit=100):
         t = ev.client_rounds
@@ -194,13 +193,7 @@ class Board:
                 .offset(offset)
                 .limit(limit)
             ).all()
-        return {
-            "total": total,
-            "round": rnd,
-            "offset": offset,
-            "limit": limit,
-            "items": [_row(r) for r in rows],
-        }
+        return _paged(total, offset, limit, [_row(r) for r in rows], round=rnd)
 
     def ledger(self, run_id: int, offset=0, limit=100):
         """Per client (paginated over clients): epsilon spent after each round it trained in."""
@@ -229,7 +222,7 @@ class Board:
             out[p]["target_epsilon"] = target
         for item in out.values():
             item["spent_epsilon"] = max((e for _, e in item["series"]), default=None)
-        return {"total": total, "offset": offset, "limit": limit, "items": list(out.values())}
+        return _paged(total, offset, limit, list(out.values()))
 
     def nodes(self, run_id: int, kind=None, offset=0, limit=100):
         """Node events; `kind`: one kind, or "!joined" for every other kind."""
@@ -249,13 +242,7 @@ class Board:
                     select(t.c.kind, func.count()).where(t.c.run_id == run_id).group_by(t.c.kind)
                 ).all()
             )
-        return {
-            "total": total,
-            "offset": offset,
-            "limit": limit,
-            "by_kind": by_kind,
-            "items": [_row(r) for r in rows],
-        }
+        return _paged(total, offset, limit, [_row(r) for r in rows], by_kind=by_kind)
 
     def audit(self, run_id=None, kind=None, q=None, offset=0, limit=100):
         t = ev.audit_events
@@ -277,13 +264,7 @@ class Board:
                 .limit(limit)
             ).all()
             kinds = sorted(x for x in conn.execute(select(t.c.kind).distinct()).scalars() if x)
-        return {
-            "total": total,
-            "offset": offset,
-            "limit": limit,
-            "kinds": kinds,
-            "items": [_row(r) for r in rows],
-        }
+        return _paged(total, offset, limit, [_row(r) for r in rows], kinds=kinds)
 
     def versions(self, run_id=None, offset=0, limit=100):
         t = ev.model_versions
@@ -298,7 +279,7 @@ class Board:
                 .offset(offset)
                 .limit(limit)
             ).all()
-        return {"total": total, "offset": offset, "limit": limit, "items": [_row(r) for r in rows]}
+        return _paged(total, offset, limit, [_row(r) for r in rows])
 
     def version_file(self, version_id: int) -> Path:
         with self.engine.connect() as conn:
