@@ -78,7 +78,7 @@ def splits(task: str, alphas: list[float]) -> list[str]:
     return out + (["natural"] if task == "femnist" else [])
 
 
-def split_overrides(split: str, clients: int) -> list[str]:
+def split_overrides(split: str, clients: int, min_size: int = 1) -> list[str]:
     if split == "natural":
         return ["partition=natural"]
     if split == "iid":
@@ -88,6 +88,8 @@ def split_overrides(split: str, clients: int) -> list[str]:
         "partition=dirichlet",
         f"partition.alpha={alpha}",
         f"partition.num_partitions={clients}",
+        # Dirichlet 0.1 over 50-100 clients cannot give every client 10 rows (the default)
+        f"partition.min_partition_size={min_size}",
     ]
 
 
@@ -103,7 +105,7 @@ def plan(args) -> list[tuple[dict, list[str], str]]:
                     for strategy in args.strategies:
                         ovr = [
                             *TASKS[task]["overrides"],
-                            *split_overrides(split, clients),
+                            *split_overrides(split, clients, args.min_partition_size),
                             f"clients_per_round={per_round}",
                             f"eval_clients_per_round={per_round}",
                             f"rounds={args.rounds}",
@@ -454,6 +456,12 @@ def main() -> int:
         type=float,
         default=0.1,
         help="share of the central test set held by the operator as validation rows (all runs)",
+    )
+    p.add_argument(
+        "--min-partition-size",
+        type=int,
+        default=1,
+        help="partition.min_partition_size of the Dirichlet splits",
     )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -9,6 +9,8 @@ single-threaded on CPU, so a run's numbers do not depend on how many run beside 
     .venv/bin/python bench/robustness.py --tasks credit --jobs 2                 # ~40 min, 2 cores
     .venv/bin/python bench/robustness.py --tasks femnist --fractions 0 0.3 --jobs 15
     .venv/bin/python bench/robustness.py --summarize-only                        # tables from runs
+    .venv/bin/python bench/robustness.py --tasks credit --strategies trust --reuse --merge
+        # re-run one strategy; the other strategies' cells are kept from robustness.json
 
 Writes bench/results/robustness.{json,md} and robustness_<task>.png; runs stay under
 bench/results/runs_robustness/ (ignored by git).
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
 
 STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "trust"]
-ATTACKS = ["label_flip", "gaussian", "scaled", "free_rider", "crash"]
+ATTACKS = ["label_flip", "gaussian", "scaled", "free_rider", "crash", "inflate"]
 TASKS = {
     # FEMNIST, natural split by writer (201 clients, 20 per round).
     "femnist": {
@@ -145,7 +147,32 @@ def summarize(args, jobs) -> dict:
                 "attacker_weight_by_round": c["attacker_weight"],
             }
         )
+    if args.merge:
+        out = merge_previous(args, out)
     return {"rounds": args.rounds, "cells": out}
+
+
+def merge_previous(args, cells: list[dict]) -> list[dict]:
+    """`--merge`: keep the published cells (robustness.json) of every (task, strategy) this
+    invocation does not run, so re-running one strategy whose design changed (or adding an
+    attack) does not drop the other strategies' measured cells. Cells of the strategies run here
+    come only from their runs."""
+    path = args.out / "robustness.json"
+    if not path.exists():
+        return cells
+    ran = {(t, s) for t in args.tasks for s in args.strategies}
+    kept = [
+        c for c in json.loads(path.read_text())["cells"] if (c["task"], c["strategy"]) not in ran
+    ]
+    return sorted(
+        kept + cells, key=lambda c: (c["task"], c["attack"], c["fraction"], c["strategy"])
+    )
+
+
+def shown(args, cells: list[dict], key: str, order: list[str]) -> list[str]:
+    """Values of `key` (task or strategy) in the table: `order` first, then any merged in."""
+    present = {c[key] for c in cells}
+    return [v for v in order if v in present] + sorted(present - set(order))
 
 
 def _mean(xs):
@@ -165,12 +192,12 @@ def write_report(args, summary: dict) -> None:
         "attack harness's clients, averaged over rounds (0 means they were shut out).",
         "",
     ]
-    for task in args.tasks:
+    for task in shown(args, cells, "task", args.tasks):
         metric = TASKS[task]["metric"]
         tcells = [c for c in cells if c["task"] == task]
         if not tcells:
             continue
-        strategies = [s for s in args.strategies if any(c["strategy"] == s for c in tcells)]
+        strategies = shown(args, tcells, "strategy", STRATEGIES + args.strategies)
         clean = {c["strategy"]: c for c in tcells if c["attack"] == "none"}
         ref = _mean(clean["fedavg"]["final"][metric]) if "fedavg" in clean else None
         lines += [f"## {task}: {metric}", ""]
@@ -285,6 +312,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--reuse", action="store_true", help="skip runs already completed")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep robustness.json's cells of the strategies and tasks not run here",
+    )
     args = p.parse_args()
     jobs = plan(args)
     if not args.summarize_only:

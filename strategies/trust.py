@@ -3,13 +3,23 @@ aggregation weight, and keep losing it while they misbehave.
 
 Aggregation weight of client k in round t is proportional to ``n_k * alpha_k(t)``:
 
+- **votes**: every robust statistic of the round (the reference, the median norm, the median
+  and spread of the cosines) weighs client k with ``v_k = trust_k(t-1) * n_k ** vote_power``
+  (new clients with `new_client_prior` for the trust), so that caught attackers cannot take
+  over the median in a round where they happen to be many, and so that on a skewed natural
+  split the few clients that hold most of the data are not outvoted by many small ones
+  (``vote_power = 0``, one client one vote, made the small clients' direction the reference:
+  the large honest clients scored low, lost their votes and weight round after round, and the
+  model learned from 4% of the data). 1/2 is between one vote per client and one per example:
+  an inflated claim, already capped by the run's `claims`, buys sqrt(cap) votes.
 - **consistency** ``c_k``: cosine of the client's update to a robust reference direction (the
-  coordinate-wise median of this round's updates, weighted by each client's earlier trust so
-  that caught attackers cannot take over the median in a round where they happen to be many;
-  or a trimmed mean), divided by the median
-  positive cosine of the round and clipped to [0, 1]. Dividing by the round's median keeps
-  honest clients near 1 on non-IID data, where even honest cosines are small; an update that
-  points away from the reference (sign-flipped, stale) or is random noise scores about 0.
+  vote-weighted coordinate-wise median of this round's updates, or a trimmed mean), judged
+  against the round's spread: with m the vote-weighted median cosine and
+  s = max(1.4826 * weighted MAD, `consistency_spread_min`), z_k = (m - cos_k) / s; the score is
+  1 up to z = `consistency_z`, falls linearly to 0 at twice that. Honest heterogeneity (a wide
+  spread of cosines, non-IID data) is not punished: when no client is an outlier every score
+  is 1 and the weights are n_k's; an update that points far away from the pack (sign-flipped,
+  random noise, a free rider's zero) scores 0.
 - **sanity** ``s_k``: the update norm relative to the round's (trust-weighted) median norm, r_k. Inside
   [norm_low, norm_high] the score is 1; below it falls linearly to 0 at r = 0 (free riders that
   send the model back unchanged); above it decays as norm_high / r. Updates longer than
@@ -72,6 +82,9 @@ class TrustParams:
     # already capped by the run's `claims` (strategies/claims.py)
     max_examples_ratio: float = DEFAULT_MAX_EXAMPLES_RATIO
     new_client_prior: float = 0.5  # vote of a never-seen client in the reference median
+    vote_power: float = 0.5  # votes in the robust statistics: trust * n_k ** vote_power
+    consistency_z: float = 2.0  # cosine this many robust spreads below the median: score falls
+    consistency_spread_min: float = 0.05  # floor of the cosines' robust spread
 
     def __post_init__(self) -> None:
         if self.reference not in ("median", "trimmed_mean"):
@@ -84,6 +97,10 @@ class TrustParams:
             raise ValueError(f"quality_weight={self.quality_weight} must be in [0, 1]")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ValueError(f"trim_fraction={self.trim_fraction} must be in [0, 0.5)")
+        if not 0.0 <= self.vote_power <= 1.0:
+            raise ValueError(f"vote_power={self.vote_power} must be in [0, 1]")
+        if self.consistency_z <= 0 or self.consistency_spread_min <= 0:
+            raise ValueError("consistency_z and consistency_spread_min must be > 0")
 
 
 @dataclass
@@ -162,12 +179,22 @@ def cosines(updates: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
-def consistency_scores(cos: np.ndarray) -> np.ndarray:
-    """Cosines relative to the round's median positive cosine, clipped to [0, 1]."""
-    pos = cos[cos > 0]
-    if pos.size == 0:
-        return np.zeros_like(cos)
-    return np.clip(cos / float(np.median(pos)), 0.0, 1.0)
+def consistency_scores(
+    cos: np.ndarray,
+    votes: np.ndarray | None = None,
+    z0: float = 2.0,
+    spread_min: float = 0.05,
+) -> np.ndarray:
+    """Cosines judged against the round's robust spread: z = (m - cos) / s with m the
+    (vote-weighted) median cosine and s = max(1.4826 MAD, spread_min); 1 up to z0, 0 from 2 z0."""
+    cos = np.asarray(cos, dtype=np.float64)
+    votes = np.ones(len(cos)) if votes is None else np.asarray(votes, dtype=np.float64)
+    if votes.sum() <= 0:
+        votes = np.ones(len(cos))
+    med = float(weighted_median(cos, votes))
+    spread = max(1.4826 * float(weighted_median(np.abs(cos - med), votes)), spread_min)
+    z = (med - cos) / spread
+    return np.clip(2.0 - z / z0, 0.0, 1.0)
 
 
 def quality_scores(
@@ -211,16 +238,24 @@ def trust_weights(
     updates = np.asarray(updates, dtype=np.float64)
     k = updates.shape[0]
     n = np.asarray(num_examples, dtype=np.float64)
-    # History votes on the reference: each client counts with its earlier trust (new clients
-    # with `new_client_prior`), so attackers that were already caught cannot take over the
-    # median in a round where they happen to be many. All zero -> equal votes.
-    votes = np.array([params.new_client_prior if p is None else float(p) for p in previous])
+    if params.max_examples_ratio > 0:
+        n = np.minimum(n, params.max_examples_ratio * float(np.median(n)))
+    # Votes in every robust statistic: earlier trust (new clients `new_client_prior`), so that
+    # attackers already caught cannot take over the median in a round where they are many,
+    # times n_k ** vote_power, so that many small clients do not outvote the few that hold
+    # most of the data. All zero -> equal votes.
+    trust_votes = np.array([params.new_client_prior if p is None else float(p) for p in previous])
+    votes = trust_votes * np.power(np.maximum(n, 0.0), params.vote_power)
     if votes.sum() <= 0:
-        votes = np.ones(k)
+        votes = trust_votes if trust_votes.sum() > 0 else np.ones(k)
     ref = reference_direction(updates, params.reference, params.trim_fraction, votes)
     cos = cosines(updates, ref)
     # A zero reference (no consensus direction, e.g. every update is zero) says nothing.
-    cons = consistency_scores(cos) if np.linalg.norm(ref) > EPS else np.ones(k)
+    cons = (
+        consistency_scores(cos, votes, params.consistency_z, params.consistency_spread_min)
+        if np.linalg.norm(ref) > EPS
+        else np.ones(k)
+    )
     norms = np.linalg.norm(updates, axis=1)
     med_norm = float(weighted_median(norms, votes))
     ratio = norms / med_norm if med_norm > EPS else np.ones(k)
@@ -233,8 +268,6 @@ def trust_weights(
             for s, prev in zip(score, previous, strict=True)
         ]
     )
-    if params.max_examples_ratio > 0:
-        n = np.minimum(n, params.max_examples_ratio * float(np.median(n)))
     raw = n * trust
     total = float(raw.sum())
     weights = raw / total if total > 0 else np.zeros(k)
