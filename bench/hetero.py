@@ -1,5 +1,5 @@
 """Heterogeneous federations: the tiered scheduler against synchronous FedAvg, FedAvg with a
-deadline, FedProx, q-FedAvg, FedAsync and TiFL, on the same splits, seeds and device profiles.
+deadline, FedProx, q-FedAvg, FedAsync, FedBuff and TiFL, on the same splits, seeds and device profiles.
 
 Protocol, per task x profile x seed (profiles in conf/hetero: compute, network, both; each with
 10% dropout; virtual clock, so simulated seconds are reproducible):
@@ -15,6 +15,8 @@ rate (rounds that made a new model from at least `quorum` of their clients).
     .venv/bin/python bench/hetero.py --tasks credit --jobs 2                  # ~1.5 h on 2 cores
     .venv/bin/python bench/hetero.py --tasks femnist --profiles both --seeds 0 --jobs 2
     .venv/bin/python bench/hetero.py --summarize-only --tasks credit femnist
+    .venv/bin/python bench/hetero.py --tasks credit --strategies fedavg fedasync fedbuff tiered \
+        --round-factor 50 --jobs 2 --keep-from old_hetero.json   # rerun four, keep the others
 
 Writes bench/results/hetero.{json,md} and hetero_<task>.png; runs stay under
 bench/results/runs_hetero/ (ignored by git).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +40,16 @@ sys.path.insert(0, str(ROOT))
 from bench.common import fmt_mean_sd, run_inline_job  # noqa: E402
 
 BASELINE = "fedavg"
-STRATEGIES = ["fedavg", "fedavg_deadline", "fedprox", "qfedavg", "fedasync", "tifl", "tiered"]
+STRATEGIES = [
+    "fedavg",
+    "fedavg_deadline",
+    "fedprox",
+    "qfedavg",
+    "fedasync",
+    "fedbuff",
+    "tifl",
+    "tiered",
+]
 PROFILES = ["compute", "network", "both"]
 TASKS = {
     # Credit default (UCI Taiwan), 30 IID clients, 10 in training at a time, one local epoch.
@@ -67,7 +79,7 @@ def _load(path: Path) -> dict | None:
     if not path.exists():
         return None
     res = json.loads(path.read_text())
-    ok = res.get("final") is not None and res["meta"].get("status") == "completed"
+    ok = res.get("final") is not None and res["meta"].get("status") in ("completed", "degraded")
     return res if ok else None
 
 
@@ -121,7 +133,11 @@ def execute(args) -> None:
         for s in args.strategies:
             if s == BASELINE:
                 continue
-            extra = [f"rounds={args.rounds * args.round_factor}", f"sim_time_budget_s={budget}"]
+            # a whole number of seconds (the key is an int); the summary cuts every curve at `budget`
+            extra = [
+                f"rounds={args.rounds * args.round_factor}",
+                f"sim_time_budget_s={math.ceil(budget)}",
+            ]
             if s == "fedavg_deadline":
                 extra.append(f"strategy.deadline_s={deadline:.3f}")
             todo.append((cell, s, extra))
@@ -190,6 +206,30 @@ def summarize(args) -> dict:
     }
 
 
+def keep_cells(args, summary: dict, earlier: dict) -> dict:
+    """`summary` plus the cells of `earlier` whose (task, strategy) this run did not produce
+    (marked `kept`: measured against that run's FedAvg baselines and round cap)."""
+    ran = {(c["task"], c["strategy"]) for c in summary["cells"]}
+    kept = [
+        {**c, "kept": True}
+        for c in earlier["cells"]
+        if (c["task"], c["strategy"]) not in ran
+        and c["strategy"] != BASELINE
+        or (c["task"] not in {t for t, _ in ran})
+    ]
+    for c in kept:
+        if c["task"] not in args.tasks:
+            args.tasks.append(c["task"])
+        if c["strategy"] not in args.strategies:
+            args.strategies.append(c["strategy"])
+    args.strategies.sort(key=lambda s: STRATEGIES.index(s) if s in STRATEGIES else len(STRATEGIES))
+    return {
+        **summary,
+        "cells": summary["cells"] + kept,
+        "kept_from": {"round_factor": earlier.get("round_factor"), "cells": len(kept)},
+    }
+
+
 def write_report(args, summary: dict) -> None:
     (args.out / "hetero.json").write_text(json.dumps(summary, indent=1))
     cells = summary["cells"]
@@ -202,12 +242,26 @@ def write_report(args, summary: dict) -> None:
         "seed). Mean ± sd over seeds; speed-up = FedAvg's time to target / the strategy's "
         "(— when the target was not reached in the budget); bytes in MB through the clock; "
         "success = share of rounds that made a new model from at least `quorum` (0.5) of "
-        "their clients.",
+        "their clients. Asynchronous strategies stop at the budget (or after "
+        f"{summary['round_factor']} x {summary['rounds']} logged rounds). Matched concurrency: "
+        "FedAsync, FedBuff and tiered all keep `clients_per_round` trainings in flight "
+        "(credit: 10 of 30 clients; FedAsync/FedBuff start a fresh client the moment one "
+        "lands, tiered splits the 10 slots over its tiers and refills a slot when its client "
+        "lands, fails or misses its window); FedBuff's buffer K = 10 (its shipped default, "
+        "capped at the concurrency).",
         "",
     ]
+    if "kept_from" in summary:
+        lines += [
+            "Rows marked * are kept from an earlier run of this script (`--keep-from`, round "
+            f"cap {summary['kept_from']['round_factor']} x rounds, its own FedAvg baselines); "
+            "the others were measured in this run.",
+            "",
+        ]
+    profiles = list(dict.fromkeys([*args.profiles, *(c["profile"] for c in cells)]))
     for task in args.tasks:
         metric = TASKS[task]["metric"]
-        for profile in args.profiles:
+        for profile in profiles:
             pc = [c for c in cells if c["task"] == task and c["profile"] == profile]
             if not pc:
                 continue
@@ -226,8 +280,9 @@ def write_report(args, summary: dict) -> None:
                 reached = [c["time_to_target_s"] for c in sc]
                 missed = sum(t is None for t in reached)
                 ttt = fmt_mean_sd(reached, 0) + (f" ({missed} missed)" if missed else "")
+                star = "*" if any(c.get("kept") for c in sc) else ""
                 lines.append(
-                    f"| {s} | {ttt} | {fmt_mean_sd([c['speedup'] for c in sc], 2)} | "
+                    f"| {s}{star} | {ttt} | {fmt_mean_sd([c['speedup'] for c in sc], 2)} | "
                     f"{fmt_mean_sd([c['final'] for c in sc])} | "
                     f"{fmt_mean_sd([c['final_minus_fedavg'] for c in sc])} | "
                     f"{fmt_mean_sd([c['rounds'] for c in sc], 0)} | "
@@ -293,12 +348,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--reuse", action="store_true", help="skip runs already completed")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument(
+        "--keep-from",
+        type=Path,
+        help="an earlier hetero.json: its cells of strategies (and tasks) not run now are kept "
+        "in the report, marked as from that run",
+    )
     args = p.parse_args()
     if BASELINE not in args.strategies:
         args.strategies = [BASELINE, *args.strategies]
     if not args.summarize_only:
         execute(args)
     summary = summarize(args)
+    if args.keep_from is not None:
+        summary = keep_cells(args, summary, json.loads(args.keep_from.read_text()))
     write_report(args, summary)
     print((args.out / "hetero.md").read_text())
     return 0

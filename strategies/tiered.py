@@ -7,7 +7,11 @@ Here no tier waits for another:
 1. **Profiling.** Before round 1 every node gets a probe (a `query.probe` message: the model,
    `probe_steps` local steps, the model back). Its round-trip time and the client's own
    compute time seed a `ProfileBook` (seconds per step, transfer seconds, reliability), which
-   every later reply and failure updates (EMA).
+   every later reply and failure updates (EMA). The probe stops waiting after
+   `profile_timeout_s` (3 s): an offline node is only reported `detect_s` (30 s) later, and
+   waiting for it kept every client idle for that long (credit: round 1 began at ~31 s, while
+   FedAsync reaches its target at 28-57 s). A client that did not answer in time is treated
+   as unmeasured (slowest tier, `min_steps`) until its first training reply measures it.
 2. **Tiers.** Each round the live clients are split into `num_tiers` equal-size tiers by
    predicted duration of a full round of local work (TiFL's grouping); unmeasured clients go
    to the slowest tier until measured. Tiers are recomputed every round.
@@ -113,7 +117,7 @@ class TieredParams:
     max_periods: int = 50
     min_steps: int = 2
     late_policy: str = "fold"
-    profile_timeout_s: float = 600.0
+    profile_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         if self.late_policy not in ("fold", "drop"):
@@ -397,7 +401,7 @@ class TieredScheduling(EventDrivenStrategy):
         max_periods: int = 50,
         min_steps: int = 2,
         probe_steps: int = 5,
-        profile_timeout_s: float = 600.0,
+        profile_timeout_s: float = 3.0,
         heartbeat_timeout_s: float = 1.0,
         late_policy: str = "fold",
         staleness: str = "polynomial",
