@@ -11,7 +11,7 @@ so the ServerApp writes, after every round, atomically, `<run dir>/checkpoint.pt
   initial model...), the clock (simulated time, bytes), the recorder (rounds so far, best
   model), the clients' status, the federated preprocessing parameters (a resumed run does
   not ask the clients again: same numbers, no privacy spent);
-- the lineage of client state (`fedapp.clients.ClientStateStore`): clients keep their own
+- the lineage of client state (`fedapp.features.clients.ClientStateStore`): clients keep their own
   state (SCAFFOLD's control, MOON's previous model, compression residuals, DP ledgers) in
   files, one version per round, and a resumed run reads the versions as of the checkpoint.
 
@@ -21,7 +21,7 @@ they are replaced by name (pickle's persistent ids) and bound to the new run's o
 
 No DP noise generator state is written. DP noise comes from generators seeded with fresh
 operating-system entropy that live only while they draw (`tasks.dp_sgd.noise_generator`;
-`fedapp.privacy.secret_numpy_noise` around Flower's central-DP wrappers, which draw from
+`fedapp.features.privacy.secret_numpy_noise` around Flower's central-DP wrappers, which draw from
 NumPy's global generator, and which puts the seeded global state back afterwards): no
 object the checkpoint holds is one, and the seeded states it holds are not moved by noise
 draws. Whoever holds a checkpoint (or knows the seed) cannot recompute the noise of any
@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedapp.config import ConfigError, to_dict
-from fedapp.files import write_atomic
+from fedapp.core.config import ConfigError, to_dict
+from fedapp.core.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
@@ -180,8 +180,8 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
         k for k in set(saved) | set(now) if k not in NOT_COMPARED and saved.get(k) != now.get(k)
     )
     if differ:  # settings added since the checkpoint was written, at their defaults
-        from fedapp.config import default_config
-        from fedapp.policy import GROUPS
+        from fedapp.core.config import default_config
+        from fedapp.core.policy import GROUPS
 
         # each group at the checkpointed run's choice (task=credit...), its values at default
         choices = [

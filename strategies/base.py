@@ -44,9 +44,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedapp import seeds
-from fedapp.flower_compat import aggregate_metricrecords
-from fedapp.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
+from fedapp.core import seeds
+from fedapp.core.flower_compat import aggregate_metricrecords
+from fedapp.core.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
 from strategies.claims import ClaimPolicy, claim_caps, scale_counts
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from strategies.screening import (
@@ -190,10 +190,10 @@ class FedappStrategyMixin:
     `round_config` (what a training message carries besides the model), `aggregate_accepted`
     (the aggregation rule over screened replies), `client_weights` (each client's share),
     `write_reports` (extra files at the end of a run) and `client_units` (the strategy's
-    client part, composed by the ClientApp; see fedapp/units.py).
+    client part, composed by the ClientApp; see fedapp/core/units.py).
     """
 
-    # The strategy's client-side units (fedapp.units.ClientUnit subclasses), run by the
+    # The strategy's client-side units (fedapp.core.units.ClientUnit subclasses), run by the
     # ClientApp for this strategy's training messages in the order listed.
     client_units: ClassVar[tuple[type, ...]] = ()
     # ArrayRecords besides the model that replies must carry (SCAFFOLD's control-variate change)
@@ -242,15 +242,15 @@ class FedappStrategyMixin:
 
     seed: int = 0
     min_replies: int = 1
-    compression: UpdateCodec = PLAIN  # the run's update codec (fedapp.compression)
+    compression: UpdateCodec = PLAIN  # the run's update codec (fedapp.features.compression)
     secure: EncryptedAggregation | None = (
-        None  # encrypted aggregation (fedapp.secure), public key only
+        None  # encrypted aggregation (fedapp.features.secure), public key only
     )
     sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
     # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
     # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
     server_loss: Any = None
-    # augment=rare_class (fedapp.synthetic.GeneratorPhase, set by the ServerApp): generator
+    # augment=rare_class (fedapp.features.synthetic.GeneratorPhase, set by the ServerApp): generator
     # rounds before the first training round; the generator then goes with every model.
     generator_phase: PrePhase | None = None
     # The caps on claimed `num-examples` (strategies.claims; the run's `claims` block) and the
@@ -299,7 +299,7 @@ class FedappStrategyMixin:
 
     # -- the round loop ----------------------------------------------------------------------
     def over_budget(self, grid: Grid) -> bool:
-        """True once the clock (fedapp.hetero.ClockGrid) has passed `sim_time_budget_s`."""
+        """True once the clock (fedapp.features.hetero.ClockGrid) has passed `sim_time_budget_s`."""
         now = getattr(grid, "now", None)
         return bool(self.sim_time_budget_s) and now is not None and now >= self.sim_time_budget_s
 
@@ -358,7 +358,7 @@ class FedappStrategyMixin:
 
     def model_refused(self, server_round: int, replies: list[Message]) -> bool:
         """Whether at least half of a round's training replies refused the global model they
-        were sent (fedapp.secure's client checks: the decrypted aggregate is finite and within
+        were sent (fedapp.features.secure's client checks: the decrypted aggregate is finite and within
         the node's `max-model-norm`; the server cannot decrypt it). Then the round's replies
         are not aggregated and the next round goes back to the model before it, recorded as
         `global_model_refused` (a poisoned aggregate is never kept silently)."""
@@ -507,7 +507,7 @@ class FedappStrategyMixin:
             need = self.secure.keys
             if arrays is None or any(k not in arrays or arrays[k].dtype != "uint8" for k in need):
                 return f"rejected: an encrypted reply must carry {need} (uint8 ciphertexts)"
-            # size, CKKS parameters, level and scale against the public context (fedapp.secure)
+            # size, CKKS parameters, level and scale against the public context (fedapp.features.secure)
             return self.secure.screen(msg.metadata.src_node_id, arrays)
         extra = set(content.array_records) - {"arrays", *self.extra_array_records}
         if arrays is None or (len(content.array_records) > 1 and extra):
@@ -724,7 +724,7 @@ class FedappStrategyMixin:
 
     def _aggregate_encrypted(self, rec: RoundRecord, accepted: list[Message]):
         """Encrypted aggregation: ciphertexts weighted by n_k / sum n and added (FedNova's rule
-        when the strategy is FedNova); the server never decrypts (fedapp.secure)."""
+        when the strategy is FedNova); the server never decrypts (fedapp.features.secure)."""
         n = np.array([num_examples(m) for m in accepted])
         weights = (n / n.sum()).tolist()
         steps = [float(reply_metrics(m).get("train_steps", 0.0)) for m in accepted]

@@ -1,4 +1,4 @@
-"""Differential privacy (fedapp/privacy.py): accounting, the client's ledger and budget, DP-SGD's
+"""Differential privacy (fedapp/features/privacy.py): accounting, the client's ledger and budget, DP-SGD's
 clipping and noise, the statistics release, central DP, and the results contract."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedapp.checks import compose
+from fedapp.cli.inline import run_inline
 from fedapp.client_app import compose_units
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
-from fedapp.privacy import (
+from fedapp.core.config import ConfigError
+from fedapp.core.units import TrainJob, run_units
+from fedapp.features.privacy import (
     DPSGDHook,
     Ledger,
     PrivacyBudgetExhausted,
@@ -34,7 +35,6 @@ from fedapp.privacy import (
     privatize_stats,
     save_ledger,
 )
-from fedapp.units import TrainJob, run_units
 from strategies.fedprox import ProximalHook
 from tasks import get_task
 from tasks.training import TrainSettings
