@@ -122,18 +122,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def strategy_state(strategy, live: dict[str, Any]) -> bytes:
-    """Every attribute of the strategy, and of the inner strategy of a wrapper (central DP).
-    The strategy objects themselves are live: a policy holding a bound method of its strategy
+    """Every attribute of the strategy, its release mechanism (central DP's accountant) with
+    it. The strategy object itself is live: a policy holding a bound method of its strategy
     is bound to the resumed run's strategy."""
-    inner = getattr(strategy, "strategy", None)
-    return dumps({"outer": vars(strategy), "inner": vars(inner) if inner else None}, live)
+    return dumps({"outer": vars(strategy), "inner": None}, live)
 
 
 def restore_strategy(strategy, blob: bytes, live: dict[str, Any]) -> None:
     state = loads(blob, live)
-    vars(strategy).update(state["outer"])
-    if state["inner"] is not None:
-        vars(strategy.strategy).update(state["inner"])
+    if state["inner"] is None:
+        vars(strategy).update(state["outer"])
+        return
+    # written before central DP became the strategy's release mechanism: the strategy's
+    # state was the wrapper's inner one, the releases the wrapper's own
+    vars(strategy).update(state["inner"])
+    if strategy.release is not None:
+        strategy.release.releases = int(state["outer"].get("releases", 0))
 
 
 def write(run_dir: Path, state: dict[str, Any]) -> None:

@@ -251,11 +251,11 @@ class Recorder:
         dp_epsilon_mean: over the clients that have spent any. None without privacy."""
         if self.privacy.name == "none":
             return {"dp_epsilon": None, "dp_epsilon_mean": None}
-        central = getattr(self.strategy, "privacy_epsilon", None)
-        if central is not None:
+        release = getattr(self.strategy, "release", None)  # central DP (strategies.base)
+        if release is not None:
             if seeded_noise():
                 mark_seeded_noise(self.meta["privacy"], "server")
-            eps = float(central())
+            eps = float(release.privacy_epsilon())
             return {"dp_epsilon": eps, "dp_epsilon_mean": eps}
         noise = self.meta["privacy"].setdefault("noise_multipliers", {})
         targets = self.meta["privacy"].setdefault("target_epsilons", {})

@@ -29,7 +29,7 @@ from fedapp.features.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.features.compression import CompressionSpec
 from fedapp.features.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.features.identity import load_node_keys
-from fedapp.features.privacy import CentralDP, PrivacyError, PrivacySpec, with_privacy
+from fedapp.features.privacy import PrivacyError, PrivacySpec, with_privacy
 from fedapp.features.secure import (
     check_resumed_key,
     designated_evaluator,
@@ -324,17 +324,18 @@ def run_meta(context: Context, cfg: DictConfig, initial: ArrayRecord, **extra) -
 def live_objects(strategy, task, grid, clients, clock, recorder) -> dict[str, Any]:
     """Objects of this server the strategy may refer to, rebuilt on resume, never written
     into a checkpoint (fedapp.checkpoint)."""
-    inner = getattr(strategy, "strategy", strategy)
     return {
         "strategy": strategy,
-        "inner_strategy": inner,
+        # the name checkpoints have always written the strategy under (central DP was a
+        # wrapper around it until the release mechanism): keeps them resumable
+        "inner_strategy": strategy,
         "task": task,
         "grid": grid,
         "clients": clients,
         "clock": clock,
         "recorder": recorder,
-        "secure": inner.secure,
-        "server_loss": getattr(inner, "server_loss", None),
+        "secure": strategy.secure,
+        "server_loss": getattr(strategy, "server_loss", None),
     }
 
 
@@ -575,8 +576,8 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         recorder.restore(saved["recorder"])
         clock.restore(saved["clock"])
         clients.restore(saved["clients"])
-        if isinstance(strategy, CentralDP):  # a possible release after the checkpoint
-            strategy.resumed()
+        if strategy.release is not None:  # central DP: a possible release after the checkpoint
+            strategy.release.resumed()
         if getattr(strategy, "generator_phase", None) is not None:  # augment: copies may be lost
             strategy.generator_phase.resumed()
     recorder.checkpoint_fn = checkpointer(

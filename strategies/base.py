@@ -46,7 +46,14 @@ from flwr.serverapp.strategy import Result
 
 from fedapp.core import seeds
 from fedapp.core.flower_compat import aggregate_metricrecords
-from fedapp.core.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
+from fedapp.core.plugins import (
+    PLAIN,
+    CodecError,
+    EncryptedAggregation,
+    PrePhase,
+    ReleaseMechanism,
+    UpdateCodec,
+)
 from strategies.claims import ClaimPolicy, claim_caps, scale_counts
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from strategies.screening import (
@@ -253,6 +260,9 @@ class FedappStrategyMixin:
     # augment=rare_class (fedapp.features.synthetic.GeneratorPhase, set by the ServerApp): generator
     # rounds before the first training round; the generator then goes with every model.
     generator_phase: PrePhase | None = None
+    # privacy=central_dp (fedapp.features.privacy.CentralDP, set by the ServerApp): the round
+    # loop sends its training messages and keeps its (noised) aggregate.
+    release: ReleaseMechanism | None = None
     # The caps on claimed `num-examples` (strategies.claims; the run's `claims` block) and the
     # training rows each client counted in its exact preprocessing statistics (partition id ->
     # rows, clipped), set by the ServerApp through `bind_claims`.
@@ -290,6 +300,8 @@ class FedappStrategyMixin:
         self.reply_base: dict[str, ArrayRecord] = {}
         # phase -> partition id -> its last capped claim (the median of `claims` uses them)
         self.earlier_claims: dict[str, dict[int, float]] = {}
+        if self.release is not None:
+            self.release.bind()
 
     def bind_server_validation(self, loss_fn: Any) -> None:
         self.server_loss = loss_fn
@@ -333,15 +345,16 @@ class FedappStrategyMixin:
             phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
             start_round = max(start_round, phase.spec.rounds + 1)
         previous = None  # the global model before the last aggregate (a refused one's way back)
+        train = self.release or self  # central DP: its messages, its noised aggregate
         for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
             replies = list(
                 grid.send_and_receive(
-                    self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+                    train.configure_train(rnd, arrays, train_config, grid), timeout=timeout
                 )
             )
-            new, _ = self.aggregate_train(rnd, replies)
+            new, _ = train.aggregate_train(rnd, replies)
             if previous is not None and self.model_refused(rnd, replies):
                 new, arrays = None, previous  # back to the model the clients had accepted
                 result.arrays = self._global_arrays = arrays
@@ -384,6 +397,11 @@ class FedappStrategyMixin:
         return True
 
     def stop_for_budget(self, grid: Grid) -> bool:
+        why = self.release.stop_reason() if self.release is not None else None
+        if why:
+            log(INFO, "[fedapp] %s; stopping", why)
+            self.stop_reason = why
+            return True
         if not self.over_budget(grid):
             return False
         log(INFO, "[fedapp] simulated-time budget of %.0fs spent; stopping", self.sim_time_budget_s)

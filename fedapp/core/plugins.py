@@ -3,7 +3,8 @@
 The strategies sit below the features (bench/import_graph.py): they call these interfaces and
 never import a feature. The ServerApp (a composition root) hands each strategy the objects
 that implement them: the run's update codec (fedapp.features.compression.CompressionSpec), the
-encrypted aggregation (fedapp.features.secure.SecureAggregator), a phase of rounds before the first
+encrypted aggregation (fedapp.features.secure.SecureAggregator), a release mechanism around the
+training rounds (fedapp.features.privacy.CentralDP), a phase of rounds before the first
 training round (fedapp.features.synthetic.GeneratorPhase), and an event clock as the grid
 (fedapp.features.hetero.ClockGrid) for strategies that schedule their own rounds.
 """
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 __all__ = [
     "PLAIN",
@@ -22,6 +23,7 @@ __all__ = [
     "EncryptedAggregation",
     "PlainCodec",
     "PrePhase",
+    "ReleaseMechanism",
     "UpdateCodec",
     "is_event_clock",
 ]
@@ -74,6 +76,38 @@ class EncryptedAggregation(Protocol):
     def aggregate(
         self, accepted: list[Message], weights: list[float], steps: list[float]
     ) -> ArrayRecord: ...
+
+
+class ReleaseMechanism(Protocol):
+    """A server-side mechanism around a strategy's training rounds (central DP: Flower's
+    fixed-clipping wrapper clips, averages and noises). The strategy's own round loop sends
+    the training messages it makes and keeps the aggregate it returns, asks it before each
+    round whether another may start, and tells it when the run resumes; evaluation, records
+    and everything else stay the strategy's."""
+
+    def bind(self) -> None:
+        """Called once the strategy knows its federation (`FedappStrategyMixin.bind`)."""
+        ...
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]: ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+
+    def stop_reason(self) -> str | None:
+        """Why no further round may start (a spent budget), or None."""
+        ...
+
+    def privacy_epsilon(self) -> float:
+        """The epsilon released so far (the run's `dp_epsilon`)."""
+        ...
+
+    def resumed(self) -> None:
+        """The run resumes from a checkpoint (a release after it may have happened)."""
+        ...
 
 
 class PrePhase(Protocol):

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import secrets
 import warnings
@@ -753,74 +752,68 @@ def check_combination(cfg: DictConfig) -> None:
 
 
 def with_privacy(strategy, cfg: DictConfig, num_sampled: int):
-    """The strategy as the run's privacy mode needs it: unchanged, or (central_dp) inside
-    Flower's fixed-clipping DP wrapper. Refused combinations raise PrivacyError."""
+    """The strategy as the run's privacy mode needs it: unchanged, or (central_dp) with a
+    `CentralDP` release mechanism plugged into its round loop (`strategy.release`, the
+    interface fedapp.core.plugins.ReleaseMechanism). Refused combinations raise PrivacyError."""
     spec = PrivacySpec.from_config(cfg.get("privacy"))
     if spec.name != "central_dp":
         return strategy
     check_combination(cfg)
-    from flwr.serverapp.strategy import (
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
-
-    base = (
-        DifferentialPrivacyServerSideFixedClipping
-        if spec.clipping == "server"
-        else DifferentialPrivacyClientSideFixedClipping
-    )
-    wrapper = type(f"CentralDP{base.__name__[len('DifferentialPrivacy') :]}", (CentralDP, base), {})
     strategy.weighted_by_key = DP_WEIGHT
-    return wrapper(strategy, spec.noise_multiplier, spec.clipping_norm, num_sampled, spec=spec)
+    strategy.release = CentralDP(strategy, spec, num_sampled)
+    return strategy
 
 
 class CentralDP:
-    """fedapp's round loop, records and accounting around one of Flower's fixed-clipping DP
-    wrappers (mixed in front of it). Flower's own accountant requires the unmodified
-    `FedAvg.aggregate_train`, which fedapp's screening replaces; the same Gaussian releases
-    are accounted here with Opacus' RDP/PRV accountant: each aggregated round is one Gaussian
-    mechanism with noise multiplier z on the average (sensitivity clipping_norm / m for
-    add/remove one client, m fixed), composed without amplification by client sampling."""
+    """Central DP around a strategy's training rounds: one of Flower's fixed-clipping DP
+    wrappers (`DifferentialPrivacyServerSideFixedClipping` or `...ClientSideFixedClipping`,
+    by `privacy.clipping`) wraps the strategy, and the strategy's own round loop sends the
+    wrapper's training messages and keeps its noised aggregate (`release`, a
+    fedapp.core.plugins.ReleaseMechanism); evaluation, records and everything else stay the
+    strategy's. Flower's own accountant requires the unmodified `FedAvg.aggregate_train`,
+    which fedapp's screening replaces; the same Gaussian releases are accounted here with
+    Opacus' RDP/PRV accountant: each aggregated round is one Gaussian mechanism with noise
+    multiplier z on the average (sensitivity clipping_norm / m for add/remove one client, m
+    fixed), composed without amplification by client sampling."""
 
-    def __init__(self, strategy, noise_multiplier, clipping_norm, num_sampled, *, spec) -> None:
-        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled)
+    def __init__(self, strategy, spec: PrivacySpec, num_sampled: int) -> None:
+        from flwr.serverapp.strategy import (
+            DifferentialPrivacyClientSideFixedClipping,
+            DifferentialPrivacyServerSideFixedClipping,
+        )
+
+        wrapper = (
+            DifferentialPrivacyServerSideFixedClipping
+            if spec.clipping == "server"
+            else DifferentialPrivacyClientSideFixedClipping
+        )
+        self.strategy = strategy
+        self.flower = wrapper(strategy, spec.noise_multiplier, spec.clipping_norm, num_sampled)
         self.spec = spec
         self.releases = 0
 
-    def __getattr__(self, name: str):  # everything fedapp asks of a strategy: the inner one
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+    @property
+    def num_sampled_clients(self) -> int:
+        return int(self.flower.num_sampled_clients)
 
-    def bind(self, *args, **kwargs) -> None:
-        self.strategy.bind(*args, **kwargs)
-        # the noise is calibrated to m clients: a round with fewer accepted updates (a larger
-        # sensitivity) releases nothing
+    def bind(self) -> None:
+        """After the strategy is bound: the noise is calibrated to m clients, so a round with
+        fewer accepted updates (a larger sensitivity) releases nothing."""
         self.strategy.min_replies = max(self.strategy.min_replies, self.num_sampled_clients)
 
     def privacy_epsilon(self, releases: int | None = None) -> float:
         n = self.releases if releases is None else releases
-        history = [(self.noise_multiplier, 1.0, n)] if n else []
+        history = [(self.spec.noise_multiplier, 1.0, n)] if n else []
         return epsilon_of(history, self.spec.delta, self.spec.accountant)
 
-    def stop_for_budget(self, grid) -> bool:
-        if self.privacy_epsilon(self.releases + 1) > self.spec.target_epsilon:
-            from flwr.common import log
-
-            log(
-                logging.INFO,
-                "[fedapp] central DP: another round would spend epsilon=%.3f > %g; stopping",
-                self.privacy_epsilon(self.releases + 1),
-                self.spec.target_epsilon,
-            )
-            self.strategy.stop_reason = f"central DP budget: another round would spend epsilon > {self.spec.target_epsilon:g}"
-            return True
-        return self.strategy.stop_for_budget(grid)
-
-    def start(self, grid, initial_arrays, *args, **kwargs):
-        from strategies.base import FedappStrategyMixin
-
-        return FedappStrategyMixin.start(self, grid, initial_arrays, *args, **kwargs)
+    def stop_reason(self) -> str | None:
+        """Why no further round may start: another release would spend more than the target."""
+        spent = self.privacy_epsilon(self.releases + 1)
+        if spent <= self.spec.target_epsilon:
+            return None
+        return (
+            f"central DP budget: another round would spend epsilon > {self.spec.target_epsilon:g}"
+        )
 
     def resumed(self) -> None:
         """A resumed run: the dead server may have aggregated one more round after its last
@@ -828,9 +821,12 @@ class CentralDP:
         upper bound: the epsilon reported never understates what was released)."""
         self.releases += 1
 
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.flower.configure_train(server_round, arrays, config, grid)
+
     def aggregate_train(self, server_round, replies):
         with secret_numpy_noise(int(server_round)):  # Flower's wrapper draws np.random.normal
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            arrays, metrics = self.flower.aggregate_train(server_round, replies)
         if arrays is not None:
             self.releases += 1
             rec = self.strategy.round_log(server_round)
