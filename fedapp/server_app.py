@@ -29,7 +29,7 @@ from fedapp.features.clients import ClientGrid, NodeInfo, query_nodes
 from fedapp.features.compression import CompressionSpec
 from fedapp.features.hetero import ClockGrid, HeteroSpec, assign_profiles
 from fedapp.features.identity import load_node_keys
-from fedapp.features.privacy import PrivacyError, PrivacySpec, with_privacy
+from fedapp.features.privacy import PrivacyError, PrivacySpec, plan_config, with_privacy
 from fedapp.features.secure import (
     check_resumed_key,
     designated_evaluator,
@@ -594,14 +594,14 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
             # Synchronous strategies wait this long for a round's replies (simulated seconds on
             # the virtual clock); `strategy.deadline_s` makes e.g. FedAvg drop stragglers.
             timeout=float(cfg.strategy.get("deadline_s") or cfg.round_timeout_s),
-            train_config=ConfigRecord({**settings.to_config(), **prep}),
+            train_config=ConfigRecord({**settings.to_config(), **prep, **plan_config(cfg)}),
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
             start_round=start_round,
         )
         final = result.arrays
         if strategy.secure is None:  # encrypted: the server holds no plaintext model
-            train_config = {**settings.to_config(), **prep}
+            train_config = {**settings.to_config(), **prep, **plan_config(cfg)}
             recorder.sites = final_sites(clients, node_partitions, final, cfg, task, train_config)
     except BaseException as exc:
         cut = interruption(exc)

@@ -661,14 +661,45 @@ def plan_stats(ledger: Ledger, spec: PrivacySpec) -> None:
     )
 
 
+PLAN_ROUNDS = "dp-rounds"  # round config: the rounds a client plans its DP noise for
+PLAN_PER_ROUND = "dp-per-round"  # round config: the clients sampled per round
+PLAN_MAX = 10**6
+
+
+def plan_config(cfg: DictConfig) -> dict[str, int]:
+    """What the ServerApp puts in every training round's config under sample-level DP: the
+    run's plan, from which a client calibrates its noise (`plan_inputs`). A strategy whose
+    first rounds do not train the task model sends fewer `dp-rounds` (the generator phase of
+    fedapp.features.synthetic)."""
+    if not PrivacySpec.from_config(cfg.get("privacy")).sample_level:
+        return {}
+    return {PLAN_ROUNDS: int(cfg.rounds), PLAN_PER_ROUND: int(cfg.clients_per_round)}
+
+
+def plan_inputs(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(rounds, clients per round) of the plan in a round's config. They come from the server
+    and only size the noise: a plan that understates the run gives less noise per step, and
+    the ledger then refuses the rounds that would go over the node's budget (the epsilon
+    holds; training stops early); one that overstates it wastes utility, never privacy."""
+    values = []
+    for key in (PLAN_ROUNDS, PLAN_PER_ROUND):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PLAN_MAX:
+            raise PrivacyError(
+                f"the round's config has {key}={value!r}: a fedapp ServerApp sends the run's "
+                f"plan ({PLAN_ROUNDS}, {PLAN_PER_ROUND}: integers in [1, {PLAN_MAX}]) under "
+                "sample-level DP; this client does not train without it"
+            )
+        values.append(int(value))
+    return values[0], values[1]
+
+
 def plan_dp_sgd(ledger: Ledger, spec: PrivacySpec, job: TrainJob, steps_per_epoch: int) -> None:
     """Calibrate DP-SGD's noise once for the whole planned run, after what was already spent."""
-    cfg = job.cfg
     participations = spec.participations
-    if participations == "auto":  # `dp-rounds`: the rounds that train the task model, when
-        # a run spends its first rounds otherwise (fedapp.features.synthetic's generator rounds)
-        rounds = int(job.config.get("dp-rounds", cfg.rounds))
-        participations = planned_participations(rounds, int(cfg.clients_per_round), job.num_clients)
+    if participations == "auto":  # the plan of the round's config (`plan_inputs`)
+        rounds, per_round = plan_inputs(job.config)
+        participations = planned_participations(rounds, per_round, job.num_clients)
     ledger.participations = int(participations)
     ledger.sample_rate = 1.0 / steps_per_epoch
     ledger.steps_per_round = job.settings.steps_per_round(job.data.num_train)

@@ -82,6 +82,7 @@ from fedapp.features.privacy import (
     PrivacySpec,
     calibrate,
     open_ledger,
+    plan_inputs,
     planned_participations,
     run_key,
     save_ledger,
@@ -613,9 +614,9 @@ def generator_ledger(
     q = 1.0 / steps_per_epoch
     target = ledger.share(spec.epsilon_share * spec.vae_share)
     if not ledger.generator_noise_multiplier:
-        cfg = node.cfg
-        rounds = planned_participations(spec.rounds, int(cfg.clients_per_round), node.num_clients)
-        finetune = spec.finetune_epochs if str(cfg.strategy.name) == "synthetic" else 0
+        _, per_round = plan_inputs(job_config)
+        rounds = planned_participations(spec.rounds, per_round, node.num_clients)
+        finetune = spec.finetune_epochs if str(node.cfg.strategy.name) == "synthetic" else 0
         planned = (rounds * spec.epochs + finetune) * steps_per_epoch
         ledger.generator_noise_multiplier = calibrate(
             target, ledger.delta, q, max(planned, 1), ledger.accountant, prefix=ledger.history

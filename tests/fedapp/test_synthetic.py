@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from fedapp.checks import compose
 from fedapp.cli.inline import run_inline
 from fedapp.core.config import ConfigError
-from fedapp.features.privacy import Ledger, epsilon_of, opacus, private_stats
+from fedapp.features.privacy import Ledger, epsilon_of, opacus, plan_config, private_stats
 from fedapp.features.synthetic import (
     GEN_CACHE_KEY,
     GEN_DIGEST,
@@ -62,7 +62,9 @@ def _context(overrides: str, partition: int = 0) -> Context:
 
 
 def _message(arrays: ArrayRecord, prep: dict, rnd: int, action: str) -> Message:
-    config = ConfigRecord({"seed": 0, "server-round": rnd, **prep})
+    # the run's DP plan, as the ServerApp sends it (the generator ledger reads `dp-per-round`)
+    plan = plan_config(compose(f"{MEDICAL} privacy=sample_dp"))
+    config = ConfigRecord({"seed": 0, "server-round": rnd, **prep, **plan})
     return Message(RecordDict({"arrays": arrays, "config": config}), 100, f"train.{action}")
 
 
