@@ -29,7 +29,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedapp.flower_compat import set_task_identity
+from fedapp.core.flower_compat import set_task_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

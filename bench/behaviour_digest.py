@@ -7,7 +7,7 @@ model, so that a refactor can be checked to change nothing.
 
 To digest another checkout (e.g. the commit before a refactor), run the script from that
 checkout's root with the same virtual environment: `cd ../other && python bench/...`; the
-jobs import the code of the folder they run in (`python -m fedapp.inline` with that cwd).
+jobs import the code of the folder they run in (`python -m fedapp.cli.inline` with that cwd).
 
 Each job runs in its own single-threaded subprocess (as the benchmarks do), `--jobs` at a time.
 """
@@ -183,7 +183,14 @@ def run_job(name: str, overrides: str, root: Path, work: Path) -> tuple[str, dic
     log = work / f"{name}.log"
     with log.open("w") as fh:
         rc = subprocess.call(
-            [sys.executable, "-m", "fedapp.inline", *overrides.split(), "--output-dir", str(out)],
+            [
+                sys.executable,
+                "-m",
+                "fedapp.cli.inline",
+                *overrides.split(),
+                "--output-dir",
+                str(out),
+            ],
             cwd=root,
             env=env,
             stdout=fh,

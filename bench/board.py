@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from fedapp import events as ev  # noqa: E402
+from fedapp.features import events as ev  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 SCALE = ROOT / "bench" / "results" / "scale.json"
@@ -55,7 +55,7 @@ def _timed_record(calls: list[float]):
 
 def write_cost(rounds: int, work: Path) -> list[dict]:
     """The default job, run in process with every `EventStore.record` call timed."""
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
 
     calls: list[float] = []
     orig, timed = _timed_record(calls)
@@ -217,7 +217,7 @@ def build(url: str, out_dir: Path, rounds: int, cpr: int, n: int, dp: bool) -> N
 def load_times(work: Path) -> dict:
     from fastapi.testclient import TestClient
 
-    from fedapp.board.app import create_app
+    from fedapp.cli.board.app import create_app
 
     url = ev.sqlite_url(work / "load.db")
     specs = {"300 rounds": (300, 20, 201, True), "10,000 clients": (3, 10000, 10000, True)}

@@ -2,7 +2,7 @@
 empirical lower bound on epsilon beside the claimed epsilon, at epsilon 1 / 3 / 8 / inf
 (privacy=none), for the task's largest client (its most rows: the client whose steps the
 accountant amplifies most), in the server's white-box view of that client's updates
-(`fedapp.audit.canary_audit`). Each cell is audited with the noise secret, as shipped, and
+(`fedapp.features.audit.canary_audit`). Each cell is audited with the noise secret, as shipped, and
 with the insecure seeded-noise test mode (FEDAPP_INSECURE_SEEDED_DP_NOISE=1: the auditor
 regenerates the noise from the run seed and subtracts it), which the audit must flag.
 
@@ -39,9 +39,9 @@ def largest_client(task) -> int:
 
 
 def audit_cell(task_name: str, eps: str, canaries: int, seed: int, seeded: bool) -> dict:
-    from fedapp.audit import canary_audit, canary_plan
     from fedapp.checks import compose
-    from fedapp.config import resolve_data_dir
+    from fedapp.core.config import resolve_data_dir
+    from fedapp.features.audit import canary_audit, canary_plan
     from tasks import get_task
     from tasks.dp_sgd import SEEDED_NOISE_ENV
 
@@ -78,7 +78,7 @@ def summarize(cells: list[dict], args) -> str:
         "in the server's white-box view of the largest client's DP-SGD over the whole run "
         "(every step's privatized gradient), beside the claimed epsilon (the client's target "
         "for the run, delta 1e-5). The mechanism is Opacus' DPOptimizer with the client's "
-        "clipping norm, the noise multiplier its accountant calibrates (fedapp.privacy.calibrate, "
+        "clipping norm, the noise multiplier its accountant calibrates (fedapp.features.privacy.calibrate, "
         "after the statistics release) and its sample rate and steps, on the canaries' "
         "coordinates only (the training rows' gradients are not simulated: they do not depend "
         "on the canaries). `seeded` is the insecure test mode "

@@ -51,7 +51,7 @@ def _die_with_parent() -> None:
 
 
 def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -> bool:
-    """One `fedapp.inline` run in a single-threaded CPU subprocess (so a run's numbers do not
+    """One `fedapp.cli.inline` run in a single-threaded CPU subprocess (so a run's numbers do not
     depend on how many run beside it); its log goes to `log_path`. True when it succeeded."""
     env = {
         **os.environ,
@@ -61,7 +61,7 @@ def run_inline_job(overrides: list[str], out: Path, log_path: Path, cwd: Path) -
     }
     with log_path.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fedapp.inline", *overrides, "--output-dir", str(out)],
+            [sys.executable, "-m", "fedapp.cli.inline", *overrides, "--output-dir", str(out)],
             cwd=cwd,
             env=env,
             stdout=fh,
@@ -98,7 +98,7 @@ def run_and_audit(
         if not run_inline_job(overrides, out, out / "inline.log", cwd):
             return False
     with (out / "audit.log").open("w") as fh:
-        cmd = [sys.executable, "-m", "fedapp.audit", str(out)]
+        cmd = [sys.executable, "-m", "fedapp.features.audit", str(out)]
         return subprocess.call(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT) == 0
 
 

@@ -33,20 +33,20 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import fmt_mean_sd  # noqa: E402
 from fedapp.checks import compose  # noqa: E402
-from fedapp.config import PROJECT_ROOT, parse_overrides  # noqa: E402
-from fedapp.federation import (  # noqa: E402
+from fedapp.cli.federation import (  # noqa: E402
     export_operator_files,
     node_config_line,
     run_federation,
     start_supernode,
 )
-from fedapp.launch import (  # noqa: E402
+from fedapp.cli.launch import (  # noqa: E402
     prepare_run,
     run_status,
     stop_process_group,
     submit,
     superlink,
 )
+from fedapp.core.config import PROJECT_ROOT, parse_overrides  # noqa: E402
 
 OUT = ROOT / "bench" / "results"
 RUNS = OUT / "runs_deployment"

@@ -119,7 +119,7 @@ def validation_roc_auc(run_dir: Path) -> float:
     from omegaconf import OmegaConf
     from sklearn.metrics import roc_auc_score
 
-    from fedapp.config import resolve_data_dir
+    from fedapp.core.config import resolve_data_dir
     from tasks import get_task
     from tasks.training import predict_logits
 

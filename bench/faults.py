@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fedapp.launch import marked_processes  # noqa: E402
+from fedapp.cli.launch import marked_processes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
@@ -207,7 +207,14 @@ def same_second(src: Path | None) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     env = {**_env(src), "FEDAPP_OUTPUT_ROOT": str(root)}
-    cmd = [sys.executable, "-m", "fedapp.inline", "task=medical", "rounds=2", "checkpoint=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedapp.cli.inline",
+        "task=medical",
+        "rounds=2",
+        "checkpoint=false",
+    ]
     procs = [
         subprocess.Popen(
             cmd,
@@ -246,7 +253,7 @@ def one_line(src: Path | None) -> dict:
     out = {}
     for name, args in cases.items():
         done = subprocess.run(
-            [sys.executable, "-m", "fedapp.inline", *args],
+            [sys.executable, "-m", "fedapp.cli.inline", *args],
             env=_env(src),
             cwd=src or ROOT,
             capture_output=True,

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import completed  # noqa: E402
-from fedapp.centralized import train_centralized  # noqa: E402
 from fedapp.checks import compose  # noqa: E402
-from fedapp.config import resolve_data_dir  # noqa: E402
-from fedapp.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
+from fedapp.cli.centralized import train_centralized  # noqa: E402
+from fedapp.cli.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
+from fedapp.core.config import resolve_data_dir  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 on claimed examples (strategies/claims.py), for FedAvg, trust and contribution.
 
 Credit default (UCI Taiwan), 20 IID clients, all of them every round, 10/20/30% attackers,
-3 seeds, `--rounds` rounds, in-process engine (`fedapp.inline`), one single-threaded CPU run per
+3 seeds, `--rounds` rounds, in-process engine (`fedapp.cli.inline`), one single-threaded CPU run per
 job. For each cell: the attackers' weight share (per round, summed over the attackers; the
 criterion: at most twice their head count), whether the run completed, the final ROC-AUC next
 to the same strategy's run without attackers; the same attack with the caps switched off
@@ -146,8 +146,8 @@ def check_cost(repeats: int = 20) -> dict:
     and the whole screening of the round for scale."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-    from fedapp.config import compose
-    from fedapp.flower_compat import set_task_identity
+    from fedapp.core.config import compose
+    from fedapp.core.flower_compat import set_task_identity
     from strategies import build_strategy
     from strategies.base import decoded_layout_refusal, reply_metrics
     from strategies.claims import ClaimPolicy
@@ -217,7 +217,7 @@ def check_cost(repeats: int = 20) -> dict:
 
 
 def _credit_model():
-    from fedapp.config import compose
+    from fedapp.core.config import compose
     from tasks import get_task
 
     task = get_task(compose("task=credit partition=iid partition.num_partitions=20"), _data_dir())
@@ -237,7 +237,7 @@ def _arrays(state):
 
 
 def _data_dir():
-    from fedapp.config import compose, resolve_data_dir
+    from fedapp.core.config import compose, resolve_data_dir
 
     return resolve_data_dir(compose(""), {})
 

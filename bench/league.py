@@ -5,7 +5,7 @@ Regimes (credit default, the fast task): the natural split (7 education levels a
 and label skew (Dirichlet alpha 0.1 over 10 clients; `partition.min_partition_size=1`, as
 credit's two classes give some seeds clients of a few rows only). Every strategy runs
 `--rounds` rounds with its shipped defaults, all clients every round, in the in-process engine
-(`fedapp.inline`), one single-threaded CPU process per run, `--jobs` at a time. Metric: the
+(`fedapp.cli.inline`), one single-threaded CPU process per run, `--jobs` at a time. Metric: the
 server's test ROC-AUC, final and mean of the last 3 rounds; mean ± sd over seeds; rank within a
 regime by the mean of the last 3 rounds (1 = best). Reference rows, not ranked: scikit-learn's
 `HistGradientBoostingClassifier` (defaults, `random_state=seed`) fitted on the pooled training
@@ -93,7 +93,7 @@ def reference_rows(task: str, seeds: list[int]) -> dict[str, list[float]]:
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    from fedapp.config import compose, resolve_data_dir
+    from fedapp.core.config import compose, resolve_data_dir
     from tasks import get_task
 
     hgb, majority_acc = [], []

@@ -47,7 +47,7 @@ RUNS = RESULTS / "runs_overhead"
 def run_engine(engine: str, overrides: list[str], out: Path, checkout: Path) -> float:
     """Run one engine's job from `checkout` (its code first on PYTHONPATH); wall seconds."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    module = {"flower": "fedapp.launch", "inline": "fedapp.inline"}[engine]
+    module = {"flower": "fedapp.cli.launch", "inline": "fedapp.cli.inline"}[engine]
     cmd = [sys.executable, "-m", module, *overrides, "--output-dir", str(out)]
     t0 = time.perf_counter()
     with (out.parent / f"{out.name}.log").open("w") as log:
@@ -100,7 +100,7 @@ def local_compute(overrides: list[str], flower_results: dict) -> dict:
     evaluation of the test set."""
     import torch
 
-    from fedapp.config import compose, resolve_data_dir
+    from fedapp.core.config import compose, resolve_data_dir
     from tasks import get_task
     from tasks.training import TrainSettings
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         result = local_compute(args.overrides, json.loads(args.local_from.read_text()))
         args.local_to.write_text(json.dumps(result))
         return 0
-    from fedapp.config import compose
+    from fedapp.core.config import compose
 
     overrides = [f"rounds={args.rounds}", "seed=0", *args.overrides]
     cfg = compose(overrides)

@@ -123,7 +123,7 @@ def pooled_sites(task_name: str, seed: int, rounds: int, metric: str) -> list[di
     """The pooled model (every site's training rows together) scored on each site's test rows."""
     import torch
 
-    from fedapp.config import compose, resolve_data_dir
+    from fedapp.core.config import compose, resolve_data_dir
     from tasks import ClientData, get_task
     from tasks.training import TrainSettings
 
@@ -168,7 +168,7 @@ def _concat(datasets: list):
 
 
 def site_names(task_name: str) -> list[str]:
-    from fedapp.config import compose, resolve_data_dir
+    from fedapp.core.config import compose, resolve_data_dir
     from tasks import get_task
 
     cfg = compose(TASKS[task_name][0])

@@ -46,7 +46,7 @@ METRICS = ("test_loss", "test_accuracy", "test_roc_auc", "train_loss")
 
 def inline(overrides: str, out: Path, resume: bool = False) -> subprocess.Popen:
     """fedapp-inline in a process of its own (a resumed run writes into its own folder)."""
-    cmd = [sys.executable, "-m", "fedapp.inline", *overrides.split()]
+    cmd = [sys.executable, "-m", "fedapp.cli.inline", *overrides.split()]
     cmd += [f"resume={out}"] if resume else ["--output-dir", str(out)]
     log = open(out.with_name(f"{out.name}{'-resume' if resume else ''}.log"), "wb")  # noqa: SIM115
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

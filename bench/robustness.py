@@ -2,7 +2,7 @@
 trust strategy side by side, on the same splits, seeds and attackers.
 
 For every task x seed: a clean run per strategy (no attackers), then every attack x fraction
-x strategy. Runs use the in-process engine (`fedapp.inline`: same ServerApp, strategies and
+x strategy. Runs use the in-process engine (`fedapp.cli.inline`: same ServerApp, strategies and
 ClientApp as `fedapp-run`, no SuperLink/Ray start-up) in `--jobs` parallel processes, each
 single-threaded on CPU, so a run's numbers do not depend on how many run beside it.
 

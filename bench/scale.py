@@ -67,9 +67,9 @@ def run(engine: str, size: int, rounds: int, supernodes: int) -> dict:
         "seed=0",
     ]
     if engine == "flower":
-        cmd = [sys.executable, "-m", "fedapp.launch", *overrides, "--output-dir", str(out)]
+        cmd = [sys.executable, "-m", "fedapp.cli.launch", *overrides, "--output-dir", str(out)]
     else:
-        cmd = [sys.executable, "-m", "fedapp.inline", *overrides, "--nodes", str(nodes)]
+        cmd = [sys.executable, "-m", "fedapp.cli.inline", *overrides, "--nodes", str(nodes)]
         cmd += ["--output-dir", str(out)]
     t0 = time.perf_counter()
     with (RUNS / f"{engine}-{size}.log").open("w") as log:

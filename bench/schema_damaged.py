@@ -69,7 +69,7 @@ def _said(proc: subprocess.CompletedProcess) -> tuple[str, bool, int]:
 def one(kind: str, src: Path, work: Path) -> dict:
     path, args = KINDS[kind](work)
     out = work / "tasks" / "task" / f"{kind}.yaml"
-    proc = _python(src, ["-m", "fedapp.schema", str(path), *args, "-o", str(out)], work)
+    proc = _python(src, ["-m", "fedapp.cli.schema", str(path), *args, "-o", str(out)], work)
     said, traceback, lines = _said(proc)
     row: dict = {"kind": kind, "schema_rc": proc.returncode, "schema_said": said}
     row |= {"traceback": traceback, "stderr_lines": lines, "wrote_yaml": out.is_file()}
@@ -89,7 +89,7 @@ def one(kind: str, src: Path, work: Path) -> dict:
         src,
         [
             "-m",
-            "fedapp.inline",
+            "fedapp.cli.inline",
             f"hydra.searchpath=[file://{work / 'tasks'}]",
             f"task={kind}",
             "rounds=2",

@@ -5,7 +5,7 @@ The issue's mortgage table (1,989 rows, 60 columns, integer-coded categories, 99
 code) is not on this machine; `tests/fedapp/byod_fixtures.py:mortgage_table` draws a stand-in
 with those properties (16 coded categories whose effect is not monotone in the code, 999 / 9999
 / -1 missing codes in four numeric columns, blank incomes, noise columns, a constant and a row
-number). Compared, each over the same seeds (5 IID clients, 10 rounds, `fedapp.inline`):
+number). Compared, each over the same seeds (5 IID clients, 10 rounds, `fedapp.cli.inline`):
 - `inferred`: `fedapp-schema mortgage.csv --label action_taken --positive 3`, as written;
 - `inferred_before` (with `--before-src DIR`): the YAML of the tool in DIR (an older checkout);
 - `hand_written`: coded categories declared, missing codes declared, missing indicators on;
@@ -71,7 +71,7 @@ SETTINGS = {
 
 
 def run(task: str, tasks: Path, seed: int, out: Path, setting: list[str]) -> dict:
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
 
     res_dir = run_inline(
         [
@@ -97,7 +97,7 @@ def pooled_logreg(task: str, tasks: Path, seed: int) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from fedapp.config import compose
+    from fedapp.core.config import compose
     from tasks import get_task
     from tasks.tabular import combine_stats, featurize, numeric_stats
 
@@ -115,7 +115,7 @@ def pooled_logreg(task: str, tasks: Path, seed: int) -> float:
 
 def schema_tool(src: Path, csv: Path, out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    cmd = [sys.executable, "-m", "fedapp.schema", str(csv), "--label", "action_taken"]
+    cmd = [sys.executable, "-m", "fedapp.cli.schema", str(csv), "--label", "action_taken"]
     proc = subprocess.run(  # cwd=src: `-m` puts the working folder first on sys.path
         [*cmd, "--positive", "3", "-o", str(out)], env=env, capture_output=True, text=True, cwd=src
     )
@@ -156,7 +156,7 @@ def main() -> int:
         results: dict = {
             "meta": {
                 "table": "tests/fedapp/byod_fixtures.py:mortgage_table(n=1989, seed=0), 60 columns",
-                "setting": "partition=iid num_partitions=5 (fedapp.inline), test ROC-AUC",
+                "setting": "partition=iid num_partitions=5 (fedapp.cli.inline), test ROC-AUC",
                 "settings": {k: SETTINGS[k] for k in args.settings},
                 "seeds": args.seeds,
             },

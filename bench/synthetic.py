@@ -140,9 +140,9 @@ def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from fedapp.audit import draw
-    from fedapp.config import resolve_data_dir
-    from fedapp.synthetic import _features, closest_distances, concat_rows
+    from fedapp.core.config import resolve_data_dir
+    from fedapp.features.audit import draw
+    from fedapp.features.synthetic import _features, closest_distances, concat_rows
     from tasks import get_task
     from tasks.tabular import Rows
     from tasks.training import predict_logits

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import completed  # noqa: E402
 from bench.common import fmt_mean_sd as fmt  # noqa: E402
-from fedapp.centralized import train_centralized  # noqa: E402
-from fedapp.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
+from fedapp.cli.centralized import train_centralized  # noqa: E402
+from fedapp.cli.launch import exit_cleanly_on_sigterm, run_simulation  # noqa: E402
 
 METRICS = (
     "test_accuracy",

@@ -41,8 +41,8 @@ OVERRIDES = (
 
 
 def checks(repeats: int) -> dict:
-    from fedapp.config import compose
-    from fedapp.policy import NodePolicy, check_lineage, client_overrides
+    from fedapp.core.config import compose
+    from fedapp.core.policy import NodePolicy, check_lineage, client_overrides
 
     node = {
         "data-path": "/data/h.csv",

@@ -11,7 +11,7 @@ so the ServerApp writes, after every round, atomically, `<run dir>/checkpoint.pt
   initial model...), the clock (simulated time, bytes), the recorder (rounds so far, best
   model), the clients' status, the federated preprocessing parameters (a resumed run does
   not ask the clients again: same numbers, no privacy spent);
-- the lineage of client state (`fedapp.clients.ClientStateStore`): clients keep their own
+- the lineage of client state (`fedapp.features.clients.ClientStateStore`): clients keep their own
   state (SCAFFOLD's control, MOON's previous model, compression residuals, DP ledgers) in
   files, one version per round, and a resumed run reads the versions as of the checkpoint.
 
@@ -21,7 +21,7 @@ they are replaced by name (pickle's persistent ids) and bound to the new run's o
 
 No DP noise generator state is written. DP noise comes from generators seeded with fresh
 operating-system entropy that live only while they draw (`tasks.dp_sgd.noise_generator`;
-`fedapp.privacy.secret_numpy_noise` around Flower's central-DP wrappers, which draw from
+`fedapp.features.privacy.secret_numpy_noise` around Flower's central-DP wrappers, which draw from
 NumPy's global generator, and which puts the seeded global state back afterwards): no
 object the checkpoint holds is one, and the seeded states it holds are not moved by noise
 draws. Whoever holds a checkpoint (or knows the seed) cannot recompute the noise of any
@@ -51,8 +51,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from fedapp.config import ConfigError, to_dict
-from fedapp.files import write_atomic
+from fedapp.core.config import ConfigError, to_dict
+from fedapp.core.files import write_atomic
 
 CHECKPOINT = "checkpoint.pt"
 MARKER = "checkpoint.json"  # {"round": k}: written after the checkpoint itself
@@ -122,18 +122,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def strategy_state(strategy, live: dict[str, Any]) -> bytes:
-    """Every attribute of the strategy, and of the inner strategy of a wrapper (central DP).
-    The strategy objects themselves are live: a policy holding a bound method of its strategy
+    """Every attribute of the strategy, its release mechanism (central DP's accountant) with
+    it. The strategy object itself is live: a policy holding a bound method of its strategy
     is bound to the resumed run's strategy."""
-    inner = getattr(strategy, "strategy", None)
-    return dumps({"outer": vars(strategy), "inner": vars(inner) if inner else None}, live)
+    return dumps({"outer": vars(strategy), "inner": None}, live)
 
 
 def restore_strategy(strategy, blob: bytes, live: dict[str, Any]) -> None:
     state = loads(blob, live)
-    vars(strategy).update(state["outer"])
-    if state["inner"] is not None:
-        vars(strategy.strategy).update(state["inner"])
+    if state["inner"] is None:
+        vars(strategy).update(state["outer"])
+        return
+    # written before central DP became the strategy's release mechanism: the strategy's
+    # state was the wrapper's inner one, the releases the wrapper's own
+    vars(strategy).update(state["inner"])
+    if strategy.release is not None:
+        strategy.release.releases = int(state["outer"].get("releases", 0))
 
 
 def write(run_dir: Path, state: dict[str, Any]) -> None:
@@ -180,8 +184,8 @@ def check_compatible(saved: dict[str, Any], cfg: DictConfig, done: int) -> None:
         k for k in set(saved) | set(now) if k not in NOT_COMPARED and saved.get(k) != now.get(k)
     )
     if differ:  # settings added since the checkpoint was written, at their defaults
-        from fedapp.config import default_config
-        from fedapp.policy import GROUPS
+        from fedapp.core.config import default_config
+        from fedapp.core.policy import GROUPS
 
         # each group at the checkpointed run's choice (task=credit...), its values at default
         choices = [

@@ -1,6 +1,6 @@
 """The one home of cross-feature checks: combinations of settings a run cannot honour.
 
-`fedapp.config.compose` checks each setting by itself (ranges, types, partitions): it sits in
+`fedapp.core.config.compose` checks each setting by itself (ranges, types, partitions): it sits in
 the core layer and knows no feature. Whether privacy, encryption, synthetic data and the
 strategy can run together is asked here, a composition root above the features, which each
 answer from their own spec and the capabilities strategy classes declare
@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from fedapp import config, privacy, secure, synthetic
-from fedapp.node import node_cfg
+from fedapp.core import config
+from fedapp.core.node import node_cfg
+from fedapp.features import privacy, secure, synthetic
 from strategies import personal
 
 __all__ = ["CHECKS", "check_all", "combination_mod", "compose"]
@@ -66,7 +67,7 @@ def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
     return cfg
 
 
-# configs already checked, by identity (fedapp.node caches one DictConfig per set of
+# configs already checked, by identity (fedapp.core.node caches one DictConfig per set of
 # overrides); holding them keeps their ids from being reused
 _CHECKED: dict[int, DictConfig] = {}
 

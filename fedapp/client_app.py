@@ -1,17 +1,17 @@
 """fedapp ClientApp: thin glue from Flower messages to the task and the client-side units.
 
 Named handlers, one per kind of message the server sends:
-- `train`: the round's units (fedapp/units.py: attack harness, the strategy's client part)
+- `train`: the round's units (fedapp/core/units.py: attack harness, the strategy's client part)
   around the task's local training;
 - `train.generator`, `train.synthesize`: the synthetic-data generator's local rounds and
-  the synthetic rows a client sends once (fedapp/synthetic.py);
+  the synthetic rows a client sends once (fedapp/features/synthetic.py);
 - `evaluate`: the global model on this client's validation rows;
 - `evaluate.sites`: after the last round, the final and the personal models' scores on those
-  rows (fedapp.sites);
+  rows (fedapp.features.sites);
 - `query` (discovery: which partition this node holds), `query.stats` (sufficient statistics
   of its training rows), `query.probe` (a timed few local steps, for schedulers) and
   `query.heartbeat` (an empty answer: alive).
-The device-emulation mod (fedapp.hetero) wraps the handlers that a real-clock device profile
+The device-emulation mod (fedapp.features.hetero) wraps the handlers that a real-clock device profile
 slows down or fails. Every reply of a kind has the same schema; errors raise and reach the
 server as Flower error replies (the run continues without this client).
 """
@@ -27,16 +27,17 @@ from flwr.clientapp import ClientApp
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from fedapp import sites, synthetic
-from fedapp.attacks import AttackHarness
 from fedapp.checks import combination_mod
-from fedapp.clients import IDENTITY_RECORD, virtual_client_mod
-from fedapp.compression import compression_mod
-from fedapp.hetero import device_emulation_mod
-from fedapp.identity import sign_claim
-from fedapp.node import client_seed, load_node, round_prep
-from fedapp.policy import NodePolicy, PolicyRefusal, registered_strategy
-from fedapp.privacy import (
+from fedapp.core.node import client_seed, load_node, round_prep
+from fedapp.core.policy import NodePolicy, PolicyRefusal, registered_strategy
+from fedapp.core.units import STAGES, ClientUnit, TrainJob, run_units
+from fedapp.features import sites, synthetic
+from fedapp.features.attacks import AttackHarness
+from fedapp.features.clients import IDENTITY_RECORD, virtual_client_mod
+from fedapp.features.compression import compression_mod
+from fedapp.features.hetero import device_emulation_mod
+from fedapp.features.identity import sign_claim
+from fedapp.features.privacy import (
     CentralDPClient,
     PrivacySpec,
     SampleDP,
@@ -45,8 +46,7 @@ from fedapp.privacy import (
     private_stats,
     run_key,
 )
-from fedapp.secure import keys_reply, secure_mod
-from fedapp.units import STAGES, ClientUnit, TrainJob, run_units
+from fedapp.features.secure import keys_reply, secure_mod
 from tasks.training import TrainSettings
 
 # What a training reply carries when the node sends no metric computed on the received model
@@ -54,18 +54,18 @@ from tasks.training import TrainSettings
 MODEL_FREE = ("num-examples", "train_steps", "train_time_s", "label-counts")
 
 # Outermost: a message for a virtual client (several clients on one simulation SuperNode)
-# runs with that client's partition and state (fedapp.clients); then a message that may spend
-# privacy holds its institution's ledger lock (fedapp.privacy.ledger_lock_mod).
+# runs with that client's partition and state (fedapp.features.clients); then a message that may spend
+# privacy holds its institution's ledger lock (fedapp.features.privacy.ledger_lock_mod).
 app = ClientApp(mods=[virtual_client_mod, combination_mod, ledger_lock_mod])
 
 
-# -- the units of a training message (fedapp.units.STAGES: stage -> its unit classes) ----------
+# -- the units of a training message (fedapp.core.units.STAGES: stage -> its unit classes) ----------
 StageResolver = Callable[[DictConfig], list[type[ClientUnit]]]
 
 
 def strategy_units(cfg: DictConfig) -> list[type[ClientUnit]]:
     """The configured strategy's client part (`client_units` of its class), imported only
-    when registered in the node's own conf/strategy/ (fedapp.policy.registered_strategy)."""
+    when registered in the node's own conf/strategy/ (fedapp.core.policy.registered_strategy)."""
     target = registered_strategy(str(cfg.strategy._target_))
     return list(getattr(get_class(target), "client_units", ()))
 
@@ -79,7 +79,7 @@ RESOLVERS: dict[str, StageResolver] = {
 
 
 def compose_units(job: TrainJob) -> list[ClientUnit]:
-    """The units of this training message, outermost first (see fedapp.units.STAGES)."""
+    """The units of this training message, outermost first (see fedapp.core.units.STAGES)."""
     units: list[ClientUnit] = []
     for stage in STAGES:
         for cls in RESOLVERS[stage](job.cfg):
@@ -142,7 +142,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.train("generator", mods=[device_emulation_mod])
 def train_generator(msg: Message, context: Context) -> Message:
-    """Local (DP) epochs of the synthetic-data generator (fedapp.synthetic)."""
+    """Local (DP) epochs of the synthetic-data generator (fedapp.features.synthetic)."""
     return synthetic.generator_round(msg, context)
 
 
@@ -181,7 +181,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.evaluate("sites")
 def evaluate_sites(msg: Message, context: Context) -> Message:
     """After the last round: the final model's (and this client's personal model's) score on
-    its own held-out rows (fedapp.sites)."""
+    its own held-out rows (fedapp.features.sites)."""
     return sites.site_reply(msg, context)
 
 
@@ -200,7 +200,7 @@ def discovery(msg: Message, context: Context) -> Message:
     config = msg.content.config_records.get("config")
     nonce = str(config.get("nonce", "")) if config is not None else ""
     if nonce and node.get("auth-key") and node.get("data-path"):
-        # its partition id, signed with its SuperNode key (fedapp.identity)
+        # its partition id, signed with its SuperNode key (fedapp.features.identity)
         signature = sign_claim(str(node["auth-key"]), nonce, metrics["partition-id"])
         content[IDENTITY_RECORD] = ConfigRecord({"signature": signature})
     return Message(content, reply_to=msg)
@@ -209,7 +209,7 @@ def discovery(msg: Message, context: Context) -> Message:
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
     """Sufficient statistics of this node's training rows (never the rows); under
-    privacy=sample_dp clipped, noised and accounted (fedapp.privacy.private_stats)."""
+    privacy=sample_dp clipped, noised and accounted (fedapp.features.privacy.private_stats)."""
     node = load_node(context)
     values = private_stats(node, context)
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
@@ -218,7 +218,7 @@ def stats(msg: Message, context: Context) -> Message:
 @app.query("keys")
 def keys(msg: Message, context: Context) -> Message:
     """secure=ckks: this node's key fingerprint (and, when asked, its public context; never the
-    secret key), from its own node config (fedapp.secure.keys_reply)."""
+    secret key), from its own node config (fedapp.features.secure.keys_reply)."""
     return keys_reply(msg, context)
 
 

@@ -22,14 +22,14 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.common import log
 from omegaconf import DictConfig
 
-from fedapp.config import to_dict
-from fedapp.events import open_for_run
-from fedapp.files import write_atomic
-from fedapp.hetero import ClockGrid
-from fedapp.privacy import PrivacySpec, mark_seeded_noise, privacy_meta, seeded_noise
-from fedapp.sites import site_summary
-from fedapp.tracking import call as call_trackers
-from fedapp.tracking import open_trackers
+from fedapp.core.config import to_dict
+from fedapp.core.files import write_atomic
+from fedapp.features.events import open_for_run
+from fedapp.features.hetero import ClockGrid
+from fedapp.features.privacy import PrivacySpec, mark_seeded_noise, privacy_meta, seeded_noise
+from fedapp.features.sites import site_summary
+from fedapp.features.tracking import call as call_trackers
+from fedapp.features.tracking import open_trackers
 from strategies.base import FedappStrategyMixin
 from strategies.records import RoundRecord
 from tasks import Task
@@ -127,7 +127,7 @@ class Recorder:
         # called after every round's records are written (fedapp.checkpoint)
         self.checkpoint_fn: Callable[[int, ArrayRecord], None] | None = None
         # final.sites: each client's score of the final (and its personal) model on its own
-        # held-out rows, set by the ServerApp after the last round (fedapp.sites)
+        # held-out rows, set by the ServerApp after the last round (fedapp.features.sites)
         self.sites: list[dict[str, Any]] | None = None
         self.out_dir = Path(out_dir)
         self.cfg = cfg
@@ -151,13 +151,13 @@ class Recorder:
         (self.out_dir / "config.yaml").write_text(_yaml(cfg))
         if self.prep:  # what the model's inputs were scaled with (fedapp-audit needs it)
             write_json_atomic(self.out_dir / "preprocessing.json", self.prep)
-        # the event store fedapp-board reads (fedapp/events.py); None: not available
+        # the event store fedapp-board reads (fedapp/features/events.py); None: not available
         self.events = open_for_run(self.out_dir, cfg)
-        # tracking=tensorboard (fedapp/tracking.py); [] for tracking=none
+        # tracking=tensorboard (fedapp/features/tracking.py); [] for tracking=none
         self.trackers = open_trackers(cfg, self.out_dir, to_dict(cfg))
 
     # Flower calls this after every round (and once before round 1 with round 0).
-    # Under encrypted aggregation the designated evaluator decrypts (fedapp.secure.Evaluator).
+    # Under encrypted aggregation the designated evaluator decrypts (fedapp.features.secure.Evaluator).
     evaluator: Any = None
 
     def plaintext(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
@@ -251,11 +251,11 @@ class Recorder:
         dp_epsilon_mean: over the clients that have spent any. None without privacy."""
         if self.privacy.name == "none":
             return {"dp_epsilon": None, "dp_epsilon_mean": None}
-        central = getattr(self.strategy, "privacy_epsilon", None)
-        if central is not None:
+        release = getattr(self.strategy, "release", None)  # central DP (strategies.base)
+        if release is not None:
             if seeded_noise():
                 mark_seeded_noise(self.meta["privacy"], "server")
-            eps = float(central())
+            eps = float(release.privacy_epsilon())
             return {"dp_epsilon": eps, "dp_epsilon_mean": eps}
         noise = self.meta["privacy"].setdefault("noise_multipliers", {})
         targets = self.meta["privacy"].setdefault("target_epsilons", {})

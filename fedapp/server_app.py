@@ -18,24 +18,26 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
-from fedapp import checkpoint, seeds, synthetic
-from fedapp.attacks import AttackSpec, attacker_partitions
+from fedapp import checkpoint
 from fedapp.checks import compose
-from fedapp.clients import ClientGrid, NodeInfo, query_nodes
-from fedapp.compression import CompressionSpec
-from fedapp.config import ConfigError, resolve_data_dir, resolve_output_dir, to_dict
-from fedapp.hetero import ClockGrid, HeteroSpec, assign_profiles
-from fedapp.identity import load_node_keys
-from fedapp.policy import REFUSED
-from fedapp.privacy import CentralDP, PrivacyError, PrivacySpec, with_privacy
-from fedapp.recorder import Recorder
-from fedapp.secure import (
+from fedapp.core import seeds
+from fedapp.core.config import ConfigError, resolve_data_dir, resolve_output_dir, to_dict
+from fedapp.core.policy import REFUSED
+from fedapp.features import synthetic
+from fedapp.features.attacks import AttackSpec, attacker_partitions
+from fedapp.features.clients import ClientGrid, NodeInfo, query_nodes
+from fedapp.features.compression import CompressionSpec
+from fedapp.features.hetero import ClockGrid, HeteroSpec, assign_profiles
+from fedapp.features.identity import load_node_keys
+from fedapp.features.privacy import PrivacyError, PrivacySpec, plan_config, with_privacy
+from fedapp.features.secure import (
     check_resumed_key,
     designated_evaluator,
     secure_meta,
     server_aggregator,
 )
-from fedapp.sites import evaluate_sites
+from fedapp.features.sites import evaluate_sites
+from fedapp.recorder import Recorder
 from strategies import build_strategy
 from strategies.claims import ClaimPolicy, clip_counts
 from tasks import DataError, Task, get_task
@@ -60,7 +62,7 @@ def discover_nodes(grid: Grid, min_nodes: int, wait_s: float) -> dict[int, NodeI
     Waits until `min_nodes` nodes answered, or all the nodes the federation says it has (the
     `num-partitions` in their node config: Flower's simulation sets it to its number of
     SuperNodes), and at most `wait_s` seconds. Which node serves which client is decided
-    from the answers (`fedapp.clients.assign_clients`): simulation nodes can serve any
+    from the answers (`fedapp.features.clients.assign_clients`): simulation nodes can serve any
     number of clients, so the federation's size no longer has to equal the partitioning's.
     """
     deadline = time.monotonic() + wait_s
@@ -264,7 +266,7 @@ def bind_strategy(strategy, cfg: DictConfig, task: Task, node_partitions: dict[i
 def make_clock(
     grid: Grid, cfg: DictConfig, task: Task, node_partitions: dict[int, int]
 ) -> tuple[ClockGrid, dict]:
-    """The one clock every strategy talks to the clients through (fedapp.hetero): simulated
+    """The one clock every strategy talks to the clients through (fedapp.features.hetero): simulated
     seconds under a virtual hetero profile, wall seconds otherwise."""
     hetero = HeteroSpec.from_config(cfg.get("hetero"))
     profiles = dict(enumerate(assign_profiles(hetero, num_clients(node_partitions), int(cfg.seed))))
@@ -322,17 +324,18 @@ def run_meta(context: Context, cfg: DictConfig, initial: ArrayRecord, **extra) -
 def live_objects(strategy, task, grid, clients, clock, recorder) -> dict[str, Any]:
     """Objects of this server the strategy may refer to, rebuilt on resume, never written
     into a checkpoint (fedapp.checkpoint)."""
-    inner = getattr(strategy, "strategy", strategy)
     return {
         "strategy": strategy,
-        "inner_strategy": inner,
+        # the name checkpoints have always written the strategy under (central DP was a
+        # wrapper around it until the release mechanism): keeps them resumable
+        "inner_strategy": strategy,
         "task": task,
         "grid": grid,
         "clients": clients,
         "clock": clock,
         "recorder": recorder,
-        "secure": inner.secure,
-        "server_loss": getattr(inner, "server_loss", None),
+        "secure": strategy.secure,
+        "server_loss": getattr(strategy, "server_loss", None),
     }
 
 
@@ -373,7 +376,7 @@ def checkpointer(out_dir, cfg, strategy, live, recorder, clock, clients, prep):
 
 
 def final_sites(clients, node_partitions, final, cfg, task, train_config) -> list | None:
-    """`final.sites` (fedapp.sites): every client scores the final model on its own held-out
+    """`final.sites` (fedapp.features.sites): every client scores the final model on its own held-out
     rows; None when that failed (logged; the run's other numbers stand)."""
     if final is None:
         return None
@@ -489,7 +492,7 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
     check_levels(PrivacySpec.from_config(cfg.get("privacy")), task, node_partitions.values())
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.compression = CompressionSpec.from_config(cfg.get("compression"))
-    # the clients' key: public context only (fedapp.secure), checked against every client's
+    # the clients' key: public context only (fedapp.features.secure), checked against every client's
     strategy.secure = server_aggregator(
         cfg, clients, node_partitions, task, min(float(cfg.round_timeout_s), 60.0)
     )
@@ -573,8 +576,8 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         recorder.restore(saved["recorder"])
         clock.restore(saved["clock"])
         clients.restore(saved["clients"])
-        if isinstance(strategy, CentralDP):  # a possible release after the checkpoint
-            strategy.resumed()
+        if strategy.release is not None:  # central DP: a possible release after the checkpoint
+            strategy.release.resumed()
         if getattr(strategy, "generator_phase", None) is not None:  # augment: copies may be lost
             strategy.generator_phase.resumed()
     recorder.checkpoint_fn = checkpointer(
@@ -591,14 +594,14 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
             # Synchronous strategies wait this long for a round's replies (simulated seconds on
             # the virtual clock); `strategy.deadline_s` makes e.g. FedAvg drop stragglers.
             timeout=float(cfg.strategy.get("deadline_s") or cfg.round_timeout_s),
-            train_config=ConfigRecord({**settings.to_config(), **prep}),
+            train_config=ConfigRecord({**settings.to_config(), **prep, **plan_config(cfg)}),
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
             start_round=start_round,
         )
         final = result.arrays
         if strategy.secure is None:  # encrypted: the server holds no plaintext model
-            train_config = {**settings.to_config(), **prep}
+            train_config = {**settings.to_config(), **prep, **plan_config(cfg)}
             recorder.sites = final_sites(clients, node_partitions, final, cfg, task, train_config)
     except BaseException as exc:
         cut = interruption(exc)

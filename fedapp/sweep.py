@@ -1,6 +1,6 @@
 """Hydra entry point: `fedapp-sweep -m strategy=fedavg,fedprox seed=0,1,2`.
 
-Each Hydra job runs one real Flower simulation (through `fedapp.launch.run_simulation`, so
+Each Hydra job runs one real Flower simulation (through `fedapp.cli.launch.run_simulation`, so
 with its own SuperLink) in the job's output folder. At the end of a multirun, `SweepSummary`
 writes `summary.csv` (one row per job) and `summary.md` (mean and spread over seeds for each
 setting) into the sweep folder and prints the table.
@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from fedapp.config import PROJECT_ROOT
+from fedapp.core.config import PROJECT_ROOT
 
 SUMMARY_METRICS = (
     "test_accuracy",
@@ -126,7 +126,7 @@ class SweepSummary(Callback):
 
 @hydra.main(config_path=str(PROJECT_ROOT / "conf"), config_name="config", version_base="1.3")
 def _job(cfg: DictConfig) -> float | None:
-    from fedapp.launch import run_simulation
+    from fedapp.cli.launch import run_simulation
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir).resolve()
@@ -144,7 +144,7 @@ def _job(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from fedapp.launch import exit_cleanly_on_sigterm
+    from fedapp.cli.launch import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()
     _job()

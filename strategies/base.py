@@ -44,9 +44,16 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from fedapp import seeds
-from fedapp.flower_compat import aggregate_metricrecords
-from fedapp.plugins import PLAIN, CodecError, EncryptedAggregation, PrePhase, UpdateCodec
+from fedapp.core import seeds
+from fedapp.core.flower_compat import aggregate_metricrecords
+from fedapp.core.plugins import (
+    PLAIN,
+    CodecError,
+    EncryptedAggregation,
+    PrePhase,
+    ReleaseMechanism,
+    UpdateCodec,
+)
 from strategies.claims import ClaimPolicy, claim_caps, scale_counts
 from strategies.records import NUM_EXAMPLES, ClientRecord, RoundRecord
 from strategies.screening import (
@@ -190,10 +197,10 @@ class FedappStrategyMixin:
     `round_config` (what a training message carries besides the model), `aggregate_accepted`
     (the aggregation rule over screened replies), `client_weights` (each client's share),
     `write_reports` (extra files at the end of a run) and `client_units` (the strategy's
-    client part, composed by the ClientApp; see fedapp/units.py).
+    client part, composed by the ClientApp; see fedapp/core/units.py).
     """
 
-    # The strategy's client-side units (fedapp.units.ClientUnit subclasses), run by the
+    # The strategy's client-side units (fedapp.core.units.ClientUnit subclasses), run by the
     # ClientApp for this strategy's training messages in the order listed.
     client_units: ClassVar[tuple[type, ...]] = ()
     # ArrayRecords besides the model that replies must carry (SCAFFOLD's control-variate change)
@@ -242,17 +249,20 @@ class FedappStrategyMixin:
 
     seed: int = 0
     min_replies: int = 1
-    compression: UpdateCodec = PLAIN  # the run's update codec (fedapp.compression)
+    compression: UpdateCodec = PLAIN  # the run's update codec (fedapp.features.compression)
     secure: EncryptedAggregation | None = (
-        None  # encrypted aggregation (fedapp.secure), public key only
+        None  # encrypted aggregation (fedapp.features.secure), public key only
     )
     sim_time_budget_s: float = 0.0  # stop starting rounds once the clock passes this (0 = never)
     # Loss of a model (list of arrays, state-dict order) on operator-held validation rows, set
     # by the ServerApp when `server_val_fraction` > 0; strategies that do not use it ignore it.
     server_loss: Any = None
-    # augment=rare_class (fedapp.synthetic.GeneratorPhase, set by the ServerApp): generator
+    # augment=rare_class (fedapp.features.synthetic.GeneratorPhase, set by the ServerApp): generator
     # rounds before the first training round; the generator then goes with every model.
     generator_phase: PrePhase | None = None
+    # privacy=central_dp (fedapp.features.privacy.CentralDP, set by the ServerApp): the round
+    # loop sends its training messages and keeps its (noised) aggregate.
+    release: ReleaseMechanism | None = None
     # The caps on claimed `num-examples` (strategies.claims; the run's `claims` block) and the
     # training rows each client counted in its exact preprocessing statistics (partition id ->
     # rows, clipped), set by the ServerApp through `bind_claims`.
@@ -290,6 +300,8 @@ class FedappStrategyMixin:
         self.reply_base: dict[str, ArrayRecord] = {}
         # phase -> partition id -> its last capped claim (the median of `claims` uses them)
         self.earlier_claims: dict[str, dict[int, float]] = {}
+        if self.release is not None:
+            self.release.bind()
 
     def bind_server_validation(self, loss_fn: Any) -> None:
         self.server_loss = loss_fn
@@ -299,7 +311,7 @@ class FedappStrategyMixin:
 
     # -- the round loop ----------------------------------------------------------------------
     def over_budget(self, grid: Grid) -> bool:
-        """True once the clock (fedapp.hetero.ClockGrid) has passed `sim_time_budget_s`."""
+        """True once the clock (fedapp.features.hetero.ClockGrid) has passed `sim_time_budget_s`."""
         now = getattr(grid, "now", None)
         return bool(self.sim_time_budget_s) and now is not None and now >= self.sim_time_budget_s
 
@@ -333,15 +345,16 @@ class FedappStrategyMixin:
             phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
             start_round = max(start_round, phase.spec.rounds + 1)
         previous = None  # the global model before the last aggregate (a refused one's way back)
+        train = self.release or self  # central DP: its messages, its noised aggregate
         for rnd in range(start_round, num_rounds + 1):
             if self.stop_for_budget(grid):
                 break
             replies = list(
                 grid.send_and_receive(
-                    self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
+                    train.configure_train(rnd, arrays, train_config, grid), timeout=timeout
                 )
             )
-            new, _ = self.aggregate_train(rnd, replies)
+            new, _ = train.aggregate_train(rnd, replies)
             if previous is not None and self.model_refused(rnd, replies):
                 new, arrays = None, previous  # back to the model the clients had accepted
                 result.arrays = self._global_arrays = arrays
@@ -358,7 +371,7 @@ class FedappStrategyMixin:
 
     def model_refused(self, server_round: int, replies: list[Message]) -> bool:
         """Whether at least half of a round's training replies refused the global model they
-        were sent (fedapp.secure's client checks: the decrypted aggregate is finite and within
+        were sent (fedapp.features.secure's client checks: the decrypted aggregate is finite and within
         the node's `max-model-norm`; the server cannot decrypt it). Then the round's replies
         are not aggregated and the next round goes back to the model before it, recorded as
         `global_model_refused` (a poisoned aggregate is never kept silently)."""
@@ -384,6 +397,11 @@ class FedappStrategyMixin:
         return True
 
     def stop_for_budget(self, grid: Grid) -> bool:
+        why = self.release.stop_reason() if self.release is not None else None
+        if why:
+            log(INFO, "[fedapp] %s; stopping", why)
+            self.stop_reason = why
+            return True
         if not self.over_budget(grid):
             return False
         log(INFO, "[fedapp] simulated-time budget of %.0fs spent; stopping", self.sim_time_budget_s)
@@ -507,7 +525,7 @@ class FedappStrategyMixin:
             need = self.secure.keys
             if arrays is None or any(k not in arrays or arrays[k].dtype != "uint8" for k in need):
                 return f"rejected: an encrypted reply must carry {need} (uint8 ciphertexts)"
-            # size, CKKS parameters, level and scale against the public context (fedapp.secure)
+            # size, CKKS parameters, level and scale against the public context (fedapp.features.secure)
             return self.secure.screen(msg.metadata.src_node_id, arrays)
         extra = set(content.array_records) - {"arrays", *self.extra_array_records}
         if arrays is None or (len(content.array_records) > 1 and extra):
@@ -724,7 +742,7 @@ class FedappStrategyMixin:
 
     def _aggregate_encrypted(self, rec: RoundRecord, accepted: list[Message]):
         """Encrypted aggregation: ciphertexts weighted by n_k / sum n and added (FedNova's rule
-        when the strategy is FedNova); the server never decrypts (fedapp.secure)."""
+        when the strategy is FedNova); the server never decrypts (fedapp.features.secure)."""
         n = np.array([num_examples(m) for m in accepted])
         weights = (n / n.sum()).tolist()
         steps = [float(reply_metrics(m).get("train_steps", 0.0)) for m in accepted]

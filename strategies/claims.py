@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedapp.config import ConfigError
+from fedapp.core.config import ConfigError
 
 DEFAULT_STATS_SLACK = 1.0
 DEFAULT_MAX_EXAMPLES_RATIO = 10.0

@@ -55,7 +55,7 @@ term mu/2 ||w - w_global||^2 (FedProx's unit, strategies/fedprox.py) and a disti
 toward the received global model's predictions (`Distillation`, optionally on the not-true
 classes only, as FedNTD) keep clients from drifting to their local label mix. The client part
 (`client_units`: `ValidationGain`, `ProximalTerm`, `Distillation`) runs on the clients for
-this strategy's training messages (fedapp/units.py).
+this strategy's training messages (fedapp/core/units.py).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from flwr.common import log
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedapp.units import ClientUnit, TrainJob
+from fedapp.core.units import ClientUnit, TrainJob
 from strategies.aggregation import flatten, sanity_scores, weighted_aggregate
 from strategies.base import (
     FedappStrategyMixin,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedapp import seeds
+from fedapp.core import seeds
 from strategies.base import layers, reply_arrays, reply_metrics, to_record
 from strategies.scheduler import (
     Decision,

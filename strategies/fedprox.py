@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
-from fedapp.units import ClientUnit, TrainJob
+from fedapp.core.units import ClientUnit, TrainJob
 from strategies.base import FedappStrategyMixin
 from tasks.training import TrainHook, proximal_term
 

@@ -12,7 +12,7 @@ own model after its previous participation:
 with sim the cosine similarity (the paper's equation 3; mu = 1 and tau = 0.5 by default).
 
 Server part: FedAvg's aggregation; it sends `moon-mu` and `moon-temperature`. Client part:
-`MoonTerm`, a unit (fedapp/units.py) that keeps the client's last local model in the node's
+`MoonTerm`, a unit (fedapp/core/units.py) that keeps the client's last local model in the node's
 persistent state (Flower's `Context.state`) and adds the term through a training hook.
 
 Deviations from the paper, stated: (1) the representation is the input of the model's last
@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as flwr_strategy
 from torch import nn
 
-from fedapp.units import ClientUnit, TrainJob
+from fedapp.core.units import ClientUnit, TrainJob
 from strategies.base import FedappStrategyMixin
 from tasks.training import TrainHook
 

@@ -3,9 +3,9 @@
 Each strategy here keeps FedAvg's server (a weighted mean of the updates) and adds a client
 part that keeps a personal model (or part of one) in the client's persistent state (Flower's
 `Context.state`, kept per client under the run's `client_state/` in simulation or the node's
-`state-dir` in deployment, fedapp.clients.ClientStateStore: it survives a resumed server and
+`state-dir` in deployment, fedapp.features.clients.ClientStateStore: it survives a resumed server and
 never leaves the node). At the end of a run every client evaluates the global model and its
-personal one on its own held-out rows (fedapp.sites; `final.sites` in results.json).
+personal one on its own held-out rows (fedapp.features.sites; `final.sites` in results.json).
 
 - `local_only`: the baseline a site compares against: every client trains one model on its own
   rows only, with the same budget (rounds x local epochs), and sends no model (an empty
@@ -35,7 +35,7 @@ Under privacy=sample_dp, `local_only` and `fedper` train only inside the DP-SGD 
 client's ledger accounts (the personal head is trained by the same private steps); `fedrep`,
 `ditto` and `finetune` train a second time on the rows, which the ledger does not count, and
 `fedbn`'s BatchNorm has no per-sample gradients: they are refused (their declared
-`sample_dp_refusal`, read by fedapp.privacy.check_combination). With secure=ckks or
+`sample_dp_refusal`, read by fedapp.features.privacy.check_combination). With secure=ckks or
 privacy=central_dp all are refused (`aggregation_rule = "personal"`): what they aggregate is
 not FedAvg's average of whole models.
 """
@@ -55,7 +55,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig
 from torch import nn
 
-from fedapp.units import ClientUnit, TrainJob
+from fedapp.core.units import ClientUnit, TrainJob
 from strategies.base import FedappStrategyMixin, aggregate_scalar_metrics, reply_arrays
 from strategies.records import NUM_EXAMPLES, RoundRecord
 from tasks import ClientData, Task
@@ -220,7 +220,7 @@ def _train_only(task: Task, model, data, settings, prep, frozen: list[nn.Paramet
             p.requires_grad_(True)
 
 
-# -- the personal model of a site at the end of a run (fedapp.sites) ---------------------------
+# -- the personal model of a site at the end of a run (fedapp.features.sites) ---------------------------
 def site_models(
     method: str,
     task: Task,

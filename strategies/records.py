@@ -13,7 +13,7 @@ from typing import Any
 NUM_EXAMPLES = "num-examples"
 
 # results.json `final.sites[]`: one entry per client that answered the per-site evaluation after
-# the last round (fedapp/sites.py), the same keys for every strategy; and its summary keys.
+# the last round (fedapp/features/sites.py), the same keys for every strategy; and its summary keys.
 SITE_FIELDS = {
     "client": "the client (partition id)",
     "n_test": "its held-out rows the scores are on (its validation rows, `task.client_val_fraction` "
@@ -48,7 +48,7 @@ class ClientRecord:
     # train_time_s, train_skipped_steps (train.precision=fp16 only: steps skipped for
     # overflowing gradients), eval_loss, eval_accuracy, eval_time_s, the DP ledger's dp_* and
     # synthetic-rows (the synthetic rows a client sent, or added to its training:
-    # fedapp.synthetic), synthetic-candidates and dp_refine_noise_multiplier (the candidates
+    # fedapp.features.synthetic), synthetic-candidates and dp_refine_noise_multiplier (the candidates
     # its DP discriminator chose them from, and that discriminator's noise multiplier:
     # generator.refine=discriminator); a strategy may log more, see `logged_metrics`.
     metrics: dict[str, Any] = field(default_factory=dict)

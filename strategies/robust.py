@@ -30,7 +30,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import strategy as flwr_strategy
 
-from fedapp.flower_compat import select_multikrum
+from fedapp.core.flower_compat import select_multikrum
 from strategies.base import FedappStrategyMixin, num_examples, reply_arrays
 
 

@@ -15,7 +15,7 @@ updates c <- c + |S|/N * mean_k delta_c_k over the |S| participants of N clients
 Controls cover trainable parameters only (buffers such as running statistics have no
 gradient). Both c and delta_c travel as extra ArrayRecords (`scaffold-c`, `scaffold-dc`),
 doubling the bytes per round, as in the paper. Flower's core has no SCAFFOLD; this is
-written from the paper. The client half is the unit `ScaffoldClient` (fedapp/units.py) over
+written from the paper. The client half is the unit `ScaffoldClient` (fedapp/core/units.py) over
 the pure functions `client_correction` / `client_control_update`; it takes part whenever a
 training message carries `scaffold-c`.
 """
@@ -31,8 +31,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedapp.flower_compat import aggregate_arrayrecords
-from fedapp.units import ClientUnit, TrainJob
+from fedapp.core.flower_compat import aggregate_arrayrecords
+from fedapp.core.units import ClientUnit, TrainJob
 from strategies.base import FedappStrategyMixin, reply_arrays, reply_metrics
 from tasks.training import TrainHook
 

@@ -15,7 +15,7 @@ Events come in as method calls; each returns the decisions to carry out, in orde
 
 `EventDrivenStrategy.start` is the only loop that talks to Flower and the clock for these
 strategies (written once): profiling probes and heartbeats, turning `Send`s into Flower
-messages through `fedapp.hetero.ClockGrid`, waiting for the next reply or the policy's next
+messages through `fedapp.features.hetero.ClockGrid`, waiting for the next reply or the policy's next
 deadline, screening and aggregating what the policy folds, federated evaluation and the
 server-side evaluation after every round. A strategy class supplies its policy
 (`make_policy`) and its aggregation rule (`fold_round`, and `fold_now` for on-arrival mixing).
@@ -33,7 +33,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
-from fedapp.plugins import is_event_clock
+from fedapp.core.plugins import is_event_clock
 from strategies.base import FedappStrategyMixin, reply_metrics
 from strategies.claims import claim_caps
 from strategies.screening import metrics_refusal
@@ -223,7 +223,7 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
     ) -> Result:
         if not is_event_clock(grid):
             raise TypeError(
-                f"{type(self).__name__} needs the fedapp clock (fedapp.hetero.ClockGrid) as its grid"
+                f"{type(self).__name__} needs the fedapp clock (fedapp.features.hetero.ClockGrid) as its grid"
             )
         self._clock = grid
         self._train_config = train_config or ConfigRecord()

@@ -4,7 +4,7 @@ of how fast and how reliable each client has been.
 
 Everything here uses only what a real server observes: when it sent a message, when the
 reply (or the failure) came back, and what the client reported (steps, its own compute
-time). The simulated device profiles behind those numbers (fedapp.hetero) are not read.
+time). The simulated device profiles behind those numbers (fedapp.features.hetero) are not read.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """strategy=synthetic: privacy-distilled synthetic data instead of (or before) model updates.
 
-Seed 004's method (fedapp/synthetic.py has the generator, its privacy and what was left out):
+Seed 004's method (fedapp/features/synthetic.py has the generator, its privacy and what was left out):
 
 1. rounds 1..G (`generator.rounds`): the generator is trained federatedly, FedAvg of the
    clients' local (DP-SGD) epochs;
@@ -34,8 +34,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Result
 
-from fedapp import seeds
-from fedapp.synthetic import (
+from fedapp.core import seeds
+from fedapp.features.synthetic import (
     GeneratorPhase,
     GeneratorSpec,
     Layout,

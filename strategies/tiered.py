@@ -53,7 +53,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common import log
 
-from fedapp import seeds
+from fedapp.core import seeds
 from strategies.base import layers, num_examples, reply_arrays, reply_metrics, to_record
 from strategies.scheduler import (
     Cancel,

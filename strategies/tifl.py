@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from fedapp import seeds
+from fedapp.core import seeds
 from strategies.base import sample_partitions
 from strategies.scheduler import (
     Cancel,

@@ -79,7 +79,7 @@ class Task(ABC):
     # counts before training, see `client_stats` / `aggregate_stats`).
     needs_stats: bool = False
     # The metric a site judges a model by (`evaluate`'s key): per-site evaluation
-    # (fedapp.sites) reports it; tables say "roc_auc".
+    # (fedapp.features.sites) reports it; tables say "roc_auc".
     headline_metric: str = "accuracy"
 
     def __init__(self, cfg: DictConfig, data_dir: Path) -> None:
@@ -207,7 +207,7 @@ class Task(ABC):
         hooks: Sequence[TrainHook] = (),
     ) -> dict[str, float]:
         """Train `model` in place on the client's data; return scalar metrics. `hooks` come
-        from the client-side units (fedapp/units.py)."""
+        from the client-side units (fedapp/core/units.py)."""
         return train_classifier(
             model,
             self.train_dataset(data, settings, prep),

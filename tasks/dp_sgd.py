@@ -1,6 +1,6 @@
 """DP-SGD around the local training loop (Opacus), importing only torch and Opacus.
 
-`fedapp.privacy` plans and accounts the budget and builds `DPSGDHook` for each round; the hook
+`fedapp.features.privacy` plans and accounts the budget and builds `DPSGDHook` for each round; the hook
 lives here, beside `tasks.training`, so that `bench/throughput.py` can time private training on
 a machine that has PyTorch and Opacus but not Flower.
 """

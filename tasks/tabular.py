@@ -654,7 +654,7 @@ class TabularTask(Task):
         privacy = cfg.get("privacy")
         if privacy is not None and privacy.get("name") == "sample_dp":
             # DP statistics need bounded contributions: squash every value row by row (no
-            # pooled statistic), then clip it (fedapp.privacy)
+            # pooled statistic), then clip it (fedapp.features.privacy)
             self.schema.numeric_transform = "signed_log"
         self._partitioner = None
         self._test_file_rows: Rows | None = None

@@ -58,7 +58,7 @@ class TrainSettings:
 
     Only the knobs of plain local SGD live here; what a strategy or privacy mode adds to the
     loop (proximal and distillation terms, SCAFFOLD's correction, DP-SGD) comes in as
-    `TrainHook`s from the client-side units (fedapp/units.py)."""
+    `TrainHook`s from the client-side units (fedapp/core/units.py)."""
 
     local_epochs: int = 1
     max_steps: int = 0  # 0 = no cap

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from hypothesis import settings
 
-from fedapp.config import PROJECT_ROOT
-from fedapp.flower_compat import set_task_identity
+from fedapp.core.config import PROJECT_ROOT
+from fedapp.core.flower_compat import set_task_identity
 
 # Property tests draw the same examples on every run (CI must not flake on a new draw);
 # HYPOTHESIS_PROFILE=explore searches afresh each time, for local bug hunting.
@@ -97,12 +97,12 @@ def error_reply(node_id: int, reason: str = "boom") -> Message:
 def independent_epsilon(history, delta: float) -> float:
     """Epsilon of a history of (noise multiplier, sample rate, steps) by an accountant that is
     not the code's own: Google's dp_accounting (RDP of Poisson-subsampled Gaussians), with the
-    same RDP orders as fedapp.privacy (so the two agree to ~1e-3; the orders are a choice of
+    same RDP orders as fedapp.features.privacy (so the two agree to ~1e-3; the orders are a choice of
     bound, not of mechanism)."""
     from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent
     from dp_accounting.rdp import RdpAccountant
 
-    from fedapp.privacy import DEFAULT_ORDERS, LARGE_ORDERS
+    from fedapp.features.privacy import DEFAULT_ORDERS, LARGE_ORDERS
 
     full = all(float(q) == 1.0 for _, q, _ in history)
     acc = RdpAccountant(orders=LARGE_ORDERS if full else DEFAULT_ORDERS)

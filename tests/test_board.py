@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from fedapp import events as ev
-from fedapp.board.app import MAX_LIMIT, create_app
-from fedapp.board.cli import BoardError, check_bind, main, read_token
+from fedapp.cli.board.app import MAX_LIMIT, create_app
+from fedapp.cli.board.cli import BoardError, check_bind, main, read_token
+from fedapp.features import events as ev
 from tests.fedapp.test_events import _results
 
 TOKEN = "a-long-operator-token-0123456789"
@@ -139,7 +139,7 @@ def test_no_secret_is_served(store):
 def test_on_loopback_a_foreign_host_header_is_refused(store):
     """The Host headers fedapp-board accepts on a loopback bind (cli.loopback_hosts), IPv6
     and 127.0.0.x binds included; a foreign name (DNS rebinding) is refused."""
-    from fedapp.board.cli import loopback_hosts
+    from fedapp.cli.board.cli import loopback_hosts
 
     url, _ = store
     for bind, good in (
@@ -178,7 +178,7 @@ def test_a_non_loopback_bind_needs_tls_and_a_token(tmp_path, monkeypatch):
         [
             sys.executable,
             "-m",
-            "fedapp.board.cli",
+            "fedapp.cli.board.cli",
             "--host",
             "0.0.0.0",
             "--db",
@@ -204,7 +204,7 @@ def _free_port() -> int:
 def test_the_board_serves_https_with_the_deployment_s_certificates(store, tmp_path):
     """fedapp-certs' SuperLink certificate (issued for 127.0.0.1) serves the board over TLS;
     a client trusting the deployment's CA reads it, the token releases, plain HTTP does not."""
-    from fedapp.tls import create_credentials
+    from fedapp.features.tls import create_credentials
 
     url, _ = store
     creds = create_credentials(tmp_path / "creds", hosts=["127.0.0.1"])
@@ -215,7 +215,7 @@ def test_the_board_serves_https_with_the_deployment_s_certificates(store, tmp_pa
         [
             sys.executable,
             "-m",
-            "fedapp.board.cli",
+            "fedapp.cli.board.cli",
             "--db",
             url,
             "--root",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from fedapp import events as ev
-from fedapp.config import PROJECT_ROOT
+from fedapp.core.config import PROJECT_ROOT
+from fedapp.features import events as ev
 
 CHROMIUM = next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
@@ -122,7 +122,7 @@ def wait(fn, timeout: float, what: str, every: float = 0.1):
 def test_an_operator_watches_a_run_then_releases_its_model(tmp_path, data_dir):
     from selenium.webdriver.common.by import By
 
-    from fedapp.board.app import create_app
+    from fedapp.cli.board.app import create_app
 
     root = tmp_path / "outputs"
     url = ev.sqlite_url(root / ev.DB_NAME)
@@ -130,7 +130,7 @@ def test_an_operator_watches_a_run_then_releases_its_model(tmp_path, data_dir):
     run_dir = root / "live-run"
     log = (tmp_path / "job.log").open("w")
     job = subprocess.Popen(
-        [sys.executable, "-m", "fedapp.inline", *LIVE.split(), f"output_dir={run_dir}"],
+        [sys.executable, "-m", "fedapp.cli.inline", *LIVE.split(), f"output_dir={run_dir}"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -10,11 +10,11 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from fedapp import events as ev
-from fedapp.config import PROJECT_ROOT
-from fedapp.federation import node_config_line, register_node, start_supernode, write_node_keys
-from fedapp.launch import run_status, stop_process_group, submit, superlink
-from fedapp.tls import create_credentials
+from fedapp.cli.federation import node_config_line, register_node, start_supernode, write_node_keys
+from fedapp.cli.launch import run_status, stop_process_group, submit, superlink
+from fedapp.core.config import PROJECT_ROOT
+from fedapp.features import events as ev
+from fedapp.features.tls import create_credentials
 from tests.test_board_browser import CHROMIUM, DRIVER, Served, browser, shot, wait
 from tests.test_deployment import CREDIT, _federation
 
@@ -100,6 +100,6 @@ def test_a_node_with_an_unregistered_partition_key_is_in_the_audit_trail(tmp_pat
 
 
 def create_app_for(url: str):
-    from fedapp.board.app import create_app
+    from fedapp.cli.board.app import create_app
 
     return create_app(url)

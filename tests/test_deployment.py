@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from fedapp.checks import compose
-from fedapp.config import PROJECT_ROOT, parse_overrides, resolve_data_dir
-from fedapp.federation import (
+from fedapp.cli.federation import (
     export_operator_files,
     node_config_line,
     register_node,
     start_supernode,
 )
-from fedapp.launch import (
+from fedapp.cli.launch import (
     bin_path,
     prepare_run,
     run_status,
@@ -28,7 +27,8 @@ from fedapp.launch import (
     submit,
     superlink,
 )
-from fedapp.tls import create_credentials
+from fedapp.core.config import PROJECT_ROOT, parse_overrides, resolve_data_dir
+from fedapp.features.tls import create_credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -193,7 +193,7 @@ def test_supernodes_refuse_an_unsigned_or_wrongly_signed_app(tmp_path, data_dir)
     starts; its state folder stays empty). The signed case is the runbook test below."""
     import subprocess
 
-    from fedapp.appsign import build_fab, serve_apps, sign_fab
+    from fedapp.features.appsign import build_fab, serve_apps, sign_fab
 
     out, files, flwr_home, env, run_cfg = _federation(
         tmp_path, f"{CREDIT} partition.num_partitions=2 rounds=1 round_timeout_s=60", 1
@@ -374,7 +374,7 @@ def test_the_readme_runbook_runs_on_loopback(tmp_path, data_dir):
     connect through nginx and run the app signed by the operator's key."""
     import subprocess
 
-    from fedapp.launch import flower_env, free_port, wait_healthy
+    from fedapp.cli.launch import flower_env, free_port, wait_healthy
     from tasks import get_task
 
     full_cfg = compose("task=credit partition=iid partition.num_partitions=2")
@@ -453,7 +453,7 @@ def test_a_hostile_server_cannot_switch_off_the_institutions_protections(tmp_pat
     node config requires DP at epsilon <= 2. The operator first starts the run with
     privacy=none: every node refuses (no statistics are released, the run stops at start-up
     with the nodes' reason); then asks for epsilon 8: each node trains at its own cap."""
-    from fedapp.federation import run_federation
+    from fedapp.cli.federation import run_federation
 
     base = "task=credit partition=iid partition.num_partitions=2 rounds=1 train.max_steps=5"
     policy = "max-epsilon=2"

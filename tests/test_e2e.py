@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.inline import run_inline
-from fedapp.launch import run_simulation
+from fedapp.cli.inline import run_inline
+from fedapp.cli.launch import run_simulation
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_simulation_learns_and_writes_the_results_contract(strategy, engine, tmp
 
 
 def test_inline_engine_reproduces_the_flower_simulation(tmp_path, data_dir):
-    """fedapp.inline (one process, no Ray) gives the same models as a real Flower simulation,
+    """fedapp.cli.inline (one process, no Ray) gives the same models as a real Flower simulation,
     here with the trust strategy and stale free riders, whose state lives in Context.state.
     This is also the same-seed-same-run test of the Flower path: the inline engine is
     deterministic (tests/test_inline.py), so a non-deterministic simulation would fail here."""
@@ -113,8 +113,8 @@ def test_flwr_run_on_flowers_default_supernodes_gives_the_same_models(tmp_path, 
     run gives the same models as the in-process engine with one node per client."""
     import torch
 
-    from fedapp.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir
-    from fedapp.launch import prepare_run, run_status, submit, superlink
+    from fedapp.cli.launch import prepare_run, run_status, submit, superlink
+    from fedapp.core.config import PROJECT_ROOT, compose, parse_overrides, resolve_data_dir
 
     overrides = (
         "task=credit partition=iid partition.num_partitions=6 rounds=3 clients_per_round=4 "
@@ -167,14 +167,14 @@ def test_event_driven_strategy_runs_on_flowers_grid(tmp_path, data_dir):
 
 
 def test_bad_override_fails_before_starting_flower(tmp_path):
-    from fedapp.config import ConfigError
+    from fedapp.core.config import ConfigError
 
     with pytest.raises(ConfigError):
         run_simulation("strategy=does_not_exist", tmp_path / "x")
 
 
 def test_local_federation_with_supernodes(tmp_path, data_dir):
-    from fedapp.federation import run_federation
+    from fedapp.cli.federation import run_federation
 
     out = run_federation(
         3,
@@ -195,7 +195,7 @@ def test_local_federation_with_supernodes(tmp_path, data_dir):
 
 
 def test_encrypted_local_federation_keeps_the_secret_key_off_the_server(tmp_path, data_dir):
-    from fedapp.federation import run_federation
+    from fedapp.cli.federation import run_federation
 
     out = run_federation(
         3,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 
 CREDIT = (
     "task=credit partition=iid partition.num_partitions=12 clients_per_round=6 "

@@ -1,4 +1,4 @@
-"""A hostile server against an institution's ClientApp (the trust boundary, fedapp.policy).
+"""A hostile server against an institution's ClientApp (the trust boundary, fedapp.core.policy).
 
 Each test is one attack a curious or compromised server tries; each asserts that it fails,
 and where the attack used to work, shows that it still would without the protection (the
@@ -20,12 +20,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedapp.clients import CLIENT_RECORD, virtual_client_mod
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
-from fedapp.node import load_node
-from fedapp.policy import POLICY_ENV, REFUSED, PolicyRefusal, client_overrides
-from fedapp.privacy import PrivacyError, ledger_report, privatize_stats, secret_numpy_noise
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
+from fedapp.core.node import load_node
+from fedapp.core.policy import POLICY_ENV, REFUSED, PolicyRefusal, client_overrides
+from fedapp.features.clients import CLIENT_RECORD, virtual_client_mod
+from fedapp.features.privacy import PrivacyError, ledger_report, privatize_stats, secret_numpy_noise
 from fedapp.server_app import RunFailed
 from tasks.base import DataError
 from tasks.dp_sgd import SEEDED_NOISE_ENV, DPSGDHook
@@ -245,7 +245,7 @@ def test_server_paths_and_the_validation_share_are_never_taken(data_dir, tmp_pat
 
 
 def _virtual_record(partition_id: int, **extra) -> dict:
-    """The record a server sends with a message for a virtual client (fedapp.clients)."""
+    """The record a server sends with a message for a virtual client (fedapp.features.clients)."""
     return {
         "lineage": "ab12",
         "lineages": [""],
@@ -321,7 +321,7 @@ def test_a_new_run_does_not_reset_an_institution_s_budget(tmp_path, data_dir, mo
 
 
 def test_a_deployed_node_refuses_dp_without_a_persistent_ledger(data_dir):
-    from fedapp.privacy import require_persistent_ledger
+    from fedapp.features.privacy import require_persistent_ledger
 
     with pytest.raises(PrivacyError, match="ledger-dir"):
         require_persistent_ledger({"data-path": "/data/bank.csv"})
@@ -353,9 +353,9 @@ def test_evaluation_under_dp_sends_no_exact_confusion_counts(tmp_path, data_dir)
 
 # -- 8. a partition id is bound to the key registered for it ----------------------------------------
 def test_a_node_claiming_another_institution_s_partition_is_refused(tmp_path):
-    from fedapp.clients import ClientGrid, NodeInfo
-    from fedapp.identity import load_node_keys, new_nonce, sign_claim
-    from fedapp.tls import create_credentials
+    from fedapp.features.clients import ClientGrid, NodeInfo
+    from fedapp.features.identity import load_node_keys, new_nonce, sign_claim
+    from fedapp.features.tls import create_credentials
     from tests.conftest import FakeGrid
 
     creds = create_credentials(tmp_path / "creds", nodes=["bank-a", "bank-b"])
@@ -408,7 +408,13 @@ def test_two_messages_at_once_both_spend_into_one_ledger(tmp_path):
     import threading
     import time as _time
 
-    from fedapp.privacy import Ledger, ledger_file, ledger_lock_mod, load_ledger, save_ledger
+    from fedapp.features.privacy import (
+        Ledger,
+        ledger_file,
+        ledger_lock_mod,
+        load_ledger,
+        save_ledger,
+    )
 
     node_config = {"partition-id": 0, "ledger-dir": str(tmp_path / "l"), "institution": "bank"}
     path = ledger_file(node_config, 0)
@@ -450,7 +456,7 @@ def test_two_messages_at_once_both_spend_into_one_ledger(tmp_path):
 def test_a_forged_state_ledger_does_not_stand_in_for_the_node_s_file(tmp_path):
     """A state record (restored in simulation from a folder) with a long history of tiny
     spending: the file under the node's ledger-dir alone counts."""
-    from fedapp.privacy import STATE_KEY, Ledger, load_ledger, save_ledger
+    from fedapp.features.privacy import STATE_KEY, Ledger, load_ledger, save_ledger
 
     path = tmp_path / "bank.dp-ledger.json"
     real = Ledger(8.0, 1e-5, "rdp", history=[(1.0, 0.05, 400)])
@@ -464,7 +470,7 @@ def test_a_forged_state_ledger_does_not_stand_in_for_the_node_s_file(tmp_path):
 
 
 def test_the_node_s_max_delta_lowers_the_run_s(data_dir):
-    from fedapp.privacy import PrivacySpec, new_ledger
+    from fedapp.features.privacy import PrivacySpec, new_ledger
 
     node = load_node(_context(data_dir, "task=medical privacy=sample_dp"), with_data=False)
     spec = PrivacySpec.from_config(node.cfg.privacy)
@@ -484,7 +490,7 @@ def test_a_simulated_policy_with_dp_needs_its_own_ledger_folder(tmp_path, monkey
 
 
 def test_the_statistics_noise_is_drawn_as_opacus_secure_mode_does():
-    from fedapp.privacy import secure_gaussian
+    from fedapp.features.privacy import secure_gaussian
 
     draws = secure_gaussian(np.random.default_rng(0), 3.0, (200_000,))
     assert draws.std() == pytest.approx(3.0, rel=0.01) and abs(draws.mean()) < 0.03
@@ -496,7 +502,7 @@ def test_a_node_with_ckks_metrics_off_sends_no_metric_of_a_received_model(data_d
     that client's data through the loss of it. A node with `ckks-metrics=false` answers no
     evaluate, and its training reply carries counts and timings only."""
     from fedapp import client_app
-    from fedapp.policy import NodePolicy
+    from fedapp.core.policy import NodePolicy
 
     ctx = _context(data_dir, "task=medical secure=ckks", **{"ckks-metrics": "false"})
     node = load_node(ctx)
@@ -518,8 +524,8 @@ def test_a_node_with_ckks_metrics_off_sends_no_metric_of_a_received_model(data_d
 
 
 def test_a_generator_phase_the_run_did_not_declare_is_refused(data_dir):
-    from fedapp.policy import NodePolicy
-    from fedapp.synthetic import check_generator_message
+    from fedapp.core.policy import NodePolicy
+    from fedapp.features.synthetic import check_generator_message
 
     fedavg = load_node(_context(data_dir, "task=medical"), with_data=False).cfg
     for sharing in (False, True):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 
 MEDICAL = "task=medical rounds=2 clients_per_round=4 eval_clients_per_round=4 checkpoint=false"
 
@@ -129,7 +129,7 @@ def test_a_raising_client_leaves_its_node_state_as_it_was():
     """As in Flower: the Context.state of a node whose ClientApp raised is not updated."""
     from flwr.app import ArrayRecord, Context, Message, MessageType, RecordDict
 
-    from fedapp.inline import InlineGrid
+    from fedapp.cli.inline import InlineGrid
 
     def client(msg, context):
         context.state.array_records["x"] = ArrayRecord([])
@@ -156,7 +156,7 @@ def test_a_raising_client_leaves_its_node_state_as_it_was():
 
 def _inline_main(out: Path, overrides: str) -> tuple[int, dict]:
     """fedapp-inline's exit code and results.json for a medical run with `overrides`."""
-    from fedapp.inline import main
+    from fedapp.cli.inline import main
 
     code = main([*f"{MEDICAL} {overrides}".split(), "--output-dir", str(out)])
     return code, json.loads((out / "results.json").read_text())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from fedapp.config import PROJECT_ROOT
+from fedapp.core.config import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "bench"))
 import import_graph  # noqa: E402
@@ -17,7 +17,7 @@ import import_graph  # noqa: E402
 KNOWN_UP = {
     # strategy=synthetic is the synthetic-data feature's own round loop; its `_target_`
     # (strategies.synthetic.SyntheticData) is a contract, so it stays where configs name it
-    ("strategies.synthetic", "fedapp.synthetic"),
+    ("strategies.synthetic", "fedapp.features.synthetic"),
 }
 KNOWN_CYCLE: set[str] = set()
 

@@ -10,8 +10,8 @@ import pytest
 from hydra.utils import get_class
 
 from fedapp.checks import compose
-from fedapp.config import PROJECT_ROOT, ConfigError
-from fedapp.config import compose as settings_only
+from fedapp.core.config import PROJECT_ROOT, ConfigError
+from fedapp.core.config import compose as settings_only
 
 COLUMNS = {
     1: ["secure=ckks"],

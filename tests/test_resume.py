@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
 
 SMALL = (
     "task=credit partition=iid partition.num_partitions=6 clients_per_round=3 "
@@ -27,7 +27,7 @@ def _kill_after(overrides: str, out: Path, k: int) -> None:
     """Run fedapp-inline in a process of its own and SIGKILL it once round k is checkpointed
     and some client has already trained in round k+1 (its state moved on: the hard case)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedapp.inline", *overrides.split(), "--output-dir", str(out)],
+        [sys.executable, "-m", "fedapp.cli.inline", *overrides.split(), "--output-dir", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -153,8 +153,8 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, data_dir):
 def test_central_dp_counts_a_possible_release_after_the_checkpoint(tmp_path, data_dir):
     """A resumed central-DP run counts one more release than it checkpointed (the dead
     server may have aggregated and sent out one more model): epsilon is an upper bound."""
-    from fedapp.config import compose
-    from fedapp.privacy import PrivacySpec
+    from fedapp.core.config import compose
+    from fedapp.features.privacy import PrivacySpec
     from tests.conftest import independent_epsilon
 
     base = SMALL.replace("rounds=4", "") + (

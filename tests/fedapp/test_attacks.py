@@ -8,7 +8,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedapp.attacks import (
+from fedapp.checks import compose
+from fedapp.client_app import compose_units
+from fedapp.core.units import run_units
+from fedapp.features.attacks import (
     AttackError,
     AttackHarness,
     AttackSpec,
@@ -19,9 +22,6 @@ from fedapp.attacks import (
     poisoned_state,
     trains_locally,
 )
-from fedapp.checks import compose
-from fedapp.client_app import compose_units
-from fedapp.units import run_units
 
 
 @given(n=st.integers(1, 500), frac=st.floats(0, 1), seed=st.integers(0, 2**31))

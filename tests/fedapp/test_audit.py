@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fedapp.audit import attack_report, audit, main
 from fedapp.checks import compose
+from fedapp.features.audit import attack_report, audit, main
 from tasks import get_task
 
 OVERRIDES = "task=medical task.hidden=[256,256] task.dropout=0.0"
@@ -25,7 +25,7 @@ def _run_dir(tmp_path, data_dir, train_on: str):
     parts = [task.load_partition(p) for p in range(task.num_partitions())]
     prep = task.aggregate_stats([task.client_stats(d) for d in parts])
     rows = [d.train if train_on == "members" else d.val for d in parts]
-    from fedapp.audit import _concat
+    from fedapp.features.audit import _concat
 
     data = task.eval_dataset(_concat(rows), prep)
     torch.manual_seed(0)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from fedapp.datasets import DATASETS, GITHUB, fetch, verify
-from fedapp.inline import run_inline
-from fedapp.schema import SchemaError, infer, main
+from fedapp.cli.inline import run_inline
+from fedapp.cli.schema import SchemaError, infer, main
+from fedapp.features.datasets import DATASETS, GITHUB, fetch, verify
 
 
 @pytest.fixture
@@ -134,5 +134,7 @@ def test_every_file_a_task_reads_has_its_source_listed():
     for path in (Path(__file__).parents[2] / "conf" / "task").glob("[!_]*.yaml"):
         task = yaml.safe_load(path.read_text())
         for f in task.get("files") or []:
-            assert f["path"] in listed, f"{path.name}: {f['path']} is not in fedapp/datasets.py"
+            assert f["path"] in listed, (
+                f"{path.name}: {f['path']} is not in fedapp/features/datasets.py"
+            )
     assert {"femnist", "insurance_image"} <= set(DATASETS)

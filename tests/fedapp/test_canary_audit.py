@@ -1,4 +1,4 @@
-"""The one-run canary audit (fedapp.audit, Steinke, Nasr and Jagielski 2023): the bound's math,
+"""The one-run canary audit (fedapp.features.audit, Steinke, Nasr and Jagielski 2023): the bound's math,
 and the audit of a client's DP-SGD without DP, with DP, and with reproducible noise."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedapp.audit import canary_audit, canary_epsilon_bound, canary_p_value, canary_plan
 from fedapp.checks import compose
+from fedapp.features.audit import canary_audit, canary_epsilon_bound, canary_p_value, canary_plan
 from tasks.dp_sgd import SEEDED_NOISE_ENV
 
 # medical: ~200 training rows per hospital, 7 steps per epoch; 5 rounds keep the audit fast
@@ -86,7 +86,7 @@ def test_fedapp_audit_reports_the_bound_beside_the_claim(tmp_path, data_dir, cap
     import torch
     from omegaconf import OmegaConf
 
-    from fedapp.audit import main
+    from fedapp.features.audit import main
     from tasks import get_task
 
     monkeypatch.setenv("TQDM_DISABLE", "1")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fedapp.centralized import train_centralized
 from fedapp.checks import compose
+from fedapp.cli.centralized import train_centralized
 from tasks import get_task
 
 

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord
 
 from fedapp.checkpoint import CheckpointError, check_compatible, dumps, loads
 from fedapp.checks import compose
-from fedapp.config import ConfigError, to_dict
+from fedapp.core.config import ConfigError, to_dict
 
 
 class Live:
@@ -58,7 +58,7 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_default():
 
 
 def test_a_resumed_run_writes_into_the_folder_it_resumes(tmp_path):
-    from fedapp.config import resolve_output_dir
+    from fedapp.core.config import resolve_output_dir
 
     run = tmp_path / "run"
     assert resolve_output_dir(compose(f"resume={run}"), {}) == run
@@ -104,7 +104,7 @@ def test_a_central_dp_checkpoint_does_not_predict_the_noise(tmp_path, data_dir):
 
     import torch
 
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
     from fedapp.server_app import seed_everything
 
     z, clip, m = 2.0, 1.0, 3

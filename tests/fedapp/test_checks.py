@@ -7,8 +7,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common import ConfigRecord
 
 from fedapp import checks
-from fedapp.config import ConfigError
-from fedapp.config import compose as settings_only
+from fedapp.core.config import ConfigError
+from fedapp.core.config import compose as settings_only
 
 
 def _message(message_type: str) -> Message:

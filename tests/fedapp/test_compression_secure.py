@@ -1,4 +1,4 @@
-"""Compressed updates (fedapp/compression.py) and encrypted aggregation (fedapp/secure.py)."""
+"""Compressed updates (fedapp/features/compression.py) and encrypted aggregation (fedapp/features/secure.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedapp.checks import compose
-from fedapp.compression import (
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
+from fedapp.features.compression import (
     CompressionSpec,
     decode,
     decode_int8,
@@ -20,9 +22,7 @@ from fedapp.compression import (
     encode_int8,
     topk,
 )
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
-from fedapp.secure import (
+from fedapp.features.secure import (
     PUBLIC,
     SECRET,
     SecureSpec,
@@ -218,7 +218,7 @@ def test_strategies_that_need_plaintext_updates_are_refused():
     ],
 )
 def test_encrypted_runs_match_plain_ones(tmp_path, data_dir, strategy, monkeypatch):
-    from fedapp.secure import CLIENT_HOME_ENV, SecureSpec, client_key_dir
+    from fedapp.features.secure import CLIENT_HOME_ENV, SecureSpec, client_key_dir
 
     monkeypatch.setenv(CLIENT_HOME_ENV, str(tmp_path / "client-home"))
     plain = _results(tmp_path, f"strategy={strategy}")

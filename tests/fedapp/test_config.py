@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedapp.checks import compose
-from fedapp.config import (
+from fedapp.core.config import (
     ConfigError,
     parse_overrides,
     resolve_data_dir,
@@ -86,7 +86,7 @@ def test_a_config_typo_is_one_line_with_the_choices():
 
 
 def test_launchers_print_setup_errors_in_one_line(capsys):
-    from fedapp.launch import main
+    from fedapp.cli.launch import main
 
     assert main(["train.batch_size=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -142,7 +142,7 @@ def test_a_second_run_into_a_folder_in_use_stops_at_once(tmp_path):
 
 
 def test_the_inline_launcher_says_a_type_error_in_one_line(capsys):
-    from fedapp.inline import main
+    from fedapp.cli.inline import main
 
     assert main(["task=medical", "train.lr=abc"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -153,7 +153,7 @@ def test_the_inline_launcher_says_a_type_error_in_one_line(capsys):
 def test_the_type_check_reads_the_users_own_task_yamls(tmp_path):
     """The defaults a type is checked against come from the same search path: a task of the
     user's own folder composes with a text override, and a wrong type still names the key."""
-    from fedapp.config import conf_dir
+    from fedapp.core.config import conf_dir
 
     (tmp_path / "task").mkdir()
     text = (conf_dir() / "task" / "medical.yaml").read_text()

@@ -1,4 +1,4 @@
-"""A task's DP recipe (the `privacy:` block of conf/task/<task>.yaml, fedapp.config.apply_dp_recipe):
+"""A task's DP recipe (the `privacy:` block of conf/task/<task>.yaml, fedapp.core.config.apply_dp_recipe):
 applied under privacy=sample_dp only, never to a run without it, and the command line wins."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from fedapp.config import ConfigError, apply_dp_recipe, compose
+from fedapp.core.config import ConfigError, apply_dp_recipe, compose
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TABULAR = ("credit", "medical", "bankruptcy")
@@ -80,8 +80,8 @@ def test_a_server_cannot_set_the_node_s_validation_share_through_the_recipe():
     """`task.privacy.task.client_val_fraction` from a server would move a node's rows into
     validation (outside the DP guarantee): the client drops every override under
     task.privacy (the recipe is the node's own YAML), and a recipe never sets it anyway."""
-    from fedapp.config import ConfigError
-    from fedapp.policy import client_overrides
+    from fedapp.core.config import ConfigError
+    from fedapp.core.policy import client_overrides
 
     hostile = [
         "task=credit",

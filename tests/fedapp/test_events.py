@@ -1,4 +1,4 @@
-"""The event store (fedapp/events.py): written by the recorder as a run goes, imported from
+"""The event store (fedapp/features/events.py): written by the recorder as a run goes, imported from
 run folders, never able to stop a run, safe to read while a run writes."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from fedapp import events as ev
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
+from fedapp.features import events as ev
 
 RUN = "task=credit partition=iid partition.num_partitions=4 rounds=3 clients_per_round=4 eval_clients_per_round=2"
 
@@ -229,7 +229,7 @@ def test_the_board_reads_while_a_run_writes(tmp_path):
     succeeds and the round count never goes back."""
     from fastapi.testclient import TestClient
 
-    from fedapp.board.app import create_app
+    from fedapp.cli.board.app import create_app
 
     url = ev.sqlite_url(tmp_path / "rw.db")
     store = ev.EventStore(url, tmp_path / "run")

@@ -1,4 +1,4 @@
-"""The Flower adapter (fedapp/flower_compat.py): every private or semi-private Flower API
+"""The Flower adapter (fedapp/core/flower_compat.py): every private or semi-private Flower API
 fedapp relies on, exercised here so that an upgrade that moves or changes one fails here,
 loudly, instead of somewhere in a run. And a guard: nothing else imports them."""
 
@@ -28,8 +28,8 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedapp.config import PROJECT_ROOT
-from fedapp.flower_compat import (
+from fedapp.core.config import PROJECT_ROOT
+from fedapp.core.flower_compat import (
     SUPERLINK_NODE_ID,
     ErrorCode,
     aggregate_arrayrecords,
@@ -130,7 +130,7 @@ def test_multikrum_selection_leaves_out_the_outlier():
     assert len(selected) == 2 and all(r is not records[3] for r in selected)
 
 
-# -- app signing (fedapp.appsign) ------------------------------------------------------------
+# -- app signing (fedapp.features.appsign) ------------------------------------------------------------
 
 
 def _ssh_private(key) -> bytes:
@@ -216,7 +216,7 @@ def test_flowers_supernode_accepts_only_a_trusted_signature_of_these_bytes(tmp_p
     assert verify_fab(fab_from_hub(fab, []), entities) is False
     assert verify_fab(record, {"op": _ssh_public(other)}) is False
     assert verify_fab(record, {"someone-else": _ssh_public(key)}) is False
-    # fedapp.appsign mirrors the SuperNode's decision: a license, then a trusted signature
+    # fedapp.features.appsign mirrors the SuperNode's decision: a license, then a trusted signature
     from flwr.supernode import start_client_internal
 
     source = inspect.getsource(start_client_internal._pull_and_store_message)
@@ -281,13 +281,13 @@ def test_the_superlinks_fetch_fab_request():
 
 
 def test_the_adapter_imports_flowers_runtime_modules_only_when_used():
-    """`import fedapp.flower_compat` must stay cheap: the SuperLink, SuperNode and CLI
+    """`import fedapp.core.flower_compat` must stay cheap: the SuperLink, SuperNode and CLI
     modules behind the app-signing wrappers are imported on first call only."""
     import subprocess
     import sys
 
     code = (
-        "import sys, fedapp.flower_compat; "
+        "import sys, fedapp.core.flower_compat; "
         "print([m for m in ('flwr.superlink', 'flwr.supernode', 'flwr.cli') if m in sys.modules])"
     )
     done = subprocess.run(
@@ -322,4 +322,4 @@ def test_no_private_flower_api_outside_the_adapter():
             for i, line in enumerate(path.read_text().splitlines(), 1):
                 if any(re.search(p, line) for p in FORBIDDEN):
                     offenders.append(f"{path.relative_to(PROJECT_ROOT)}:{i}: {line.strip()}")
-    assert not offenders, "use fedapp.flower_compat instead:\n" + "\n".join(offenders)
+    assert not offenders, "use fedapp.core.flower_compat instead:\n" + "\n".join(offenders)

@@ -1,4 +1,4 @@
-"""Device profiles and the clock (fedapp.hetero), with a stub ClientApp behind a real Grid."""
+"""Device profiles and the clock (fedapp.features.hetero), with a stub ClientApp behind a real Grid."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedapp.checks import compose
-from fedapp.flower_compat import ErrorCode
-from fedapp.hetero import (
+from fedapp.cli.inline import InlineGrid
+from fedapp.core.flower_compat import ErrorCode
+from fedapp.features.hetero import (
     MBIT,
     ClockGrid,
     DeviceProfile,
@@ -20,7 +21,6 @@ from fedapp.hetero import (
     is_unavailable,
     profile_from_node_config,
 )
-from fedapp.inline import InlineGrid
 
 MODEL = ArrayRecord([np.zeros(250_000, dtype=np.float32)])  # 1 MB
 STEPS = 10

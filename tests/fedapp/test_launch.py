@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from fedapp.checks import compose
-from fedapp.config import ConfigError
-from fedapp.launch import (
+from fedapp.cli.launch import (
     federation_resources,
     stop_process_group,
     write_run_config,
 )
+from fedapp.core.config import ConfigError
 
 
 def test_run_config_survives_quotes_and_spaces(tmp_path):
@@ -46,7 +46,7 @@ def test_stop_process_group_stops_the_whole_tree_even_other_sessions():
 
 
 def test_the_console_shows_progress_and_errors_and_the_log_keeps_the_rest():
-    from fedapp.launch import console_line
+    from fedapp.cli.launch import console_line
 
     progress = "\x1b[92mINFO \x1b[0m:      [fedapp] round 3/30  test_acc=0.6\n"
     assert console_line(progress) == "[fedapp] round 3/30  test_acc=0.6\n"
@@ -103,7 +103,7 @@ def test_processes_a_killed_superlink_left_behind_are_stopped(tmp_path):
     SuperNode) and stops it, and nothing else."""
     import os
 
-    from fedapp.launch import stop_marked
+    from fedapp.cli.launch import stop_marked
 
     home = tmp_path / "flwr-home"
     env = lambda h: {**os.environ, "FLWR_HOME": str(h)}  # noqa: E731
@@ -122,7 +122,7 @@ def test_processes_a_killed_superlink_left_behind_are_stopped(tmp_path):
 
 
 def test_log_files_lose_flowers_colour_codes(tmp_path):
-    from fedapp.launch import strip_colour_codes
+    from fedapp.cli.launch import strip_colour_codes
 
     (tmp_path / "n").mkdir()
     (tmp_path / "n" / "supernode.log").write_text("\x1b[92mINFO \x1b[0m:      joined\n")
@@ -137,7 +137,7 @@ def test_a_supernode_refused_too_early_is_started_again_until_it_stays(tmp_path)
     heartbeat window), the second crashes, the third stays: two restarts, each said."""
     import sys
 
-    from fedapp.federation import NodeSupervisor
+    from fedapp.cli.federation import NodeSupervisor
 
     runs = iter(["Exit Code: 305\nSuperNode is already active", "Traceback...", None])
     said = []

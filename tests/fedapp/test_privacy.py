@@ -1,4 +1,4 @@
-"""Differential privacy (fedapp/privacy.py): accounting, the client's ledger and budget, DP-SGD's
+"""Differential privacy (fedapp/features/privacy.py): accounting, the client's ledger and budget, DP-SGD's
 clipping and noise, the statistics release, central DP, and the results contract."""
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedapp.checks import compose
+from fedapp.cli.inline import run_inline
 from fedapp.client_app import compose_units
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
-from fedapp.privacy import (
+from fedapp.core.config import ConfigError
+from fedapp.core.units import TrainJob, run_units
+from fedapp.features.privacy import (
     DPSGDHook,
     Ledger,
     PrivacyBudgetExhausted,
@@ -30,11 +31,12 @@ from fedapp.privacy import (
     client_target,
     epsilon_of,
     load_ledger,
+    plan_config,
+    plan_inputs,
     planned_participations,
     privatize_stats,
     save_ledger,
 )
-from fedapp.units import TrainJob, run_units
 from strategies.fedprox import ProximalHook
 from tasks import get_task
 from tasks.training import TrainSettings
@@ -186,7 +188,7 @@ def _job(data_dir, overrides: str, state: RecordDict, rnd: int = 1) -> TrainJob:
     model = task.make_model()
     received = ArrayRecord(model.state_dict())
     data = task.load_partition(0)
-    config = ConfigRecord({"server-round": rnd})
+    config = ConfigRecord({"server-round": rnd, **plan_config(cfg)})  # as the ServerApp sends
     return TrainJob(
         cfg=cfg,
         task=task,
@@ -357,6 +359,43 @@ def test_every_strategy_runs_under_sample_dp_within_each_target(tmp_path, data_d
     assert spent and all(eps <= (1.5 if pid == 0 else 3.0) + 1e-9 for pid, eps in spent)
     assert 0 < res["final"]["dp_epsilon"] <= 3.0
     assert np.isfinite(res["rounds"][-1]["test_loss"])
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {},  # an older or hostile server that sends no plan
+        {"dp-rounds": 0, "dp-per-round": 4},
+        {"dp-rounds": -3, "dp-per-round": 4},
+        {"dp-rounds": True, "dp-per-round": 4},
+        {"dp-rounds": "5", "dp-per-round": 4},
+        {"dp-rounds": 5, "dp-per-round": 10**7},
+    ],
+)
+def test_a_client_refuses_a_round_whose_dp_plan_is_missing_or_malformed(plan):
+    with pytest.raises(PrivacyError, match="plan"):
+        plan_inputs(ConfigRecord({"server-round": 1, **plan}))
+
+
+def test_the_plan_travels_in_the_round_config_only_under_sample_dp():
+    assert plan_config(compose("task=medical")) == {}
+    cfg = compose("task=medical privacy=sample_dp rounds=7 clients_per_round=3")
+    assert plan_config(cfg) == {"dp-rounds": 7, "dp-per-round": 3}
+    assert plan_inputs(ConfigRecord(plan_config(cfg))) == (7, 3)
+
+
+def test_a_server_that_understates_the_plan_cannot_take_a_client_over_its_budget(data_dir):
+    """The server says the run has 1 round (less noise per step); the client still refuses
+    the round that would take it over its target, whatever the run goes on to ask."""
+    overrides = "privacy=sample_dp privacy.target_epsilon=2 rounds=5"
+    state, spent = RecordDict(), []
+    with pytest.raises(PrivacyBudgetExhausted):
+        for rnd in range(1, 6):
+            job = _job(data_dir, overrides, state, rnd)
+            job.config["dp-rounds"] = 1  # the lie: one round planned
+            run_units(job, compose_units(job))
+            spent.append(job.reply_metrics["dp_epsilon"])
+    assert spent and max(spent) <= 2.0 + 1e-9
 
 
 def test_bf16_trains_under_dp_sgd_and_spends_what_fp32_spends(data_dir):

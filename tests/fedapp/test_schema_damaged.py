@@ -10,9 +10,9 @@ import gzip
 import pytest
 import yaml
 
-from fedapp import schema as schema_mod
 from fedapp.checks import compose
-from fedapp.schema import main
+from fedapp.cli import schema as schema_mod
+from fedapp.cli.schema import main
 from tasks import get_task
 from tests.fedapp.byod_fixtures import KINDS, mortgage_table
 

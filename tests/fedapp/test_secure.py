@@ -1,4 +1,4 @@
-"""secure=ckks against a server that is not trusted (fedapp/secure.py): where the keys are made
+"""secure=ckks against a server that is not trusted (fedapp/features/secure.py): where the keys are made
 and who holds them, what the server rejects, what a client refuses, and the stated limit of a
 shared secret key (a hostile server routing one client's ciphertext to another)."""
 
@@ -12,11 +12,11 @@ import pytest
 import tenseal as ts
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedapp import secure
 from fedapp.checks import compose
-from fedapp.config import PROJECT_ROOT, with_keys
-from fedapp.flower_compat import set_task_identity
-from fedapp.secure import (
+from fedapp.core.config import PROJECT_ROOT, with_keys
+from fedapp.core.flower_compat import set_task_identity
+from fedapp.features import secure
+from fedapp.features.secure import (
     COLLUSION_LIMIT,
     CT,
     KEYS_QUERY,
@@ -122,7 +122,7 @@ def test_no_key_is_made_in_a_results_folder_or_by_the_launchers(tmp_path, client
     assert with_keys(cfg, ["secure=ckks"], run) == (cfg, ["secure=ckks"])
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
 
-    from fedapp.federation import split_keys
+    from fedapp.cli.federation import split_keys
 
     out = tmp_path / "fed"
     out.mkdir()
@@ -151,7 +151,7 @@ def test_fedapp_keys_is_the_institutions_tool(tmp_path, capsys):
 
 
 def test_a_client_reads_its_key_from_its_own_node_config_never_the_servers(tmp_path, client_home):
-    from fedapp.secure import client_secret_path
+    from fedapp.features.secure import client_secret_path
 
     server_side = tmp_path / "server"
     create_keys(server_side, SPEC)
@@ -390,7 +390,7 @@ def _train(context, arrays):
 
 
 def test_a_refused_model_is_an_error_reply_with_the_reason(data_dir, client_home, layout):
-    from fedapp.inline import InlineGrid
+    from fedapp.cli.inline import InlineGrid
 
     ctx = load_context(secure.ensure_client_key(SPEC), need_secret=True)
     n = _n(layout)
@@ -442,7 +442,7 @@ def test_a_hostile_server_routing_one_clients_ciphertext_to_another(data_dir, cl
 
 
 def test_in_deployment_nobody_on_the_server_side_decrypts(keys, data_dir):
-    from fedapp.secure import designated_evaluator
+    from fedapp.features.secure import designated_evaluator
     from tasks import get_task
 
     _, public_ctx = keys

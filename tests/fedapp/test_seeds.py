@@ -1,4 +1,4 @@
-"""fedapp.seeds: every seeded draw is a named stream, the derivations are the ones the runs
+"""fedapp.core.seeds: every seeded draw is a named stream, the derivations are the ones the runs
 have always used (so published numbers repeat), and no two streams share seed material."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedapp import seeds
-from fedapp.config import PROJECT_ROOT
+from fedapp.core import seeds
+from fedapp.core.config import PROJECT_ROOT
 
 # The seed material each stream gave before the registry existed (the formulas the call sites
 # held), for run seed 7 and a key of small numbers.
@@ -93,9 +93,13 @@ def test_sampling_streams_repeat_and_differ_by_purpose(seed, rnd, purpose):
 
 
 def test_no_module_seeds_a_generator_from_an_inline_formula():
-    """Seeded NumPy generators are made by fedapp.seeds (the registry), not by a formula at
+    """Seeded NumPy generators are made by fedapp.core.seeds (the registry), not by a formula at
     the call site; tasks/ take the seeds they are given (they import no fedapp)."""
-    allowed = {"fedapp/seeds.py", "fedapp/audit.py", "fedapp/privacy.py"}  # audit: offline tool
+    allowed = {
+        "fedapp/core/seeds.py",
+        "fedapp/features/audit.py",
+        "fedapp/features/privacy.py",
+    }  # audit: offline tool
     pattern = re.compile(r"default_rng\(\s*\[")
     offenders = []
     for pkg in ("fedapp", "strategies"):

@@ -1,4 +1,4 @@
-"""Node discovery and the client <-> SuperNode mapping (fedapp.clients): partition ids come from
+"""Node discovery and the client <-> SuperNode mapping (fedapp.features.clients): partition ids come from
 the nodes, virtual clients spread over simulation nodes, restarted nodes recognised."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedapp.clients import (
+from fedapp.core.config import ConfigError
+from fedapp.core.flower_compat import ErrorCode, set_message_id, set_task_identity
+from fedapp.features.clients import (
     CLIENT_RECORD,
     ClientGrid,
     assign_clients,
     client_id,
     virtual_client_mod,
 )
-from fedapp.config import ConfigError
-from fedapp.flower_compat import ErrorCode, set_message_id, set_task_identity
 from fedapp.server_app import discover_nodes
 
 
@@ -135,7 +135,7 @@ def test_an_unusable_discovery_answer_is_refused_and_the_run_goes_on(tmp_path, a
     """A partition id bounded by the federation (a huge one would make the server build that
     many per-client profiles), of integer value, and fields of the right type: else the node is
     refused with the reason (meta.nodes_refused), and the honest nodes serve their clients."""
-    from fedapp.clients import NodeInfo
+    from fedapp.features.clients import NodeInfo
 
     honest = {
         n: NodeInfo.from_metrics({"partition-id": n - 1, "num-partitions": 3, "has-data-path": 1})
@@ -148,7 +148,7 @@ def test_an_unusable_discovery_answer_is_refused_and_the_run_goes_on(tmp_path, a
 
 
 def test_a_discovery_reply_of_any_form_never_raises():
-    from fedapp.clients import IDENTITY_RECORD, query_nodes
+    from fedapp.features.clients import IDENTITY_RECORD, query_nodes
 
     class OddGrid(QueryGrid):
         def send_and_receive(self, messages, timeout=None):

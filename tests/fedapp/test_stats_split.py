@@ -1,4 +1,4 @@
-"""The label-histogram budget split of the statistics release (fedapp.privacy.split_stats_noise,
+"""The label-histogram budget split of the statistics release (fedapp.features.privacy.split_stats_noise,
 privatize_stats, private_stats): the split composes to exactly the one release the ledger records,
 and on a wide table the histogram's noise shrinks by the expected factor."""
 
@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from fedapp import privacy
-from fedapp.privacy import (
+from fedapp.features import privacy
+from fedapp.features.privacy import (
     PrivacyError,
     PrivacySpec,
     epsilon_of,

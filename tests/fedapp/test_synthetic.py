@@ -1,4 +1,4 @@
-"""DP synthetic data (fedapp/synthetic.py, strategies/synthetic.py): the generator's privacy
+"""DP synthetic data (fedapp/features/synthetic.py, strategies/synthetic.py): the generator's privacy
 accounting, rows that respect the schema, marginals recovered on a toy table, the one-shot
 mode's bytes, rare-class augmentation and the refused combinations."""
 
@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from fedapp.checks import compose
-from fedapp.config import ConfigError
-from fedapp.inline import run_inline
-from fedapp.privacy import Ledger, epsilon_of, opacus, private_stats
-from fedapp.synthetic import (
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
+from fedapp.features.privacy import Ledger, epsilon_of, opacus, plan_config, private_stats
+from fedapp.features.synthetic import (
     GEN_CACHE_KEY,
     GEN_DIGEST,
     GEN_KEY,
@@ -62,7 +62,9 @@ def _context(overrides: str, partition: int = 0) -> Context:
 
 
 def _message(arrays: ArrayRecord, prep: dict, rnd: int, action: str) -> Message:
-    config = ConfigRecord({"seed": 0, "server-round": rnd, **prep})
+    # the run's DP plan, as the ServerApp sends it (the generator ledger reads `dp-per-round`)
+    plan = plan_config(compose(f"{MEDICAL} privacy=sample_dp"))
+    config = ConfigRecord({"seed": 0, "server-round": rnd, **prep, **plan})
     return Message(RecordDict({"arrays": arrays, "config": config}), 100, f"train.{action}")
 
 
@@ -84,7 +86,7 @@ def test_the_generators_epsilon_is_the_accountants_and_sampling_spends_nothing(d
     task = get_task(cfg, data_dir)
     prep = _prep(task)
     context = _context(overrides)
-    from fedapp.node import load_node
+    from fedapp.core.node import load_node
 
     private_stats(load_node(context), context)  # the statistics release comes first
     gen = ArrayRecord(make_generator(task, _spec(cfg)).state_dict())
@@ -133,7 +135,7 @@ def test_the_generators_epsilon_is_the_accountants_and_sampling_spends_nothing(d
 
 
 def _spec(cfg):
-    from fedapp.synthetic import generator_spec
+    from fedapp.features.synthetic import generator_spec
 
     return generator_spec(cfg)
 
@@ -330,7 +332,7 @@ def test_refinement_spends_the_rest_of_the_generators_share_in_the_same_ledger(d
     task = get_task(cfg, data_dir)
     spec = _spec(cfg)
     context = _context(overrides)
-    from fedapp.node import load_node
+    from fedapp.core.node import load_node
 
     private_stats(load_node(context), context)
     reply = synthesize(_message(ArrayRecord(), _prep(task), 1, "synthesize"), context)

@@ -1,5 +1,5 @@
-"""The federation's credentials (fedapp.tls), the nginx proxy config and app signing
-(fedapp.appsign), without starting Flower: the chain verifies, the SANs are the hosts asked
+"""The federation's credentials (fedapp.features.tls), the nginx proxy config and app signing
+(fedapp.features.appsign), without starting Flower: the chain verifies, the SANs are the hosts asked
 for, private keys are 0600 from their creation, each key lands in its party's folder (the
 CA key in none a SuperLink, proxy or SuperNode reads), and Flower's own checks accept the
 signed app and nothing else."""
@@ -22,15 +22,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from fedapp import appsign, certs, tls
-from fedapp.flower_compat import (
+from fedapp.cli import certs
+from fedapp.core.flower_compat import (
     build_fab_from_files,
     load_supernode_auth_keys,
     load_trusted_entities,
     request_download_link,
     validate_trusted_entities_ed25519,
 )
-from fedapp.tls import Credentials, create_credentials
+from fedapp.features import appsign, tls
+from fedapp.features.tls import Credentials, create_credentials
 from tests.conftest import TINY_APP
 
 HOSTS = ["fl.consortium.example", "10.20.30.40"]
@@ -246,7 +247,7 @@ def test_fedapp_federation_keeps_credentials_out_of_the_results(tmp_path, monkey
     """Default: a private temporary folder (0700) outside the results, removed at the end;
     $FEDAPP_CREDENTIALS_DIR/<run name> when set (kept); a credentials folder inside the
     results folder (or holding it) is refused."""
-    from fedapp.federation import CREDENTIALS_ENV, federation_credentials
+    from fedapp.cli.federation import CREDENTIALS_ENV, federation_credentials
 
     out = tmp_path / "outputs" / "run-1"
     out.mkdir(parents=True)
@@ -412,7 +413,7 @@ def test_an_institution_makes_its_own_node_key_and_the_operator_sees_only_the_pu
     """`fedapp-certs node-key`: the institution's private key exists only in its folder
     (0600, folder 0700); Flower loads it; a partition claim signed with it verifies against
     the .pub the operator registers, and a second run never overwrites the key."""
-    from fedapp.identity import load_node_keys, new_nonce, sign_claim, verify_claim
+    from fedapp.features.identity import load_node_keys, new_nonce, sign_claim, verify_claim
 
     mine = tmp_path / "bank-a" / "credentials"
     assert tls.main(["node-key", str(mine), "--name", "bank-a"]) == 0

@@ -1,4 +1,4 @@
-"""tracking=tensorboard (fedapp/tracking.py): per-round metrics, parameters and the final
+"""tracking=tensorboard (fedapp/features/tracking.py): per-round metrics, parameters and the final
 model in TensorBoard's event files; a broken tracker never stops a run."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import logging
 import pytest
 from omegaconf import OmegaConf
 
-from fedapp.config import ConfigError
-from fedapp.events import sha256_file
-from fedapp.inline import run_inline
-from fedapp.tracking import call, open_trackers
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
+from fedapp.features.events import sha256_file
+from fedapp.features.tracking import call, open_trackers
 
 RUN = "task=credit partition=iid partition.num_partitions=4 rounds=2 clients_per_round=4 eval_clients_per_round=0"
 
@@ -81,7 +81,7 @@ def test_mlflow_gets_every_round_the_params_the_final_model_and_the_status(tmp_p
 
 def test_a_failed_run_ends_its_mlflow_run_as_failed(tmp_path):
     pytest.importorskip("mlflow", reason='the mlflow extra: pip install -e ".[mlflow]"')
-    from fedapp.tracking import MLflowTracker
+    from fedapp.features.tracking import MLflowTracker
 
     tracker = MLflowTracker({"experiment": "x"}, tmp_path, {"rounds": 1})
     tracker.round({"round": 1, "test_accuracy": float("nan"), "test_loss": 2.0})
@@ -91,7 +91,7 @@ def test_a_failed_run_ends_its_mlflow_run_as_failed(tmp_path):
 
 
 def test_a_tracker_never_gets_a_secret_of_the_config():
-    from fedapp.tracking import _flat, _shown
+    from fedapp.features.tracking import _flat, _shown
 
     shown = _flat(
         _shown(

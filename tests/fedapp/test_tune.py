@@ -11,11 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedapp import tune as tune_mod
 from fedapp.checks import compose
-from fedapp.config import ConfigError
-from fedapp.privacy import epsilon_of
-from fedapp.tune import (
+from fedapp.cli import tune as tune_mod
+from fedapp.cli.tune import (
     ORDERS,
     Accounting,
     repeat_and_select_rdp,
@@ -23,6 +21,8 @@ from fedapp.tune import (
     tune,
     validation_score,
 )
+from fedapp.core.config import ConfigError
+from fedapp.features.privacy import epsilon_of
 
 # one client's run: the statistics release, then 2000 DP-SGD steps at sample rate 0.01
 HISTORY = [(3.0, 1.0, 1), (0.9, 0.01, 2000)]
@@ -200,7 +200,7 @@ def test_a_real_search_on_the_federation(tmp_path):
 
 
 def test_the_space_may_not_vary_what_the_accounting_plans():
-    from fedapp.tune import SCOPE, parse_space
+    from fedapp.cli.tune import SCOPE, parse_space
 
     assert parse_space(["train.lr=0.1,0.2", "privacy.max_grad_norm=0.5,1"]) == {
         "train.lr": ["0.1", "0.2"],

@@ -1,4 +1,4 @@
-"""Client-side units (fedapp/units.py): which units a training message gets, and their order."""
+"""Client-side units (fedapp/core/units.py): which units a training message gets, and their order."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fedapp.attacks import AttackHarness
 from fedapp.checks import compose
 from fedapp.client_app import compose_units
-from fedapp.units import STAGES, ClientUnit, TrainJob, run_units
+from fedapp.core.units import STAGES, ClientUnit, TrainJob, run_units
+from fedapp.features.attacks import AttackHarness
 from strategies.contribution import Distillation, ValidationGain
 from strategies.fedprox import ProximalTerm
 from strategies.scaffold import SERVER_CONTROL, ScaffoldClient
@@ -46,9 +46,9 @@ def _job(data_dir, overrides: str, config: dict, partition_id: int = 0, extra=No
 def test_the_stages_are_stated_once_outermost_first(data_dir):
     assert STAGES == ("attack", "augment", "privacy", "strategy")
     # the attack harness corrupts real rows; synthetic rare-class rows are added before
-    # DP-SGD samples from them (fedapp.synthetic)
-    from fedapp.privacy import SampleDP
-    from fedapp.synthetic import RareClassAugment
+    # DP-SGD samples from them (fedapp.features.synthetic)
+    from fedapp.features.privacy import SampleDP
+    from fedapp.features.synthetic import RareClassAugment
 
     job = _job(
         data_dir,

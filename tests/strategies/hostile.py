@@ -24,8 +24,8 @@ from flwr.app import (
 )
 
 from fedapp.checks import compose
-from fedapp.compression import CompressionSpec, encode
-from fedapp.flower_compat import set_task_identity
+from fedapp.core.flower_compat import set_task_identity
+from fedapp.features.compression import CompressionSpec, encode
 from strategies import build_strategy
 from strategies.claims import ClaimPolicy
 from tests.conftest import FakeGrid, instruction

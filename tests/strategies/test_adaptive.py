@@ -14,7 +14,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from fedapp.checks import compose
-from fedapp.config import ConfigError
+from fedapp.core.config import ConfigError
 from strategies import build_strategy
 from tests.conftest import FakeGrid, reply
 
@@ -153,7 +153,7 @@ SMALL = (
 def test_a_credit_run_learns(name, tmp_path, data_dir):
     """Natural split (7 education levels), 8 rounds: ROC-AUC well above the majority
     baseline's 0.5 (FedAvg reaches 0.775 in 20 rounds, bench/results/tabular_baselines.md)."""
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
 
     out = run_inline(f"task=credit partition=natural strategy={name} rounds=8", tmp_path / "r")
     res = json.loads((out / "results.json").read_text())
@@ -169,7 +169,7 @@ def test_a_credit_run_learns(name, tmp_path, data_dir):
 def test_a_killed_run_resumes_bit_for_bit(strategy, tmp_path, data_dir):
     """Killed after round 2 with round 3 under way: the optimizer state (m_t, v_t, the
     momentum) comes back from the checkpoint, and the models are the uninterrupted run's."""
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
     from tests.test_resume import _kill_after, _same_run
 
     overrides = f"{SMALL} {strategy}"

@@ -11,7 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from fedapp.privacy import central_dp_refusal
+from fedapp.features.privacy import central_dp_refusal
 from strategies.base import FedappStrategyMixin
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "strategy"

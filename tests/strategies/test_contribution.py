@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 from strategies.contribution import (
     DIMENSIONS,
     Ledger,

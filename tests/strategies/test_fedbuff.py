@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedapp.checks import compose
-from fedapp.config import ConfigError
+from fedapp.core.config import ConfigError
 from strategies.fedbuff import buffered_step, update_of
 
 floats = st.floats(-10, 10, allow_nan=False, width=32)
@@ -67,7 +67,7 @@ CREDIT = (
 
 
 def _run(tmp_path, extra: str) -> dict:
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
 
     out = run_inline(f"{CREDIT} {extra}", tmp_path / extra.replace(" ", "_").replace("=", "-"))
     return json.loads((out / "results.json").read_text())
@@ -102,7 +102,7 @@ def test_fedbuff_steps_every_k_updates_with_staleness_weights(tmp_path, data_dir
 def test_a_killed_fedbuff_run_resumes_bit_for_bit(tmp_path, data_dir):
     """The buffer, the bases of the trainings in flight and the flights themselves cross the
     checkpoint."""
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
     from tests.test_resume import SMALL, _kill_after, _same_run
 
     overrides = f"{SMALL} strategy=fedbuff strategy.buffer_size=2 hetero=both"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 from strategies.fednova import effective_steps, fednova_aggregate
 from strategies.scaffold import (
     CorrectionHook,

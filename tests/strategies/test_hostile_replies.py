@@ -13,8 +13,8 @@ import pytest
 from flwr.app import Array, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedapp.checks import compose
-from fedapp.config import ConfigError
-from fedapp.flower_compat import set_task_identity
+from fedapp.core.config import ConfigError
+from fedapp.core.flower_compat import set_task_identity
 from fedapp.server_app import collect_stats, robust_stats
 from strategies.claims import ClaimError, ClaimPolicy, claim_caps
 from strategies.scheduler import probe_report
@@ -280,7 +280,7 @@ def test_an_inflated_evaluation_claim_takes_at_most_twice_its_share():
 # -- encrypted aggregation (CKKS) -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ckks(tmp_path_factory):
-    from fedapp.secure import SecureSpec, create_keys, load_context
+    from fedapp.features.secure import SecureSpec, create_keys, load_context
 
     folder = tmp_path_factory.mktemp("keys")
     secret, public = create_keys(folder, SecureSpec(name="ckks"))
@@ -288,7 +288,7 @@ def ckks(tmp_path_factory):
 
 
 def _ckks_strategy(public):
-    from fedapp.secure import SecureAggregator
+    from fedapp.features.secure import SecureAggregator
 
     s, grid, nodes, g = h.strategy()
     s.secure = SecureAggregator(public, None, length=5)
@@ -297,7 +297,7 @@ def _ckks_strategy(public):
 
 
 def test_under_ckks_claims_are_capped_before_the_plaintext_weights(ckks):
-    from fedapp.secure import CT, decrypt, encrypt
+    from fedapp.features.secure import CT, decrypt, encrypt
 
     secret, public = ckks
     s, nodes = _ckks_strategy(public)
@@ -316,7 +316,7 @@ def test_under_ckks_claims_are_capped_before_the_plaintext_weights(ckks):
 
 @pytest.mark.parametrize("op", ["truncate", "random_bytes", "float32", "2d", "empty", "garbage"])
 def test_a_malformed_ciphertext_is_rejected_and_the_sum_goes_on(ckks, op):
-    from fedapp.secure import CT, encrypt
+    from fedapp.features.secure import CT, encrypt
 
     secret, public = ckks
     s, nodes = _ckks_strategy(public)
@@ -333,7 +333,7 @@ def test_a_malformed_ciphertext_is_rejected_and_the_sum_goes_on(ckks, op):
 
 class RefusingGrid(h.FakeGrid):
     """Clients that train honestly (their model + 1) until `refuse_round`, where every one of
-    them refuses the global model it was sent (fedapp.secure's client check)."""
+    them refuses the global model it was sent (fedapp.features.secure's client check)."""
 
     def __init__(self, node_ids, refuse_round):
         super().__init__(node_ids)
@@ -459,7 +459,7 @@ def test_a_statistics_reply_of_any_form_is_left_out_and_the_others_are_used():
 
 # -- synthetic rows (strategy=synthetic's sharing round) -------------------------------------------
 def test_synthetic_rows_of_the_wrong_dtype_are_rejected(data_dir):
-    from fedapp.synthetic import Layout, rows_record, sample_rows
+    from fedapp.features.synthetic import Layout, rows_record, sample_rows
     from strategies import build_strategy
     from tasks import get_task
 
@@ -470,7 +470,7 @@ def test_synthetic_rows_of_the_wrong_dtype_are_rejected(data_dir):
     nodes = [3000 + 5 * p for p in range(4)]
     s.bind({n: p for p, n in enumerate(nodes)}, seed=0)
     s.task, s.prep, s.layout = task, dict(prep), Layout.of(task)
-    from fedapp.synthetic import make_generator
+    from fedapp.features.synthetic import make_generator
 
     vae = make_generator(task, s.spec)
     rows = sample_rows(vae, np.array([0, 1] * 10), prep, s.spec.zclip, seed=1)

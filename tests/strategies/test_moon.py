@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 from strategies.moon import MoonHook, Representation, contrastive_loss
 from tasks.training import TrainSettings, train_classifier
 

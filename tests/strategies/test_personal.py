@@ -1,4 +1,4 @@
-"""Personalisation (strategies/personal.py) and per-site evaluation (fedapp/sites.py), against the
+"""Personalisation (strategies/personal.py) and per-site evaluation (fedapp/features/sites.py), against the
 ClientApp's real handlers and in-process runs on the heart-disease table (4 hospitals)."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from flwr.app import (
 )
 
 from fedapp import client_app
-from fedapp.config import ConfigError
-from fedapp.config import compose as config_compose
-from fedapp.inline import run_inline
-from fedapp.node import load_node
-from fedapp.sites import _screen, site_summary
+from fedapp.cli.inline import run_inline
+from fedapp.core.config import ConfigError
+from fedapp.core.config import compose as config_compose
+from fedapp.core.node import load_node
+from fedapp.features.sites import _screen, site_summary
 from strategies.personal import (
     PERSONAL_HEAD,
     PERSONAL_MODEL,
@@ -294,7 +294,7 @@ def test_a_client_cannot_claim_a_model_the_strategy_does_not_make():
     site_mean_personal and site_min), or scores on no rows: rejected with the reason."""
     from hydra.utils import get_class
 
-    from fedapp.sites import allowed_models
+    from fedapp.features.sites import allowed_models
     from strategies.personal import FedPer, LocalOnly
 
     fedavg = get_class(str(config_compose("strategy=fedavg").strategy._target_))
@@ -330,8 +330,8 @@ def _sites_message(ctx, server_round: int) -> Message:
 
 
 def test_a_server_asking_a_site_again_or_under_encryption_is_refused(data_dir):
-    from fedapp.policy import PolicyRefusal
-    from fedapp.sites import site_metric, site_reply
+    from fedapp.core.policy import PolicyRefusal
+    from fedapp.features.sites import site_metric, site_reply
 
     ctx = _context(data_dir, "strategy=finetune sites.metric=recall")
     first = site_reply(_sites_message(ctx, 3), ctx).content["metrics"]

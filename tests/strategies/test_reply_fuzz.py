@@ -106,7 +106,7 @@ def test_a_fuzzed_training_reply_never_breaks_the_round(name, codec, data):
 
 @pytest.fixture(scope="module")
 def ckks(tmp_path_factory):
-    from fedapp.secure import CT, SecureSpec, create_keys, encrypt, load_context
+    from fedapp.features.secure import CT, SecureSpec, create_keys, encrypt, load_context
 
     folder = tmp_path_factory.mktemp("keys")
     secret, public = create_keys(folder, SecureSpec(name="ckks"))
@@ -118,7 +118,7 @@ def ckks(tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_a_fuzzed_ciphertext_reply_never_breaks_the_encrypted_sum(ckks, data):
-    from fedapp.secure import SecureAggregator, decrypt
+    from fedapp.features.secure import SecureAggregator, decrypt
 
     secret, public, ct, blobs = ckks
     spec = {"arrays": {ct: blobs[HOSTILE]}, "metrics": h.train_metrics()}
@@ -228,7 +228,7 @@ def specs_to_stats(specs):
 @FUZZ
 @given(data=st.data())
 def test_a_fuzzed_discovery_answer_never_stops_the_federation(tmp_path_factory, data):
-    from fedapp.clients import ClientGrid, NodeInfo, client_id
+    from fedapp.features.clients import ClientGrid, NodeInfo, client_id
 
     spec = {"arrays": None, "metrics": {"partition-id": 3, "num-partitions": 4, "has-data-path": 1}}
     spec = apply(spec, data.draw(mutations(spec)))
@@ -274,8 +274,8 @@ def test_a_fuzzed_probe_is_a_report_or_a_failed_probe(data):
 # -- synthetic rows --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sharing(tmp_path_factory):
-    from fedapp.config import compose
-    from fedapp.synthetic import make_generator, rows_record, sample_rows
+    from fedapp.core.config import compose
+    from fedapp.features.synthetic import make_generator, rows_record, sample_rows
     from strategies import build_strategy
     from tasks import get_task
     from tests.conftest import DATA_DIR
@@ -292,7 +292,7 @@ def sharing(tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_synthetic_rows_never_break_the_sharing_round(sharing, data):
-    from fedapp.synthetic import Layout
+    from fedapp.features.synthetic import Layout
     from strategies import build_strategy
 
     cfg, task, prep, arrays = sharing
@@ -323,7 +323,7 @@ def test_fuzzed_synthetic_rows_never_break_the_sharing_round(sharing, data):
 # -- the suite's size -------------------------------------------------------------------------------
 def catalogue_size() -> dict[str, int]:
     """(field, mutation) pairs per reply type (each example draws one to three of them)."""
-    from fedapp.secure import CT
+    from fedapp.features.secure import CT
 
     specs = {
         **{f"train/{n}/{c}": h.train_spec(1.0, c) for n, c in TRAIN},

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedapp.checks import compose
-from fedapp.flower_compat import aggregate_arrayrecords
+from fedapp.core.flower_compat import aggregate_arrayrecords
 from strategies import build_strategy
 from strategies.aggregation import sanity_scores
 from strategies.aggregation import weighted_aggregate as aggregate

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedapp.config import compose
+from fedapp.core.config import compose
 from tasks import DataError, get_task
 
 

@@ -119,7 +119,7 @@ def test_a_federation_leaves_out_a_client_with_inf_statistics(tmp_path, data_dir
     import json
 
     from fedapp import client_app
-    from fedapp.inline import run_inline
+    from fedapp.cli.inline import run_inline
 
     real = client_app.private_stats
 

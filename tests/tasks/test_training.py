@@ -304,7 +304,7 @@ def test_unknown_precision_and_fp16_under_dp_sgd_are_refused():
 
 
 def test_settings_from_the_run_configs_train_block():
-    from fedapp.config import compose
+    from fedapp.core.config import compose
 
     cfg = compose(["train.lr=0.2", "train.max_steps=7", "train.precision=bf16"])
     s = TrainSettings.from_train_config(cfg.train, 5)
