@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from fedapp.inline import run_inline
+from fedapp.cli.inline import run_inline
 from strategies.tiered import TieredScheduling
 
 CREDIT = (
