@@ -22,6 +22,7 @@ from fedapp.client_app import compose_units
 from fedapp.core.config import ConfigError
 from fedapp.core.units import TrainJob, run_units
 from fedapp.features.privacy import (
+    CentralDP,
     DPSGDHook,
     Ledger,
     PrivacyBudgetExhausted,
@@ -36,6 +37,7 @@ from fedapp.features.privacy import (
     planned_participations,
     privatize_stats,
     save_ledger,
+    with_privacy,
 )
 from strategies.fedprox import ProximalHook
 from tasks import get_task
@@ -285,6 +287,26 @@ def test_results_report_each_clients_epsilon_and_what_is_not_covered(tmp_path, d
 
 
 # -- central DP ----------------------------------------------------------------------------------------
+def test_central_dp_plugs_into_the_strategys_own_round_loop():
+    """Central DP is the strategy's release mechanism: the strategy keeps its class (no
+    class built at run time, no attribute forwarding), and its loop sends the wrapper's
+    messages and stops once another release would pass the target."""
+    from strategies import build_strategy
+
+    cfg = compose(
+        "task=medical privacy=central_dp privacy.noise_multiplier=3 privacy.target_epsilon=3"
+    )
+    strategy = build_strategy(cfg, num_nodes=4)
+    cls = type(strategy)
+    out = with_privacy(strategy, cfg, 4)
+    assert out is strategy and type(out) is cls and isinstance(strategy.release, CentralDP)
+    strategy.bind({i + 1: i for i in range(4)}, seed=0)
+    assert strategy.min_replies == 4  # the noise is calibrated to 4 clients
+    assert strategy.release.stop_reason() is None
+    strategy.release.releases = 10**4
+    assert strategy.stop_for_budget(grid=None) and "central DP budget" in strategy.stop_reason
+
+
 @pytest.mark.parametrize(
     ("strategy", "clipping"),
     [
