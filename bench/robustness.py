@@ -197,7 +197,9 @@ def write_report(args, summary: dict) -> None:
         tcells = [c for c in cells if c["task"] == task]
         if not tcells:
             continue
-        strategies = shown(args, tcells, "strategy", STRATEGIES + args.strategies)
+        strategies = shown(
+            args, tcells, "strategy", list(dict.fromkeys(STRATEGIES + args.strategies))
+        )
         clean = {c["strategy"]: c for c in tcells if c["attack"] == "none"}
         ref = _mean(clean["fedavg"]["final"][metric]) if "fedavg" in clean else None
         lines += [f"## {task}: {metric}", ""]
