@@ -172,7 +172,7 @@ def merge_previous(args, cells: list[dict]) -> list[dict]:
 def shown(args, cells: list[dict], key: str, order: list[str]) -> list[str]:
     """Values of `key` (task or strategy) in the table: `order` first, then any merged in."""
     present = {c[key] for c in cells}
-    return [v for v in order if v in present] + sorted(present - set(order))
+    return [v for v in dict.fromkeys(order) if v in present] + sorted(present - set(order))
 
 
 def _mean(xs):

@@ -586,6 +586,8 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
     final, error, cut = None, None, None
     if saved is not None:  # as they were at the end of the checkpointed round
         checkpoint.set_rng_state(saved["rng"])
+    # every training round's config, and the final per-site scoring's
+    train_config = {**settings.to_config(), **prep, **plan_config(cfg)}
     try:
         result = strategy.start(
             grid=clock,
@@ -594,14 +596,13 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
             # Synchronous strategies wait this long for a round's replies (simulated seconds on
             # the virtual clock); `strategy.deadline_s` makes e.g. FedAvg drop stragglers.
             timeout=float(cfg.strategy.get("deadline_s") or cfg.round_timeout_s),
-            train_config=ConfigRecord({**settings.to_config(), **prep, **plan_config(cfg)}),
+            train_config=ConfigRecord(train_config),
             evaluate_config=ConfigRecord({"seed": int(cfg.seed), **prep}),
             evaluate_fn=recorder.evaluate_fn,
             start_round=start_round,
         )
         final = result.arrays
         if strategy.secure is None:  # encrypted: the server holds no plaintext model
-            train_config = {**settings.to_config(), **prep, **plan_config(cfg)}
             recorder.sites = final_sites(clients, node_partitions, final, cfg, task, train_config)
     except BaseException as exc:
         cut = interruption(exc)
