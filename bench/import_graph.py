@@ -141,6 +141,23 @@ def upward(g: dict[str, dict[str, list[int]]]) -> list[dict]:
     return out
 
 
+def largest_functions(root: Path, top: int = 5) -> list[dict]:
+    """The `top` longest functions and methods (lines from `def` to their last line)."""
+    found = []
+    for module, path in modules(root).items():
+        tree = ast.parse(path.read_text())
+        stack = [(tree, module)]
+        while stack:
+            node, prefix = stack.pop()
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = f"{prefix}.{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        found.append((child.end_lineno - child.lineno + 1, name))
+                    stack.append((child, name))
+    return [{"function": n, "lines": k} for k, n in sorted(found, reverse=True)[:top]]
+
+
 def summary(root: Path) -> dict:
     g = graph(root)
     per_layer: dict[str, int] = {}
@@ -148,13 +165,19 @@ def summary(root: Path) -> dict:
         per_layer[layer(m)] = per_layer.get(layer(m), 0) + 1
     mods = modules(root)
     sizes = sorted(((len(p.read_text().splitlines()), m) for m, p in mods.items()), reverse=True)
+    per_package: dict[str, int] = {}
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        per_package[package] = per_package.get(package, 0) + 1
     return {
         "modules": len(g),
         "modules_per_layer": per_layer,
+        "modules_per_package": dict(sorted(per_package.items())),
         "edges": sum(len(t) for t in g.values()),
         "edges_up": upward(g),
         "cycles": cycles(g),
         "largest_modules": [{"module": m, "lines": n} for n, m in sizes[:5]],
+        "largest_functions": largest_functions(root),
     }
 
 
@@ -175,7 +198,12 @@ def main() -> int:
     print(f"cycles: {len(s['cycles'])}")
     for c in s["cycles"]:
         print(f"  {len(c)}: {', '.join(c)}")
+    print("per package:", ", ".join(f"{k} {v}" for k, v in s["modules_per_package"].items()))
     print("largest:", ", ".join(f"{m['module']} {m['lines']}" for m in s["largest_modules"]))
+    print(
+        "largest functions:",
+        ", ".join(f"{f['function']} {f['lines']}" for f in s["largest_functions"]),
+    )
     return 0
 
 

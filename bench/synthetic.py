@@ -142,7 +142,7 @@ def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
 
     from fedapp.core.config import resolve_data_dir
     from fedapp.features.audit import draw
-    from fedapp.features.synthetic import _features, closest_distances, concat_rows
+    from fedapp.features.synthetic import closest_distances, concat_rows, feature_matrix
     from tasks import get_task
     from tasks.tabular import Rows
     from tasks.training import predict_logits
@@ -180,9 +180,9 @@ def extra_metrics(run_dir: Path, n: int = 2000, seed: int = 0) -> dict:
                 outside.append(draw(task, part.val, k, seed + 1000 + p))
         rng = np.random.default_rng(seed)
         synth = synth.take(rng.permutation(len(synth))[:n])
-        fs = _features(task, synth, prep)
-        d_in = closest_distances(fs, _features(task, concat_rows(inside), prep))
-        d_out = closest_distances(fs, _features(task, concat_rows(outside), prep))
+        fs = feature_matrix(task, synth, prep)
+        d_in = closest_distances(fs, feature_matrix(task, concat_rows(inside), prep))
+        d_out = closest_distances(fs, feature_matrix(task, concat_rows(outside), prep))
         out.update(
             dcr_member_median=float(np.median(d_in)),
             dcr_nonmember_median=float(np.median(d_out)),

@@ -63,6 +63,59 @@ VERSION = 1
 NOT_COMPARED = ("rounds", "resume", "output_dir", "node_keys", "events_db", "tracking")
 
 
+# Modules that moved when the layers became folders (Architecture II, issue 32): a checkpoint
+# written before names its objects' classes by the old paths, and still resumes.
+MOVED_PACKAGES = {
+    **{
+        f"fedapp.{m}": f"fedapp.core.{m}"
+        for m in ("config", "files", "flower_compat", "node", "plugins", "policy", "seeds", "units")
+    },
+    **{
+        f"fedapp.{m}": f"fedapp.features.{m}"
+        for m in (
+            "appsign",
+            "attacks",
+            "audit",
+            "clients",
+            "compression",
+            "datasets",
+            "events",
+            "hetero",
+            "identity",
+            "privacy",
+            "secure",
+            "sites",
+            "synthetic",
+            "tls",
+            "tracking",
+        )
+    },
+    **{
+        f"fedapp.{m}": f"fedapp.cli.{m}"
+        for m in (
+            "board",
+            "centralized",
+            "certs",
+            "federation",
+            "inline",
+            "launch",
+            "schema",
+            "tune",
+        )
+    },
+}
+
+
+def moved_module(module: str) -> str:
+    """Where a module a checkpoint names lives now (itself, unless it moved)."""
+    parts = module.split(".")
+    for k in range(len(parts), 1, -1):
+        new = MOVED_PACKAGES.get(".".join(parts[:k]))
+        if new is not None:
+            return ".".join([new, *parts[k:]])
+    return module
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read."""
 
@@ -86,6 +139,9 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file, live: dict[str, Any]) -> None:
         super().__init__(file)
         self._live = live
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(moved_module(module), name)
 
     def persistent_load(self, pid: str) -> Any:
         if pid not in self._live:
@@ -156,7 +212,7 @@ def read(run_dir: Path | str) -> dict[str, Any]:
             f"resume={run_dir}: no {CHECKPOINT} there (runs write one after every round; "
             "was this run started before checkpoints existed, or with checkpoint=false?)"
         )
-    state = pickle.loads(path.read_bytes())
+    state = loads(path.read_bytes(), live={})
     if state.get("version") != VERSION:
         raise ConfigError(f"{path}: checkpoint version {state.get('version')}, need {VERSION}")
     return state

@@ -4,7 +4,7 @@ Named handlers, one per kind of message the server sends:
 - `train`: the round's units (fedapp/core/units.py: attack harness, the strategy's client part)
   around the task's local training;
 - `train.generator`, `train.synthesize`: the synthetic-data generator's local rounds and
-  the synthetic rows a client sends once (fedapp/features/synthetic.py);
+  the synthetic rows a client sends once (fedapp/features/synthetic/);
 - `evaluate`: the global model on this client's validation rows;
 - `evaluate.sites`: after the last round, the final and the personal models' scores on those
   rows (fedapp.features.sites);

@@ -452,26 +452,9 @@ def run_lock(out_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
-    run_config = context.run_config
-    log(
-        INFO,
-        "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
-        cfg.task.name,
-        cfg.strategy.name,
-        cfg.partition.name,
-        cfg.rounds,
-        cfg.seed,
-    )
-    log(INFO, "[fedapp] results will be written to %s", out_dir)
-    saved = checkpoint.read(cfg.resume) if cfg.get("resume") else None
-    if saved is not None:
-        checkpoint.check_compatible(saved["config"], cfg, int(saved["round"]))
-        log(INFO, "[fedapp] resuming after round %d of %s", saved["round"], cfg.resume)
-    seed_everything(int(cfg.seed))
-    task = get_task(cfg, resolve_data_dir(cfg, run_config))
-    task.load_central_test()  # bad data fails here, before any node is waited for
-    synthetic.check(cfg, task)  # before any statistic is asked for (privacy spent)
+def join_federation(grid: Grid, cfg: DictConfig, task: Task, out_dir: Path, saved):
+    """The SuperNodes that answered discovery and the client grid over them (which client
+    each node serves, nodes refused with the reason)."""
     nodes = discover_nodes(grid, int(cfg.clients_per_round), float(cfg.round_timeout_s))
     clients = ClientGrid(
         grid,
@@ -482,14 +465,19 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         history=({**saved["history"], saved["lineage"]: int(saved["round"])} if saved else None),
         node_keys=load_node_keys(cfg.get("node_keys")),
     )
-    node_partitions = clients.node_partitions
-    if not node_partitions:
+    if not clients.node_partitions:
         raise ConfigError(
             "no SuperNode may serve a client: "
             + "; ".join(f"node {n}: {why}" for n, why in clients.ignored.items())
         )
-    log(INFO, "[fedapp] %d clients on %d SuperNodes", len(node_partitions), len(nodes))
-    check_levels(PrivacySpec.from_config(cfg.get("privacy")), task, node_partitions.values())
+    log(INFO, "[fedapp] %d clients on %d SuperNodes", len(clients.node_partitions), len(nodes))
+    return nodes, clients
+
+
+def make_strategy(cfg: DictConfig, clients: ClientGrid, task: Task):
+    """The run's strategy with its update codec, encrypted aggregation and release mechanism,
+    bound to the federation; (strategy, the attack harness's partitions)."""
+    node_partitions = clients.node_partitions
     strategy = build_strategy(cfg, num_nodes=len(node_partitions))
     strategy.compression = CompressionSpec.from_config(cfg.get("compression"))
     # the clients' key: public context only (fedapp.features.secure), checked against every client's
@@ -498,6 +486,14 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
     )
     strategy = with_privacy(strategy, cfg, strategy.min_train_nodes)
     attackers = bind_strategy(strategy, cfg, task, node_partitions)
+    return strategy, attackers
+
+
+def preprocessing(cfg: DictConfig, clients: ClientGrid, task: Task, strategy, saved):
+    """The federated preprocessing parameters (asked once, before the clock starts; a resumed
+    run reuses its own and spends no privacy on asking again) and the clients whose
+    statistics were left out, with why. Binds the claim caps to the strategy."""
+    node_partitions = clients.node_partitions
     prep: dict[str, list[float]] = {}
     claims = ClaimPolicy.from_config(cfg.get("claims"))  # caps on claimed num-examples
     stats_rows: dict[int, float] = {}  # partition id -> training rows its statistics counted
@@ -524,20 +520,22 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         if exact:
             stats_rows = {node_partitions[c]: r for c, r in rows.items() if c in node_partitions}
     strategy.bind_claims(claims, stats_rows)
-    clock, profiles = make_clock(clients, cfg, task, node_partitions)
-    test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
-    torch.manual_seed(seeds.torch_seed("model.init", int(cfg.seed)))
-    initial = ArrayRecord(task.make_model().state_dict())
-    settings = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
-    synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class
+    return prep, stats_refused
+
+
+def describe_run(
+    context, cfg, initial, out_dir, clients, clock, profiles, prep, stats_refused, **facts
+) -> dict[str, Any]:
+    """results.json's `meta` at the start: the run, its federation and what was refused
+    (`facts`: the attack harness's partitions, the operator's validation rows)."""
+    node_partitions = clients.node_partitions
     meta = run_meta(
         context,
         cfg,
         initial,
         num_clients=len(node_partitions),
         output_dir=str(out_dir),
-        attackers=attackers,
-        server_val_rows=server_val_rows,
+        **facts,
         clients_started_unix=clients.started_unix,
     )
     meta["nodes_refused"] = clients.ignored  # node id -> why (kept up to date by the grid)
@@ -551,6 +549,71 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         meta["preprocessing"] = {
             k: prep[k] for k in ("prep.label_counts", "prep.class_weights") if k in prep
         }
+    return meta
+
+
+def resumed_meta(saved, meta: dict[str, Any], strategy) -> dict[str, Any]:
+    """A resumed run's `meta`: the checkpointed one, with this start appended to `resumed`."""
+    check_resumed_key(saved["meta"], strategy.secure)
+    resumed = {"after_round": int(saved["round"]), "at": meta["started"], "run_id": meta["run_id"]}
+    return {**saved["meta"], "resumed": [*saved["meta"].get("resumed", []), resumed]}
+
+
+def restore_run(saved, strategy, live, recorder, clock, clients) -> None:
+    """Everything a checkpoint holds back in place (the RNG state last, by the caller)."""
+    checkpoint.restore_strategy(strategy, saved["strategy"], live)
+    recorder.restore(saved["recorder"])
+    clock.restore(saved["clock"])
+    clients.restore(saved["clients"])
+    if strategy.release is not None:  # central DP: a possible release after the checkpoint
+        strategy.release.resumed()
+    if strategy.generator_phase is not None:  # augment: clients' copies may be lost
+        strategy.generator_phase.resumed()
+
+
+def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
+    log(
+        INFO,
+        "[fedapp] task=%s strategy=%s partition=%s rounds=%d seed=%d",
+        cfg.task.name,
+        cfg.strategy.name,
+        cfg.partition.name,
+        cfg.rounds,
+        cfg.seed,
+    )
+    log(INFO, "[fedapp] results will be written to %s", out_dir)
+    saved = checkpoint.read(cfg.resume) if cfg.get("resume") else None
+    if saved is not None:
+        checkpoint.check_compatible(saved["config"], cfg, int(saved["round"]))
+        log(INFO, "[fedapp] resuming after round %d of %s", saved["round"], cfg.resume)
+    seed_everything(int(cfg.seed))
+    task = get_task(cfg, resolve_data_dir(cfg, context.run_config))
+    task.load_central_test()  # bad data fails here, before any node is waited for
+    synthetic.check(cfg, task)  # before any statistic is asked for (privacy spent)
+    nodes, clients = join_federation(grid, cfg, task, out_dir, saved)
+    node_partitions = clients.node_partitions
+    check_levels(PrivacySpec.from_config(cfg.get("privacy")), task, node_partitions.values())
+    strategy, attackers = make_strategy(cfg, clients, task)
+    prep, stats_refused = preprocessing(cfg, clients, task, strategy, saved)
+    clock, profiles = make_clock(clients, cfg, task, node_partitions)
+    test_set, server_val_rows = hold_out_server_validation(strategy, cfg, task, prep)
+    torch.manual_seed(seeds.torch_seed("model.init", int(cfg.seed)))
+    initial = ArrayRecord(task.make_model().state_dict())
+    settings = TrainSettings.from_train_config(cfg.train, int(cfg.seed))
+    synthetic.attach(strategy, cfg, task, prep, settings)  # strategy=synthetic, augment=rare_class
+    meta = describe_run(
+        context,
+        cfg,
+        initial,
+        out_dir,
+        clients,
+        clock,
+        profiles,
+        prep,
+        stats_refused,
+        attackers=attackers,
+        server_val_rows=server_val_rows,
+    )
     evaluator = None
     if strategy.secure is not None:  # simulation: all nodes are hosts without their own data
         simulation = not any(i.has_data_path for i in nodes.values())
@@ -558,36 +621,43 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         meta["secure"] = secure_meta(cfg, strategy.secure, evaluator)
     start_round = 1
     if saved is not None:
-        check_resumed_key(saved["meta"], strategy.secure)
+        meta = resumed_meta(saved, meta, strategy)
         initial, start_round = saved["arrays"], int(saved["round"]) + 1
-        resumed = {
-            "after_round": int(saved["round"]),
-            "at": meta["started"],
-            "run_id": meta["run_id"],
-        }
-        meta = {**saved["meta"], "resumed": [*saved["meta"].get("resumed", []), resumed]}
     recorder = Recorder(out_dir, cfg, task, strategy, meta, test_set, prep=prep, clock=clock)
     recorder.nodes_fn = clients.report
     if strategy.secure is not None:
         recorder.evaluator = evaluator
     live = live_objects(strategy, task, grid, clients, clock, recorder)
     if saved is not None:
-        checkpoint.restore_strategy(strategy, saved["strategy"], live)
-        recorder.restore(saved["recorder"])
-        clock.restore(saved["clock"])
-        clients.restore(saved["clients"])
-        if strategy.release is not None:  # central DP: a possible release after the checkpoint
-            strategy.release.resumed()
-        if getattr(strategy, "generator_phase", None) is not None:  # augment: copies may be lost
-            strategy.generator_phase.resumed()
+        restore_run(saved, strategy, live, recorder, clock, clients)
     recorder.checkpoint_fn = checkpointer(
         out_dir, cfg, strategy, live, recorder, clock, clients, prep
     )
-    final, error, cut = None, None, None
     if saved is not None:  # as they were at the end of the checkpointed round
         checkpoint.set_rng_state(saved["rng"])
     # every training round's config, and the final per-site scoring's
     train_config = {**settings.to_config(), **prep, **plan_config(cfg)}
+    run_strategy(
+        strategy,
+        cfg,
+        clock,
+        clients,
+        task,
+        recorder,
+        initial,
+        start_round,
+        train_config,
+        prep,
+        out_dir,
+    )
+
+
+def run_strategy(
+    strategy, cfg, clock, clients, task, recorder, initial, start_round, train_config, prep, out_dir
+) -> None:
+    """The strategy's rounds, then the final per-site scoring; results.json is written
+    whatever happens, and a failed run raises RunFailed."""
+    final, error, cut = None, None, None
     try:
         result = strategy.start(
             grid=clock,
@@ -603,7 +673,9 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         )
         final = result.arrays
         if strategy.secure is None:  # encrypted: the server holds no plaintext model
-            recorder.sites = final_sites(clients, node_partitions, final, cfg, task, train_config)
+            recorder.sites = final_sites(
+                clients, clients.node_partitions, final, cfg, task, train_config
+            )
     except BaseException as exc:
         cut = interruption(exc)
         if cut is None:

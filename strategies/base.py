@@ -223,9 +223,12 @@ class FedappStrategyMixin:
     #   strategies/personal.py) or "server_optimizer" (FedAvg's mean taken as a
     #   pseudo-gradient by a stateful server optimizer: FedAdam, FedYogi, FedAdagrad,
     #   FedAvgM; strategies/adaptive.py);
+    # - `shares_synthetic_rows`: clients send synthetic rows once instead of (or before)
+    #   model updates (strategy=synthetic; fedapp.features.synthetic reads it);
     # - `sample_dp_refusal`: why the strategy cannot run under privacy=sample_dp ("" = it
     #   can), e.g. a client's personal model trained outside the DP ledger's steps.
     schedules_rounds: ClassVar[bool] = False
+    shares_synthetic_rows: ClassVar[bool] = False
     aggregation_rule: ClassVar[str] = "weighted_mean"
     # Keys of the client MetricRecord copied into the per-client record.
     logged_metrics: ClassVar[tuple[str, ...]] = (
@@ -339,22 +342,23 @@ class FedappStrategyMixin:
             result.arrays = arrays
         elif evaluate_fn:
             evaluate_fn(0, arrays)
-        if self.generator_phase is not None:  # augment=rare_class
-            self._num_rounds = num_rounds
-            phase = self.generator_phase
-            phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
-            start_round = max(start_round, phase.spec.rounds + 1)
+        self._num_rounds = num_rounds
+        phase = self.round_phase()
         previous = None  # the global model before the last aggregate (a refused one's way back)
-        train = self.release or self  # central DP: its messages, its noised aggregate
         for rnd in range(start_round, num_rounds + 1):
+            why = self.planned_stop(rnd)
+            if why:
+                log(INFO, "[fedapp] %s; stopping", why)
+                self.stop_reason = why
+                break
             if self.stop_for_budget(grid):
                 break
-            replies = list(
-                grid.send_and_receive(
-                    train.configure_train(rnd, arrays, train_config, grid), timeout=timeout
-                )
-            )
-            new, _ = train.aggregate_train(rnd, replies)
+            if phase is not None and rnd <= phase.rounds:  # the generator's rounds
+                phase.play_round(self, rnd, grid, train_config, timeout)
+                if evaluate_fn:
+                    evaluate_fn(rnd, arrays)
+                continue
+            new, replies = self.train_round(rnd, arrays, grid, train_config, timeout)
             if previous is not None and self.model_refused(rnd, replies):
                 new, arrays = None, previous  # back to the model the clients had accepted
                 result.arrays = self._global_arrays = arrays
@@ -366,6 +370,61 @@ class FedappStrategyMixin:
             if evaluate_fn:
                 evaluate_fn(rnd, arrays)
         return result
+
+    def round_phase(self) -> PrePhase | None:
+        """The phase whose rounds (1..`phase.rounds`) come before the first training round:
+        augment=rare_class's generator rounds (`generator_phase`)."""
+        return self.generator_phase
+
+    def planned_stop(self, server_round: int) -> str | None:
+        """Why this strategy's own design ends the run before `server_round` (strategy=
+        synthetic's one-shot mode), or None."""
+        return None
+
+    def train_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        grid: Grid,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[ArrayRecord | None, list[Message]]:
+        """One training round: (the new global model or None, the replies)."""
+        train = self.release or self  # central DP: its messages, its noised aggregate
+        replies = list(
+            grid.send_and_receive(
+                train.configure_train(server_round, arrays, config, grid), timeout=timeout
+            )
+        )
+        new, _ = train.aggregate_train(server_round, replies)
+        return new, replies
+
+    def send_phase_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        message_type: str,
+        timeout: float,
+    ) -> list[Message]:
+        """A round of a phase's own state (`arrays`, e.g. the generator) to this round's
+        sample, under `message_type`: sent as a training message, replies screened against
+        `arrays` instead of the global model; returns the accepted replies."""
+        self._round, task_global = server_round, self._global_arrays
+        self._global_arrays = arrays  # replies are screened against the phase's state
+        try:
+            msgs = self._messages(
+                server_round,
+                arrays,
+                ConfigRecord({**dict(config), "server-round": server_round}),
+                grid,
+                message_type,
+            )
+            replies = grid.send_and_receive(msgs, timeout=timeout)
+            return self.screen_replies(server_round, list(replies), "train")
+        finally:
+            self._global_arrays = task_global
 
     stop_reason: str | None = None  # why the run stopped before its configured rounds
 
@@ -614,7 +673,7 @@ class FedappStrategyMixin:
             client.status = "ok"
             candidates.append((msg, client))
         gen = self.generator_phase
-        if gen is not None and phase == "train" and server_round > gen.spec.rounds:
+        if gen is not None and phase == "train" and server_round > gen.rounds:
             # augment=rare_class: a client that replied (even if rejected) keeps the generator
             gen.note_replies(
                 rec.expected,

@@ -1,6 +1,6 @@
 """strategy=synthetic: privacy-distilled synthetic data instead of (or before) model updates.
 
-Seed 004's method (fedapp/features/synthetic.py has the generator, its privacy and what was left out):
+Seed 004's method (fedapp/features/synthetic/ has the generator, its privacy and what was left out):
 
 1. rounds 1..G (`generator.rounds`): the generator is trained federatedly, FedAvg of the
    clients' local (DP-SGD) epochs;
@@ -35,16 +35,8 @@ from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import Result
 
 from fedapp.core import seeds
-from fedapp.features.synthetic import (
-    GeneratorPhase,
-    GeneratorSpec,
-    Layout,
-    SyntheticError,
-    SyntheticRoundFailed,
-    concat_rows,
-    quality,
-    screen_rows,
-)
+from fedapp.core.config import ConfigError
+from fedapp.core.plugins import SyntheticRows
 from strategies.base import FedappStrategyMixin, reply_metrics
 from tasks.base import ClientData
 from tasks.training import TrainSettings
@@ -55,10 +47,15 @@ MODES = ("oneshot", "hybrid")
 ROW_KINDS = {"numeric": "f", "codes": "iu", "y": "iu"}
 
 
+class SyntheticRoundFailed(RuntimeError):
+    """Too few clients sent usable synthetic rows: the task model could not be trained."""
+
+
 class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
     """See the module docstring."""
 
     schedules_rounds = True
+    shares_synthetic_rows = True
 
     def __init__(
         self,
@@ -71,36 +68,40 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
     ) -> None:
         super().__init__(**kwargs)
         if mode not in MODES:
-            raise SyntheticError(f"strategy.mode={mode}: use oneshot or hybrid")
+            raise ConfigError(f"strategy.mode={mode}: use oneshot or hybrid")
         if not rows_factor > 0 or int(max_rows) < 1 or int(server_epochs) < 1:
-            raise SyntheticError(
-                "strategy.rows_factor must be > 0, max_rows and server_epochs >= 1"
-            )
+            raise ConfigError("strategy.rows_factor must be > 0, max_rows and server_epochs >= 1")
         self.mode = mode
-        self.spec = GeneratorSpec.from_config(generator)
+        # strategy.generator is the feature's (fedapp.features.synthetic.GeneratorSpec, checked
+        # when the config is composed); its phase brings it parsed (`bind_task`)
         self.rows_factor, self.max_rows = float(rows_factor), int(max_rows)
         self.server_epochs = int(server_epochs)
-        self.phase: GeneratorPhase | None = None
+        self.phase: SyntheticRows | None = None
         self.report: dict[str, Any] = {}
         self.synthetic_rows = None  # the union the server trained on (tasks.tabular.Rows)
         self._received: dict[int, Any] = {}  # sharing round: rows by the reply's node id
         self._sharing = False  # replies being screened are synthetic rows
 
-    def bind_task(self, task, prep, settings: TrainSettings, phase: GeneratorPhase) -> None:
-        """The server-side pieces (fedapp.server_app): the task (model, training, test set),
-        the federated preprocessing parameters, the clients' training settings, the generator."""
+    def bind_task(self, task, prep, settings: TrainSettings, phase: SyntheticRows) -> None:
+        """The server-side pieces (fedapp.features.synthetic.attach): the task (model, training,
+        test set), the federated preprocessing parameters, the clients' training settings, the
+        generator's phase (its rounds, its settings, the screening of rows)."""
         self.task, self.prep, self.settings, self.phase = task, dict(prep), settings, phase
-        self.layout = Layout.of(task)
+
+    @property
+    def spec(self):
+        """The generator's settings (fedapp.features.synthetic.GeneratorSpec)."""
+        return self.phase.spec
 
     @property
     def share_round(self) -> int:
-        return self.spec.rounds + 1
+        return self.phase.rounds + 1
 
     def round_config(self, server_round: int, config: ConfigRecord) -> dict[str, Any]:
         # hybrid: DP-SGD of the task model is planned for the rounds after the sharing round
         return {"dp-rounds": max(1, self._num_rounds - self.share_round)}
 
-    # -- the run -------------------------------------------------------------------------------
+    # -- the run: the mixin's round loop, with the generator's rounds first --------------------
     def start(
         self,
         grid: Grid,
@@ -112,49 +113,44 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         evaluate_fn=None,
         start_round: int = 1,
     ) -> Result:
-        train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
         if num_rounds < self.share_round:
-            raise SyntheticError(
+            raise ConfigError(
                 f"rounds={num_rounds} leaves no sharing round after generator.rounds="
-                f"{self.spec.rounds}; set rounds >= {self.share_round}"
+                f"{self.phase.rounds}; set rounds >= {self.share_round}"
             )
-        self._num_rounds = num_rounds
-        result, arrays = Result(), initial_arrays
-        self._global_arrays = arrays
-        if start_round > 1:
-            result.arrays = arrays
-        elif evaluate_fn:
-            evaluate_fn(0, arrays)
-        self.phase.run(self, grid, train_config, timeout, evaluate_fn, arrays, start_round)
-        if start_round <= self.share_round:
-            if self.stop_for_budget(grid):
-                return result
-            arrays = result.arrays = self.sharing_round(grid, arrays, train_config, timeout)
-            self.evaluate_round(grid, self.share_round, arrays, evaluate_config, timeout)
-            if evaluate_fn:
-                evaluate_fn(self.share_round, arrays)
-        if self.mode == "oneshot":
-            if num_rounds > self.share_round:
-                self.stop_reason = (
-                    f"one-shot mode: {self.spec.rounds} generator rounds and one sharing round; "
-                    f"rounds={num_rounds} are for mode=hybrid"
-                )
-            return result
-        rest = FedappStrategyMixin.start(
-            self,
+        return super().start(
             grid,
-            arrays,
+            initial_arrays,
             num_rounds,
             timeout,
             train_config,
             evaluate_config,
             evaluate_fn,
-            start_round=max(start_round, self.share_round + 1),
+            start_round,
         )
-        if rest.arrays is not None:
-            result.arrays = rest.arrays
-        return result
+
+    def round_phase(self):
+        return self.phase
+
+    def planned_stop(self, server_round: int) -> str | None:
+        if self.mode == "oneshot" and server_round > self.share_round:
+            return (
+                f"one-shot mode: {self.phase.rounds} generator rounds and one sharing round; "
+                f"rounds={self._num_rounds} are for mode=hybrid"
+            )
+        return None
+
+    def train_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        grid: Grid,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[ArrayRecord | None, list[Message]]:
+        if server_round == self.share_round:
+            return self.sharing_round(grid, arrays, config, timeout), []
+        return super().train_round(server_round, arrays, grid, config, timeout)
 
     def sharing_round(
         self, grid: Grid, arrays: ArrayRecord, config: ConfigRecord, timeout: float
@@ -197,7 +193,7 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
                 "rounds[].clients for each client's status"
             )
         parts = [self._received[m.metadata.src_node_id] for m in accepted]
-        union = concat_rows(parts)
+        union = self.phase.concat_rows(parts)
         sizes = np.array([len(p) for p in parts], dtype=np.float64)
         self.set_weights(rec, accepted, (sizes / sizes.sum()).tolist())
         t0 = time.perf_counter()
@@ -242,7 +238,7 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
             },
             "label_counts": np.bincount(union.y, minlength=self.task.num_classes).tolist(),
             # train on synthetic, test on real: the test metrics of this round's model
-            "quality_vs_server_test": quality(
+            "quality_vs_server_test": self.phase.quality(
                 union, self.task.load_central_test(), self.task, self.prep
             ),
         }
@@ -266,7 +262,7 @@ class SyntheticData(FedappStrategyMixin, flwr_strategy.FedAvg):
         odd = sorted(k for k, kind in kinds.items() if kind not in ROW_KINDS[k])
         if odd:  # float labels or codes would be truncated into valid-looking ones
             return f"rejected: synthetic rows {odd} of the wrong dtype ({[kinds[k] for k in odd]})"
-        rows, why = screen_rows(record, self.layout, self.prep, self.spec.zclip, self.max_rows)
+        rows, why = self.phase.screen_rows(record, self.prep, self.max_rows)
         if why:
             return why
         metrics = reply_metrics(msg)

@@ -206,6 +206,9 @@ def test_tasks_and_strategies_outside_the_node_s_list_are_refused(data_dir):
     [
         ("train.lr=${oc.env:HOME}", "no interpolation"),
         ("strategy._target_=os.system", "registered components"),
+        # a registered class under another strategy's name (a policy accepts names; what a
+        # client sends, e.g. synthetic rows, is read from the class)
+        ("strategy._target_=strategies.synthetic.SyntheticData", "registered components"),
         ("~privacy", "no deletion"),
         ("privacy@x=none", "registered components"),
         # found by the hostile review: Hydra unescapes these after a plain-text check
@@ -221,6 +224,22 @@ def test_executable_and_interpolated_overrides_are_refused(override, why, data_d
     with pytest.raises(PolicyRefusal, match=why) as err:
         load_node(_context(data_dir, f"task=medical {override}"), with_data=False)
     assert os.environ.get("HOME", "/root") not in str(err.value).replace("${oc.env:HOME}", "")
+
+
+def test_a_strategy_name_and_class_that_disagree_are_refused():
+    """Whatever way a config reaches a node: a policy accepts strategies by name, a client
+    reads what it may do from the class (its units, synthetic rows), so the two must be the
+    node's own pair (conf/strategy/<name>.yaml)."""
+    from omegaconf import OmegaConf
+
+    from fedapp.core.config import compose
+    from fedapp.core.policy import NodePolicy
+
+    cfg = compose("task=medical strategy=fedavg")
+    NodePolicy().enforce(cfg)  # the node's own pair
+    OmegaConf.update(cfg, "strategy._target_", "strategies.synthetic.SyntheticData")
+    with pytest.raises(PolicyRefusal, match="conf/strategy/fedavg.yaml is"):
+        NodePolicy().enforce(cfg)
 
 
 def test_a_server_s_search_path_is_never_loaded(data_dir, tmp_path):

@@ -1,8 +1,7 @@
 """The layers of the tree (bench/import_graph.py: tasks < core < strategies < features < roots
-< cli): every import counted, those inside function bodies included. The one edge that
-still points up is listed here as known debt (issue 32); a new upward edge, or any cycle,
-fails. An edge that goes away must be struck from the
-list, so the list only shrinks."""
+< cli): every import counted, those inside function bodies included. No edge points up
+(KNOWN_UP, the debt list, is empty and may only stay so); a new upward edge, or any cycle,
+fails."""
 
 from __future__ import annotations
 
@@ -14,11 +13,7 @@ sys.path.insert(0, str(PROJECT_ROOT / "bench"))
 import import_graph  # noqa: E402
 
 # (from, to): the feature mods and checks core and strategies still reach up to
-KNOWN_UP = {
-    # strategy=synthetic is the synthetic-data feature's own round loop; its `_target_`
-    # (strategies.synthetic.SyntheticData) is a contract, so it stays where configs name it
-    ("strategies.synthetic", "fedapp.features.synthetic"),
-}
+KNOWN_UP: set[tuple[str, str]] = set()
 KNOWN_CYCLE: set[str] = set()
 
 

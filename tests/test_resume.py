@@ -140,6 +140,56 @@ def test_a_finished_run_runs_longer(tmp_path, data_dir):
     _same_run(long, short)
 
 
+OLD = Path(__file__).parent / "fixtures" / "checkpoint_7ddd649"
+OLD_RUN = (
+    "task=credit partition=iid partition.num_partitions=6 clients_per_round=4 "
+    "eval_clients_per_round=2 train.local_epochs=1 rounds=3"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        # the generator phase and the clients' grid in the strategy's state, by old module paths
+        ("aug", "strategy=fedavg augment=rare_class augment.generator.rounds=1"),
+        # the event-driven scheduler, its policy and the clock (fedapp.hetero then); the probe's
+        # timeout was 600 s when the checkpoint was written (a changed default is a new run)
+        (
+            "tiered",
+            "strategy=tiered hetero=both partition.num_partitions=9 strategy.profile_timeout_s=600",
+        ),
+    ],
+)
+def test_a_checkpoint_from_before_the_package_move_resumes(name, overrides, tmp_path, data_dir):
+    """Checkpoints written by 7ddd649, when the modules were fedapp.clients, fedapp.hetero,
+    fedapp.synthetic, ... (a pickle names every class by its module): they still resume, and
+    round 3 gives the final metrics the uninterrupted run of that commit gave."""
+    import shutil
+
+    run = tmp_path / name
+    shutil.copytree(OLD / name, run)
+    run_inline(f"{OLD_RUN} {overrides} resume={run}")
+    final = json.loads((run / "results.json").read_text())["final"]
+    expected = json.loads((OLD / "expected.json").read_text())[name]
+    assert {k: final[k] for k in expected} == expected
+    assert json.loads((run / "results.json").read_text())["meta"]["resumed"][0]["after_round"] == 2
+
+
+def test_moved_modules_map_to_importable_ones():
+    import importlib
+
+    from fedapp.checkpoint import MOVED_PACKAGES, moved_module
+
+    for old, new in MOVED_PACKAGES.items():
+        importlib.import_module(new)
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(old)
+    assert moved_module("fedapp.board.app") == "fedapp.cli.board.app"
+    assert moved_module("fedapp.hetero") == "fedapp.features.hetero"
+    assert moved_module("fedapp.recorder") == "fedapp.recorder"  # never moved
+    assert moved_module("fedapp.features.privacy") == "fedapp.features.privacy"
+
+
 def test_resume_refuses_what_it_cannot_continue(tmp_path, data_dir):
     out = run_inline(SMALL.replace("rounds=4", "rounds=1"), tmp_path / "run")
     with pytest.raises(ConfigError, match=r"differs .* \['seed'\]"):

@@ -24,6 +24,7 @@ __all__ = [
     "PlainCodec",
     "PrePhase",
     "ReleaseMechanism",
+    "SyntheticRows",
     "UpdateCodec",
     "is_event_clock",
 ]
@@ -111,17 +112,44 @@ class ReleaseMechanism(Protocol):
 
 
 class PrePhase(Protocol):
-    """Rounds before the first training round whose state then goes with the model."""
+    """Rounds before the first training round whose state then goes with the model. The
+    strategy's round loop plays rounds 1..`rounds` through `play_round`, which uses only the
+    strategy's public round API (`send_phase_round`, `round_log`, `set_weights`,
+    `min_replies`)."""
 
     record_key: ClassVar[str]  # the extra ArrayRecord of training messages
     arrays: ArrayRecord  # the state it sends
     holders: set[int]  # partitions that hold it already
+
+    @property
+    def rounds(self) -> int:
+        """How many rounds of the run are this phase's (from round 1)."""
+        ...
+
+    def play_round(
+        self, strategy: Any, server_round: int, grid: Any, config: ConfigRecord, timeout: float
+    ) -> None: ...
 
     def train_config(self, num_rounds: int) -> dict[str, Any]:
         """Entries of every training round's ConfigRecord."""
         ...
 
     def note_replies(self, expected: Iterable[int], ok: Iterable[int]) -> None: ...
+
+
+class SyntheticRows(PrePhase, Protocol):
+    """A generator phase that also screens and pools the synthetic rows clients send once
+    (strategy=synthetic's sharing round)."""
+
+    spec: Any  # the generator's settings (rounds, zclip, ...)
+
+    def screen_rows(self, record: ArrayRecord, prep: Any, max_rows: int) -> tuple[Any, str | None]:
+        """(rows, None) for rows that respect the task's table, else (None, the reason)."""
+        ...
+
+    def concat_rows(self, parts: list) -> Any: ...
+
+    def quality(self, synth: Any, real: Any, task: Any, prep: Any) -> dict[str, Any]: ...
 
 
 def is_event_clock(grid: Any) -> bool:

@@ -184,6 +184,15 @@ class NodePolicy:
                 f"this institution requires secure=ckks; the server asked secure={secure}"
             )
         task, strategy = str(cfg.task.name), str(cfg.strategy.name)
+        own = _registered().get(strategy)
+        target = str(OmegaConf.select(cfg, "strategy._target_", default=""))
+        if own is not None and target != own:
+            # what a client does is read from the class (its units, what it may send: e.g.
+            # synthetic rows); what a policy accepts from the name: they must agree
+            raise PolicyRefusal(
+                f"strategy={strategy} names the class {target!r}; this node's "
+                f"conf/strategy/{strategy}.yaml is {own!r}"
+            )
         if self.accept_tasks and task not in self.accept_tasks:
             raise PolicyRefusal(
                 f"task={task} is not one this institution accepts ({', '.join(self.accept_tasks)})"
@@ -412,7 +421,7 @@ def searchpath_override(folders: Sequence[str]) -> list[str]:
 
 def registered_strategy(target: str) -> str:
     """`target` if it is the `_target_` of one of the node's own strategy configs."""
-    if target not in _registered():
+    if target not in _registered().values():
         raise PolicyRefusal(
             f"strategy class {target!r} is not registered on this node (conf/strategy/*.yaml)"
         )
@@ -420,13 +429,14 @@ def registered_strategy(target: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _registered() -> frozenset[str]:
-    out = set()
-    for path in (conf_dir() / "strategy").glob("*.yaml"):
-        target = OmegaConf.load(path).get("_target_")
-        if target:
-            out.add(str(target))
-    return frozenset(out)
+def _registered() -> dict[str, str]:
+    """The node's own strategies: name -> `_target_` (conf/strategy/*.yaml)."""
+    out = {}
+    for path in sorted((conf_dir() / "strategy").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        if raw.get("_target_"):
+            out[str(raw.get("name", path.stem))] = str(raw["_target_"])
+    return out
 
 
 def check_lineage(value: Any) -> str:

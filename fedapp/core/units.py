@@ -9,7 +9,7 @@ belong to:
 | stage | units | home |
 |---|---|---|
 | attack | the attack harness (label flip, poisoning, free riders, crashes) | `fedapp/features/attacks.py` |
-| augment | synthetic rare-class rows from the federation's DP generator (`augment=rare_class`) | `fedapp/features/synthetic.py` |
+| augment | synthetic rare-class rows from the federation's DP generator (`augment=rare_class`) | `fedapp/features/synthetic/` |
 | privacy | sample-level DP-SGD with Opacus, its accountant and budget | `fedapp/features/privacy.py` |
 | strategy | a strategy's client part (FedProx's proximal term, SCAFFOLD's controls, contribution's validation gain and distillation, MOON's contrastive term) | its module in `strategies/`, listed in the strategy class's `client_units` |
 

@@ -1,4 +1,4 @@
-"""DP synthetic data (fedapp/features/synthetic.py, strategies/synthetic.py): the generator's privacy
+"""DP synthetic data (fedapp/features/synthetic/, strategies/synthetic.py): the generator's privacy
 accounting, rows that respect the schema, marginals recovered on a toy table, the one-shot
 mode's bytes, rare-class augmentation and the refused combinations."""
 

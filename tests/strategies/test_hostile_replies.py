@@ -459,7 +459,7 @@ def test_a_statistics_reply_of_any_form_is_left_out_and_the_others_are_used():
 
 # -- synthetic rows (strategy=synthetic's sharing round) -------------------------------------------
 def test_synthetic_rows_of_the_wrong_dtype_are_rejected(data_dir):
-    from fedapp.features.synthetic import Layout, rows_record, sample_rows
+    from fedapp.features.synthetic import attach, rows_record, sample_rows
     from strategies import build_strategy
     from tasks import get_task
 
@@ -469,7 +469,7 @@ def test_synthetic_rows_of_the_wrong_dtype_are_rejected(data_dir):
     s = build_strategy(cfg, num_nodes=4)
     nodes = [3000 + 5 * p for p in range(4)]
     s.bind({n: p for p, n in enumerate(nodes)}, seed=0)
-    s.task, s.prep, s.layout = task, dict(prep), Layout.of(task)
+    attach(s, cfg, task, prep, settings=None)  # the generator phase, the task's table
     from fedapp.features.synthetic import make_generator
 
     vae = make_generator(task, s.spec)

@@ -275,16 +275,15 @@ def test_a_fuzzed_probe_is_a_report_or_a_failed_probe(data):
 @pytest.fixture(scope="module")
 def sharing(tmp_path_factory):
     from fedapp.core.config import compose
-    from fedapp.features.synthetic import make_generator, rows_record, sample_rows
-    from strategies import build_strategy
+    from fedapp.features.synthetic import generator_spec, make_generator, rows_record, sample_rows
     from tasks import get_task
     from tests.conftest import DATA_DIR
 
     cfg = compose("task=medical strategy=synthetic clients_per_round=4 eval_clients_per_round=0")
     task = get_task(cfg, DATA_DIR)
     prep = task.aggregate_stats([task.client_stats(task.load_partition(i)) for i in range(4)])
-    s = build_strategy(cfg, num_nodes=4)
-    rows = sample_rows(make_generator(task, s.spec), np.array([0, 1] * 10), prep, 3.0, seed=1)
+    spec = generator_spec(cfg)
+    rows = sample_rows(make_generator(task, spec), np.array([0, 1] * 10), prep, 3.0, seed=1)
     record = rows_record(rows, prep)
     return cfg, task, prep, {k: record[k].numpy() for k in record}
 
@@ -292,7 +291,7 @@ def sharing(tmp_path_factory):
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_synthetic_rows_never_break_the_sharing_round(sharing, data):
-    from fedapp.features.synthetic import Layout
+    from fedapp.features.synthetic import attach
     from strategies import build_strategy
 
     cfg, task, prep, arrays = sharing
@@ -301,7 +300,7 @@ def test_fuzzed_synthetic_rows_never_break_the_sharing_round(sharing, data):
     s = build_strategy(cfg, num_nodes=4)
     nodes = [3000 + 5 * p for p in range(4)]
     s.bind({n: p for p, n in enumerate(nodes)}, seed=0)
-    s.task, s.prep, s.layout = task, dict(prep), Layout.of(task)
+    attach(s, cfg, task, prep, settings=None)  # the generator phase, the task's table
     s._sharing, s._received = True, {}
     honest = [
         h.message(
