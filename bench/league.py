@@ -1,9 +1,12 @@
 """One league table: every strategy and peer that runs on a task, on the same splits and
 seeds in one run, ranked, with the reference rows a tabular data scientist fits first.
 
-Regimes (credit default, the fast task): the natural split (7 education levels as clients)
-and label skew (Dirichlet alpha 0.1 over 10 clients; `partition.min_partition_size=1`, as
-credit's two classes give some seeds clients of a few rows only). Every strategy runs
+Regimes (credit default, the fast task): the natural split (7 education levels as clients),
+label skew (Dirichlet alpha 0.1 over 10 clients; `partition.min_partition_size=1`, as
+credit's two classes give some seeds clients of a few rows only), and attackers on the
+natural split (30% of the clients flip their labels; `fedapp.features.attacks`, the same
+clients for every strategy; `scaled0.3`, updates scaled by the attack's factor, is defined
+but not in the default run: robustness.md has every attack). Every strategy runs
 `--rounds` rounds with its shipped defaults, all clients every round, in the in-process engine
 (`fedapp.cli.inline`), one single-threaded CPU process per run, `--jobs` at a time. Metric: the
 server's test ROC-AUC, final and mean of the last 3 rounds; mean ± sd over seeds; rank within a
@@ -15,9 +18,13 @@ rows of the same seed's split and scored on the same test rows, and the majority
     nice -n 10 .venv/bin/python bench/league.py --jobs 2          # ~20 min on 2 cores
     .venv/bin/python bench/league.py --summarize-only              # tables from the runs
 
+Device heterogeneity is a regime of its own where time matters: its rows (time to target on
+the virtual clock, per device profile: FedAvg, FedAsync, FedBuff, TiFL, tiered, ...) come from
+bench/hetero.py's run (bench/results/hetero.json: one run, the same splits, seeds and profiles
+for its strategies), ranked here by mean time to target; this script does not rerun them.
+
 Writes bench/results/league.{json,md}; runs stay under bench/results/runs_league/ (ignored by
-git). Not yet in it (issue 34 part 6): the attacker and device-heterogeneity regimes, FEMNIST,
-time to target.
+git). Not in it: FEMNIST (robustness.md, femnist_baselines.md and hetero.md have its cells).
 """
 
 from __future__ import annotations
@@ -45,7 +52,19 @@ REGIMES = {
         "partition.num_partitions=10",
         "partition.min_partition_size=1",
     ],
+    "label_flip0.3": ["partition=natural", "attack=label_flip", "attack.fraction=0.3"],
+    "scaled0.3": ["partition=natural", "attack=scaled", "attack.fraction=0.3"],
 }
+HETERO_STRATEGIES = (
+    "fedavg",
+    "fedavg_deadline",
+    "fedprox",
+    "qfedavg",
+    "fedasync",
+    "fedbuff",
+    "tifl",
+    "tiered",
+)
 # every strategy of conf/strategy/ that trains one global model in synchronous rounds
 # (personalised ones score per site, event-driven ones need a device profile, synthetic
 # shares rows)
@@ -148,6 +167,55 @@ def rank(rows: list[dict]) -> None:
             r["rank"] = i
 
 
+def hetero_rows(task: str) -> dict | None:
+    """Device heterogeneity, per profile and strategy, from bench/hetero.py's run: time to
+    target (simulated seconds to `target_frac` x synchronous FedAvg's final metric, same
+    seed), the final metric at the time budget and the aggregation success rate, per seed;
+    ranked by mean time to target (a strategy that missed the target in a seed is unranked)."""
+    path = RESULTS / "hetero.json"
+    if not path.exists():
+        return None
+    h = json.loads(path.read_text())
+    cells = [c for c in h["cells"] if c["task"] == task]
+    profiles = list(dict.fromkeys(c["profile"] for c in cells))
+    out = []
+    for profile in profiles:
+        rows = []
+        for strategy in HETERO_STRATEGIES:
+            mine = sorted(
+                (c for c in cells if c["profile"] == profile and c["strategy"] == strategy),
+                key=lambda c: c["seed"],
+            )
+            if not mine:
+                continue
+            rows.append(
+                {
+                    "profile": profile,
+                    "strategy": strategy,
+                    "seeds": [c["seed"] for c in mine],
+                    "time_to_target_s": [c["time_to_target_s"] for c in mine],
+                    "final": [c["final"] for c in mine],
+                    "success_rate": [c["success_rate"] for c in mine],
+                    "kept": bool(mine[0].get("kept")),
+                }
+            )
+        ranked = [r for r in rows if all(t is not None for t in r["time_to_target_s"])]
+        ranked.sort(key=lambda r: float(np.mean(r["time_to_target_s"])))
+        for i, r in enumerate(ranked, start=1):
+            r["rank"] = i
+        for r in rows:
+            r.setdefault("rank", None)
+        out += rows
+    return {
+        "source": "bench/results/hetero.json",
+        "target_frac": h["target_frac"],
+        "rounds": h["rounds"],
+        "round_factor": h["round_factor"],
+        "kept_from": h.get("kept_from"),
+        "rows": out,
+    }
+
+
 def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
     rank(rows)
     for r in rows:
@@ -169,6 +237,7 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
         "wall_minutes": wall_min,
         "rows": rows,
         "reference": refs,
+        "hetero": hetero_rows(args.task),
     }
     (RESULTS / "league.json").write_text(json.dumps(data, indent=1))
     lines = [
@@ -199,8 +268,9 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
         ]
         for r in rr:
             done = sum(s != "missing" for s in r["status"])
+            star = "*" if r.get("kept") else ""
             lines.append(
-                f"| {r['rank'] or '-'} | {r['strategy']} | {fmt_mean_sd(r['final'])} | "
+                f"| {r['rank'] or '-'} | {r['strategy']}{star} | {fmt_mean_sd(r['final'])} | "
                 f"{fmt_mean_sd(r['last3'])} | {done}/{len(r['status'])} |"
             )
         lines += [
@@ -210,10 +280,51 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
         ]
     lines += [
         "The pooled gradient-boosted trees see every training row at once (no federation); "
-        "the same number for both regimes, since the pooled rows are the same. The majority "
+        "the same number for every regime, since the pooled rows are the same. The majority "
         f"class scores accuracy {fmt_mean_sd(refs['majority_acc'])} on the test rows.",
         "",
     ]
+    het = data["hetero"]
+    if het:
+        lines += [
+            "## device heterogeneity",
+            "",
+            f"From `{het['source']}` (bench/hetero.py: 30 IID clients, 10 at a time, FedAvg's "
+            f"{het['rounds']} rounds set the time budget, the others up to "
+            f"{het['round_factor']}x as many; rows marked * kept from an earlier run of it). "
+            f"Time to {het['target_frac']:g} x synchronous FedAvg's final ROC-AUC on the virtual "
+            "clock (simulated seconds, mean ± sd over seeds; rank by it, 1 = soonest), the "
+            "ROC-AUC at the budget and the share of rounds that aggregated.",
+            "",
+        ]
+        for profile in dict.fromkeys(r["profile"] for r in het["rows"]):
+            rr = sorted(
+                (r for r in het["rows"] if r["profile"] == profile),
+                key=lambda r: (r["rank"] is None, r["rank"] or 0),
+            )
+            lines += [
+                f"### {profile}",
+                "",
+                "| rank | strategy | time to target (s) | ROC-AUC at the budget | success |",
+                "|---|---|---|---|---|",
+            ]
+            for r in rr:
+                missed = sum(t is None for t in r["time_to_target_s"])
+                ttt = fmt_mean_sd(r["time_to_target_s"], 0) + (
+                    f" ({missed} seed(s) missed)" if missed else ""
+                )
+                lines.append(
+                    f"| {r['rank'] or '-'} | {r['strategy']}{'*' if r['kept'] else ''} | {ttt} | "
+                    f"{fmt_mean_sd(r['final'])} | {fmt_mean_sd(r['success_rate'], 2)} |"
+                )
+            lines.append("")
+    if any(r.get("kept") for r in rows):
+        lines += [
+            "Rows marked * are kept from an earlier run of this script (`--keep-from`; same "
+            "seeds and rounds, deterministic runs: the code of those strategies has not changed "
+            "since, bench/behaviour_digest.py).",
+            "",
+        ]
     left = [s for s in STRATEGIES if s not in args.strategies]
     if left:
         lines += [f"Not in this run (`--strategies`): {', '.join(left)}.", ""]
@@ -224,21 +335,39 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="credit")
-    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    p.add_argument(
+        "--regimes",
+        nargs="+",
+        default=["natural", "dirichlet0.1", "label_flip0.3"],
+        choices=list(REGIMES),
+    )
     p.add_argument("--strategies", nargs="+", default=STRATEGIES)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument(
+        "--keep-from",
+        type=Path,
+        help="an earlier league.json: its rows for (regime, strategy) pairs not run here are "
+        "kept (marked; the runs are deterministic, so the same seeds give the same numbers)",
+    )
     args = p.parse_args()
     args.argv = sys.argv[1:]
     t0 = time.perf_counter()
+    earlier = {}
+    if args.keep_from:
+        old = json.loads(args.keep_from.read_text())
+        if old["seeds"] != args.seeds or old["rounds"] != args.rounds:
+            raise SystemExit("--keep-from: that run had other seeds or rounds")
+        earlier = {(r["regime"], r["strategy"]): r for r in old["rows"]}
     todo = [
         (regime, strategy, seed)
         for seed in args.seeds
         for regime in args.regimes
         for strategy in args.strategies
-        if completed(
+        if (regime, strategy) not in earlier
+        and completed(
             RUNS / run_name(args.task, regime, strategy, seed) / "results.json", args.rounds
         )
         is None
@@ -258,7 +387,9 @@ def main() -> int:
     if wall is None and (RESULTS / "league.json").exists():  # the runs' own, when summarizing
         wall = json.loads((RESULTS / "league.json").read_text()).get("wall_minutes")
     rows = [
-        collect(args.task, regime, strategy, args.seeds, args.rounds)
+        {**earlier[(regime, strategy)], "kept": True}
+        if (regime, strategy) in earlier
+        else collect(args.task, regime, strategy, args.seeds, args.rounds)
         for regime in args.regimes
         for strategy in args.strategies
     ]

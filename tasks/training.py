@@ -50,6 +50,9 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Local optimizers (`train.optimizer`): SGD (with `momentum`), or Adam (betas 0.9/0.999; DP-Adam
+# under DP-SGD: Opacus clips and noises the gradients, Adam's step is post-processing)
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,24 @@ class TrainSettings:
     # Mixed precision of local training: fp32 (none), bf16 or fp16 under torch.autocast; the
     # weights, their updates, evaluation and everything sent stay fp32 (PRECISIONS).
     precision: str = "fp32"
+    optimizer: str = "sgd"  # OPTIMIZERS
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"train.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"train.optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainSettings:
@@ -253,12 +268,7 @@ def _local_sgd(model, dataset, settings, loss_fn, device, hooks) -> dict[str, fl
             generator=generator,
             drop_last=False,
         )
-    opt = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
+    opt = settings.make_optimizer(model.parameters())
     after_noise = [h for h in hooks if h.sample_independent] if private else []
     in_loop = [h for h in hooks if h not in after_noise]
     forward, batches = model, loader

@@ -318,3 +318,47 @@ def test_settings_from_the_run_configs_train_block():
         seed=5,
         precision="bf16",
     )
+
+
+# --- train.optimizer: SGD or (DP-)Adam --------------------------------------------------------------
+def test_adam_is_a_local_optimizer_and_an_unknown_one_is_refused():
+    with pytest.raises(ValueError, match="train.optimizer"):
+        TrainSettings(optimizer="lbfgs")
+    s = TrainSettings(optimizer="adam", lr=0.01)
+    assert TrainSettings.from_config(s.to_config()) == s
+    assert isinstance(s.make_optimizer(_model().parameters()), torch.optim.Adam)
+    assert isinstance(TrainSettings().make_optimizer(_model().parameters()), torch.optim.SGD)
+    # a different optimizer takes different steps from the same start and batches
+    a, b = _model(), _model()
+    train_classifier(a, _data(), TrainSettings(lr=0.01))
+    train_classifier(b, _data(), TrainSettings(lr=0.01, optimizer="adam"))
+    assert _distance(a, b) > 1e-6
+    data, model = _data(), _model()
+    before = evaluate_classifier(model, data, num_classes=3)["accuracy"]
+    train_classifier(model, data, TrainSettings(local_epochs=20, lr=0.01, optimizer="adam"))
+    assert evaluate_classifier(model, data, num_classes=3)["accuracy"] > before + 0.3
+
+
+def test_dp_adam_clips_and_noises_before_adams_step():
+    """Under DP-SGD, Opacus' optimizer wraps Adam: every step is counted by the DP hook, and
+    clipping at 0.1 with noise moves the model elsewhere than a clip that never binds without
+    noise, from the same start and the same Poisson batches (seeded)."""
+    from tasks.dp_sgd import DPSGDHook
+
+    settings = TrainSettings(optimizer="adam", lr=0.01, batch_size=16, seed=1)
+    noisy, clean = _model(), _model()
+    train_classifier(noisy, _data(n=64), settings, hooks=[DPSGDHook(1.0, 0.1, seed=7)])
+    hook = DPSGDHook(0.0, 1e6, seed=7)
+    out = train_classifier(clean, _data(n=64), settings, hooks=[hook])
+    assert hook.steps == out["train_steps"] > 0
+    assert _distance(noisy, clean) > 1e-4  # clipping at 0.1 and noise changed the steps
+
+
+def test_the_dp_femnist_model_is_small_and_refuses_batch_norm():
+    from tasks.models import MODELS
+
+    model = MODELS["cnn_dp"](62)
+    assert sum(p.numel() for p in model.parameters()) < 30_000
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 62)
+    with pytest.raises(ValueError, match="normalisation"):
+        MODELS["cnn_dp"](62, norm="batch")
