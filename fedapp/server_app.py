@@ -559,7 +559,7 @@ def resumed_meta(saved, meta: dict[str, Any], strategy) -> dict[str, Any]:
     return {**saved["meta"], "resumed": [*saved["meta"].get("resumed", []), resumed]}
 
 
-def restore_run(saved, strategy, live, recorder, clock, clients) -> None:
+def restore_run(saved, strategy, live, recorder, clock, clients, task) -> None:
     """Everything a checkpoint holds back in place (the RNG state last, by the caller)."""
     checkpoint.restore_strategy(strategy, saved["strategy"], live)
     recorder.restore(saved["recorder"])
@@ -567,8 +567,7 @@ def restore_run(saved, strategy, live, recorder, clock, clients) -> None:
     clients.restore(saved["clients"])
     if strategy.release is not None:  # central DP: a possible release after the checkpoint
         strategy.release.resumed()
-    if strategy.generator_phase is not None:  # augment: clients' copies may be lost
-        strategy.generator_phase.resumed()
+    synthetic.resumed(strategy, task)  # augment: clients' copies of the generator may be lost
 
 
 def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
@@ -629,7 +628,7 @@ def _main(grid: Grid, context: Context, cfg, out_dir: Path) -> None:
         recorder.evaluator = evaluator
     live = live_objects(strategy, task, grid, clients, clock, recorder)
     if saved is not None:
-        restore_run(saved, strategy, live, recorder, clock, clients)
+        restore_run(saved, strategy, live, recorder, clock, clients, task)
     recorder.checkpoint_fn = checkpointer(
         out_dir, cfg, strategy, live, recorder, clock, clients, prep
     )

@@ -212,8 +212,9 @@ class FedappStrategyMixin:
     divides_by_steps: ClassVar[bool] = False
     # Capabilities, declared (read by the cross-feature checks: central DP, CKKS, augment;
     # tests/strategies/test_capabilities.py holds every class to what it does):
-    # - `schedules_rounds`: the strategy runs its own loop of events instead of rounds
-    #   (asynchronous and tiered strategies, the synthetic-data phase);
+    # - `schedules_rounds`: the strategy schedules its own work inside the round loop instead
+    #   of a synchronous sample per round (asynchronous and tiered strategies on the clock,
+    #   the synthetic-data phase and its sharing round);
     # - `aggregation_rule`: "weighted_mean" (FedAvg's average of the updates with public,
     #   sample-count weights), "normalized_mean" (FedNova: weights and steps both public),
     #   "robust" (a statistic of the updates: median, trimmed mean, Krum, Bulyan),
@@ -329,19 +330,19 @@ class FedappStrategyMixin:
         evaluate_fn=None,
         start_round: int = 1,
     ) -> Result:
-        """Flower's synchronous loop (`Strategy.start`): per round, training, federated
-        evaluation and server-side evaluation (`evaluate_fn`, also once before round 1).
+        """The one round loop of every strategy (Flower's `Strategy.start`): per round,
+        training (`train_round`: synchronous send-and-wait here, events on the clock for
+        event-driven strategies), federated evaluation and server-side evaluation
+        (`evaluate_fn`, also once before round 1, `begin`).
         Stops starting rounds once the simulated-time budget is spent. `start_round` > 1:
         a resumed run (fedapp.checkpoint), `initial_arrays` being the model after the round
         before it."""
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        result, arrays = Result(), initial_arrays
-        self._global_arrays = arrays
+        result = Result()
+        arrays = self.begin(grid, initial_arrays, start_round, train_config, timeout, evaluate_fn)
         if start_round > 1:
             result.arrays = arrays
-        elif evaluate_fn:
-            evaluate_fn(0, arrays)
         self._num_rounds = num_rounds
         phase = self.round_phase()
         previous = None  # the global model before the last aggregate (a refused one's way back)
@@ -364,12 +365,35 @@ class FedappStrategyMixin:
                 result.arrays = self._global_arrays = arrays
                 self.round_log(rnd).aggregated = False
             if new is not None:
-                previous, arrays = arrays, new
+                # a round that is not an aggregate of the clients' updates (strategy=synthetic's
+                # sharing round, an event-driven round) is never gone back on: no replies here
+                previous, arrays = (arrays if replies else None), new
                 result.arrays = new
             self.evaluate_round(grid, rnd, arrays, evaluate_config, timeout)
             if evaluate_fn:
                 evaluate_fn(rnd, arrays)
+        self.finish(grid, result)
         return result
+
+    def begin(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        start_round: int,
+        train_config: ConfigRecord,
+        timeout: float,
+        evaluate_fn,
+    ) -> ArrayRecord:
+        """Before the first round: the global model the rounds start from (`initial_arrays`),
+        evaluated once server-side when the run is new (round 0). Event-driven strategies
+        also set up their policy and probe the clients here (strategies/scheduler.py)."""
+        self._global_arrays = initial_arrays
+        if start_round == 1 and evaluate_fn:
+            evaluate_fn(0, initial_arrays)
+        return initial_arrays
+
+    def finish(self, grid: Grid, result: Result) -> None:
+        """After the last round (or a stop): e.g. messages still in flight discarded."""
 
     def round_phase(self) -> PrePhase | None:
         """The phase whose rounds (1..`phase.rounds`) come before the first training round:

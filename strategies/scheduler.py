@@ -13,11 +13,13 @@ Events come in as method calls; each returns the decisions to carry out, in orde
     sent(send), folded(ticket, applied)      what became of a Send / Fold
     round_over(now), close_round(round)      when the round ends, and what it aggregates
 
-`EventDrivenStrategy.start` is the only loop that talks to Flower and the clock for these
-strategies (written once): profiling probes and heartbeats, turning `Send`s into Flower
+`EventDrivenStrategy` is the only code that talks to Flower and the clock for these strategies
+(written once), inside every strategy's one round loop (`FedappStrategyMixin.start`): `begin`
+sets up the policy and the profiling probes, `train_round` is one round on the clock
+(heartbeats, turning `Send`s into Flower
 messages through `fedapp.features.hetero.ClockGrid`, waiting for the next reply or the policy's next
-deadline, screening and aggregating what the policy folds, federated evaluation and the
-server-side evaluation after every round. A strategy class supplies its policy
+deadline, screening and aggregating what the policy folds), and `finish` discards what is
+still in flight; the loop evaluates after every round. A strategy class supplies its policy
 (`make_policy`) and its aggregation rule (`fold_round`, and `fold_now` for on-arrival mixing).
 """
 
@@ -210,81 +212,84 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         """Apply one `Fold` (policies that mix updates in on arrival)."""
         raise NotImplementedError(f"{type(self).__name__} does not fold updates on arrival")
 
-    def start(
+    def begin(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn=None,
-        start_round: int = 1,
-    ) -> Result:
+        start_round: int,
+        train_config: ConfigRecord,
+        timeout: float,
+        evaluate_fn,
+    ) -> ArrayRecord:
         if not is_event_clock(grid):
             raise TypeError(
                 f"{type(self).__name__} needs the fedapp clock (fedapp.features.hetero.ClockGrid) as its grid"
             )
         self._clock = grid
-        self._train_config = train_config or ConfigRecord()
-        evaluate_config = evaluate_config or ConfigRecord()
-        result = Result()
+        self._train_config = train_config
         if start_round > 1:
             # Resumed (fedapp.checkpoint): the policy, the tickets in flight and the model
             # were restored with the strategy's state, the flights with the clock's.
-            policy, arrays = self.policy, self._arrays
-            result.arrays = arrays
-        else:
-            self._arrays = arrays = initial_arrays
-            self._global_arrays = arrays
-            self._tickets: dict[str, int] = {}  # message id -> ticket
-            self._partition: dict[int, int] = {}  # ticket -> partition id
-            policy = self.policy = self.make_policy(self._train_config, timeout)
-            if evaluate_fn:
-                evaluate_fn(0, arrays)
-            if policy.probes:
-                self._probe(grid, arrays)
-        for rnd in range(start_round, num_rounds + 1):
-            if self.stop_for_budget(grid):
-                break
-            self._round = rnd
-            rec = self.round_log(rnd)
-            started = grid.now
-            alive = self._heartbeat(grid, rnd, policy.idle()) if policy.heartbeats else None
-            replies: dict[int, Message] = {}
-            self._execute(grid, rnd, policy.open_round(rnd, started, grid.now, alive), replies)
-            while not policy.round_over(grid.now):
-                event = grid.next_event(until=policy.wake_at())
-                if event is None:
-                    self._execute(grid, rnd, policy.on_timer(grid.now), replies)
-                    continue
-                ticket = self._tickets.pop(event.flight.msg_id, None)
-                if ticket is None:
-                    continue
-                replies[ticket] = event.reply
-                report = self._report(rnd, ticket, event, policy)
-                self._execute(grid, rnd, policy.on_reply(ticket, grid.now, report), replies)
-            close = policy.close_round(rnd)
-            self._execute(grid, rnd, [Cancel(t) for t in close.cancel], replies)
-            rec.expected, rec.schedule = close.expected, close.schedule
-            new = self.fold_round(rnd, self._arrays, close, replies)
-            if new is not None:
-                self._arrays = new
-            arrays = result.arrays = self._global_arrays = self._arrays
-            log(
-                INFO,
-                "[%s] round %d: %d updates, sim_t=%.1fs",
-                type(self).__name__,
-                rnd,
-                rec.num_replies,
-                grid.now,
-            )
-            self.evaluate_round(grid, rnd, arrays, evaluate_config, timeout)
-            if evaluate_fn:
-                evaluate_fn(rnd, arrays)
+            return self._arrays
+        self._arrays = arrays = initial_arrays
+        self._global_arrays = arrays
+        self._tickets: dict[str, int] = {}  # message id -> ticket
+        self._partition: dict[int, int] = {}  # ticket -> partition id
+        policy = self.policy = self.make_policy(self._train_config, timeout)
+        if evaluate_fn:
+            evaluate_fn(0, arrays)
+        if policy.probes:
+            self._probe(grid, arrays)
+        return arrays
+
+    def train_round(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        grid: Grid,
+        config: ConfigRecord,
+        timeout: float,
+    ) -> tuple[ArrayRecord | None, list[Message]]:
+        """One round on the clock: the policy opens it, replies and timers drive it until
+        the policy closes it, then `fold_round` makes the round's model."""
+        policy, rnd = self.policy, server_round
+        self._round = rnd
+        rec = self.round_log(rnd)
+        started = grid.now
+        alive = self._heartbeat(grid, rnd, policy.idle()) if policy.heartbeats else None
+        replies: dict[int, Message] = {}
+        self._execute(grid, rnd, policy.open_round(rnd, started, grid.now, alive), replies)
+        while not policy.round_over(grid.now):
+            event = grid.next_event(until=policy.wake_at())
+            if event is None:
+                self._execute(grid, rnd, policy.on_timer(grid.now), replies)
+                continue
+            ticket = self._tickets.pop(event.flight.msg_id, None)
+            if ticket is None:
+                continue
+            replies[ticket] = event.reply
+            report = self._report(rnd, ticket, event, policy)
+            self._execute(grid, rnd, policy.on_reply(ticket, grid.now, report), replies)
+        close = policy.close_round(rnd)
+        self._execute(grid, rnd, [Cancel(t) for t in close.cancel], replies)
+        rec.expected, rec.schedule = close.expected, close.schedule
+        new = self.fold_round(rnd, self._arrays, close, replies)
+        if new is not None:
+            self._arrays = new
+        self._global_arrays = self._arrays
+        log(
+            INFO,
+            "[%s] round %d: %d updates, sim_t=%.1fs",
+            type(self).__name__,
+            rnd,
+            rec.num_replies,
+            grid.now,
+        )
+        return self._arrays, []  # the model after the round (folded on arrival, or kept)
+
+    def finish(self, grid: Grid, result: Result) -> None:
         grid.discard(list(self._tickets))
         result.arrays = self._arrays
-        return result
 
     def _report(self, rnd: int, ticket: int, event, policy: Policy) -> Report | None:
         reply = event.reply

@@ -240,6 +240,9 @@ def test_a_strategy_name_and_class_that_disagree_are_refused():
     OmegaConf.update(cfg, "strategy._target_", "strategies.synthetic.SyntheticData")
     with pytest.raises(PolicyRefusal, match="conf/strategy/fedavg.yaml is"):
         NodePolicy().enforce(cfg)
+    OmegaConf.update(cfg, "strategy.name", "not_one_of_ours")  # a name the node does not know
+    with pytest.raises(PolicyRefusal, match="not one of this node's"):
+        NodePolicy().enforce(cfg)
 
 
 def test_a_server_s_search_path_is_never_loaded(data_dir, tmp_path):

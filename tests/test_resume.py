@@ -143,7 +143,7 @@ def test_a_finished_run_runs_longer(tmp_path, data_dir):
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7ddd649"
 OLD_RUN = (
     "task=credit partition=iid partition.num_partitions=6 clients_per_round=4 "
-    "eval_clients_per_round=2 train.local_epochs=1 rounds=3"
+    "eval_clients_per_round=2 train.local_epochs=1"
 )
 
 
@@ -151,12 +151,20 @@ OLD_RUN = (
     ("name", "overrides"),
     [
         # the generator phase and the clients' grid in the strategy's state, by old module paths
-        ("aug", "strategy=fedavg augment=rare_class augment.generator.rounds=1"),
+        ("aug", "strategy=fedavg augment=rare_class augment.generator.rounds=1 rounds=3"),
+        # mid generator phase: the sharing round after the resume screens rows with a phase
+        # unpickled from before the phase held the task's table
+        (
+            "syn",
+            "strategy=synthetic strategy.mode=hybrid strategy.generator.rounds=2 "
+            "strategy.generator.epochs=1 strategy.generator.finetune_epochs=1 rounds=4",
+        ),
         # the event-driven scheduler, its policy and the clock (fedapp.hetero then); the probe's
         # timeout was 600 s when the checkpoint was written (a changed default is a new run)
         (
             "tiered",
-            "strategy=tiered hetero=both partition.num_partitions=9 strategy.profile_timeout_s=600",
+            "strategy=tiered hetero=both partition.num_partitions=9 rounds=3 "
+            "strategy.profile_timeout_s=600",
         ),
     ],
 )

@@ -186,9 +186,11 @@ class NodePolicy:
         task, strategy = str(cfg.task.name), str(cfg.strategy.name)
         own = _registered().get(strategy)
         target = str(OmegaConf.select(cfg, "strategy._target_", default=""))
-        if own is not None and target != own:
-            # what a client does is read from the class (its units, what it may send: e.g.
-            # synthetic rows); what a policy accepts from the name: they must agree
+        # what a client does is read from the class (its units, what it may send: e.g.
+        # synthetic rows); what a policy accepts from the name: they must be the node's pair
+        if own is None:
+            raise PolicyRefusal(f"strategy={strategy} is not one of this node's conf/strategy/")
+        if target != own:
             raise PolicyRefusal(
                 f"strategy={strategy} names the class {target!r}; this node's "
                 f"conf/strategy/{strategy}.yaml is {own!r}"

@@ -537,3 +537,43 @@ def test_a_failed_sharing_round_fails_the_run(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["meta"]["status"] == "failed"
     assert "synthetic rows" in res["meta"]["status_detail"]["error"]
+
+
+def test_a_refusal_after_the_sharing_round_never_goes_back_before_it():
+    """Hybrid mode: the sharing round's model is not an aggregate of updates, so clients that
+    claim to refuse the next round's model (a reason only CKKS clients give; synthetic runs
+    refuse CKKS) cannot send the run back to the model before the rows were shared (found by
+    a hostile review: the first training round after it had that model as its way back)."""
+    import types
+
+    import torch
+
+    from fedapp.core.config import compose
+    from strategies import build_strategy
+
+    cfg = compose(
+        "task=medical strategy=synthetic strategy.mode=hybrid strategy.generator.rounds=1 "
+        "rounds=4 clients_per_round=4 eval_clients_per_round=0"
+    )
+    s = build_strategy(cfg, num_nodes=4)
+    s.bind({3000 + p: p for p in range(4)}, seed=0)
+    start, shared = ArrayRecord({"w": torch.zeros(2)}), ArrayRecord({"w": torch.ones(2)})
+    s.phase = types.SimpleNamespace(rounds=1, play_round=lambda *a, **k: None)
+    s.sharing_round = lambda grid, arrays, config, timeout: shared
+    refusal = types.SimpleNamespace(
+        has_error=lambda: True,
+        error=types.SimpleNamespace(reason="refused the global model: it has NaN/Inf values"),
+    )
+
+    class Grid:
+        def send_and_receive(self, msgs, timeout=None):
+            return [refusal] * 4
+
+    s.configure_train = lambda rnd, arrays, config, grid: []
+    s.aggregate_train = lambda rnd, replies: (None, None)
+    s.evaluate_round = lambda *a, **k: None
+    seen = []
+    result = s.start(Grid(), start, num_rounds=4, evaluate_fn=lambda r, a: seen.append(r))
+    assert float(result.arrays["w"].numpy().sum()) == 2.0  # the shared model stays
+    assert not any("global_model_refused" in r.aggregation for r in s.rounds.values())
+    assert seen == [0, 1, 2, 3, 4]

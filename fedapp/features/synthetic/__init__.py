@@ -40,8 +40,10 @@ Client and server sides:
   synthetic minority-class rows from the federation's generator to local training. The
   generator is sent to each client once and kept in its state (`GEN_CACHE_KEY`); later
   messages carry only its fingerprint (`GEN_DIGEST`, `GeneratorPhase.holders`);
-- `GeneratorPhase`, `rows_record` / `screen_rows` and `quality`: the server's side
-  (strategies/synthetic.py, fedapp/server_app.py) and the reports.
+- `GeneratorPhase`: the server's side (fedapp/server_app.py attaches it; the strategy's round
+  loop plays its rounds, and strategy=synthetic screens, pools and scores the clients' rows
+  through it: `rows_record` / `screen_rows` and `quality`, so strategies/synthetic.py imports
+  no feature).
 
 The modules: `spec` (settings, record keys, which runs may ask for a generator), `model` (the
 VAE and the discriminator), `rows` (rows on the wire, their quality), `ledger` (their DP-SGD in
@@ -88,7 +90,7 @@ from fedapp.features.synthetic.rows import (
     rows_record,
     screen_rows,
 )
-from fedapp.features.synthetic.server import GeneratorPhase, attach, check
+from fedapp.features.synthetic.server import GeneratorPhase, attach, check, resumed
 from fedapp.features.synthetic.spec import (
     GEN_CACHE_KEY,
     GEN_DIGEST,
@@ -144,6 +146,7 @@ __all__ = [
     "quality",
     "rare_class_count",
     "rare_class_rows",
+    "resumed",
     "refine_rows",
     "rows_record",
     "sample_rows",

@@ -58,9 +58,11 @@ class GeneratorPhase:
     (`screen_rows`, `concat_rows`, `quality`; fedapp.core.plugins.SyntheticRows), so the
     strategy never imports this feature."""
 
-    record_key = (
-        GEN_KEY  # fedapp.core.plugins.PrePhase: the generator's record in training messages
-    )
+    # fedapp.core.plugins.PrePhase: the generator's record in training messages
+    record_key = GEN_KEY
+    # the task's table; None in a phase unpickled from a checkpoint written before the phase
+    # held it (5a4ea51): `resumed` gives it back
+    layout: Layout | None = None
 
     def __init__(self, spec: GeneratorSpec, initial: ArrayRecord, layout: Layout | None = None):
         self.spec = spec
@@ -179,6 +181,17 @@ def check(cfg: DictConfig, task=None) -> None:
                 f"rounds={cfg.rounds} leaves no training round after augment.generator.rounds="
                 f"{rounds}; set rounds > {rounds}"
             )
+
+
+def resumed(strategy, task) -> None:
+    """A resumed run's generator phase (after the checkpoint's state is back in the strategy):
+    augment's clients may have lost their copies of the generator, and a phase from a
+    checkpoint written before it held the task's table gets the table again."""
+    phase = strategy.round_phase()
+    if isinstance(phase, GeneratorPhase) and phase.layout is None:
+        phase.layout = Layout.of(task)
+    if strategy.generator_phase is not None:
+        strategy.generator_phase.resumed()
 
 
 def attach(strategy, cfg: DictConfig, task, prep, settings: TrainSettings) -> None:
