@@ -26,6 +26,16 @@ def completed(path: Path, length: int, key: str = "round") -> dict | None:
     return res if done and steps and steps[-1][key] == length else None
 
 
+def train_seconds(results: dict) -> float:
+    """The clients' training seconds of a run, summed over its accepted training replies."""
+    return sum(
+        c.get("train_time_s") or 0.0
+        for r in results["rounds"]
+        for c in r["clients"]
+        if c["phase"] == "train" and c["status"] == "ok"
+    )
+
+
 def fmt_mean_sd(values: list[float | None], digits: int = 3) -> str:
     """'mean ± sd' over the non-missing values (sd only for two or more), '-' for none."""
     vals = [v for v in values if v is not None]

@@ -46,7 +46,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed, fmt_mean_sd, run_inline_job, run_pool  # noqa: E402
+from bench.common import (  # noqa: E402
+    completed,
+    fmt_mean_sd,
+    run_inline_job,
+    run_pool,
+    train_seconds,
+)
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "runs_dp_femnist"
@@ -139,12 +145,7 @@ def record(setting: str, eps: str, seed: int) -> dict[str, Any] | None:
             (c.get("dp_noise_multiplier") or 0.0 for r in res["rounds"] for c in r["clients"]),
             default=None,
         ),
-        "train_s": sum(
-            c.get("train_time_s") or 0.0
-            for r in res["rounds"]
-            for c in r["clients"]
-            if c["phase"] == "train" and c["status"] == "ok"
-        ),
+        "train_s": train_seconds(res),
         "status": res["meta"]["status"],
     }
     path.write_text(json.dumps(rec, indent=1))

@@ -47,7 +47,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import completed, fmt_mean_sd, run_inline_job, run_pool  # noqa: E402
+from bench.common import (  # noqa: E402
+    completed,
+    fmt_mean_sd,
+    run_inline_job,
+    run_pool,
+    train_seconds,
+)
 
 ROUNDS = 10
 TASKS = {
@@ -167,12 +173,7 @@ def run_trial(
         "test_roc_auc": last["test_roc_auc"],
         "test_pr_auc": last.get("test_pr_auc"),
         "epsilon_spent": last.get("dp_epsilon"),
-        "train_s": sum(
-            c.get("train_time_s") or 0.0
-            for r in res["rounds"]
-            for c in r["clients"]
-            if c["phase"] == "train" and c["status"] == "ok"
-        ),
+        "train_s": train_seconds(res),
         "wall_s": time.perf_counter() - t0,
     }
     record_path.write_text(json.dumps(record, indent=1))

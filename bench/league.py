@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import completed, fmt_mean_sd, run_inline_job, run_pool  # noqa: E402
+from bench.hetero import STRATEGIES as HETERO_ORDER  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "runs_league"
@@ -55,16 +56,7 @@ REGIMES = {
     "label_flip0.3": ["partition=natural", "attack=label_flip", "attack.fraction=0.3"],
     "scaled0.3": ["partition=natural", "attack=scaled", "attack.fraction=0.3"],
 }
-HETERO_STRATEGIES = (
-    "fedavg",
-    "fedavg_deadline",
-    "fedprox",
-    "qfedavg",
-    "fedasync",
-    "fedbuff",
-    "tifl",
-    "tiered",
-)
+HETERO_STRATEGIES = HETERO_ORDER  # bench/hetero.py's strategies, in its order
 # every strategy of conf/strategy/ that trains one global model in synchronous rounds
 # (personalised ones score per site, event-driven ones need a device profile, synthetic
 # shares rows)
