@@ -72,14 +72,15 @@ def robustness_cell(work: Path) -> dict:
 
 
 def hetero_cell(work: Path) -> dict:
+    published = json.loads((RESULTS / "hetero.json").read_text())
     args = Namespace(
         tasks=["credit"],
         profiles=["compute"],
         seeds=[0],
         strategies=["fedavg", "tiered"],
-        rounds=20,
-        round_factor=8,
-        target_frac=0.97,
+        rounds=published["rounds"],
+        round_factor=published["round_factor"],  # the published run's cap (50 since 9f004b6)
+        target_frac=published["target_frac"],
         jobs=2,
         out=work,
         reuse=False,
@@ -103,8 +104,9 @@ def hetero_cell(work: Path) -> dict:
     return {"cell": "hetero", "identical": all(c["identical"] for c in out), "parts": out}
 
 
-def contribution_cell(work: Path) -> dict:
-    args = Namespace(
+def contribution_args() -> Namespace:
+    """bench/contribution.py's arguments for the published cell (every one its `plan` reads)."""
+    return Namespace(
         tasks=["credit"],
         alphas=[0.5],
         only_splits=["dirichlet0.5"],
@@ -115,7 +117,12 @@ def contribution_cell(work: Path) -> dict:
         rounds=20,
         early=5,
         server_val=0.1,
+        min_partition_size=10,  # bench/contribution.py's default: the config's
     )
+
+
+def contribution_cell(work: Path) -> dict:
+    args = contribution_args()
     ((_, ovr, name),) = contribution.plan(args)
     out = work / name
     out.mkdir(parents=True)

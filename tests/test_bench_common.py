@@ -69,3 +69,22 @@ def test_failed_job_is_not_audited(tmp_path, monkeypatch, calls):
     monkeypatch.setattr(common, "run_inline_job", lambda *a: calls.append("job") or False)
     assert not common.run_and_audit([], tmp_path / "run", tmp_path, rounds=3)
     assert calls == ["job"]
+
+
+def test_recheck_plans_the_published_contribution_cell():
+    """bench/recheck.py builds bench/contribution.py's arguments by hand: every one `plan`
+    reads must be there (a new option of contribution.py broke it once)."""
+    import bench.contribution as contribution
+    import bench.recheck as recheck
+
+    ((_, overrides, name),) = contribution.plan(recheck.contribution_args())
+    assert "partition.min_partition_size=10" in overrides and "contribution" in name
+
+
+def test_the_femnist_dp_bench_names_no_privacy_key_without_dp():
+    """Without DP the privacy group has no clipping norm: naming it fails the run."""
+    import bench.dp_femnist as dp_femnist
+
+    setting = next(iter(dp_femnist.GRID))
+    assert not [o for o in dp_femnist.overrides(setting, "inf", 0) if o.startswith("privacy.")]
+    assert "privacy.max_grad_norm=1.0" in dp_femnist.overrides(setting, "8", 0)
