@@ -30,7 +30,9 @@ RULES = (
 @pytest.mark.parametrize("target", CLASSES)
 def test_declared_capabilities_match_the_code(target):
     cls = get_class(target)
-    assert cls.schedules_rounds == (cls.start is not FedappStrategyMixin.start)
+    # a strategy that schedules its own work replaces the round loop's training round (the
+    # event-driven scheduler's round on the clock, strategy=synthetic's sharing round)
+    assert cls.schedules_rounds == (cls.train_round is not FedappStrategyMixin.train_round)
     assert cls.aggregation_rule in RULES
     own = cls.aggregate_accepted is not FedappStrategyMixin.aggregate_accepted
     resolved = next(
