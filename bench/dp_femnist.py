@@ -53,11 +53,11 @@ from bench.common import (  # noqa: E402
     run_pool,
     train_seconds,
 )
+from bench.dp_tuning import FULL  # noqa: E402  (a batch of every row: q = 1)
 
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "runs_dp_femnist"
 ROUNDS = 30
-FULL = 1_000_000  # above every writer's rows: one batch of all of them (q = 1)
 SEEDS = [0, 1, 2]
 GOALS = {"8": 0.60, "3": 0.45}  # the issue's: test accuracy at 30 rounds
 # (name, overrides): every setting names each key it sets

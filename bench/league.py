@@ -147,14 +147,15 @@ def collect(task: str, regime: str, strategy: str, seeds: list[int], rounds: int
     }
 
 
-def rank(rows: list[dict]) -> None:
-    """Rank within each regime by the mean over seeds of the last-3-round mean (1 = best);
-    a strategy with a missing seed is not ranked."""
-    for regime in {r["regime"] for r in rows}:
-        ranked = [
-            r for r in rows if r["regime"] == regime and all(v is not None for v in r["last3"])
-        ]
-        ranked.sort(key=lambda r: -float(np.mean(r["last3"])))
+def rank(
+    rows: list[dict], key: str = "last3", group: str = "regime", higher_is_better: bool = True
+) -> None:
+    """Rank within each `group` by the mean over seeds of `key` (1 = best: the highest, or
+    the lowest when not `higher_is_better`); a row with a missing seed is not ranked."""
+    sign = -1.0 if higher_is_better else 1.0
+    for value in {r[group] for r in rows}:
+        ranked = [r for r in rows if r[group] == value and all(v is not None for v in r[key])]
+        ranked.sort(key=lambda r: sign * float(np.mean(r[key])))
         for i, r in enumerate(ranked, start=1):
             r["rank"] = i
 
@@ -191,10 +192,7 @@ def hetero_rows(task: str) -> dict | None:
                     "kept": bool(mine[0].get("kept")),
                 }
             )
-        ranked = [r for r in rows if all(t is not None for t in r["time_to_target_s"])]
-        ranked.sort(key=lambda r: float(np.mean(r["time_to_target_s"])))
-        for i, r in enumerate(ranked, start=1):
-            r["rank"] = i
+        rank(rows, "time_to_target_s", "profile", higher_is_better=False)
         for r in rows:
             r.setdefault("rank", None)
         out += rows
