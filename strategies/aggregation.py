@@ -4,6 +4,7 @@ update's norm relative to the round's. Pure NumPy, tested without Flower."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -51,3 +52,46 @@ def flatten(arrays: Sequence[np.ndarray], floats_only: bool = True) -> np.ndarra
         parts = [a.ravel() for a in arrays if np.issubdtype(a.dtype, np.floating)]
         return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
+
+
+def check_server_step(momentum: float, learning_rate: float) -> None:
+    """The settings of `server_momentum_step`: momentum in [0, 1), a finite positive rate."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"server learning rate must be finite and positive, got {learning_rate}")
+
+
+def server_momentum_step(
+    global_arrays: Sequence[np.ndarray],
+    aggregate: Sequence[np.ndarray],
+    buffer: list[np.ndarray] | None,
+    momentum: float,
+    learning_rate: float,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Server SGD with momentum on an aggregate (FedAvgM's step, Hsu et al. 2019, with any
+    strategy's aggregate in place of FedAvg's mean): u_t = momentum u_{t-1} + (x_t - a_t),
+    u_1 = x_1 - a_1, and x_{t+1} = x_t - learning_rate u_t. Returns (x_{t+1}, u_t).
+
+    Floating layers only, the momentum kept in float64 and the new layer in the global
+    model's dtype; integer layers take the aggregate's value. Every floating layer gets the
+    step, BatchNorm's running statistics included (as under Flower's FedAvgM). momentum 0 and
+    learning_rate 1 give the aggregate itself, bit for bit. Written here rather than taken from
+    Flower's FedAvgM because that class computes its own (sample-weighted) mean: the step is two
+    lines, the aggregate is the strategy's."""
+    check_server_step(momentum, learning_rate)
+    new: list[np.ndarray] = []
+    velocity: list[np.ndarray] = []
+    for i, (g, a) in enumerate(zip(global_arrays, aggregate, strict=True)):
+        if not np.issubdtype(g.dtype, np.floating):
+            new.append(np.array(a, copy=True))
+            velocity.append(np.zeros(np.shape(g)))
+            continue
+        delta = np.asarray(g, np.float64) - np.asarray(a, np.float64)
+        u = delta if buffer is None else momentum * buffer[i] + delta
+        velocity.append(u)
+        if momentum == 0.0 and learning_rate == 1.0:
+            new.append(np.array(a, dtype=g.dtype, copy=True))
+        else:
+            new.append((np.asarray(g, np.float64) - learning_rate * u).astype(g.dtype))
+    return new, velocity

@@ -45,6 +45,16 @@ those rows than FedAvg's from the same updates. The choice and every candidate's
 `results.json` under each round's `aggregation`. Without server rows the fixed `temperature`
 is used.
 
+Server momentum (`server_momentum`, off by default; `server_learning_rate`): the contribution
+weighted aggregate a_t taken as FedAvgM's target, x_{t+1} = x_t - eta u_t with
+u_t = beta u_{t-1} + (x_t - a_t) (strategies/aggregation.server_momentum_step). The weights
+decide the direction of each round's step, the momentum averages those directions over rounds
+(Hsu et al. 2019; Reddi et al. 2021's FedAvgM baseline). With server rows, each candidate
+temperature is judged by the validation loss of the model it would become after the step (so
+the guarantee above is against FedAvg's weights under the same step). The velocity u_t is
+strategy state: a checkpoint holds it and a resumed run continues it; a round that keeps the
+previous model leaves it unchanged.
+
 Heterogeneous local work (`normalize_steps`, off by default): clients that take more local steps
 move further and pull any weighted average toward their own objective; with `normalize_steps`
 the weighted update is FedNova's (each change divided by the client's effective steps, the
@@ -77,7 +87,12 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fedapp.core.units import ClientUnit, TrainJob
-from strategies.aggregation import flatten, sanity_scores, weighted_aggregate
+from strategies.aggregation import (
+    flatten,
+    sanity_scores,
+    server_momentum_step,
+    weighted_aggregate,
+)
 from strategies.base import (
     FedappStrategyMixin,
     layers,
@@ -413,6 +428,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         normalize_steps: bool = False,
         momentum: float = 0.0,
         local: dict[str, float] | None = None,
+        server_momentum: float = 0.0,
+        server_learning_rate: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -432,6 +449,12 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         effective_steps(1, momentum)  # validates
         self.momentum = float(momentum)
         self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
+        server_momentum_step(
+            [np.zeros(1)], [np.zeros(1)], None, server_momentum, server_learning_rate
+        )
+        self.server_momentum = float(server_momentum)  # validated by the line above
+        self.server_learning_rate = float(server_learning_rate)
+        self.server_velocity: list[np.ndarray] | None = None  # u_t; strategy state (checkpoint)
         self.ledger = Ledger()
         self._told_no_marginal = False
 
@@ -492,8 +515,12 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 return weighted_aggregate(g, clients, w, ones)
 
         if self.server_loss is not None and self.temperatures:
+            # each candidate judged as the model it would become (after the server step)
             chosen, weights, losses = select_temperature(
-                combined, n, self.temperatures, lambda w: self.server_loss(aggregate(w))
+                combined,
+                n,
+                self.temperatures,
+                lambda w: self.server_loss(self.step(g, w, aggregate)[0]),
             )
             self.round_log(server_round).aggregation = {
                 "temperature": chosen,  # null: FedAvg's weights had the lowest loss
@@ -501,7 +528,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                     ("fedavg" if t is None else f"{t:g}"): v for t, v in losses.items()
                 },
             }
-        new = aggregate(weights)
+        new, velocity = self.step(g, weights, aggregate)
         by_pid = self.round_log(server_round).accepted("train")
         for i, m in enumerate(accepted):
             pid = self.partition_of(m.metadata.src_node_id)
@@ -513,7 +540,26 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 client.details["contrib_score"] = float(combined[i])
                 client.weight = float(weights[i])
         agg = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-        return to_record(keys, new), agg
+        record = to_record(keys, new)
+        # the velocity moves on only with a model the round loop keeps: a step that is not
+        # finite is refused there (the previous model stays), and so is a round that raised
+        if velocity is not None and all(
+            np.all(np.isfinite(a)) for a in new if np.issubdtype(a.dtype, np.floating)
+        ):
+            self.server_velocity = velocity
+        return record, agg
+
+    def step(
+        self, g: list[np.ndarray], weights: np.ndarray, aggregate: Callable
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """The round's new model from the weights: their aggregate, after the server step
+        when there is one (and the velocity it would leave; None without a step)."""
+        a = aggregate(weights)
+        if self.server_momentum == 0 and self.server_learning_rate == 1.0:
+            return a, None
+        return server_momentum_step(
+            g, a, self.server_velocity, self.server_momentum, self.server_learning_rate
+        )
 
     def write_reports(self, out_dir: Path) -> None:
         """Called by the recorder at the end of the run: the contribution ledger."""

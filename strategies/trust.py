@@ -85,6 +85,8 @@ class TrustParams:
     vote_power: float = 0.5  # votes in the robust statistics: trust * n_k ** vote_power
     consistency_z: float = 2.0  # cosine this many robust spreads below the median: score falls
     consistency_spread_min: float = 0.05  # floor of the cosines' robust spread
+    # least trust a client's vote counts with (0: a client that lost its trust has no vote)
+    vote_floor: float = 0.0
 
     def __post_init__(self) -> None:
         if self.reference not in ("median", "trimmed_mean"):
@@ -101,6 +103,8 @@ class TrustParams:
             raise ValueError(f"vote_power={self.vote_power} must be in [0, 1]")
         if self.consistency_z <= 0 or self.consistency_spread_min <= 0:
             raise ValueError("consistency_z and consistency_spread_min must be > 0")
+        if not 0.0 <= self.vote_floor <= 1.0:
+            raise ValueError(f"vote_floor={self.vote_floor} must be in [0, 1]")
 
 
 @dataclass
@@ -245,6 +249,7 @@ def trust_weights(
     # times n_k ** vote_power, so that many small clients do not outvote the few that hold
     # most of the data. All zero -> equal votes.
     trust_votes = np.array([params.new_client_prior if p is None else float(p) for p in previous])
+    trust_votes = np.maximum(trust_votes, params.vote_floor)
     votes = trust_votes * np.power(np.maximum(n, 0.0), params.vote_power)
     if votes.sum() <= 0:
         votes = trust_votes if trust_votes.sum() > 0 else np.ones(k)

@@ -157,7 +157,13 @@ def _expected() -> dict[str, str]:
             speed.setdefault(c["profile"], []).append(c["speedup"])
     means = [np.mean(v) for v in speed.values()]
     fedavg_long = next(s for s in long["strategies"] if s["strategy"] == "fedavg")
+    rounds = {v["variant"]: v for v in _json("femnist_rounds.json")["variants"]}
+
+    def reached(variant):  # the first round at or above the target, from the run's curve
+        return ", ".join("-" if r is None else str(r) for r in rounds[variant]["rounds_to_target"])
+
     return {
+        "FEMNIST, rounds to": " / ".join(reached(v) for v in ("contribution_m", "fedavgm")),
         "FEMNIST (201 writers": f"{_ms(by['fedavg'][f'acc_round_{r30}'])} ({len(by['fedavg']['seeds'])} seeds)",
         f"FEMNIST, {r50} rounds": " / ".join(
             _ms(by[s][f"acc_round_{r50}"]) for s in ("fedavg", "fedprox", "qfedavg")

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedapp.cli.inline import run_inline
+from strategies.aggregation import server_momentum_step
 from strategies.contribution import (
     DIMENSIONS,
     Ledger,
@@ -246,3 +247,116 @@ def test_step_normalised_contribution_with_flat_weights_is_fednova(tmp_path, dat
     # ... and FedNova differs from FedAvg here: the clients' step counts differ
     steps = {c["train_steps"] for c in last[1]["clients"] if c["phase"] == "train"}
     assert len(steps) == 4
+
+
+arrays_st = st.integers(1, 4).flatmap(
+    lambda k: st.tuples(
+        *[
+            st.lists(st.floats(-100, 100, allow_nan=False, width=32), min_size=3, max_size=3)
+            for _ in range(k)
+        ]
+    )
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays_st, st.floats(-3, 3))
+def test_server_momentum_zero_with_step_one_is_the_aggregate_bit_for_bit(g, shift):
+    glob = [np.asarray(x, np.float32) for x in g]
+    agg = [(a + np.float32(shift)).astype(np.float32) for a in glob]
+    new, u = server_momentum_step(glob, agg, None, 0.0, 1.0)
+    assert all(
+        n.dtype == np.float32 and np.array_equal(n, a) for n, a in zip(new, agg, strict=True)
+    )
+    assert all(
+        np.allclose(v, ga.astype(np.float64) - a) for v, ga, a in zip(u, glob, agg, strict=True)
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.floats(0.0, 0.95),
+    st.floats(0.1, 2.0),
+    st.lists(st.floats(-1, 1), min_size=2, max_size=6),
+)
+def test_server_momentum_is_fedavgm_step_for_step(beta, eta, shifts):
+    """Against Hsu et al.'s recursion written out: u_1 = d_1, u_t = beta u_{t-1} + d_t,
+    x_{t+1} = x_t - eta u_t, with d_t = x_t - a_t the round's pseudo-gradient."""
+    x = [np.array([0.5, -1.0, 2.0])]
+    u_ref = None
+    buf = None
+    x_ref = x[0].copy()
+    for s in shifts:
+        agg = [x[0] + s * np.array([1.0, 2.0, -1.0])]
+        d = x_ref - agg[0]
+        u_ref = d if u_ref is None else beta * u_ref + d
+        x_ref = x_ref - eta * u_ref
+        x, buf = server_momentum_step(x, agg, buf, beta, eta)
+        assert np.allclose(x[0], x_ref, atol=1e-9)
+        assert np.allclose(buf[0], u_ref, atol=1e-9)
+
+
+def test_server_momentum_leaves_integer_buffers_to_the_aggregate_and_refuses_nonsense():
+    glob = [np.zeros(2, np.float32), np.array([3], np.int64)]
+    agg = [np.ones(2, np.float32), np.array([5], np.int64)]
+    new, _ = server_momentum_step(glob, agg, None, 0.9, 1.0)
+    assert new[1].dtype == np.int64 and new[1].tolist() == [5]
+    assert new[0].dtype == np.float32 and new[0].tolist() == [1.0, 1.0]
+    for beta, eta in ((1.0, 1.0), (-0.1, 1.0), (0.9, 0.0)):
+        with pytest.raises(ValueError, match="server"):
+            server_momentum_step(glob, agg, None, beta, eta)
+
+
+def test_contribution_with_flat_weights_and_server_momentum_is_fedavgm(tmp_path, data_dir):
+    common = (
+        "task=credit partition=dirichlet partition.alpha=0.5 partition.num_partitions=4 "
+        "clients_per_round=4 eval_clients_per_round=0 rounds=3 checkpoint=false "
+    )
+    m = run_inline(common + "strategy=fedavgm", tmp_path / "fedavgm")
+    flat = run_inline(
+        common + "strategy=contribution strategy.temperature=1e9 strategy.temperatures=[] "
+        "strategy.local.proximal_mu=0 strategy.server_momentum=0.9",
+        tmp_path / "flat",
+    )
+    plain = run_inline(
+        common + "strategy=contribution strategy.temperature=1e9 strategy.temperatures=[] "
+        "strategy.local.proximal_mu=0",
+        tmp_path / "plain",
+    )
+    last = [json.loads((o / "results.json").read_text())["rounds"] for o in (m, flat, plain)]
+    for a, b in zip(last[0], last[1], strict=True):
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
+    # ... and the momentum did something: without it the run is FedAvg's, not FedAvgM's
+    assert last[2][-1]["test_loss"] != pytest.approx(last[1][-1]["test_loss"], rel=1e-3)
+
+
+def test_a_refused_server_step_leaves_the_velocity_as_it_was():
+    """A step that is not finite (float32 overflow) is refused by the round loop, which keeps
+    the previous model; the velocity must not move on with it."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedapp.checks import compose
+    from strategies import build_strategy
+    from tests.conftest import FakeGrid, reply
+
+    cfg = compose("strategy=contribution strategy.server_momentum=0.9 clients_per_round=3")
+    s = build_strategy(cfg, num_nodes=3)
+    nodes = [11, 12, 13]
+    s.bind({n: p for p, n in enumerate(nodes)}, seed=0, attackers=[])
+    grid = FakeGrid(nodes)
+    g = ArrayRecord([np.zeros(8, np.float32)])
+
+    def round_(rnd, g):
+        list(s.configure_train(rnd, g, ConfigRecord({}), grid))
+        replies = [
+            reply(n, [np.full(8, 10.0 + i, np.float32)], {"num-examples": 50, "train_loss": 1.0})
+            for i, n in enumerate(nodes)
+        ]
+        return s.aggregate_train(rnd, replies)[0]
+
+    g1 = round_(1, g)
+    assert g1 is not None and s.server_velocity is not None
+    kept = [v.copy() for v in s.server_velocity]
+    s.server_learning_rate = 1e38  # x - 1e38 u overflows float32
+    assert round_(2, g1) is None  # refused: the previous model stays
+    assert all(np.array_equal(a, b) for a, b in zip(kept, s.server_velocity, strict=True))

@@ -315,6 +315,25 @@ def test_caught_attackers_cannot_take_over_the_reference():
     assert blind.weights[8:].sum() > 0.5  # without history the median belongs to the attackers
 
 
+def test_a_vote_floor_gives_distrusted_clients_their_say_in_the_reference():
+    """The documented trade-off of `vote_floor`: with it, clients already distrusted outvote one
+    trusted client again (the end of the collapse under label skew, and of the defence above)."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    updates = np.vstack([a, b, b, b])
+    prev = [1.0, 0.0, 0.0, 0.0]
+    args = (updates, np.full(4, 100.0), np.ones(4), np.ones(4, bool), prev)
+    closed = trust_weights(*args, P)
+    assert closed.cosine[0] == pytest.approx(1.0) and closed.weights[0] == pytest.approx(1.0)
+    floored = trust_weights(*args, replace(P, vote_floor=0.5))
+    assert floored.cosine[1:] == pytest.approx(1.0)  # the reference is theirs now
+    assert floored.weights[1:].sum() > 0.3
+    with pytest.raises(ValueError, match="vote_floor"):
+        replace(P, vote_floor=1.5)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     cos=hnp.arrays(np.float64, st.integers(1, 30), elements=st.floats(-1, 1)),
