@@ -189,7 +189,9 @@ def write_report(args, summary: dict) -> None:
         f"`bench/robustness.py`, in-process engine, {summary['rounds']} rounds, CPU. "
         "Final metric of the global model on the server test set after the last round "
         "(mean ± sd over seeds; [n seeds] where fewer runs finished); `w` = total aggregation weight given to the "
-        "attack harness's clients, averaged over rounds (0 means they were shut out).",
+        "attack harness's clients, averaged over rounds (0 means they were shut out). "
+        "`not run`: no run of that strategy in that cell since its design last changed (a "
+        "strategy re-run with `--merge` keeps only the cells it ran).",
         "",
     ]
     for task in shown(args, cells, "task", args.tasks):
@@ -226,7 +228,7 @@ def write_report(args, summary: dict) -> None:
                     None,
                 )
                 if c is None:
-                    row.append("")
+                    row.append("not run")
                     continue
                 cell = fmt_mean_sd(c["final"][metric])
                 if len(c["seeds"]) < len(args.seeds):
