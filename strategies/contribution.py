@@ -88,6 +88,7 @@ from torch import nn
 
 from fedapp.core.units import ClientUnit, TrainJob
 from strategies.aggregation import (
+    check_server_step,
     flatten,
     sanity_scores,
     server_momentum_step,
@@ -449,10 +450,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         effective_steps(1, momentum)  # validates
         self.momentum = float(momentum)
         self.local = {k.replace("_", "-"): float(v) for k, v in (local or {}).items()}
-        server_momentum_step(
-            [np.zeros(1)], [np.zeros(1)], None, server_momentum, server_learning_rate
-        )
-        self.server_momentum = float(server_momentum)  # validated by the line above
+        check_server_step(server_momentum, server_learning_rate)
+        self.server_momentum = float(server_momentum)
         self.server_learning_rate = float(server_learning_rate)
         self.server_velocity: list[np.ndarray] | None = None  # u_t; strategy state (checkpoint)
         self.ledger = Ledger()
