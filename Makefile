@@ -25,7 +25,7 @@ centralized: setup
 	$(VENV)/bin/fedapp-centralized $(ARGS)
 
 test: setup
-	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
+	$(PY) -m pytest -m "not e2e and not slow" --durations=25 $(ARGS)
 
 test-all: setup
 	$(PY) -m pytest $(ARGS)

@@ -61,6 +61,8 @@ VARIANTS = {
     "contribution_nova": ["strategy=contribution", "strategy.normalize_steps=true"],
     # contribution's weights under FedAvgM's server step (issue 34, goal 3)
     "contribution_m": ["strategy=contribution", "strategy.server_momentum=0.9"],
+    # ... and under FedAdam's server step (Flower's FedAdam settings)
+    "contribution_a": ["strategy=contribution", "strategy.server_optimizer=adam"],
     "contribution_fixed_noval": [
         "strategy=contribution",
         "strategy.temperatures=[]",

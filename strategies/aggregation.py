@@ -95,3 +95,59 @@ def server_momentum_step(
         else:
             new.append((np.asarray(g, np.float64) - learning_rate * u).astype(g.dtype))
     return new, velocity
+
+
+def check_server_adam(eta: float, beta_1: float, beta_2: float, tau: float) -> None:
+    """The settings of `server_adam_step`: a finite positive eta and tau, betas in [0, 1)."""
+    if not (math.isfinite(eta) and eta > 0):
+        raise ValueError(f"server Adam's eta must be finite and positive, got {eta}")
+    for name, beta in (("beta_1", beta_1), ("beta_2", beta_2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"server Adam's {name} must be in [0, 1), got {beta}")
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"server Adam's tau must be finite and positive, got {tau}")
+
+
+def server_adam_step(
+    global_arrays: Sequence[np.ndarray],
+    aggregate: Sequence[np.ndarray],
+    moments: tuple[list[np.ndarray], list[np.ndarray]] | None,
+    t: int,
+    eta: float,
+    beta_1: float,
+    beta_2: float,
+    tau: float,
+) -> tuple[list[np.ndarray], tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Adam on the server with an aggregate as its target (FedAdam's step, Reddi et al. 2021,
+    with any strategy's aggregate in place of FedAvg's mean): the pseudo-gradient
+    d_t = a_t - x_t, m_t = beta_1 m_{t-1} + (1 - beta_1) d_t, v_t = beta_2 v_{t-1} +
+    (1 - beta_2) d_t^2 (m_0 = v_0 = 0), and x_{t+1} = x_t + eta_t m_t / (sqrt(v_t) + tau) with
+    Adam's bias correction eta_t = eta sqrt(1 - beta_2^t) / (1 - beta_1^t), as Flower's FedAdam
+    (which counts t as server_round + 1: pass that to take the same steps). Returns
+    (x_{t+1}, (m_t, v_t)).
+
+    Floating layers only, the moments in float64 and the new layer in the global model's dtype;
+    integer layers take the aggregate's value. Written here rather than taken from Flower's
+    FedAdam because that class computes its own (sample-weighted) mean."""
+    check_server_adam(eta, beta_1, beta_2, tau)
+    if t < 1:
+        raise ValueError(f"Adam's step count starts at 1, got {t}")
+    eta_t = eta * math.sqrt(1.0 - beta_2**t) / (1.0 - beta_1**t)
+    new: list[np.ndarray] = []
+    first: list[np.ndarray] = []
+    second: list[np.ndarray] = []
+    for i, (g, a) in enumerate(zip(global_arrays, aggregate, strict=True)):
+        if not np.issubdtype(g.dtype, np.floating):
+            new.append(np.array(a, copy=True))
+            first.append(np.zeros(np.shape(g)))
+            second.append(np.zeros(np.shape(g)))
+            continue
+        x = np.asarray(g, np.float64)
+        d = np.asarray(a, np.float64) - x
+        m_prev, v_prev = (0.0, 0.0) if moments is None else (moments[0][i], moments[1][i])
+        m = beta_1 * m_prev + (1.0 - beta_1) * d
+        v = beta_2 * v_prev + (1.0 - beta_2) * d * d
+        first.append(m)
+        second.append(v)
+        new.append((x + eta_t * m / (np.sqrt(v) + tau)).astype(g.dtype))
+    return new, (first, second)

@@ -55,6 +55,13 @@ the guarantee above is against FedAvg's weights under the same step). The veloci
 strategy state: a checkpoint holds it and a resumed run continues it; a round that keeps the
 previous model leaves it unchanged.
 
+Server Adam (`server_optimizer=adam`, settings in `server_adam`): the weighted aggregate taken as
+FedAdam's target instead (Reddi et al. 2021; strategies/aggregation.server_adam_step): the
+pseudo-gradient a_t - x_t drives Adam's moments (m_t, v_t), and x_{t+1} = x_t + eta_t m_t /
+(sqrt(v_t) + tau), with the bias correction and step count of Flower's FedAdam, so flat weights
+take FedAdam's steps. The moments are strategy state as the velocity is, judged and kept the
+same way.
+
 Heterogeneous local work (`normalize_steps`, off by default): clients that take more local steps
 move further and pull any weighted average toward their own objective; with `normalize_steps`
 the weighted update is FedNova's (each change divided by the client's effective steps, the
@@ -88,9 +95,11 @@ from torch import nn
 
 from fedapp.core.units import ClientUnit, TrainJob
 from strategies.aggregation import (
+    check_server_adam,
     check_server_step,
     flatten,
     sanity_scores,
+    server_adam_step,
     server_momentum_step,
     weighted_aggregate,
 )
@@ -107,6 +116,9 @@ from strategies.fedprox import ProximalTerm
 from tasks.training import TrainHook, distillation_term, not_true_logits
 
 DIMENSIONS = ("volume", "diversity", "gain", "norm", "direction", "marginal")
+SERVER_OPTIMIZERS = ("sgd", "adam")
+# Flower's FedAdam defaults (conf/strategy/fedadam.yaml; beta_1, beta_2, tau are Reddi et al.'s)
+ADAM_DEFAULTS = {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
 
 
 # -- dimensions -----------------------------------------------------------------------------------
@@ -431,6 +443,8 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         local: dict[str, float] | None = None,
         server_momentum: float = 0.0,
         server_learning_rate: float = 1.0,
+        server_optimizer: str = "sgd",
+        server_adam: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -454,6 +468,26 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         self.server_momentum = float(server_momentum)
         self.server_learning_rate = float(server_learning_rate)
         self.server_velocity: list[np.ndarray] | None = None  # u_t; strategy state (checkpoint)
+        if server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"unknown server_optimizer {server_optimizer!r}; use one of {SERVER_OPTIMIZERS}"
+            )
+        self.server_optimizer = server_optimizer
+        adam = {**ADAM_DEFAULTS, **(server_adam or {})}
+        if set(adam) != set(ADAM_DEFAULTS):
+            raise ValueError(
+                f"unknown server_adam settings {sorted(set(adam) - set(ADAM_DEFAULTS))}; "
+                f"use {sorted(ADAM_DEFAULTS)}"
+            )
+        self.server_adam = {k: float(v) for k, v in adam.items()}
+        check_server_adam(**self.server_adam)
+        if server_optimizer == "adam" and (server_momentum != 0 or server_learning_rate != 1):
+            raise ValueError(
+                "server_optimizer=adam takes its rate from server_adam.eta; leave "
+                "server_momentum at 0 and server_learning_rate at 1 (they belong to sgd)"
+            )
+        # Adam's (m_t, v_t) and the round they were taken at; strategy state (checkpoint)
+        self.server_moments: tuple[list[np.ndarray], list[np.ndarray]] | None = None
         self.ledger = Ledger()
         self._told_no_marginal = False
 
@@ -519,7 +553,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 combined,
                 n,
                 self.temperatures,
-                lambda w: self.server_loss(self.step(g, w, aggregate)[0]),
+                lambda w: self.server_loss(self.step(server_round, g, w, aggregate)[0]),
             )
             self.round_log(server_round).aggregation = {
                 "temperature": chosen,  # null: FedAvg's weights had the lowest loss
@@ -527,7 +561,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                     ("fedavg" if t is None else f"{t:g}"): v for t, v in losses.items()
                 },
             }
-        new, velocity = self.step(g, weights, aggregate)
+        new, state = self.step(server_round, g, weights, aggregate)
         by_pid = self.round_log(server_round).accepted("train")
         for i, m in enumerate(accepted):
             pid = self.partition_of(m.metadata.src_node_id)
@@ -540,20 +574,29 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 client.weight = float(weights[i])
         agg = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         record = to_record(keys, new)
-        # the velocity moves on only with a model the round loop keeps: a step that is not
-        # finite is refused there (the previous model stays), and so is a round that raised
-        if velocity is not None and all(
+        # the optimizer's state moves on only with a model the round loop keeps: a step that
+        # is not finite is refused there (the previous model stays), and so is a round that
+        # raised
+        if state is not None and all(
             np.all(np.isfinite(a)) for a in new if np.issubdtype(a.dtype, np.floating)
         ):
-            self.server_velocity = velocity
+            if self.server_optimizer == "adam":
+                self.server_moments = state
+            else:
+                self.server_velocity = state
         return record, agg
 
     def step(
-        self, g: list[np.ndarray], weights: np.ndarray, aggregate: Callable
-    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        self, server_round: int, g: list[np.ndarray], weights: np.ndarray, aggregate: Callable
+    ) -> tuple[list[np.ndarray], Any]:
         """The round's new model from the weights: their aggregate, after the server step
-        when there is one (and the velocity it would leave; None without a step)."""
+        when there is one, and the optimizer state it would leave (None without a step: the
+        velocity u_t under sgd, Adam's (m_t, v_t)). Pure: the strategy's state is set by the
+        caller once the model is kept."""
         a = aggregate(weights)
+        if self.server_optimizer == "adam":
+            # t as Flower's FedAdam counts it (server_round + 1), so flat weights take its steps
+            return server_adam_step(g, a, self.server_moments, server_round + 1, **self.server_adam)
         if self.server_momentum == 0 and self.server_learning_rate == 1.0:
             return a, None
         return server_momentum_step(

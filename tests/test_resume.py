@@ -142,6 +142,9 @@ def test_a_finished_run_runs_longer(tmp_path, data_dir):
 
 
 OLD = Path(__file__).parent / "fixtures" / "checkpoint_7ddd649"
+# metrics of a run resumed from a checkpoint another machine wrote: within this of that
+# machine's uninterrupted run (the float kernels differ in the last bits; see below)
+CROSS_MACHINE_TOL = 3e-3
 OLD_RUN = (
     "task=credit partition=iid partition.num_partitions=6 clients_per_round=4 "
     "eval_clients_per_round=2 train.local_epochs=1"
@@ -172,16 +175,24 @@ OLD_RUN = (
 def test_a_checkpoint_from_before_the_package_move_resumes(name, overrides, tmp_path, data_dir):
     """Checkpoints written by 7ddd649, when the modules were fedapp.clients, fedapp.hetero,
     fedapp.synthetic, ... (a pickle names every class by its module): they still resume, and
-    round 3 gives the final metrics the uninterrupted run of that commit gave."""
+    the run ends at the final metrics the uninterrupted run of that commit gave.
+
+    Not bit for bit: the fixtures were written on another machine, and float kernels differ
+    between CPUs in the last bits (the synthetic job's generator losses of round 1 differ by
+    1e-7 between that machine and ours; two more rounds of training make it 6e-4 of ROC-AUC).
+    Bit-for-bit equality of a resume is checked on checkpoints this machine writes (the tests
+    above). A resume that lost state misses by far more: a generator phase replayed, or the
+    rows not shared, leaves the synthetic job at 0.43 or 0.69 instead of 0.73."""
     import shutil
 
     run = tmp_path / name
     shutil.copytree(OLD / name, run)
     run_inline(f"{OLD_RUN} {overrides} resume={run}")
-    final = json.loads((run / "results.json").read_text())["final"]
+    results = json.loads((run / "results.json").read_text())
+    final = results["final"]
     expected = json.loads((OLD / "expected.json").read_text())[name]
-    assert {k: final[k] for k in expected} == expected
-    assert json.loads((run / "results.json").read_text())["meta"]["resumed"][0]["after_round"] == 2
+    assert {k: final[k] for k in expected} == pytest.approx(expected, abs=CROSS_MACHINE_TOL)
+    assert results["meta"]["resumed"][0]["after_round"] == 2
 
 
 def test_moved_modules_map_to_importable_ones():

@@ -255,8 +255,7 @@ def test_results_report_each_clients_epsilon_and_what_is_not_covered(tmp_path, d
         "task=medical rounds=2 clients_per_round=4 eval_clients_per_round=4 checkpoint=false "
         "privacy=sample_dp privacy.target_epsilon=3 privacy.levels={cleveland:1.0} "
         # the shipped training settings, not medical's DP recipe (tuned for 10 rounds at
-        # epsilon 8, whose large steps make 2 rounds at epsilon 1-3 erratic): the ROC-AUC floor
-        # below is a check that DP-SGD trains at all
+        # epsilon 8, whose large steps make 2 rounds at epsilon 1-3 erratic)
         "train.batch_size=32 train.lr=0.05 privacy.max_grad_norm=1.0",
         tmp_path / "dp",
     )
@@ -272,7 +271,12 @@ def test_results_report_each_clients_epsilon_and_what_is_not_covered(tmp_path, d
         assert train[0]["dp_epsilon"] <= 1.0 < train[1]["dp_epsilon"] <= 3.0
         assert all("train_loss" not in c for c in train.values())
         assert r["dp_epsilon_mean"] < r["dp_epsilon"]
-    assert res["rounds"][-1]["test_roc_auc"] > 0.6
+    # Better than chance (the majority baseline's ROC-AUC is 0.5). The DP noise is secret, so
+    # every run draws anew: 12 runs of this command gave a final ROC-AUC of 0.58 to 0.85 (mean
+    # 0.75, sd 0.075; the federated statistics' noise alone moves round 0 between 0.50 and
+    # 0.82), so a floor at 0.5 is 3.4 sd below the mean, where a higher floor (0.6 was one)
+    # fails about one run in twelve.
+    assert res["rounds"][-1]["test_roc_auc"] > 0.5
     plain = json.loads(
         (
             run_inline(
@@ -355,8 +359,18 @@ def test_a_strategy_that_needs_what_sample_dp_withholds_is_refused():
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s.values[0] != "qfedavg"])
 def test_every_strategy_runs_under_sample_dp_within_each_target(tmp_path, data_dir, strategy):
-    """The README's support table says sample DP works with every strategy but q-FedAvg: each
-    client's epsilon, however the strategy schedules its work, stays within its target."""
+    """The README's support table says sample DP works with every strategy but q-FedAvg and
+    those that declare why not (`sample_dp_refusal`: Ditto's second, unaccounted pass): each
+    client's epsilon, however the strategy schedules its work, stays within its target; a
+    declared refusal is a refusal naming the strategy."""
+    from hydra.utils import get_class
+
+    if getattr(
+        get_class(str(compose(f"strategy={strategy}").strategy._target_)), "sample_dp_refusal", ""
+    ):
+        with pytest.raises(PrivacyError, match=f"strategy={strategy}"):
+            compose(f"task=medical strategy={strategy} privacy=sample_dp")
+        return
     # synthetic data: the one-shot model, then FedAvg rounds, in one ledger
     extra = (
         "strategy.mode=hybrid strategy.generator.epsilon_share=0.5"

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedapp.cli.inline import run_inline
-from strategies.aggregation import server_momentum_step
+from strategies.aggregation import server_adam_step, server_momentum_step
 from strategies.contribution import (
     DIMENSIONS,
     Ledger,
@@ -328,6 +328,131 @@ def test_contribution_with_flat_weights_and_server_momentum_is_fedavgm(tmp_path,
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-5)
     # ... and the momentum did something: without it the run is FedAvg's, not FedAvgM's
     assert last[2][-1]["test_loss"] != pytest.approx(last[1][-1]["test_loss"], rel=1e-3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.floats(0.0, 0.95),
+    st.floats(0.0, 0.999),
+    st.floats(1e-4, 1.0),
+    st.floats(1e-3, 0.1),
+    st.lists(st.floats(-1, 1), min_size=1, max_size=6),
+    st.integers(0, 3),
+)
+def test_server_adam_is_fedadams_step_for_step(beta_1, beta_2, eta, tau, shifts, start):
+    """Against Reddi et al.'s recursion as Flower's FedAdam writes it: d_t = a_t - x_t,
+    m_t = b1 m + (1 - b1) d_t, v_t = b2 v + (1 - b2) d_t^2, x += eta_t m_t / (sqrt(v_t) + tau)
+    with eta_t = eta sqrt(1 - b2^t) / (1 - b1^t), t = server_round + 1."""
+    x = [np.array([0.5, -1.0, 2.0])]
+    x_ref, m_ref, v_ref = x[0].copy(), np.zeros(3), np.zeros(3)
+    moments = None
+    for r, s in enumerate(shifts, start=start + 1):
+        agg = [x[0] + s * np.array([1.0, 2.0, -1.0])]
+        d = agg[0] - x_ref
+        m_ref = beta_1 * m_ref + (1 - beta_1) * d
+        v_ref = beta_2 * v_ref + (1 - beta_2) * d**2
+        t = r + 1
+        eta_t = eta * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        x_ref = x_ref + eta_t * m_ref / (np.sqrt(v_ref) + tau)
+        x, moments = server_adam_step(x, agg, moments, t, eta, beta_1, beta_2, tau)
+        assert np.allclose(x[0], x_ref, atol=1e-9)
+        assert np.allclose(moments[0][0], m_ref) and np.allclose(moments[1][0], v_ref)
+
+
+def test_server_adam_keeps_dtypes_leaves_integers_to_the_aggregate_and_refuses_nonsense():
+    glob = [np.zeros(2, np.float32), np.array([3], np.int64)]
+    agg = [np.ones(2, np.float32), np.array([5], np.int64)]
+    new, (m, v) = server_adam_step(glob, agg, None, 1, 0.1, 0.9, 0.99, 1e-3)
+    assert new[1].dtype == np.int64 and new[1].tolist() == [5]
+    # first step: m = 0.1, v = 0.01, eta_1 = 0.1 sqrt(0.01) / 0.1 = 0.1: x = 0.1 * 0.1 / 0.101
+    assert new[0].dtype == np.float32 and np.allclose(new[0], 0.1 * 0.1 / (0.1 + 1e-3))
+    assert m[0].dtype == np.float64 and v[0].dtype == np.float64
+    for bad in (
+        dict(eta=0.0),
+        dict(beta_1=1.0),
+        dict(beta_2=-0.1),
+        dict(tau=0.0),
+        dict(eta=float("nan")),
+    ):
+        settings_ = {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3, **bad}
+        with pytest.raises(ValueError, match="Adam"):
+            server_adam_step(glob, agg, None, 1, **settings_)
+    with pytest.raises(ValueError, match="step count"):
+        server_adam_step(glob, agg, None, 0, 0.1, 0.9, 0.99, 1e-3)
+
+
+def test_contribution_refuses_an_ambiguous_or_unknown_server_optimizer():
+    from hydra.errors import InstantiationException
+
+    from fedapp.checks import compose
+    from strategies import build_strategy
+
+    for ovr, match in (
+        ("strategy.server_optimizer=lamb", "unknown server_optimizer"),
+        ("strategy.server_optimizer=adam strategy.server_momentum=0.9", "server_adam.eta"),
+        ("+strategy.server_adam.gamma=1", "unknown server_adam"),
+        ("strategy.server_optimizer=adam strategy.server_adam.beta_2=1", "beta_2"),
+    ):
+        with pytest.raises(InstantiationException, match=match):
+            build_strategy(compose(f"strategy=contribution {ovr}"), num_nodes=3)
+
+
+def test_contribution_with_flat_weights_and_server_adam_takes_fedadams_steps():
+    """Flat weights (a huge temperature) under server Adam give the models Flower's FedAdam
+    gives from the same replies, round after round (to float32 rounding: Flower keeps its
+    moments in float32, we keep them in float64). FedAdam's steps are far from FedAvg's
+    mean, so a server_optimizer that was ignored fails here."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedapp.checks import compose
+    from strategies import build_strategy
+    from tests.conftest import FakeGrid, reply
+
+    nodes = [11, 12, 13]
+    rng = np.random.default_rng(0)
+    shapes = [(4, 3), (3,)]
+    rounds = [
+        [[rng.normal(0, 0.1, s).astype(np.float32) for s in shapes] for _ in nodes]
+        for _ in range(4)
+    ]
+    sizes = [50, 120, 80]
+
+    def run(name, extra):
+        cfg = compose(f"strategy={name} clients_per_round=3 {extra}")
+        s = build_strategy(cfg, num_nodes=3)
+        s.bind({n: p for p, n in enumerate(nodes)}, seed=0, attackers=[])
+        g = ArrayRecord([np.zeros(sh, np.float32) for sh in shapes])
+        out, mean = [], None
+        for rnd, shifts in enumerate(rounds, start=1):
+            list(s.configure_train(rnd, g, ConfigRecord({}), FakeGrid(nodes)))
+            base = [a.numpy() for a in g.values()]
+            replies = [
+                reply(
+                    n,
+                    [b + d for b, d in zip(base, shift, strict=True)],
+                    {"num-examples": k, "train_loss": 1.0},
+                )
+                for n, shift, k in zip(nodes, shifts, sizes, strict=True)
+            ]
+            if rnd == 1:
+                mean = [
+                    sum(k * (b + d[i]) for k, d in zip(sizes, shifts, strict=True)) / sum(sizes)
+                    for i, b in enumerate(base)
+                ]
+            g = s.aggregate_train(rnd, replies)[0]
+            out.append([a.numpy() for a in g.values()])
+        return out, mean
+
+    flower, mean = run("fedadam", "")
+    ours, _ = run(
+        "contribution",
+        "strategy.temperature=1e9 strategy.temperatures=[] strategy.server_optimizer=adam",
+    )
+    for a_round, b_round in zip(flower, ours, strict=True):
+        for a, b in zip(a_round, b_round, strict=True):
+            assert b.dtype == a.dtype == np.float32
+            assert np.allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(ours[0][0], mean[0], atol=1e-3)  # not FedAvg's mean
 
 
 def test_a_refused_server_step_leaves_the_velocity_as_it_was():
