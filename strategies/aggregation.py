@@ -54,12 +54,20 @@ def flatten(arrays: Sequence[np.ndarray], floats_only: bool = True) -> np.ndarra
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 
+def _require_decay(what: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be in [0, 1), got {value}")
+
+
+def _require_rate(what: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be finite and positive, got {value}")
+
+
 def check_server_step(momentum: float, learning_rate: float) -> None:
     """The settings of `server_momentum_step`: momentum in [0, 1), a finite positive rate."""
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"server learning rate must be finite and positive, got {learning_rate}")
+    _require_decay("server momentum", momentum)
+    _require_rate("server learning rate", learning_rate)
 
 
 def server_momentum_step(
@@ -99,13 +107,10 @@ def server_momentum_step(
 
 def check_server_adam(eta: float, beta_1: float, beta_2: float, tau: float) -> None:
     """The settings of `server_adam_step`: a finite positive eta and tau, betas in [0, 1)."""
-    if not (math.isfinite(eta) and eta > 0):
-        raise ValueError(f"server Adam's eta must be finite and positive, got {eta}")
-    for name, beta in (("beta_1", beta_1), ("beta_2", beta_2)):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"server Adam's {name} must be in [0, 1), got {beta}")
-    if not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"server Adam's tau must be finite and positive, got {tau}")
+    _require_rate("server Adam's eta", eta)
+    _require_decay("server Adam's beta_1", beta_1)
+    _require_decay("server Adam's beta_2", beta_2)
+    _require_rate("server Adam's tau", tau)
 
 
 def server_adam_step(

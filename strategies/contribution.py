@@ -486,7 +486,7 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 "server_optimizer=adam takes its rate from server_adam.eta; leave "
                 "server_momentum at 0 and server_learning_rate at 1 (they belong to sgd)"
             )
-        # Adam's (m_t, v_t) and the round they were taken at; strategy state (checkpoint)
+        # Adam's (m_t, v_t); strategy state (checkpoint)
         self.server_moments: tuple[list[np.ndarray], list[np.ndarray]] | None = None
         self.ledger = Ledger()
         self._told_no_marginal = False
