@@ -21,6 +21,15 @@ def sanity_scores(ratio: np.ndarray, low: float, high: float) -> np.ndarray:
     return out
 
 
+def finite_layers(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether every floating layer of `arrays` is finite (integer layers always are)."""
+    return all(
+        bool(np.all(np.isfinite(a)))
+        for a in arrays
+        if np.issubdtype(np.asarray(a).dtype, np.floating)
+    )
+
+
 def weighted_aggregate(
     global_arrays: Sequence[np.ndarray],
     client_arrays: Sequence[Sequence[np.ndarray]],
@@ -137,6 +146,14 @@ def server_adam_step(
     check_server_adam(eta, beta_1, beta_2, tau)
     if t < 1:
         raise ValueError(f"Adam's step count starts at 1, got {t}")
+    if moments is not None:
+        m_in, v_in = moments
+        shapes = [np.shape(g) for g in global_arrays]
+        if [np.shape(m) for m in m_in] != shapes or [np.shape(v) for v in v_in] != shapes:
+            raise ValueError(
+                "server Adam's moments do not match the model's layers (a checkpoint of "
+                "another model?): start a fresh run, or resume the one they came from"
+            )
     eta_t = eta * math.sqrt(1.0 - beta_2**t) / (1.0 - beta_1**t)
     new: list[np.ndarray] = []
     first: list[np.ndarray] = []

@@ -59,8 +59,9 @@ Server Adam (`server_optimizer=adam`, settings in `server_adam`): the weighted a
 FedAdam's target instead (Reddi et al. 2021; strategies/aggregation.server_adam_step): the
 pseudo-gradient a_t - x_t drives Adam's moments (m_t, v_t), and x_{t+1} = x_t + eta_t m_t /
 (sqrt(v_t) + tau), with the bias correction and step count of Flower's FedAdam, so flat weights
-take FedAdam's steps. The moments are strategy state as the velocity is, judged and kept the
-same way.
+take FedAdam's steps on the floating layers (integer layers, such as BatchNorm's batch count,
+take the aggregate's value). The moments are strategy state as the velocity is, judged and kept
+the same way: a round whose model or moments would not be finite leaves both as they were.
 
 Heterogeneous local work (`normalize_steps`, off by default): clients that take more local steps
 move further and pull any weighted average toward their own objective; with `normalize_steps`
@@ -82,7 +83,7 @@ import csv
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ from fedapp.core.units import ClientUnit, TrainJob
 from strategies.aggregation import (
     check_server_adam,
     check_server_step,
+    finite_layers,
     flatten,
     sanity_scores,
     server_adam_step,
@@ -122,6 +124,13 @@ ADAM_DEFAULTS = {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
 
 
 # -- dimensions -----------------------------------------------------------------------------------
+def _finite_state(state: list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]) -> bool:
+    """Whether a server step's state (sgd's velocity, or Adam's (m_t, v_t)) is finite."""
+    if isinstance(state, tuple):
+        return finite_layers([*state[0], *state[1]])
+    return finite_layers(state)
+
+
 def volume_scores(n: np.ndarray) -> np.ndarray:
     n = np.asarray(n, dtype=np.float64)
     top = math.log1p(float(n.max())) if len(n) else 1.0
@@ -486,6 +495,13 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
                 "server_optimizer=adam takes its rate from server_adam.eta; leave "
                 "server_momentum at 0 and server_learning_rate at 1 (they belong to sgd)"
             )
+        if server_optimizer == "sgd" and self.server_adam != ADAM_DEFAULTS:
+            # a setting that would be ignored is refused, not silently dropped
+            changed = sorted(k for k in ADAM_DEFAULTS if self.server_adam[k] != ADAM_DEFAULTS[k])
+            raise ValueError(
+                f"server_adam {changed} changed but server_optimizer=sgd ignores it; set "
+                "server_optimizer=adam, or leave server_adam at its defaults"
+            )
         # Adam's (m_t, v_t); strategy state (checkpoint)
         self.server_moments: tuple[list[np.ndarray], list[np.ndarray]] | None = None
         self.ledger = Ledger()
@@ -576,10 +592,18 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         record = to_record(keys, new)
         # the optimizer's state moves on only with a model the round loop keeps: a step that
         # is not finite is refused there (the previous model stays), and so is a round that
-        # raised
-        if state is not None and all(
-            np.all(np.isfinite(a)) for a in new if np.issubdtype(a.dtype, np.floating)
-        ):
+        # raised. A finite model whose state overflows (d_t^2 of a finite 3e37 is inf in
+        # float32's range, and v_t inf freezes every later step) keeps the previous model and
+        # state too.
+        if state is not None and finite_layers(new):
+            if not _finite_state(state):
+                log(
+                    WARNING,
+                    "round %d: the server optimizer's state would not be finite; keeping the "
+                    "previous global model and state",
+                    server_round,
+                )
+                return None, agg
             if self.server_optimizer == "adam":
                 self.server_moments = state
             else:

@@ -68,6 +68,7 @@ def _same_run(a: Path, b: Path) -> None:
         "strategy=scaffold",  # server and client control variates
         "strategy=trust attack=free_rider attack.mode=stale attack.fraction=0.2",  # trust EMA
         "strategy=contribution strategy.server_momentum=0.9",  # the server's velocity
+        "strategy=contribution strategy.server_optimizer=adam",  # Adam's moments and step count
         # event-driven on the virtual clock: late updates in flight across the checkpoint
         "strategy=tiered hetero=both",
         "strategy=fedasync hetero=both",

@@ -365,16 +365,21 @@ def test_every_strategy_runs_under_sample_dp_within_each_target(tmp_path, data_d
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    target = OmegaConf.load(STRATEGY_DIR / f"{strategy}.yaml")._target_
-    if getattr(get_class(str(target)), "sample_dp_refusal", ""):
+    cls = get_class(str(OmegaConf.load(STRATEGY_DIR / f"{strategy}.yaml")._target_))
+    # the settings of the task's model the strategy declares it needs (FENDA's task.fenda)
+    needs = " ".join(
+        f"task.{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in getattr(cls, "task_requires", {}).items()
+    )
+    if getattr(cls, "sample_dp_refusal", ""):
         with pytest.raises(PrivacyError, match=f"strategy={strategy}"):
-            compose(f"task=medical strategy={strategy} privacy=sample_dp")
+            compose(f"task=medical strategy={strategy} {needs} privacy=sample_dp")
         return
     # synthetic data: the one-shot model, then FedAvg rounds, in one ledger
     extra = (
         "strategy.mode=hybrid strategy.generator.epsilon_share=0.5"
         if strategy == "synthetic"
-        else ""
+        else needs
     )
     out = run_inline(
         f"task=medical strategy={strategy} rounds=3 clients_per_round=3 eval_clients_per_round=0 "

@@ -379,6 +379,10 @@ def test_server_adam_keeps_dtypes_leaves_integers_to_the_aggregate_and_refuses_n
             server_adam_step(glob, agg, None, 1, **settings_)
     with pytest.raises(ValueError, match="step count"):
         server_adam_step(glob, agg, None, 0, 0.1, 0.9, 0.99, 1e-3)
+    # moments of another model (a checkpoint of another run) are refused, not broadcast
+    wrong = ([np.zeros(3), np.zeros(1)], [np.zeros(3), np.zeros(1)])
+    with pytest.raises(ValueError, match="do not match the model's layers"):
+        server_adam_step(glob, agg, wrong, 2, 0.1, 0.9, 0.99, 1e-3)
 
 
 def test_contribution_refuses_an_ambiguous_or_unknown_server_optimizer():
@@ -392,6 +396,8 @@ def test_contribution_refuses_an_ambiguous_or_unknown_server_optimizer():
         ("strategy.server_optimizer=adam strategy.server_momentum=0.9", "server_adam.eta"),
         ("+strategy.server_adam.gamma=1", "unknown server_adam"),
         ("strategy.server_optimizer=adam strategy.server_adam.beta_2=1", "beta_2"),
+        # a setting sgd would ignore
+        ("strategy.server_adam.eta=0.01", r"server_adam \['eta'\] changed"),
     ):
         with pytest.raises(InstantiationException, match=match):
             build_strategy(compose(f"strategy=contribution {ovr}"), num_nodes=3)
@@ -485,3 +491,37 @@ def test_a_refused_server_step_leaves_the_velocity_as_it_was():
     s.server_learning_rate = 1e38  # x - 1e38 u overflows float32
     assert round_(2, g1) is None  # refused: the previous model stays
     assert all(np.array_equal(a, b) for a, b in zip(kept, s.server_velocity, strict=True))
+
+
+def test_adams_state_that_would_overflow_keeps_the_previous_model_and_moments():
+    """A finite reply whose square overflows (0.01 d^2 of 1e160 is inf in float64): v_t inf would
+    make every later step 0 while the model itself stays finite. The round is refused (the
+    previous model stays) and the moments stay as they were."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedapp.checks import compose
+    from strategies import build_strategy
+    from tests.conftest import FakeGrid, reply
+
+    cfg = compose("strategy=contribution strategy.server_optimizer=adam clients_per_round=3")
+    s = build_strategy(cfg, num_nodes=3)
+    nodes = [11, 12, 13]
+    s.bind({n: p for p, n in enumerate(nodes)}, seed=0, attackers=[])
+    grid = FakeGrid(nodes)
+
+    def round_(rnd, g, value):
+        list(s.configure_train(rnd, g, ConfigRecord({}), grid))
+        replies = [
+            reply(n, [np.full(8, value + i, np.float64)], {"num-examples": 50, "train_loss": 1.0})
+            for i, n in enumerate(nodes)
+        ]
+        return s.aggregate_train(rnd, replies)[0]
+
+    g1 = round_(1, ArrayRecord([np.zeros(8, np.float64)]), 1.0)
+    assert g1 is not None and s.server_moments is not None
+    kept = [a.copy() for a in (*s.server_moments[0], *s.server_moments[1])]
+    assert round_(2, g1, 1e160) is None  # refused: the previous model stays
+    now = [*s.server_moments[0], *s.server_moments[1]]
+    assert all(np.array_equal(a, b) for a, b in zip(kept, now, strict=True))
+    g3 = round_(3, g1, 2.0)  # the next sane round steps from the kept state
+    assert g3 is not None and np.all(np.isfinite(g3.to_numpy_ndarrays()[0]))
