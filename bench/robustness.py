@@ -11,6 +11,8 @@ single-threaded on CPU, so a run's numbers do not depend on how many run beside 
     .venv/bin/python bench/robustness.py --summarize-only                        # tables from runs
     .venv/bin/python bench/robustness.py --tasks credit --strategies trust --reuse --merge
         # re-run one strategy; the other strategies' cells are kept from robustness.json
+    .venv/bin/python bench/robustness.py --tasks femnist --strategies bulyan --attacks scaled \
+        --fractions 0.3 --seeds 1 2 --add-seeds   # seeds 1-2 join the published seed-0 cell
 
 Writes bench/results/robustness.{json,md} and robustness_<task>.png; runs stay under
 bench/results/runs_robustness/ (ignored by git).
@@ -160,13 +162,52 @@ def merge_previous(args, cells: list[dict]) -> list[dict]:
     path = args.out / "robustness.json"
     if not path.exists():
         return cells
-    ran = {(t, s) for t in args.tasks for s in args.strategies}
-    kept = [
-        c for c in json.loads(path.read_text())["cells"] if (c["task"], c["strategy"]) not in ran
-    ]
-    return sorted(
-        kept + cells, key=lambda c: (c["task"], c["attack"], c["fraction"], c["strategy"])
-    )
+    published = json.loads(path.read_text())["cells"]
+    if args.add_seeds:
+        kept = add_seeds(published, cells)
+    else:
+        ran = {(t, s) for t in args.tasks for s in args.strategies}
+        kept = [c for c in published if (c["task"], c["strategy"]) not in ran] + cells
+    return sorted(kept, key=lambda c: (c["task"], c["attack"], c["fraction"], c["strategy"]))
+
+
+def _cell_key(c: dict) -> tuple:
+    return (c["task"], c["attack"], float(c["fraction"]), c["strategy"])
+
+
+PER_SEED = ("mean_attacker_weight", "attacker_weight_by_round")
+
+
+def add_seeds(published: list[dict], cells: list[dict]) -> list[dict]:
+    """`--add-seeds`: more seeds for cells whose strategy did not change. Every published cell is
+    kept; a cell run here gains the seeds it ran (a seed run here replaces the published value
+    of that seed), so a 1-seed cell becomes a 3-seed one without re-running seed 0. Seeds in
+    increasing order."""
+    new = {_cell_key(c): c for c in cells}
+    out = []
+    for old in published:
+        fresh = new.pop(_cell_key(old), None)
+        if fresh is None:
+            out.append(old)
+            continue
+        rows = {}  # seed -> (final values by metric, per-seed fields)
+        for c in (old, fresh):  # the fresh run last: it wins a seed both hold
+            for i, seed in enumerate(c["seeds"]):
+                rows[seed] = (
+                    {m: v[i] for m, v in c["final"].items()},
+                    {f: c[f][i] for f in PER_SEED},
+                )
+        seeds = sorted(rows)
+        metrics = sorted({m for final, _ in rows.values() for m in final})
+        out.append(
+            {
+                **{k: old[k] for k in ("task", "attack", "fraction", "strategy")},
+                "seeds": seeds,
+                "final": {m: [rows[s][0].get(m) for s in seeds] for m in metrics},
+                **{f: [rows[s][1][f] for s in seeds] for f in PER_SEED},
+            }
+        )
+    return out + list(new.values())
 
 
 def shown(args, cells: list[dict], key: str, order: list[str]) -> list[str]:
@@ -321,7 +362,14 @@ def main() -> int:
         action="store_true",
         help="keep robustness.json's cells of the strategies and tasks not run here",
     )
+    p.add_argument(
+        "--add-seeds",
+        action="store_true",
+        help="keep every published cell and add the seeds run here to their cells (for "
+        "strategies whose design did not change); implies --merge",
+    )
     args = p.parse_args()
+    args.merge = args.merge or args.add_seeds
     jobs = plan(args)
     if not args.summarize_only:
         execute(args, jobs)

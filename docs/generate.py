@@ -693,7 +693,7 @@ ROUND_EXTRA = {  # written to results.json rounds but not to rounds.csv
     "test_confusion": "flattened confusion matrix, rows = true class (tasks with at most 10 classes)",
     "aggregate_s": "the server's screening, decoding and aggregation seconds",
     "server_eval_s": "the server-side evaluation's seconds",
-    "schedule": "scheduling strategies: tiers, periods, replacements, late updates",
+    "schedule": "scheduling strategies: tiers, periods, replacements, late updates, the heartbeats' wait (`heartbeat_s`)",
     "aggregation": "round-level choices: contribution's temperature chosen on the server rows and each candidate's loss; synthetic data's `phase` (`generator` or `synthesize`) and, for the sharing round, `synthetic_rows`, `rows_bytes`, `server_train_s`; `augment=rare_class`: `generator_sent`, the training messages that carried the generator",
     "clients": "one object per client reply, as a row of clients.csv (below)",
 }

@@ -147,8 +147,16 @@ class Policy(ABC):
         return None  # optional event
 
     def idle(self) -> list[int]:
-        """Clients to heartbeat before the next round (policies with heartbeats)."""
+        """Clients not training now (policies with heartbeats)."""
         return []
+
+    def heartbeat_targets(self, now: float) -> list[int]:
+        """Clients to heartbeat before the next round (policies with heartbeats)."""
+        return self.idle()
+
+    def presumed_alive(self, now: float) -> set[int]:
+        """Idle clients taken as live without a heartbeat (seen recently)."""
+        return set()
 
     @abstractmethod
     def open_round(
@@ -256,7 +264,11 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         self._round = rnd
         rec = self.round_log(rnd)
         started = grid.now
-        alive = self._heartbeat(grid, rnd, policy.idle()) if policy.heartbeats else None
+        alive, heartbeat_s = None, None
+        if policy.heartbeats:
+            presumed = policy.presumed_alive(started)
+            alive = self._heartbeat(grid, rnd, policy.heartbeat_targets(started)) | presumed
+            heartbeat_s = grid.now - started  # simulated seconds the round waited for them
         replies: dict[int, Message] = {}
         self._execute(grid, rnd, policy.open_round(rnd, started, grid.now, alive), replies)
         while not policy.round_over(grid.now):
@@ -273,6 +285,8 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         close = policy.close_round(rnd)
         self._execute(grid, rnd, [Cancel(t) for t in close.cancel], replies)
         rec.expected, rec.schedule = close.expected, close.schedule
+        if heartbeat_s is not None:
+            rec.schedule = {**rec.schedule, "heartbeat_s": heartbeat_s}
         new = self.fold_round(rnd, self._arrays, close, replies)
         if new is not None:
             self._arrays = new

@@ -24,7 +24,11 @@ Here no tier waits for another:
    fewer steps (at least `min_steps`) otherwise; a client whose transfer alone overruns the
    longest window is not scheduled (logged).
 5. **Liveness and standby.** A heartbeat QUERY (`heartbeat_timeout_s`) before each round's
-   dispatch skips nodes that do not answer. Each tier owns a share of `clients_per_round`
+   dispatch skips nodes that do not answer. A client seen within `heartbeat_max_age_s` (its
+   update landed, or it answered a heartbeat) is live without one: the heartbeats wait for
+   their slowest answer (a 0.3 s-latency link: 0.6 s of a 1.2 s round on credit's network
+   profile), and every fast client sat idle for that wait each round. A client that went
+   offline since it was seen costs its slot one window, then a standby takes it. Each tier owns a share of `clients_per_round`
    concurrent slots (at least one per tier). When a client fails or misses its window, a
    standby from the same tier takes the slot at once, with work sized to the time left.
 6. **Aggregation.** A round aggregates every update that landed during it: on-time ones and
@@ -118,10 +122,21 @@ class TieredParams:
     min_steps: int = 2
     late_policy: str = "fold"
     profile_timeout_s: float = 3.0
+    heartbeat_max_age_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.late_policy not in ("fold", "drop"):
             raise ValueError(f"late_policy must be 'fold' or 'drop', got {self.late_policy!r}")
+        if not (self.heartbeat_max_age_s >= 0 and math.isfinite(self.heartbeat_max_age_s)):
+            raise ValueError(
+                f"heartbeat_max_age_s must be finite and >= 0, got {self.heartbeat_max_age_s}"
+            )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A checkpoint written before heartbeat_max_age_s heartbeated every idle client every
+        # round: its resumed run keeps that design (0), so it ends where it would have
+        for k, v in {"heartbeat_max_age_s": 0.0, **state}.items():
+            object.__setattr__(self, k, v)
 
 
 class TieredPolicy(Policy):
@@ -150,11 +165,16 @@ class TieredPolicy(Policy):
         self.examples: dict[int, int] = {}
         self.inflight: dict[int, Slot] = {}  # ticket -> slot
         self.cur: _Round | None = None
+        self.last_seen: dict[int, float] = {}  # pid -> when its update or heartbeat landed
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"last_seen": {}, **state})  # checkpoints from before last_seen
 
     # -- what the server learns ----------------------------------------------------------------
     def on_probe(self, partition_id: int, report: Report | None) -> None:
         if report is None:
             self.book.fail(partition_id)
+            self.last_seen.pop(partition_id, None)
             return
         if report.num_examples is not None:
             self.examples[partition_id] = report.num_examples
@@ -165,6 +185,18 @@ class TieredPolicy(Policy):
     def idle(self) -> list[int]:
         busy = {s.pid for s in self.inflight.values()}
         return sorted(set(self.clients) - busy)
+
+    def _fresh(self, pid: int, now: float) -> bool:
+        seen = self.last_seen.get(pid)
+        return seen is not None and now - seen <= self.p.heartbeat_max_age_s
+
+    def heartbeat_targets(self, now: float) -> list[int]:
+        """Idle clients not seen within `heartbeat_max_age_s` (all idle ones at 0)."""
+        return [p for p in self.idle() if not self._fresh(p, now)]
+
+    def presumed_alive(self, now: float) -> set[int]:
+        """Idle clients seen within `heartbeat_max_age_s`: live without a heartbeat."""
+        return {p for p in self.idle() if self._fresh(p, now)}
 
     # -- planning ------------------------------------------------------------------------------
     def full_steps(self, pid: int) -> int:
@@ -237,7 +269,10 @@ class TieredPolicy(Policy):
         self, rnd: int, started: float, now: float, alive: set[int] | None
     ) -> list[Decision]:
         busy = {s.pid for s in self.inflight.values()}
-        alive = set(alive or set()) | busy
+        alive = set(alive or set())
+        for pid in alive - self.presumed_alive(started):  # they answered this round's heartbeat
+            self.last_seen[pid] = now
+        alive |= busy
         tiers, pred = self.book.tiers(alive, self.p.num_tiers, self.full_steps)
         length = self.round_length(tiers, pred)
         sends = self._plan(rnd, alive, tiers, pred, started, length, now)
@@ -320,6 +355,7 @@ class TieredPolicy(Policy):
         )
         if report is None:  # failed: a standby of the same tier takes the rest of its window
             self.book.fail(slot.pid)
+            self.last_seen.pop(slot.pid, None)
             self.cur.landed.append(landed)
             if not slot.missed and now < slot.window_end:
                 return self.standby(slot, slot.window_end, now)
@@ -329,6 +365,7 @@ class TieredPolicy(Policy):
         self.book.observe(
             slot.pid, report.duration_s, report.train_steps or 0.0, report.train_time_s
         )
+        self.last_seen[slot.pid] = now
         if not (slot.missed and self.p.late_policy == "drop"):
             self.cur.landed.append(landed)
         return []
@@ -351,6 +388,7 @@ class TieredPolicy(Policy):
             if not slot.missed and slot.window_end <= now + 1e-9 and now < cur.round_end:
                 slot.missed = True
                 self.book.fail(slot.pid)
+                self.last_seen.pop(slot.pid, None)
                 if self.p.late_policy == "drop":
                     out.append(Cancel(ticket))
                     del self.inflight[ticket]
@@ -403,6 +441,7 @@ class TieredScheduling(EventDrivenStrategy):
         probe_steps: int = 5,
         profile_timeout_s: float = 3.0,
         heartbeat_timeout_s: float = 1.0,
+        heartbeat_max_age_s: float = 10.0,
         late_policy: str = "fold",
         staleness: str = "polynomial",
         staleness_a: float = 0.5,
@@ -420,6 +459,7 @@ class TieredScheduling(EventDrivenStrategy):
             int(min_steps),
             late_policy,
             float(profile_timeout_s),
+            float(heartbeat_max_age_s),
         )
         self.probe_steps = int(probe_steps)
         self.profile_timeout_s = float(profile_timeout_s)

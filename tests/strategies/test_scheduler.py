@@ -192,3 +192,51 @@ def test_tifl_tier_choice_is_seeded_and_respects_credits():
         assert a.schedule == b.schedule
         tiers.append(a.schedule["tier"])
     assert sorted(tiers) == [0, 1, 2]  # one credit each: every tier exactly once
+
+
+def test_tiered_heartbeats_only_clients_not_seen_within_the_max_age():
+    """A client whose update landed (or who answered a heartbeat) within heartbeat_max_age_s
+    is live without a heartbeat; a failure, a missed window or age makes it asked again; 0
+    asks every idle client every round (the design before)."""
+    policy = _tiered(heartbeat_max_age_s=10.0)
+    assert policy.heartbeat_targets(0.0) == policy.idle() == sorted(STEP_S)  # nobody seen yet
+    sends = _by_tier(policy, policy.open_round(1, 0.0, 0.0, {0, 1, 2, 3, 4, 5}))
+    # the heartbeat's answers count as seen, at the time they came back
+    assert policy.presumed_alive(0.0) == set(policy.idle())
+    fast = sends[0]
+    policy.on_reply(fast.ticket, 2.0, _ok(fast.partition_id, 2.0))
+    assert fast.partition_id in policy.presumed_alive(5.0)
+    assert fast.partition_id not in policy.heartbeat_targets(5.0)
+    assert fast.partition_id in policy.heartbeat_targets(12.5)  # seen 10.5 s ago: asked again
+    # a failed training: asked again at once
+    medium = sends[1]
+    policy.on_reply(medium.ticket, 3.0, None)
+    assert medium.partition_id in policy.heartbeat_targets(3.0)
+    # a heartbeat that fails: asked again
+    policy.on_probe(fast.partition_id, None)
+    assert fast.partition_id in policy.heartbeat_targets(5.0)
+    # max age 0: everyone idle is heartbeated every round
+    always = _tiered(heartbeat_max_age_s=0.0)
+    s0 = _by_tier(always, always.open_round(1, 0.0, 0.0, set(STEP_S)))[0]
+    always.on_reply(s0.ticket, 2.0, _ok(s0.partition_id, 2.0))
+    assert always.heartbeat_targets(2.5) == always.idle() and always.presumed_alive(2.5) == set()
+    with pytest.raises(ValueError, match="heartbeat_max_age_s"):
+        TieredParams(heartbeat_max_age_s=-1.0)
+
+
+def test_a_tiered_policy_from_a_checkpoint_before_the_max_age_heartbeats_as_it_did():
+    """A pickled policy from before heartbeat_max_age_s (no such field, no last_seen) resumes
+    with the design it was written with: every idle client heartbeated every round."""
+    import pickle
+
+    policy = _tiered()
+    policy.open_round(1, 0.0, 0.0, set(STEP_S))
+    old = pickle.loads(pickle.dumps(policy))
+    del old.__dict__["last_seen"]
+    p_state = dict(vars(old.p))
+    del p_state["heartbeat_max_age_s"]
+    old.p = TieredParams.__new__(TieredParams)
+    old.p.__setstate__(p_state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.p.heartbeat_max_age_s == 0.0 and restored.last_seen == {}
+    assert restored.heartbeat_targets(0.5) == restored.idle()
