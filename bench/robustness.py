@@ -162,8 +162,15 @@ def merge_previous(args, cells: list[dict]) -> list[dict]:
     path = args.out / "robustness.json"
     if not path.exists():
         return cells
-    published = json.loads(path.read_text())["cells"]
+    data = json.loads(path.read_text())
+    published = data["cells"]
     if args.add_seeds:
+        if int(data.get("rounds", args.rounds)) != args.rounds:
+            raise SystemExit(
+                f"--add-seeds: {path} has {data['rounds']}-round cells, this run {args.rounds} "
+                "rounds; seeds of different runs cannot share a cell (pass --rounds "
+                f"{data['rounds']})"
+            )
         kept = add_seeds(published, cells)
     else:
         ran = {(t, s) for t in args.tasks for s in args.strategies}
@@ -244,6 +251,7 @@ def write_report(args, summary: dict) -> None:
             args, tcells, "strategy", list(dict.fromkeys(STRATEGIES + args.strategies))
         )
         clean = {c["strategy"]: c for c in tcells if c["attack"] == "none"}
+        all_seeds = len({s for c in tcells for s in c["seeds"]})  # the task's, not this run's
         ref = _mean(clean["fedavg"]["final"][metric]) if "fedavg" in clean else None
         lines += [f"## {task}: {metric}", ""]
         if ref is not None:
@@ -272,7 +280,7 @@ def write_report(args, summary: dict) -> None:
                     row.append("not run")
                     continue
                 cell = fmt_mean_sd(c["final"][metric])
-                if len(c["seeds"]) < len(args.seeds):
+                if len(c["seeds"]) < all_seeds:
                     cell += f" [{len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}]"
                 w = _mean(c["mean_attacker_weight"])
                 if attack != "none" and w is not None:
@@ -295,14 +303,18 @@ def plot(args, summary) -> None:
         if not tcells:
             continue
         metric = TASKS[task]["metric"]
-        attacks = [a for a in args.attacks if any(c["attack"] == a for c in tcells)]
+        # every strategy and attack in the cells (merged ones too), not only those run here
+        strategies = shown(
+            args, tcells, "strategy", list(dict.fromkeys(STRATEGIES + args.strategies))
+        )
+        attacks = [a for a in ATTACKS if any(c["attack"] == a for c in tcells)]
         fig, axes = plt.subplots(
             2, max(len(attacks), 1), figsize=(4 * max(len(attacks), 1), 7), squeeze=False
         )
         top = max((c["fraction"] for c in tcells), default=0)
         for j, attack in enumerate(attacks):
             ax = axes[0][j]
-            for s in args.strategies:
+            for s in strategies:
                 c = next(
                     (
                         c
@@ -328,7 +340,7 @@ def plot(args, summary) -> None:
             ax.set_xlabel("round")
             ax.set_ylim(-0.02, 1.0)
             ax = axes[1][j]
-            for s in args.strategies:
+            for s in strategies:
                 pts = []
                 for c in tcells:
                     if c["strategy"] == s and (c["attack"] == attack or c["attack"] == "none"):

@@ -592,11 +592,12 @@ class ContributionAware(FedappStrategyMixin, FedAvg):
         record = to_record(keys, new)
         # the optimizer's state moves on only with a model the round loop keeps: a step that
         # is not finite is refused there (the previous model stays), and so is a round that
-        # raised. A finite model whose state overflows (d_t^2 of a finite 3e37 is inf in
-        # float32's range, and v_t inf freezes every later step) keeps the previous model and
-        # state too.
+        # raised. A finite model whose state overflows (Adam's v_t is float64: a float64
+        # layer's d_t of 1e160 makes it inf, and v_t inf freezes every later step) keeps the
+        # previous model and state too.
         if state is not None and finite_layers(new):
             if not _finite_state(state):
+                self.round_log(server_round).aggregation["server_state_not_finite"] = True
                 log(
                     WARNING,
                     "round %d: the server optimizer's state would not be finite; keeping the "

@@ -4,7 +4,7 @@ Each of these strategies is a `Policy`: a state machine over what a real server 
 with no Flower and no clock inside it, so it can be driven and tested with made-up events.
 Events come in as method calls; each returns the decisions to carry out, in order:
 
-    open_round(round, started, now, alive)   a round starts (alive: who answered a heartbeat)
+    open_round(round, started, now, alive)   a round starts (alive: who answered its heartbeat)
     on_reply(ticket, now, Report | None)     a training result landed (None: it failed)
     on_timer(now)                            the policy's deadline `wake_at()` passed
         -> [Send(ticket, client, round, steps)]   dispatch training
@@ -151,19 +151,21 @@ class Policy(ABC):
         return []
 
     def heartbeat_targets(self, now: float) -> list[int]:
-        """Clients to heartbeat before the next round (policies with heartbeats)."""
+        """Clients to heartbeat before the next round (policies with heartbeats): every idle
+        one, unless the policy takes some as live without (tiered: seen recently)."""
         return self.idle()
 
-    def presumed_alive(self, now: float) -> set[int]:
-        """Idle clients taken as live without a heartbeat (seen recently)."""
-        return set()
+    def resumed(self, virtual: bool) -> None:
+        """The run resumed from a checkpoint (`virtual`: on the virtual clock, which resumes
+        where it stopped; on the wall clock the downtime is not on the clock)."""
+        return None  # optional event
 
     @abstractmethod
     def open_round(
         self, rnd: int, started: float, now: float, alive: set[int] | None
     ) -> list[Decision]:
         """Round `rnd` starts; it started at `started` (before its heartbeats), it is `now`.
-        `alive`: the clients that answered the heartbeat (None: no heartbeats)."""
+        `alive`: the clients that answered the round's heartbeat (None: no heartbeats)."""
 
     @abstractmethod
     def on_reply(self, ticket: int, now: float, report: Report | None) -> list[Decision]:
@@ -238,6 +240,7 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         if start_round > 1:
             # Resumed (fedapp.checkpoint): the policy, the tickets in flight and the model
             # were restored with the strategy's state, the flights with the clock's.
+            self.policy.resumed(bool(grid.virtual))
             return self._arrays
         self._arrays = arrays = initial_arrays
         self._global_arrays = arrays
@@ -266,9 +269,8 @@ class EventDrivenStrategy(FedappStrategyMixin, FedAvg):
         started = grid.now
         alive, heartbeat_s = None, None
         if policy.heartbeats:
-            presumed = policy.presumed_alive(started)
-            alive = self._heartbeat(grid, rnd, policy.heartbeat_targets(started)) | presumed
-            heartbeat_s = grid.now - started  # simulated seconds the round waited for them
+            alive = self._heartbeat(grid, rnd, policy.heartbeat_targets(started))
+            heartbeat_s = grid.now - started  # seconds on the clock the round waited for them
         replies: dict[int, Message] = {}
         self._execute(grid, rnd, policy.open_round(rnd, started, grid.now, alive), replies)
         while not policy.round_over(grid.now):

@@ -28,9 +28,11 @@ Here no tier waits for another:
    update landed, or it answered a heartbeat) is live without one: the heartbeats wait for
    their slowest answer (a 0.3 s-latency link: 0.6 s of a 1.2 s round on credit's network
    profile), and every fast client sat idle for that wait each round. A client that went
-   offline since it was seen costs its slot one window, then a standby takes it. Each tier owns a share of `clients_per_round`
-   concurrent slots (at least one per tier). When a client fails or misses its window, a
-   standby from the same tier takes the slot at once, with work sized to the time left.
+   offline since it was seen costs its slot one window, then a standby takes it. A resume on
+   the wall clock forgets who was seen (the downtime is not on the clock). Each tier owns a
+   share of `clients_per_round` concurrent slots (at least one per tier). When a client fails
+   or misses its window, a standby from the same tier takes the slot at once, with work sized
+   to the time left.
 6. **Aggregation.** A round aggregates every update that landed during it: on-time ones and
    updates from slower tiers dispatched p_t rounds earlier, as *updates* relative to the
    model each client started from, weighted n_k x s(staleness) (FedAsync's polynomial
@@ -188,7 +190,11 @@ class TieredPolicy(Policy):
 
     def _fresh(self, pid: int, now: float) -> bool:
         seen = self.last_seen.get(pid)
-        return seen is not None and now - seen <= self.p.heartbeat_max_age_s
+        return (
+            self.p.heartbeat_max_age_s > 0
+            and seen is not None
+            and (now - seen <= self.p.heartbeat_max_age_s)
+        )
 
     def heartbeat_targets(self, now: float) -> list[int]:
         """Idle clients not seen within `heartbeat_max_age_s` (all idle ones at 0)."""
@@ -197,6 +203,12 @@ class TieredPolicy(Policy):
     def presumed_alive(self, now: float) -> set[int]:
         """Idle clients seen within `heartbeat_max_age_s`: live without a heartbeat."""
         return {p for p in self.idle() if self._fresh(p, now)}
+
+    def resumed(self, virtual: bool) -> None:
+        # the wall clock restarts at the checkpoint's time: how long the server was down is
+        # unknown, so nobody counts as seen recently
+        if not virtual:
+            self.last_seen.clear()
 
     # -- planning ------------------------------------------------------------------------------
     def full_steps(self, pid: int) -> int:
@@ -269,10 +281,11 @@ class TieredPolicy(Policy):
         self, rnd: int, started: float, now: float, alive: set[int] | None
     ) -> list[Decision]:
         busy = {s.pid for s in self.inflight.values()}
-        alive = set(alive or set())
-        for pid in alive - self.presumed_alive(started):  # they answered this round's heartbeat
+        answered = set(alive or set())  # this round's heartbeat (stamped when the last came back)
+        presumed = self.presumed_alive(started)
+        for pid in answered:
             self.last_seen[pid] = now
-        alive |= busy
+        alive = answered | presumed | busy
         tiers, pred = self.book.tiers(alive, self.p.num_tiers, self.full_steps)
         length = self.round_length(tiers, pred)
         sends = self._plan(rnd, alive, tiers, pred, started, length, now)

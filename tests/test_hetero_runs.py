@@ -69,6 +69,15 @@ def test_tiered_is_reproducible_and_faster_per_round_than_synchronous_fedavg(tmp
     assert sched["tier_periods"][0] == 1 and sched["tier_periods"][-1] >= sched["tier_periods"][0]
     tiers = {c["tier"] for r in a["rounds"][1:] for c in r["clients"] if "tier" in c}
     assert len(tiers) >= 2  # slow tiers contribute, not only the fast one
+    # clients seen within heartbeat_max_age_s are not heartbeated: the rounds after the
+    # first wait less for heartbeats than when every idle client is asked every round
+    every = _run(
+        tmp_path / "every",
+        "strategy=tiered hetero=both rounds=4 seed=3 strategy.heartbeat_max_age_s=0",
+    )
+    waited = lambda res: [r["schedule"]["heartbeat_s"] for r in res["rounds"][1:]]  # noqa: E731
+    assert waited(a)[0] == waited(every)[0] > 0  # round 1: nobody seen since the probe
+    assert sum(waited(a)[1:]) < sum(waited(every)[1:])
 
 
 HOSTILE = (

@@ -521,6 +521,7 @@ def test_adams_state_that_would_overflow_keeps_the_previous_model_and_moments():
     assert g1 is not None and s.server_moments is not None
     kept = [a.copy() for a in (*s.server_moments[0], *s.server_moments[1])]
     assert round_(2, g1, 1e160) is None  # refused: the previous model stays
+    assert s.round_log(2).aggregation["server_state_not_finite"] is True  # and says why
     now = [*s.server_moments[0], *s.server_moments[1]]
     assert all(np.array_equal(a, b) for a, b in zip(kept, now, strict=True))
     g3 = round_(3, g1, 2.0)  # the next sane round steps from the kept state

@@ -240,3 +240,30 @@ def test_a_tiered_policy_from_a_checkpoint_before_the_max_age_heartbeats_as_it_d
     restored = pickle.loads(pickle.dumps(old))
     assert restored.p.heartbeat_max_age_s == 0.0 and restored.last_seen == {}
     assert restored.heartbeat_targets(0.5) == restored.idle()
+
+
+def test_tiered_presumed_clients_keep_their_time_and_a_missed_window_asks_again():
+    policy = _tiered(heartbeat_max_age_s=10.0, round_s=10.0)  # windows of 1 and more rounds
+    # round 1's heartbeat took 0.5 s: its answers are stamped when the last came back
+    sends = _by_tier(policy, policy.open_round(1, 0.0, 0.5, set(STEP_S)))
+    assert all(policy.last_seen[p] == 0.5 for p in policy.idle())
+    fast, medium = sends[0], sends[1]
+    policy.on_reply(fast.ticket, 3.0, _ok(fast.partition_id, 2.5))
+    policy.on_timer(10.0)
+    policy.close_round(1)
+    # round 2: the fast client (seen at 3.0) is presumed, nobody answered a heartbeat;
+    # presumed clients are not re-stamped
+    assert fast.partition_id not in policy.heartbeat_targets(10.0)
+    policy.open_round(2, 10.0, 10.0, set())
+    assert policy.last_seen[fast.partition_id] == 3.0
+    assert fast.partition_id in policy.cur.alive
+    # the medium client's window (1 round of 10 s) ends with no update: asked again
+    assert policy.inflight[medium.ticket].window_end == pytest.approx(10.0)
+    policy.on_timer(10.5)
+    assert policy.inflight[medium.ticket].missed
+    assert medium.partition_id not in policy.last_seen
+    # a wall-clock resume forgets who was seen; a virtual one keeps it
+    policy.resumed(virtual=True)
+    assert fast.partition_id in policy.last_seen
+    policy.resumed(virtual=False)
+    assert policy.last_seen == {} and policy.heartbeat_targets(11.0) == policy.idle()
