@@ -28,8 +28,12 @@ Here no tier waits for another:
    update landed, or it answered a heartbeat) is live without one: the heartbeats wait for
    their slowest answer (a 0.3 s-latency link: 0.6 s of a 1.2 s round on credit's network
    profile), and every fast client sat idle for that wait each round. A client that went
-   offline since it was seen costs its slot one window, then a standby takes it. A resume on
-   the wall clock forgets who was seen (the downtime is not on the clock). Each tier owns a
+   offline since it was seen costs its slot one window, then a standby takes it. Silence is
+   remembered as long: a client that did not answer a heartbeat is neither asked again nor
+   scheduled for `heartbeat_max_age_s` (an offline node otherwise held every round for the
+   whole `heartbeat_timeout_s`: credit, network profile, seed 1: 1.0 s of each 1.26 s
+   round). A resume on the wall clock forgets who was seen or silent (the downtime is not on
+   the clock). Each tier owns a
    share of `clients_per_round` concurrent slots (at least one per tier). When a client fails
    or misses its window, a standby from the same tier takes the slot at once, with work sized
    to the time left.
@@ -168,9 +172,11 @@ class TieredPolicy(Policy):
         self.inflight: dict[int, Slot] = {}  # ticket -> slot
         self.cur: _Round | None = None
         self.last_seen: dict[int, float] = {}  # pid -> when its update or heartbeat landed
+        self.silent_at: dict[int, float] = {}  # pid -> when it last left a heartbeat unanswered
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"last_seen": {}, **state})  # checkpoints from before last_seen
+        # checkpoints from before last_seen and silent_at
+        self.__dict__.update({"last_seen": {}, "silent_at": {}, **state})
 
     # -- what the server learns ----------------------------------------------------------------
     def on_probe(self, partition_id: int, report: Report | None) -> None:
@@ -196,9 +202,16 @@ class TieredPolicy(Policy):
             and (now - seen <= self.p.heartbeat_max_age_s)
         )
 
+    def _silent(self, pid: int, now: float) -> bool:
+        at = self.silent_at.get(pid)
+        return self.p.heartbeat_max_age_s > 0 and at is not None and (
+            now - at <= self.p.heartbeat_max_age_s
+        )
+
     def heartbeat_targets(self, now: float) -> list[int]:
-        """Idle clients not seen within `heartbeat_max_age_s` (all idle ones at 0)."""
-        return [p for p in self.idle() if not self._fresh(p, now)]
+        """Idle clients neither seen nor silent within `heartbeat_max_age_s` (all idle ones
+        at 0)."""
+        return [p for p in self.idle() if not self._fresh(p, now) and not self._silent(p, now)]
 
     def presumed_alive(self, now: float) -> set[int]:
         """Idle clients seen within `heartbeat_max_age_s`: live without a heartbeat."""
@@ -209,6 +222,7 @@ class TieredPolicy(Policy):
         # unknown, so nobody counts as seen recently
         if not virtual:
             self.last_seen.clear()
+            self.silent_at.clear()
 
     # -- planning ------------------------------------------------------------------------------
     def full_steps(self, pid: int) -> int:
@@ -282,9 +296,14 @@ class TieredPolicy(Policy):
     ) -> list[Decision]:
         busy = {s.pid for s in self.inflight.values()}
         answered = set(alive or set())  # this round's heartbeat (stamped when the last came back)
+        asked = set(self.heartbeat_targets(started)) if self.heartbeats else set()
         presumed = self.presumed_alive(started)
         for pid in answered:
             self.last_seen[pid] = now
+            self.silent_at.pop(pid, None)
+        if alive is not None:
+            for pid in asked - answered:
+                self.silent_at[pid] = now
         alive = answered | presumed | busy
         tiers, pred = self.book.tiers(alive, self.p.num_tiers, self.full_steps)
         length = self.round_length(tiers, pred)
@@ -379,6 +398,7 @@ class TieredPolicy(Policy):
             slot.pid, report.duration_s, report.train_steps or 0.0, report.train_time_s
         )
         self.last_seen[slot.pid] = now
+        self.silent_at.pop(slot.pid, None)
         if not (slot.missed and self.p.late_policy == "drop"):
             self.cur.landed.append(landed)
         return []

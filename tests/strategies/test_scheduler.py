@@ -267,3 +267,25 @@ def test_tiered_presumed_clients_keep_their_time_and_a_missed_window_asks_again(
     assert fast.partition_id in policy.last_seen
     policy.resumed(virtual=False)
     assert policy.last_seen == {} and policy.heartbeat_targets(11.0) == policy.idle()
+
+
+def test_tiered_does_not_wait_for_a_silent_client_again_within_the_max_age():
+    """A client that left a heartbeat unanswered (offline) is neither asked nor scheduled for
+    heartbeat_max_age_s: asking it every round held each round for the whole timeout."""
+    policy = _tiered(heartbeat_max_age_s=10.0)
+    silent = 5
+    policy.open_round(1, 0.0, 1.0, set(STEP_S) - {silent})  # it did not answer (1 s timeout)
+    assert policy.silent_at == {silent: 1.0}
+    assert silent not in policy.cur.alive
+    assert silent not in [s.pid for s in policy.inflight.values()]
+    assert silent not in policy.heartbeat_targets(5.0)  # not asked again for 10 s
+    assert silent in policy.heartbeat_targets(11.5)  # then asked again
+    # it answers: live again, no longer silent
+    policy.cur.ended = True
+    policy.close_round(1)
+    policy.open_round(2, 11.5, 12.0, set(policy.heartbeat_targets(11.5)))
+    assert silent not in policy.silent_at and policy.last_seen[silent] == 12.0
+    # at max age 0 a silent client is asked every round (the design before)
+    always = _tiered(heartbeat_max_age_s=0.0)
+    always.open_round(1, 0.0, 1.0, set(STEP_S) - {silent})
+    assert silent in always.heartbeat_targets(1.5)
