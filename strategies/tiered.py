@@ -204,8 +204,10 @@ class TieredPolicy(Policy):
 
     def _silent(self, pid: int, now: float) -> bool:
         at = self.silent_at.get(pid)
-        return self.p.heartbeat_max_age_s > 0 and at is not None and (
-            now - at <= self.p.heartbeat_max_age_s
+        return (
+            self.p.heartbeat_max_age_s > 0
+            and at is not None
+            and (now - at <= self.p.heartbeat_max_age_s)
         )
 
     def heartbeat_targets(self, now: float) -> list[int]:
