@@ -228,12 +228,21 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
         "rows": rows,
         "reference": refs,
         "hetero": hetero_rows(args.task),
+        "strategies": list(args.strategies),
     }
+    save(data)
+
+
+def save(data: dict) -> None:
+    """league.json and league.md (the tables from `data` alone)."""
     (RESULTS / "league.json").write_text(json.dumps(data, indent=1))
+    rows, refs, wall_min = data["rows"], data["reference"], data["wall_minutes"]
+    # league.json files from before "strategies" was stored: the rows' order
+    strategies = data.get("strategies") or list(dict.fromkeys(r["strategy"] for r in rows))
     lines = [
-        f"# League table: {args.task}, seeds {args.seeds}, {args.rounds} rounds",
+        f"# League table: {data['task']}, seeds {data['seeds']}, {data['rounds']} rounds",
         "",
-        f"`{cmd.strip()}` (`bench/league.py`; see its docstring)"
+        f"`{data['command']}` (`bench/league.py`; see its docstring)"
         + (f", {wall_min:.0f} min wall." if wall_min else "."),
         "",
         "Test ROC-AUC of the global model on the server's test rows (20% of the pooled rows, "
@@ -245,7 +254,7 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
         + ".",
         "",
     ]
-    for regime in args.regimes:
+    for regime in data["regimes"]:
         rr = sorted(
             (r for r in rows if r["regime"] == regime),
             key=lambda r: (r["rank"] is None, r["rank"] or 0),
@@ -315,7 +324,7 @@ def write(args, rows: list[dict], refs: dict, wall_min: float | None) -> None:
             "since, bench/behaviour_digest.py).",
             "",
         ]
-    left = [s for s in STRATEGIES if s not in args.strategies]
+    left = [s for s in STRATEGIES if s not in strategies]
     if left:
         lines += [f"Not in this run (`--strategies`): {', '.join(left)}.", ""]
     (RESULTS / "league.md").write_text("\n".join(lines))
@@ -337,6 +346,12 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summarize-only", action="store_true")
     p.add_argument(
+        "--hetero-only",
+        action="store_true",
+        help="re-read bench/results/hetero.json into league.json's device-heterogeneity rows; "
+        "every other row stays as it is",
+    )
+    p.add_argument(
         "--keep-from",
         type=Path,
         help="an earlier league.json: its rows for (regime, strategy) pairs not run here are "
@@ -344,6 +359,10 @@ def main() -> int:
     )
     args = p.parse_args()
     args.argv = sys.argv[1:]
+    if args.hetero_only:
+        data = json.loads((RESULTS / "league.json").read_text())
+        save({**data, "hetero": hetero_rows(data["task"])})
+        return 0
     t0 = time.perf_counter()
     earlier = {}
     if args.keep_from:
