@@ -141,6 +141,13 @@ class TieredParams:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A checkpoint written before heartbeat_max_age_s heartbeated every idle client every
         # round: its resumed run keeps that design (0), so it ends where it would have
+        if "heartbeat_max_age_s" not in state:
+            log(
+                WARNING,
+                "[tiered] this checkpoint predates heartbeat_max_age_s: the resumed run "
+                "heartbeats every idle client every round, as it did (its config shows the "
+                "new default)",
+            )
         for k, v in {"heartbeat_max_age_s": 0.0, **state}.items():
             object.__setattr__(self, k, v)
 
