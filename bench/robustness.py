@@ -11,6 +11,8 @@ single-threaded on CPU, so a run's numbers do not depend on how many run beside 
     .venv/bin/python bench/robustness.py --summarize-only                        # tables from runs
     .venv/bin/python bench/robustness.py --tasks credit --strategies trust --reuse --merge
         # re-run one strategy; the other strategies' cells are kept from robustness.json
+    .venv/bin/python bench/robustness.py --tasks femnist --strategies trust_m --attacks gaussian \
+        --fractions 0 0.3 --merge        # a variant (VARIANTS: trust with server momentum)
     .venv/bin/python bench/robustness.py --tasks femnist --strategies bulyan --attacks scaled \
         --fractions 0.3 --seeds 1 2 --add-seeds   # seeds 1-2 join the published seed-0 cell
 
@@ -35,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import completed, fmt_mean_sd, run_inline_job  # noqa: E402
 
 STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "trust"]
+# variants a table can hold beside the shipped strategies (`--strategies trust_m`): a strategy
+# with overrides of its settings, its cells under the variant's name
+VARIANTS = {"trust_m": ("trust", ["strategy.server_momentum=0.9"])}
 ATTACKS = ["label_flip", "gaussian", "scaled", "free_rider", "crash", "inflate"]
 TASKS = {
     # FEMNIST, natural split by writer (201 clients, 20 per round).
@@ -71,10 +76,12 @@ def plan(args) -> list[tuple[str, list[str], str]]:
                 attacks = ["none"] if fraction == 0 else args.attacks
                 for attack in attacks:
                     for strategy in args.strategies:
-                        ovr = [*base, f"strategy={strategy}", f"seed={seed}"]
+                        shipped, extra = VARIANTS.get(strategy, (strategy, []))
+                        ovr = [*base, f"strategy={shipped}", *extra, f"seed={seed}"]
                         if attack != "none":
                             ovr += [f"attack={attack}", f"attack.fraction={fraction}"]
-                        jobs.append((task, ovr, run_name(task, strategy, attack, fraction, seed)))
+                        name = run_name(task, strategy, attack, fraction, seed)
+                        jobs.append((task, ovr, name, strategy))
     return jobs
 
 
@@ -87,7 +94,7 @@ def execute(args, jobs) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     todo = [
         (ovr, runs / name)
-        for _, ovr, name in jobs
+        for _, ovr, name, _ in jobs
         if not (args.reuse and completed(runs / name / "results.json", args.rounds))
     ]
     print(
@@ -116,13 +123,13 @@ def execute(args, jobs) -> None:
 def summarize(args, jobs) -> dict:
     runs = args.out / "runs_robustness"
     cells: dict[tuple, dict] = {}
-    for task, _ovr, name in jobs:
+    for task, _ovr, name, label in jobs:
         res = completed(runs / name / "results.json", args.rounds)
         if res is None:
             continue
         cfg = res["config"]
         frac = float(cfg["attack"]["fraction"]) if cfg["attack"]["name"] != "none" else 0.0
-        key = (task, cfg["attack"]["name"] if frac else "none", frac, cfg["strategy"]["name"])
+        key = (task, cfg["attack"]["name"] if frac else "none", frac, label)
         cell = cells.setdefault(key, {"seeds": [], "final": {}, "attacker_weight": []})
         last = res["rounds"][-1]
         cell["seeds"].append(int(cfg["seed"]))
@@ -242,6 +249,16 @@ def write_report(args, summary: dict) -> None:
         "strategy re-run with `--merge` keeps only the cells it ran).",
         "",
     ]
+    variants = [v for v in VARIANTS if any(c["strategy"] == v for c in cells)]
+    if variants:
+        lines += [
+            "Variants (not shipped defaults): "
+            + "; ".join(
+                f"`{v}` = `strategy={VARIANTS[v][0]} {' '.join(VARIANTS[v][1])}`" for v in variants
+            )
+            + ".",
+            "",
+        ]
     for task in shown(args, cells, "task", args.tasks):
         metric = TASKS[task]["metric"]
         tcells = [c for c in cells if c["task"] == task]

@@ -39,8 +39,15 @@ Aggregation weight of client k in round t is proportional to ``n_k * alpha_k(t)`
   (a second median cap would cut the honest large clients of skewed natural splits).
 
 Identical clients get ``alpha = 1`` and the aggregate is FedAvg's, bit for bit (tested). The
-math is pure NumPy over flattened updates (`trust_weights`, `strategies.aggregation`); `TrustWeighted` is the
-Flower strategy around it.
+math is pure NumPy over flattened updates (`trust_weights`, `strategies.aggregation`);
+`TrustWeighted` is the Flower strategy around it.
+
+Server momentum (`server_momentum` > 0, off by default): FedAvgM's step (Hsu et al. 2019;
+`strategies.aggregation.server_momentum_step`) on the trust-weighted aggregate, u_t = beta
+u_{t-1} + (x_t - a_t), x_{t+1} = x_t - server_learning_rate u_t. The weights decide what enters
+each round's step; the momentum averages the steps over rounds, attackers' shares included
+(a client the weights shut out adds nothing to u). The velocity is strategy state (the
+checkpoint holds it); a round whose model or velocity would not be finite keeps both.
 """
 
 from __future__ import annotations
@@ -53,7 +60,14 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr_strategy
 
-from strategies.aggregation import flatten, sanity_scores, weighted_aggregate
+from strategies.aggregation import (
+    check_server_step,
+    finite_layers,
+    flatten,
+    sanity_scores,
+    server_momentum_step,
+    weighted_aggregate,
+)
 from strategies.base import (
     NUM_EXAMPLES,
     FedappStrategyMixin,
@@ -290,7 +304,9 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
 
     aggregation_rule = "data_dependent"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self, server_momentum: float = 0.0, server_learning_rate: float = 1.0, **kwargs: Any
+    ) -> None:
         names = {f.name for f in fields(TrustParams)}
         params = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         # claims arrive capped (FedappStrategyMixin.cap_claims, the run's `claims` block)
@@ -298,6 +314,10 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
         super().__init__(**kwargs)
         self.params = TrustParams(**params)
         self.history: dict[int, float] = {}  # partition id -> trust
+        check_server_step(server_momentum, server_learning_rate)
+        self.server_momentum = float(server_momentum)
+        self.server_learning_rate = float(server_learning_rate)
+        self.server_velocity: list[np.ndarray] | None = None  # u_t; strategy state (checkpoint)
 
     def client_weights(self, accepted: list[Message]) -> None:
         return None  # weights come out of the trust math; `_log_clients` records them
@@ -328,8 +348,17 @@ class TrustWeighted(FedappStrategyMixin, flwr_strategy.FedAvg):
         if float(result.weights.sum()) <= 0:
             return None, None
         merged = weighted_aggregate(g, clients, result.weights, result.clip_factor)
-        arrays = to_record(keys, merged)
-        return arrays, aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
+        agg = aggregate_scalar_metrics([m.content for m in accepted], NUM_EXAMPLES)
+        if self.server_momentum != 0.0 or self.server_learning_rate != 1.0:
+            merged, velocity = server_momentum_step(
+                g, merged, self.server_velocity, self.server_momentum, self.server_learning_rate
+            )
+            # the velocity moves on only with a model the round loop keeps
+            if not (finite_layers(merged) and finite_layers(velocity)):
+                self.round_log(server_round).aggregation["server_state_not_finite"] = True
+                return None, agg
+            self.server_velocity = velocity
+        return to_record(keys, merged), agg
 
     def _log_clients(self, rec: RoundRecord, pids: list[int], r: TrustResult) -> None:
         by_pid = rec.accepted("train")

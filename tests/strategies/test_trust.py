@@ -392,3 +392,35 @@ def test_votes_do_not_let_large_claims_buy_the_reference_in_proportion():
         np.vstack([honest, flipped]), n, np.ones(20), np.ones(20, bool), [None] * 20, P
     )
     assert r.weights[18:].sum() < 0.01
+
+
+def test_server_momentum_takes_fedavgms_steps_on_the_trusted_aggregate():
+    """With identical replies the trust-weighted aggregate is that reply; trust's server
+    momentum then steps x <- x - lr u, u <- beta u + (x - a) (FedAvgM), round after round.
+    At its defaults the aggregate itself is the new model."""
+    from strategies.aggregation import server_momentum_step
+
+    def run(ovr: str) -> list[np.ndarray]:
+        cfg = compose(f"strategy=trust clients_per_round=4 {ovr}")
+        s = build_strategy(cfg, num_nodes=4)
+        nodes = [41, 42, 43, 44]
+        s.bind({n: p for p, n in enumerate(nodes)}, seed=0, attackers=[])
+        grid, g, out = FakeGrid(nodes), ArrayRecord([np.zeros(6, np.float32)]), []
+        for rnd, target in ((1, 1.0), (2, 3.0), (3, 2.0)):
+            list(s.configure_train(rnd, g, ConfigRecord({}), grid))
+            w = np.full(6, target, np.float32)
+            replies = [reply(n, [w], {"num-examples": 10, "train_loss": 1.0}) for n in nodes]
+            g = s.aggregate_train(rnd, replies)[0]
+            out.append(g.to_numpy_ndarrays()[0])
+        return out
+
+    plain = run("")
+    assert [float(x[0]) for x in plain] == [1.0, 3.0, 2.0]  # the aggregate itself
+    got = run("strategy.server_momentum=0.9 strategy.server_learning_rate=0.5")
+    x, u = [np.zeros(6, np.float32)], None
+    for target in (1.0, 3.0, 2.0):
+        new, u = server_momentum_step(x, [np.full(6, target, np.float32)], u, 0.9, 0.5)
+        x = new
+        assert np.array_equal(got.pop(0), new[0])
+    with pytest.raises(Exception, match="server momentum"):
+        build_strategy(compose("strategy=trust strategy.server_momentum=1.0"), num_nodes=4)
