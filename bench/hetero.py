@@ -227,6 +227,8 @@ def keep_cells(args, summary: dict, earlier: dict) -> dict:
         **summary,
         "cells": summary["cells"] + kept,
         "kept_from": {"round_factor": earlier.get("round_factor"), "cells": len(kept)},
+        # strategies re-run here: their kept cells (other tasks) are from their code of then
+        "rerun": sorted({s for _, s in ran if s != BASELINE}),
     }
 
 
@@ -258,6 +260,13 @@ def write_report(args, summary: dict) -> None:
             "the others were measured in this run.",
             "",
         ]
+        if any(c.get("kept") and c["strategy"] in summary.get("rerun", []) for c in cells):
+            lines += [
+                "Rows marked † are kept for a strategy this run re-ran on other tasks only: "
+                "they were measured with its code of then, which may have changed since "
+                "(git log of the strategy's module).",
+                "",
+            ]
     profiles = list(dict.fromkeys([*args.profiles, *(c["profile"] for c in cells)]))
     for task in args.tasks:
         metric = TASKS[task]["metric"]
@@ -281,6 +290,8 @@ def write_report(args, summary: dict) -> None:
                 missed = sum(t is None for t in reached)
                 ttt = fmt_mean_sd(reached, 0) + (f" ({missed} missed)" if missed else "")
                 star = "*" if any(c.get("kept") for c in sc) else ""
+                if star and s in summary.get("rerun", []):
+                    star = "*†"
                 lines.append(
                     f"| {s}{star} | {ttt} | {fmt_mean_sd([c['speedup'] for c in sc], 2)} | "
                     f"{fmt_mean_sd([c['final'] for c in sc])} | "
