@@ -324,6 +324,7 @@ def plot(args, summary) -> None:
         strategies = shown(
             args, tcells, "strategy", list(dict.fromkeys(STRATEGIES + args.strategies))
         )
+        color = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
         attacks = [a for a in ATTACKS if any(c["attack"] == a for c in tcells)]
         fig, axes = plt.subplots(
             2, max(len(attacks), 1), figsize=(4 * max(len(attacks), 1), 7), squeeze=False
@@ -351,7 +352,12 @@ def plot(args, summary) -> None:
                 )
                 if np.all(np.isnan(series)):
                     continue
-                ax.plot(np.arange(1, series.shape[1] + 1), np.nanmean(series, axis=0), label=s)
+                ax.plot(
+                    np.arange(1, series.shape[1] + 1),
+                    np.nanmean(series, axis=0),
+                    label=s,
+                    color=color[s],
+                )
             ax.axhline(top, color="grey", ls=":", lw=1)
             ax.set_title(f"{attack} {top:g}: weight to attackers")
             ax.set_xlabel("round")
@@ -364,10 +370,15 @@ def plot(args, summary) -> None:
                         pts.append((c["fraction"], _mean(c["final"][metric])))
                 pts = sorted(p for p in pts if p[1] is not None)
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=s)
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=s, color=color[s])
             ax.set_title(f"{attack}: final {metric}")
             ax.set_xlabel("fraction of attacking clients")
-        axes[0][0].legend(fontsize=7)
+        # one legend for every panel's lines (a strategy keeps its colour across panels)
+        seen = {}
+        for ax in axes.flat:
+            for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(label, h)
+        axes[1][0].legend(list(seen.values()), list(seen), fontsize=7)
         fig.suptitle(f"{task}: robustness ({summary['rounds']} rounds)")
         fig.tight_layout()
         fig.savefig(args.out / f"robustness_{task}.png", dpi=110)

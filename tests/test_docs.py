@@ -265,3 +265,26 @@ def test_the_readme_per_site_table_is_the_personalisation_json():
         for j, model in enumerate(task["table"]):
             values = [v for v in task["table"][model][i] if v is not None]
             assert cells[2 + j] == f"{np.mean(values):.3f}", (site, model)
+
+
+def test_the_trust_section_quotes_robustness_json():
+    """docs/reference/strategies.md's FEMNIST numbers for trust are robustness.json's."""
+    from bench.common import fmt_mean_sd
+
+    cells = json.loads((ROOT / "bench/results/robustness.json").read_text())["cells"]
+    acc = {
+        (c["attack"], c["strategy"]): c["final"]["test_accuracy"]
+        for c in cells
+        if c["task"] == "femnist" and c["fraction"] in (0.0, 0.3)
+    }
+    text = " ".join((DOCS / "reference" / "strategies.md").read_text().split())
+    quoted = {
+        ("scaled", "trust"): fmt_mean_sd(acc["scaled", "trust"]),
+        ("scaled", "multikrum"): fmt_mean_sd(acc["scaled", "multikrum"]),
+        ("none", "trust_m"): fmt_mean_sd(acc["none", "trust_m"]),
+        ("gaussian", "trust_m"): fmt_mean_sd(acc["gaussian", "trust_m"]),
+        ("none/gaussian", "trust"): f"{fmt_mean_sd(acc['none', 'trust']).split(' ')[0]} / "
+        f"{fmt_mean_sd(acc['gaussian', 'trust']).split(' ')[0]}",
+    }
+    for key, value in quoted.items():
+        assert value in text, f"{key}: {value} not in strategies.md"
