@@ -232,7 +232,7 @@ def test_a_tiered_policy_from_a_checkpoint_before_the_max_age_heartbeats_as_it_d
     policy = _tiered()
     policy.open_round(1, 0.0, 0.0, set(STEP_S))
     old = pickle.loads(pickle.dumps(policy))
-    del old.__dict__["last_seen"]
+    delattr(old, "last_seen")
     p_state = dict(vars(old.p))
     del p_state["heartbeat_max_age_s"]
     old.p = TieredParams.__new__(TieredParams)
