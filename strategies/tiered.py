@@ -201,21 +201,17 @@ class TieredPolicy(Policy):
         busy = {s.pid for s in self.inflight.values()}
         return sorted(set(self.clients) - busy)
 
+    def _recent(self, stamps: dict[int, float], pid: int, now: float) -> bool:
+        """Whether `pid`'s stamp (seen, or silent) is within `heartbeat_max_age_s` (never at 0)."""
+        at = stamps.get(pid)
+        age = self.p.heartbeat_max_age_s
+        return age > 0 and at is not None and now - at <= age
+
     def _fresh(self, pid: int, now: float) -> bool:
-        seen = self.last_seen.get(pid)
-        return (
-            self.p.heartbeat_max_age_s > 0
-            and seen is not None
-            and (now - seen <= self.p.heartbeat_max_age_s)
-        )
+        return self._recent(self.last_seen, pid, now)
 
     def _silent(self, pid: int, now: float) -> bool:
-        at = self.silent_at.get(pid)
-        return (
-            self.p.heartbeat_max_age_s > 0
-            and at is not None
-            and (now - at <= self.p.heartbeat_max_age_s)
-        )
+        return self._recent(self.silent_at, pid, now)
 
     def heartbeat_targets(self, now: float) -> list[int]:
         """Idle clients neither seen nor silent within `heartbeat_max_age_s` (all idle ones
@@ -305,7 +301,7 @@ class TieredPolicy(Policy):
     ) -> list[Decision]:
         busy = {s.pid for s in self.inflight.values()}
         answered = set(alive or set())  # this round's heartbeat (stamped when the last came back)
-        asked = set(self.heartbeat_targets(started)) if self.heartbeats else set()
+        asked = set(self.heartbeat_targets(started))
         presumed = self.presumed_alive(started)
         for pid in answered:
             self.last_seen[pid] = now
